@@ -1,0 +1,150 @@
+"""The `tokenmill` command: generate, chat, info."""
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import Iterator
+
+from tokenmill.errors import TokenmillError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _stream(llm, prompt: str | list[int], params) -> Iterator[str]:
+    """Yield text pieces as the engine produces them."""
+    engine = llm.engine
+    engine.add_request(uuid.uuid4().hex, prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            yield out.outputs[0].delta_text
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tokenmill import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, progress=True)
+    prompt: str | list[int] = args.prompt
+    if args.chat_template:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
+    params = _sampling_params(args)
+    for piece in _stream(llm, prompt, params):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tokenmill import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, progress=True)
+    params = _sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting with", llm.config.name or llm.checkpoint.path.name, "- empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            user = input("> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        pieces = []
+        for piece in _stream(llm, ids, params):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        reply = "".join(pieces)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from tokenmill.model.loader import load_checkpoint
+
+    ckpt = load_checkpoint(args.model)
+    cfg = ckpt.config
+    rows = {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "name": cfg.name,
+        "architecture": cfg.architecture,
+        "size on disk": f"{ckpt.size_bytes / 2**20:.1f} MiB",
+        "parameters": f"{cfg.num_params_estimate / 1e6:.1f} M",
+        "layers": cfg.num_layers,
+        "hidden / intermediate": f"{cfg.hidden_size} / {cfg.intermediate_size}",
+        "heads / kv heads / head dim": f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}",
+        "vocab": cfg.vocab_size,
+        "context length": cfg.max_position_embeddings,
+        "rope theta / scaling": f"{cfg.rope_theta:g} / {cfg.rope_scaling or 'none'}",
+        "rms norm eps": f"{cfg.rms_norm_eps:g}",
+        "tied embeddings": cfg.tie_word_embeddings,
+        "tensor types": ", ".join(f"{k} x{v}" for k, v in ckpt.weight_types().most_common()),
+        "chat template": "yes" if ckpt.tokenizer.chat_template else "no",
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="Fast LLM inference on PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion and stream it to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    info = sub.add_parser("info", help="print a model's metadata and size")
+    info.add_argument("model", nargs="?", default=None)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (TokenmillError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""LLM: the offline Python API (vLLM-shaped): load once, then generate or chat over many prompts."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.hardware import resolve_dtype
+from tokenmill.model.build import build_model
+from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+PromptInput = str | dict[str, Any]
+Message = dict[str, Any]
+
+
+class LLM:
+    """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=...)` any other."""
+
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", max_model_len: int | None = None,
+                 progress: bool = False) -> None:
+        started = time.perf_counter()
+        self.dtype = resolve_dtype(dtype)
+        self.checkpoint: Checkpoint = load_checkpoint(model)
+        self.tokenizer = self.checkpoint.tokenizer
+        self.model = build_model(self.checkpoint, self.dtype, progress=progress)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, max_model_len)
+        self.load_seconds = time.perf_counter() - started
+        self._next_id = 0
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in prompt order. A prompt is text or {"prompt_token_ids": [...]}."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = [self._submit(prompt, p) for prompt, p in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate the assistant turn."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations:
+            raise ValueError("messages is empty: pass at least one message")
+        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _submit(self, prompt: PromptInput, params: SamplingParams) -> str:
+        request_id = str(self._next_id)
+        self._next_id += 1
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        elif not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or a dict, got {type(prompt).__name__}")
+        self.engine.add_request(request_id, prompt, params)
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[i] for i in request_ids]

@@ -1,0 +1,104 @@
+"""Render a model's Jinja2 chat template exactly as transformers does, so prompts match what the model was tuned on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tokenmill.errors import ChatTemplateError
+
+Message = Mapping[str, Any]
+
+
+def render_chat_template(
+    template: str | None,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+) -> str:
+    """The prompt text for `messages`; special tokens left as None stay undefined, as transformers leaves them."""
+    if not template:
+        raise ChatTemplateError(
+            "this model has no chat template; pass a raw prompt instead, or use a model whose "
+            "tokenizer_config.json / GGUF metadata carries one"
+        )
+    variables: dict[str, Any] = {
+        "messages": [_prepare_message(message) for message in messages],
+        "add_generation_prompt": add_generation_prompt,
+    }
+    specials = {"bos_token": bos_token, "eos_token": eos_token}
+    variables.update({name: token for name, token in specials.items() if token is not None})
+    try:
+        return _compile(template).render(**variables)
+    except jinja2.TemplateError as error:
+        raise ChatTemplateError(f"the chat template failed to render: {error}") from error
+
+
+def _prepare_message(message: Message) -> dict[str, Any]:
+    """A plain-dict copy with None fields dropped (templates test for missing keys, not None) and text parts joined."""
+    if not isinstance(message, Mapping):
+        raise ChatTemplateError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
+    prepared = {key: value for key, value in message.items() if value is not None}
+    if isinstance(prepared.get("content"), list):
+        prepared["content"] = _join_text_parts(prepared["content"])
+    return prepared
+
+
+def _join_text_parts(parts: list[Any]) -> str:
+    """OpenAI-style content parts as one string, newline-separated as llama.cpp and vLLM join them."""
+    texts = []
+    for part in parts:
+        if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise ChatTemplateError(f"only text content parts are supported, got {part!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    """Compile once per template text; servers render the same template for every request."""
+    try:
+        return _environment().from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        message = f"the chat template is not valid Jinja2 (line {error.lineno}): {error.message}"
+        raise ChatTemplateError(message) from error
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox, filters and globals transformers gives templates (they come from untrusted model files)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    return environment
+
+
+def _raise_exception(message: str) -> None:
+    """Lets a template reject a conversation (e.g. roles that do not alternate) with its own message."""
+    raise ChatTemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """HF's tojson: plain json.dumps, without Jinja's HTML escaping, keeping non-ASCII as is."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    """Templates such as Llama 3.1's stamp today's date into the system prompt."""
+    return datetime.now().strftime(format)

