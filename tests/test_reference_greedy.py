@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tokenmill import SamplingParams
-from tokenmill.cache.contiguous import ContiguousKVCache
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +64,8 @@ def test_first_step_logits_match(llm_f32, reference, prompt, chat):
     a real error (wrong RoPE permutation, norm, scaling) moves logits by 0.1-10."""
     model, _ = reference
     ids = _prompt_ids(llm_f32, prompt, chat)
-    cfg = llm_f32.config
-    cache = ContiguousKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(ids), torch.float32)
+    ours = llm_f32.engine.runner.score(ids)
     with torch.inference_mode():
-        ours = llm_f32.model(torch.tensor(ids), torch.arange(len(ids)), cache, last_only=False)
         theirs = model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
 

@@ -6,12 +6,30 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
 from tokenmill.errors import TokenmillError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine knobs, named as vLLM's CLI names them."""
     p.add_argument("--model", default=None, help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--kv-cache-memory", type=float, default=DEFAULT_KV_CACHE_MEMORY,
+                   help="KV cache size in bytes, or a fraction (<= 1) of available memory")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    memory = args.kv_cache_memory
+    return dict(
+        dtype=args.dtype, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +66,7 @@ def _stream(llm, prompt: str | list[int], params) -> Iterator[str]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from tokenmill import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, progress=True)
+    llm = LLM(args.model, progress=True, **_engine_kwargs(args))
     prompt: str | list[int] = args.prompt
     if args.chat_template:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
@@ -61,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from tokenmill import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, progress=True)
+    llm = LLM(args.model, progress=True, **_engine_kwargs(args))
     params = _sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", llm.config.name or llm.checkpoint.path.name, "- empty line or Ctrl-D to quit.")
@@ -118,13 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a completion and stream it to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
-    _add_model_args(gen)
+    _add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
     chat.add_argument("--system", default=None, help="system prompt")
-    _add_model_args(chat)
+    _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 

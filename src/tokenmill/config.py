@@ -51,3 +51,49 @@ class ModelConfig:
         layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_layers * layer + self.vocab_size * h + head + h
+
+
+DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
+
+
+@dataclass
+class CacheConfig:
+    """KV memory: `kv_cache_memory` is bytes (int > 1) or a fraction of available RAM (float in (0, 1])."""
+
+    block_size: int = 16
+    kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes or a fraction in (0, 1], got {self.kv_cache_memory}")
+
+    def budget_bytes(self) -> int:
+        if isinstance(self.kv_cache_memory, float) and self.kv_cache_memory <= 1:
+            return int(self.kv_cache_memory * _available_memory())
+        return int(self.kv_cache_memory)
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step limits. A smaller token budget keeps decodes flowing while long prompts prefill in chunks."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's context length
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

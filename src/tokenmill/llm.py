@@ -8,6 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.hardware import resolve_dtype
 from tokenmill.model.build import build_model
@@ -22,14 +23,18 @@ Message = dict[str, Any]
 class LLM:
     """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=...)` any other."""
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                 progress: bool = False) -> None:
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", *,
+                 kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None, progress: bool = False) -> None:
         started = time.perf_counter()
         self.dtype = resolve_dtype(dtype)
+        cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching)
+        scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
         self.checkpoint: Checkpoint = load_checkpoint(model)
         self.tokenizer = self.checkpoint.tokenizer
         self.model = build_model(self.checkpoint, self.dtype, progress=progress)
-        self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, max_model_len)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config)
         self.load_seconds = time.perf_counter() - started
         self._next_id = 0
 

@@ -37,4 +37,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)

@@ -1,19 +1,24 @@
-"""LLMEngine: requests in, one step of generation at a time, RequestOutputs out.
+"""LLMEngine: requests in, one step of continuous batching at a time, RequestOutputs out.
 
-This first engine runs each sequence on its own contiguous KV cache, one after another within a
-step: a correct baseline with the final interface (add_request / step / abort / has_unfinished),
-which the paged, batched engine keeps.
+step(): the scheduler picks this step's chunks -> the runner computes logits -> the sampler picks tokens
+-> requests record them (stop checks, detokenization) -> the scheduler frees what finished.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 
 import torch
 
-from tokenmill.cache.contiguous import ContiguousKVCache
+from tokenmill.cache.kv_cache import KVCache, bytes_per_block
+from tokenmill.cache.kv_cache_manager import KVCacheManager
+from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.request import Request, Sequence
+from tokenmill.engine.parent_request import ParentRequest
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import Scheduler, SchedulerStats
 from tokenmill.model.llama import LlamaModel
+from tokenmill.model.runner import ModelRunner
 from tokenmill.model.sampler import sample
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
@@ -21,80 +26,105 @@ from tokenmill.sampling_params import SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, dtype: torch.dtype, max_model_len: int | None = None) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, dtype: torch.dtype,
+                 cache_config: CacheConfig | None = None, scheduler_config: SchedulerConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.dtype = dtype
-        self.max_model_len = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.requests: dict[str, Request] = {}
+        self.cache_config = cache_config or CacheConfig()
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        context = model.config.max_position_embeddings
+        self.max_model_len = min(self.scheduler_config.max_model_len or context, context)
+        block_size = self.cache_config.block_size
+        num_blocks = self.cache_config.budget_bytes() // bytes_per_block(model.config, block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
+                             f"{bytes_per_block(model.config, block_size, dtype)} bytes")
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, dtype)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.runner = ModelRunner(model, self.kv_cache)
+        self.parents: dict[str, ParentRequest] = {}
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams, priority: int = 0) -> None:
-        if request_id in self.requests:
+        if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        self._check_prompt(ids)
-        max_tokens = self.max_model_len - len(ids)
+        max_tokens = self._check_prompt(ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
-        sequences = [self._new_sequence(i, ids, params, len(ids) + max_tokens) for i in range(params.n)]
-        self.requests[request_id] = Request(request_id, text, ids, params, max_tokens, stop_ids, sequences, priority)
+        children = []
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            child = Request(
+                request_id=child_id,
+                prompt_token_ids=ids,
+                params=params,
+                max_tokens=max_tokens,
+                stop_token_ids=stop_ids,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                                                   params.include_stop_str_in_output),
+                generator=torch.Generator().manual_seed(params.seed + index) if params.seed is not None else None,
+                priority=priority,
+                index=index,
+                parent_id=request_id,
+            )
+            children.append(child)
+            self.scheduler.add(child)
+        self.parents[request_id] = ParentRequest(request_id, text, ids, children)
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def _check_prompt(self, ids: list[int]) -> int:
+        """Validate a prompt; returns how many tokens may follow it (context and whole-cache limits)."""
         if not ids:
             raise ValueError("prompt is empty: it must contain at least one token")
-        bad = [i for i in ids if not 0 <= i < self.model.config.vocab_size]
+        vocab = self.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.model.config.vocab_size}): {bad[:5]}")
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, but the model's context is {self.max_model_len}: "
-                "at least one token must fit after it"
-            )
-
-    def _new_sequence(self, index: int, prompt_ids: list[int], params: SamplingParams, max_len: int) -> Sequence:
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed + index)
-        cfg = self.model.config
-        return Sequence(
-            index=index,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
-                                               params.include_stop_str_in_output),
-            generator=generator,
-            cache=ContiguousKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_len, self.dtype),
-        )
+            raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                             "at least one token must fit after it")
+        capacity = self.kv_cache.num_slots
+        if len(ids) >= capacity:
+            raise ValueError(f"prompt has {len(ids)} tokens, but the whole KV cache holds {capacity}: "
+                             "raise kv_cache_memory")
+        # A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).
+        return min(self.max_model_len, capacity) - len(ids)
 
     def abort(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
-        if request is not None:
-            request.abort()
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            if not child.finished:
+                child.finish(time.monotonic(), "abort")
+                self.scheduler.finish(child)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.parents)
 
-    @torch.inference_mode()
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
     def step(self) -> list[RequestOutput]:
-        """Advance every unfinished sequence by one token (the first step of a request is its prefill)."""
+        """Run one batch; returns an output for every request that produced a token this step."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        logits = self.runner.execute(scheduled.chunks, self.kv_manager.block_tables)
+        sampling = [c.request for c in scheduled.chunks if c.samples]
+        for request, row in zip(sampling, logits):
+            token = sample(row, request.params, request.prompt_token_ids, request.output_ids, request.generator)
+            request.record(token, self._token_text)
+        self.scheduler.update(scheduled)
         outputs = []
-        for request in list(self.requests.values()):
-            for seq in request.sequences:
-                if not seq.finished:
-                    self._advance(request, seq)
-            outputs.append(request.make_output())
-            if request.finished:
-                del self.requests[request.request_id]
+        for parent_id in dict.fromkeys(r.parent_id for r in sampling):
+            parent = self.parents[parent_id]
+            outputs.append(parent.make_output())
+            if parent.finished:
+                del self.parents[parent_id]
         return outputs
-
-    def _advance(self, request: Request, seq: Sequence) -> None:
-        if seq.cache.length == 0:
-            ids = request.prompt_token_ids
-        else:
-            ids = seq.output_ids[-1:]
-        start = seq.cache.length
-        logits = self.model(torch.tensor(ids), torch.arange(start, start + len(ids)), seq.cache)[0]
-        sampled = sample(logits, request.params, request.prompt_token_ids, seq.output_ids, seq.generator)
-        request.record(seq, sampled, self._token_text)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

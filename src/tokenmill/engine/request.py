@@ -1,101 +1,113 @@
-"""Request state as the engine tracks it: prompt, per-sequence outputs, stop decisions, timestamps."""
+"""Request state as the engine tracks it: token ids, how many are computed, stop decisions, timestamps.
+
+One Request is one sequence; `n > 1` fans out into several Requests (engine/parallel_sampling.py).
+"""
 from __future__ import annotations
 
+import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.cache.contiguous import ContiguousKVCache
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.model.sampler import SampledToken
-from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from tokenmill.outputs import CompletionOutput, Logprob, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 
-@dataclass
-class Sequence:
-    """One of a request's `n` completions."""
-
-    index: int
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    cache: ContiguousKVCache
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
 
 
 @dataclass
 class Request:
     request_id: str
-    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int  # params.max_tokens capped by the context length
+    max_tokens: int  # params.max_tokens capped by the context length and the KV capacity
     stop_token_ids: set[int]
-    sequences: list[Sequence]
-    priority: int = 0
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    priority: int = 0  # lower runs first, as in vLLM
+    index: int = 0  # which of the parent's n completions
+    parent_id: str = ""  # the user's request id (equal to request_id when n == 1)
     arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    token_ids: list[int] = field(default_factory=list)  # prompt + output so far
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash chain of full blocks
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
+    num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.sequences)
+        return self.finish_reason is not None
 
-    def record(self, seq: Sequence, sampled: SampledToken, decode_token) -> None:
-        """Append a sampled token to `seq` and decide whether it ends the sequence."""
+    def sort_key(self) -> tuple[int, float]:
+        """Scheduling order: priority first, then arrival (FCFS)."""
+        return (self.priority, self.arrival_time)
+
+    def record(self, sampled: SampledToken, decode_token: Callable[[int], str]) -> None:
+        """Append a sampled token and decide whether it ends the request."""
         now = time.monotonic()
         if self.first_token_time is None:
             self.first_token_time = now
-        seq.output_ids.append(sampled.token_id)
-        seq.cumulative_logprob += sampled.logprob
+        self.token_ids.append(sampled.token_id)
+        self.cumulative_logprob += sampled.logprob
         if self.params.logprobs is not None:
             entry = {tid: Logprob(lp, rank + 1, decode_token(tid)) for rank, (tid, lp) in enumerate(sampled.top)}
             entry[sampled.token_id] = Logprob(sampled.logprob, sampled.rank, decode_token(sampled.token_id))
-            seq.logprobs.append(entry)
+            self.logprobs.append(entry)
         if sampled.token_id in self.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", sampled.token_id
-        else:
-            seq.detokenizer.add(sampled.token_id)
-            if seq.detokenizer.stopped_by is not None:
-                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stopped_by
-            elif len(seq.output_ids) >= self.max_tokens:
-                seq.finish_reason = "length"
-        if self.finished:
-            self.finished_time = now
+            self.finish(now, "stop", sampled.token_id)
+            return
+        self.detokenizer.add(sampled.token_id)
+        if self.detokenizer.stopped_by is not None:
+            self.finish(now, "stop", self.detokenizer.stopped_by)
+        elif self.num_tokens - self.num_prompt_tokens >= self.max_tokens:
+            self.finish(now, "length")
 
-    def abort(self) -> None:
-        for seq in self.sequences:
-            if not seq.finished:
-                seq.finish_reason = "abort"
-        self.finished_time = time.monotonic()
+    def finish(self, now: float, reason: str, stop_reason: int | str | None = None) -> None:
+        self.finish_reason, self.stop_reason, self.finished_time = reason, stop_reason, now
+        self.status = RequestStatus.FINISHED
 
-    def make_output(self) -> RequestOutput:
-        """This step's snapshot; `delta_text` advances, so call it once per step."""
-        outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.detokenizer.text,
-                token_ids=list(s.output_ids),
-                cumulative_logprob=s.cumulative_logprob if self.params.logprobs is not None else None,
-                logprobs=list(s.logprobs) if self.params.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-                delta_text=s.detokenizer.stream_delta(s.finished),
-            )
-            for s in self.sequences
-        ]
-        metrics = {"arrival_time": self.arrival_time}
-        if self.first_token_time is not None:
-            metrics["first_token_time"] = self.first_token_time
-        if self.finished_time is not None:
-            metrics["finished_time"] = self.finished_time
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outputs, self.finished, metrics)
+    def completion(self) -> CompletionOutput:
+        """This step's view of the completion; `delta_text` advances, so call it once per step."""
+        with_logprobs = self.params.logprobs is not None
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.text,
+            token_ids=self.output_ids,
+            cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
+            logprobs=list(self.logprobs) if with_logprobs else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            delta_text=self.detokenizer.stream_delta(self.finished),
+        )

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.cache.contiguous import ContiguousKVCache
+from tokenmill.cache.kv_cache import KVCache
 from tokenmill.config import ModelConfig
 from tokenmill.model.layers.norm import RMSNorm
+from tokenmill.model.layers.paged_attention import AttentionMetadata, paged_attention
 from tokenmill.model.layers.rotary import RotaryEmbedding
 
 
@@ -26,14 +27,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: ContiguousKVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        out = cache.attend(self.layer_idx, q, k, v, self.scale)
+        out = paged_attention(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -56,8 +58,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: ContiguousKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, cache)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -71,13 +74,12 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache,
-                last_only: bool = True) -> torch.Tensor:
-        """Run one chunk of a sequence; returns float32 logits of its last token (or of every token)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a step's flattened tokens; float32 logits of the rows in `logits_indices` (all rows if None)."""
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, cache)
-        cache.advance(input_ids.shape[0])
-        if last_only:
-            x = x[-1:]
+            x = layer(x, positions, self.rotary, kv, meta)
+        if logits_indices is not None:
+            x = x[logits_indices]
         return self.lm_head(self.norm(x)).float()

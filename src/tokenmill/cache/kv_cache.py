@@ -1,0 +1,40 @@
+"""The KV tensors: per layer, K and V as [num_blocks, block_size, kv_heads, head_dim], sized from a byte budget."""
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+from tokenmill.config import ModelConfig
+
+
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of one block across all layers."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * itemsize
+
+
+def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed memory that the OS only backs with pages once written.
+
+    An anonymous mmap is guaranteed to read as zeros (so unwritten slots are finite, which matters
+    when masked attention multiplies them by 0) and costs resident memory only for blocks in use.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(numel * itemsize, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=numel)
+
+
+class KVCache:
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        shape = (model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.k = _lazily_zeroed(numel, dtype).view(shape)
+        self.v = _lazily_zeroed(numel, dtype).view(shape)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size

@@ -1,0 +1,39 @@
+"""A user request: `n` sampled completions of one prompt, each run as its own engine Request.
+
+The children share the prompt's KV blocks through the prefix cache, so fanning out costs little.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.engine.request import Request
+from tokenmill.outputs import RequestOutput
+
+
+@dataclass
+class ParentRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.children)
+
+    def make_output(self) -> RequestOutput:
+        first = self.children[0]
+        metrics = {"arrival_time": first.arrival_time}
+        for name in ("first_scheduled_time", "first_token_time", "finished_time"):
+            times = [getattr(c, name) for c in self.children if getattr(c, name) is not None]
+            if times:
+                metrics[name] = max(times) if name == "finished_time" else min(times)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[c.completion() for c in self.children],
+            finished=self.finished,
+            num_cached_tokens=first.num_cached_prompt_tokens,
+            metrics=metrics,
+        )

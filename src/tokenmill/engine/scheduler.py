@@ -1,0 +1,157 @@
+"""Continuous batching: each step, fill a token budget with running decodes first, then prefill chunks.
+
+- Running requests keep their place; each gets its next token (a decode) or its next prompt chunk.
+- Waiting requests join, in (priority, arrival) order, while the budget, `max_num_seqs` and KV blocks allow;
+  a long prompt is split into chunks so it never stalls running decodes (chunked prefill).
+- When blocks run out, the lowest-priority, latest running request is preempted: its blocks are freed
+  and it recomputes later (its full blocks usually come back from the prefix cache).
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.cache.kv_cache_manager import KVCacheManager
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the last known token, so its logits give the next token."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (1 token) first, then prefills
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_utilization: float  # tokens stored / slots in allocated blocks
+    prefix_cache_queries: int  # cumulative prompt tokens looked up
+    prefix_cache_hits: int  # cumulative prompt tokens found cached
+    num_preemptions: int  # cumulative
+    num_computed_tokens: int  # cumulative tokens run through the model (prefill chunks + decodes)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: list[Request] = []  # sorted by sort_key
+        self.running: list[Request] = []  # sorted by sort_key
+        self.num_preemptions = 0
+        self.num_computed_tokens = 0
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, n, out):
+                break  # `request` itself was the lowest-priority one and got preempted
+            chunks.append(ScheduledChunk(request, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            request = self.waiting[0]
+            request.num_computed_tokens = self.kv.lookup_prefix(request)
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate(request, n):
+                self.kv.free(request)  # give back the prefix blocks it claimed; retry next step
+                request.num_computed_tokens = 0
+                break
+            self._admit(request)
+            chunks.append(ScheduledChunk(request, n))
+            budget -= n
+        out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)  # single-token chunks first
+        return out
+
+    def _admit(self, request: Request) -> None:
+        self.waiting.pop(0)
+        request.status = RequestStatus.RUNNING
+        bisect.insort(self.running, request, key=Request.sort_key)
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            request.num_cached_prompt_tokens = request.num_computed_tokens
+            self.kv.record_prefix_query(request.num_tokens, request.num_computed_tokens)
+
+    def _make_room(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        """Allocate blocks for `request`, preempting from the tail of `running` until it fits."""
+        while not self.kv.allocate(request, n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(request)
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the step ran: advance computed counts, publish full blocks, drop finished requests."""
+        for chunk in out.chunks:
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            self.num_computed_tokens += chunk.num_tokens
+            self.kv.commit(request)
+        for chunk in out.chunks:
+            if chunk.request.finished:
+                self.finish(chunk.request)
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request wherever it is and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+
+    def stats(self) -> SchedulerStats:
+        stored = sum(r.num_computed_tokens for r in self.running)
+        used_blocks = self.kv.num_used_blocks()
+        in_tables = sum(len(t) for t in self.kv.block_tables.values())
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_used=used_blocks,
+            kv_blocks_total=self.kv.pool.num_blocks,
+            kv_utilization=stored / (in_tables * self.kv.block_size) if in_tables else 0.0,
+            prefix_cache_queries=self.kv.prefix_stats.queries,
+            prefix_cache_hits=self.kv.prefix_stats.hits,
+            num_preemptions=self.num_preemptions,
+            num_computed_tokens=self.num_computed_tokens,
+        )

@@ -1,0 +1,82 @@
+"""Attention over the paged KV cache, in plain PyTorch ops (a swappable backend: same inputs, same output).
+
+Token layout of a step: single-token chunks (decodes) first, then prefill chunks, all flattened into one
+[T, heads, dim] tensor with no padding between sequences. Decodes run as one batched SDPA call: each
+sequence's blocks are gathered and keys past its length are masked. Prefill chunks run one SDPA call
+each, reading earlier context from the cache when the chunk follows cached tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first row of this chunk in the step's flattened tokens
+    num_tokens: int
+    context_len: int  # tokens attended to by the chunk's last token (cached + this chunk)
+    block_table: torch.Tensor  # [blocks] block ids of the sequence
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor | None  # [T] flat cache slot of each token; None: nothing is cached (scoring)
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [decodes, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None = None  # [decodes, 1, 1, max_blocks * block_size] True = attend
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KV, D]; k_cache, v_cache: [blocks, block_size, KV, D] of this layer."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    if meta.slot_mapping is not None:
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_tokens)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span, scale)
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All single-token queries at once. The heads sharing a KV head act as that head's query rows."""
+    b, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    keys = _gather(k_cache, meta.decode_block_tables)  # [B, KV, L, D]
+    values = _gather(v_cache, meta.decode_block_tables)
+    query = q.view(b, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    return out.reshape(b, heads, dim)
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, KV, max_blocks * block_size, D]."""
+    blocks = cache[block_tables]  # [B, NB, BS, KV, D]
+    b, nb, bs, kv, d = blocks.shape
+    return blocks.view(b, nb * bs, kv, d).transpose(1, 2)
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             span: PrefillSpan, scale: float) -> torch.Tensor:
+    t = span.num_tokens
+    cached = span.context_len - t
+    if cached == 0:  # nothing before this chunk: attend within it
+        keys, values, mask, causal = k, v, None, True
+    else:
+        kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache[span.block_table].view(-1, kv_heads, dim)[: span.context_len]
+        values = v_cache[span.block_table].view(-1, kv_heads, dim)[: span.context_len]
+        mask = torch.arange(span.context_len)[None, :] <= torch.arange(cached, span.context_len)[:, None]
+        causal = False
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
