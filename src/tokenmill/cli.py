@@ -66,11 +66,11 @@ def _stream(llm, prompt: str | list[int], params) -> Iterator[str]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from tokenmill import LLM
 
+    params = _sampling_params(args)  # before loading: a bad option fails at once, not after the model loads
     llm = LLM(args.model, progress=True, **_engine_kwargs(args))
     prompt: str | list[int] = args.prompt
     if args.chat_template:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
-    params = _sampling_params(args)
     for piece in _stream(llm, prompt, params):
         print(piece, end="", flush=True)
     print()
@@ -79,8 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from tokenmill import LLM
 
-    llm = LLM(args.model, progress=True, **_engine_kwargs(args))
     params = _sampling_params(args)
+    llm = LLM(args.model, progress=True, **_engine_kwargs(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", llm.config.name or llm.checkpoint.path.name, "- empty line or Ctrl-D to quit.")
     while True:

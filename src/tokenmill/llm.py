@@ -53,8 +53,15 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        ids = [self._submit(prompt, p) for prompt, p in zip(prompts, params)]
-        return self._run(ids, use_tqdm)
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self._submit(prompt, p))
+            return self._run(ids, use_tqdm)
+        except BaseException:  # a bad prompt or a failed step must not leave this call's requests queued
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
 
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:

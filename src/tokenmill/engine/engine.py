@@ -50,6 +50,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
         max_tokens = self._check_prompt(ids)
+        if params.logprobs is not None and params.logprobs > self.model.config.vocab_size:
+            raise ValueError(f"logprobs must be <= the vocabulary size {self.model.config.vocab_size}, got {params.logprobs}")
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)

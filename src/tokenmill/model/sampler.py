@@ -40,7 +40,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # mass before this token already exceeds top_p
+        drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
