@@ -46,8 +46,19 @@ class LLMEngine:
         self.parents: dict[str, ParentRequest] = {}
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams, priority: int = 0) -> None:
-        if request_id in self.parents:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.submit(self.process_request(request_id, prompt, params, priority))
+
+    def submit(self, parent: ParentRequest) -> None:
+        """Queue an already validated request (see process_request)."""
+        if parent.request_id in self.parents:
+            raise ValueError(f"request_id {parent.request_id!r} is already in use")
+        self.parents[parent.request_id] = parent
+        for child in parent.children:
+            self.scheduler.add(child)
+
+    def process_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
+                        priority: int = 0) -> ParentRequest:
+        """Tokenize and validate without touching engine state, so a server can do it outside the step loop."""
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
         max_tokens = self._check_prompt(ids)
         if params.logprobs is not None and params.logprobs > self.model.config.vocab_size:
@@ -72,8 +83,7 @@ class LLMEngine:
                 parent_id=request_id,
             )
             children.append(child)
-            self.scheduler.add(child)
-        self.parents[request_id] = ParentRequest(request_id, text, ids, children)
+        return ParentRequest(request_id, text, ids, children)
 
     def _check_prompt(self, ids: list[int]) -> int:
         """Validate a prompt; returns how many tokens may follow it (context and whole-cache limits)."""
@@ -93,15 +103,16 @@ class LLMEngine:
         # A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).
         return min(self.max_model_len, capacity) - len(ids)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (None if unknown or finished)."""
         parent = self.parents.pop(request_id, None)
         if parent is None:
-            return
+            return None
         for child in parent.children:
             if not child.finished:
                 child.finish(time.monotonic(), "abort")
                 self.scheduler.finish(child)
+        return parent.make_output()
 
     def has_unfinished(self) -> bool:
         return bool(self.parents)
