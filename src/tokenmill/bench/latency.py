@@ -1,0 +1,73 @@
+"""`bench latency`: one request at a time, so prefill and decode speed are measured without batching effects.
+
+Each iteration sends a fresh prompt of exactly --input-len real-text tokens (a different corpus window, so the
+prefix cache cannot serve it) and decodes exactly --output-len tokens (greedy, EOS ignored). Timed around the
+engine's own step loop: TTFT = add_request to the first token, decode = first token to the last.
+Prefill tok/s = input_len / TTFT; decode tok/s = (output_len - 1) / decode time.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict
+from typing import Any
+
+from tokenmill.bench import BenchError
+from tokenmill.bench.datasets import corpus_tokens
+from tokenmill.bench.metrics import distribution
+from tokenmill.bench.report import Row, table
+
+
+def time_one(engine: Any, request_id: str, prompt_ids: list[int], output_len: int) -> dict[str, float]:
+    """Seconds to the first token and to the end of one request run alone through engine.step()."""
+    from tokenmill import SamplingParams
+
+    started = time.perf_counter()
+    engine.add_request(request_id, prompt_ids, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    first = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if first is None and out.outputs[0].token_ids:
+                first = time.perf_counter() - started
+    return {"ttft_s": first if first is not None else float("nan"), "e2e_s": time.perf_counter() - started}
+
+
+def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int, output_len: int, num_iters: int,
+                num_warmups: int, seed: int) -> dict[str, Any]:
+    from tokenmill import LLM
+
+    if input_len < 1 or output_len < 2 or num_iters < 1:
+        raise BenchError("bench latency needs --input-len >= 1, --output-len >= 2 (decode speed needs a second "
+                         "token) and --num-iters >= 1")
+    llm = LLM(model, progress=True, **engine_kwargs)
+    corpus = corpus_tokens(llm.tokenizer)
+    rng = random.Random(seed)
+    starts = rng.sample(range(len(corpus)), min(len(corpus), num_warmups + num_iters))
+    iterations = []
+    for i in range(num_warmups + num_iters):
+        start = starts[i % len(starts)]
+        ids = [corpus[(start + k) % len(corpus)] for k in range(input_len)]
+        timing = time_one(llm.engine, f"latency-{i}", ids, output_len)
+        if i >= num_warmups:
+            decode = timing["e2e_s"] - timing["ttft_s"]
+            iterations.append({**timing, "prefill_tok_s": input_len / timing["ttft_s"],
+                               "decode_tok_s": (output_len - 1) / decode})
+    e2e = distribution([it["e2e_s"] for it in iterations])
+    return {"input_len": input_len, "output_len": output_len, "num_iters": num_iters, "load_s": llm.load_seconds,
+            "e2e_ms": asdict(e2e) if e2e else None,
+            "median_ttft_ms": 1000 * statistics.median(it["ttft_s"] for it in iterations),
+            "median_prefill_tok_s": statistics.median(it["prefill_tok_s"] for it in iterations),
+            "median_decode_tok_s": statistics.median(it["decode_tok_s"] for it in iterations),
+            "iterations": iterations}
+
+
+def latency_table(summary: dict[str, Any]) -> str:
+    e2e = summary["e2e_ms"] or {}
+    rows: list[Row] = [("Input / output tokens", f"{summary['input_len']} / {summary['output_len']}"),
+                       ("Iterations", summary["num_iters"]), ("Median TTFT (ms)", summary["median_ttft_ms"]),
+                       ("Median prefill (tok/s)", summary["median_prefill_tok_s"]),
+                       ("Median decode (tok/s)", summary["median_decode_tok_s"])]
+    rows += [(f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} request latency (ms)",
+              e2e.get(stat)) for stat in ("mean", "median", "p90", "p99")]
+    return table("Single-request Latency Result", [(None, rows)])

@@ -1,0 +1,42 @@
+"""`bench offline`: throughput of LLM.generate over a whole dataset submitted at once (no HTTP, no arrivals).
+
+This is the engine's ceiling: the best a server built on it could do with every request queued up front.
+Token counts are what the engine actually processed and produced.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tokenmill.bench.datasets import SampleRequest
+from tokenmill.bench.report import Row, table
+
+
+def run_offline(requests: list[SampleRequest], engine_kwargs: dict[str, Any], model: str | None,
+                ignore_eos: bool) -> dict[str, Any]:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model, progress=True, **engine_kwargs)
+    llm.generate("Warm-up.", SamplingParams(temperature=0, max_tokens=4))  # first-call allocations, not timed
+    prompts = [f"{r.system}\n\n{r.prompt}" if r.system else r.prompt for r in requests]
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in requests]
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - started
+    inputs = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"num_requests": len(requests), "elapsed_s": elapsed, "load_s": llm.load_seconds,
+            "total_input_tokens": inputs, "total_output_tokens": generated,
+            "request_throughput": len(requests) / elapsed, "input_throughput": inputs / elapsed,
+            "output_throughput": generated / elapsed, "total_token_throughput": (inputs + generated) / elapsed}
+
+
+def offline_table(summary: dict[str, Any]) -> str:
+    rows: list[Row] = [("Requests", summary["num_requests"]), ("Model load (s)", summary["load_s"]),
+                       ("Elapsed (s)", summary["elapsed_s"]), ("Total input tokens", summary["total_input_tokens"]),
+                       ("Total generated tokens", summary["total_output_tokens"]),
+                       ("Request throughput (req/s)", summary["request_throughput"]),
+                       ("Input token throughput (tok/s)", summary["input_throughput"]),
+                       ("Output token throughput (tok/s)", summary["output_throughput"]),
+                       ("Total token throughput (tok/s)", summary["total_token_throughput"])]
+    return table("Offline Throughput Result", [(None, rows)])
