@@ -1,7 +1,9 @@
-"""The `tokenmill` command: generate, chat, info."""
+"""The `tokenmill` command: serve, generate, chat, info (and bench)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -101,6 +103,24 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"model given twice: {args.model_tag!r} and --model {args.model!r}")
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    from tokenmill import LLM  # after the checks: a bad option fails at once, not after torch imports
+    from tokenmill.server.launch import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = args.model_tag or args.model
+    llm = LLM(model, progress=True, **_engine_kwargs(args))
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+          served_model_name=args.served_model_name, model_arg=model, shutdown_timeout=args.shutdown_timeout,
+          log_prompts=args.log_prompts)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from tokenmill.model.loader import load_checkpoint
 
@@ -133,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="Fast LLM inference on PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                     help="a .gguf file or HF model directory (same as --model)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                          "(default: $TOKENMILL_API_KEY; /health and /metrics stay open)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model id clients send and /v1/models lists (default: the file's short name)")
+    srv.add_argument("--max-waiting", type=int, default=None,
+                     help="answer 429 when this many requests already wait to be scheduled (default: no limit)")
+    srv.add_argument("--shutdown-timeout", type=float, default=10.0,
+                     help="seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted")
+    srv.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log lines")
+    _add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
     gen = sub.add_parser("generate", help="generate a completion and stream it to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
@@ -149,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a model's metadata and size")
     info.add_argument("model", nargs="?", default=None)
     info.set_defaults(func=cmd_info)
+
+    from tokenmill.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -138,6 +138,7 @@ class AsyncEngine:
             while not self._stopping:
                 self._apply_commands()
                 if not self.engine.has_unfinished():
+                    self.stats = self.engine.stats()  # aborts change stats without a step
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()

@@ -1,0 +1,101 @@
+"""POST /v1/chat/completions: messages -> the model's chat template -> one prompt -> chat.completion responses."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenmill.errors import ChatTemplateError
+from tokenmill.outputs import RequestOutput, TokenLogprobs
+from tokenmill.server.formatting import token_logprobs
+from tokenmill.server.generation import ChoiceDelta, Generation, Prompt
+from tokenmill.server.openai_errors import RequestError
+from tokenmill.server.params import FieldNames, check_max_tokens, to_sampling_params
+from tokenmill.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    Delta,
+    TopLogprob,
+    Usage,
+)
+from tokenmill.server.state import ServerState
+from tokenmill.server.streaming import respond
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState) -> Response:
+    state.check_request(body, body.model)
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    names = FieldNames(prompt="messages", max_tokens=max_param, logprobs="top_logprobs")
+    num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names)
+    prompt = render_messages(body.messages, state)
+    check_max_tokens(max_tokens, len(prompt.ids), state.max_model_len, max_param)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = Generation(state, request_id, [prompt], params, body.priority, names, body.user)
+    formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs)
+    return await respond(request, generation, formatter, body.stream, body.include_usage())
+
+
+def render_messages(messages: list[ChatMessage], state: ServerState, add_generation_prompt: bool = True) -> Prompt:
+    """The conversation as the model was tuned to see it; the template writes its own BOS."""
+    try:
+        text = state.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages],
+                                                   add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise RequestError(str(exc), "messages") from None
+    return Prompt(state.tokenizer.encode(text, add_special_tokens=False), text)
+
+
+class ChatFormatter:
+    def __init__(self, request_id: str, model: str, n: int, num_logprobs: int | None) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.n = n
+        self.num_logprobs = num_logprobs
+
+    def stream_start(self) -> list[ChatCompletionChunk]:
+        """OpenAI opens each choice with a chunk carrying only the role."""
+        role = Delta(role="assistant", content="")
+        return [self._wrap([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]
+
+    def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index=delta.index, delta=Delta(content=delta.text or None),
+                                 logprobs=self._logprobs(delta.token_ids, delta.logprobs),
+                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        return self._wrap([choice])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return self._wrap([], usage)
+
+    def response(self, outputs: list[RequestOutput], usage: Usage) -> ChatCompletionResponse:
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                              stop_reason=c.stop_reason, logprobs=self._logprobs(c.token_ids, c.logprobs))
+                   for c in outputs[0].outputs]
+        return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                      usage=usage)
+
+    def _wrap(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                   usage=usage)
+
+    def _logprobs(self, token_ids: list[int], entries: list[TokenLogprobs] | None) -> ChatLogprobs | None:
+        if self.num_logprobs is None or entries is None:
+            return None
+        content = [ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+                                    top_logprobs=[TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode()))
+                                                  for tok, lp in t.top])
+                   for t in token_logprobs(token_ids, entries, self.num_logprobs)]
+        return ChatLogprobs(content=content)

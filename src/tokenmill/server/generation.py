@@ -1,0 +1,186 @@
+"""One HTTP request's engine work: a request per prompt, started together, read as per-choice deltas, closed together.
+
+Completions and chat both run through here, so streaming and non-streaming responses see the same deltas,
+and metrics, request logs and aborts happen in one place. Closing a Generation before it finishes aborts
+its engine requests at once, which frees their KV blocks (a client that hung up costs nothing more).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.params import FieldNames
+from tokenmill.server.request_log import log_request
+from tokenmill.server.state import ServerState
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None = None  # None when the client sent token ids
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained since the last delta; `index` is the OpenAI choice index (prompt * n + i)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class Generation:
+    def __init__(self, state: ServerState, request_id: str, prompts: list[Prompt], params: SamplingParams,
+                 priority: int, names: FieldNames, user: str | None = None) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.prompts = prompts
+        self.params = params
+        self.priority = priority
+        self.names = names
+        self.user = user
+        self.engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        self.outputs: list[RequestOutput | None] = [None] * len(prompts)  # each prompt's latest output
+        self._finished = [False] * len(prompts)
+        num_choices = len(prompts) * params.n
+        self._sent_tokens = [0] * num_choices
+        self._last_token_time = [0.0] * num_choices
+        self._done = [False] * num_choices
+        self._streams: list[AsyncIterator[RequestOutput]] = []
+        self._first: list[RequestOutput] = []
+        self._pumps: list[asyncio.Task] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        """Submit every prompt and wait for each one's first output, so that anything that fails before the
+        first token (bad input, full queue, a failed prefill) still becomes an HTTP status, not a broken stream."""
+        ae = self.state.async_engine
+        self._streams = [ae.generate(rid, p.ids, self.params, self.priority)
+                         for rid, p in zip(self.engine_ids, self.prompts)]
+        try:
+            self._first = await _first_outputs(self._streams)
+        except ValueError as exc:
+            await self.aclose()
+            raise self.names.error(exc) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        self.outputs = list(self._first)
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Per-choice deltas in arrival order; a choice's last delta carries its finish_reason."""
+        n = self.params.n
+        async with aclosing(self._merged()) as merged:
+            async for p, out in merged:
+                now = time.monotonic()
+                self.outputs[p] = out
+                deltas = [d for c in out.outputs if (d := self._delta(p * n + c.index, c, now)) is not None]
+                if out.finished:
+                    self._record(p, out)
+                for delta in deltas:
+                    yield delta
+
+    async def run_to_end(self) -> list[RequestOutput]:
+        """For non-streaming responses: every prompt's final output."""
+        try:
+            async with aclosing(self.deltas()) as deltas:
+                async for _ in deltas:
+                    pass
+        finally:
+            await self.aclose()
+        return self.outputs
+
+    async def aclose(self) -> None:
+        """Abort what has not finished (KV blocks are freed now), then release the engine streams. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._pumps:
+            task.cancel()
+        unfinished = [p for p, out in enumerate(self.outputs) if out is not None and not out.finished]
+        for p in unfinished:  # synchronous: done even if the awaits below get cancelled
+            self.state.async_engine.abort(self.engine_ids[p])
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for stream in self._streams:
+            await stream.aclose()
+        for p, out in enumerate(self.outputs):
+            if out is not None and not self._finished[p]:
+                self._record(p, out)
+
+    def _record(self, p: int, out: RequestOutput) -> None:
+        """Metrics and the log line, once per prompt: finished, or aborted as of its last output."""
+        self._finished[p] = True
+        if out.finished:
+            self.state.metrics.observe_finished(out)
+        else:
+            self.state.metrics.observe_aborted(sum(c.finish_reason is None for c in out.outputs),
+                                               sum(len(c.token_ids) for c in out.outputs))
+        log_request(out, prompt_text=self.prompts[p].text, log_prompts=self.state.log_prompts, user=self.user)
+
+    def _delta(self, index: int, completion: CompletionOutput, now: float) -> ChoiceDelta | None:
+        if self._done[index]:
+            return None
+        sent = self._sent_tokens[index]
+        new_ids = completion.token_ids[sent:]
+        if not new_ids and not completion.delta_text and completion.finish_reason is None:
+            return None
+        if new_ids:
+            if sent:
+                self.state.metrics.itl.observe(now - self._last_token_time[index])
+            self._last_token_time[index] = now
+        self._sent_tokens[index] = len(completion.token_ids)
+        self._done[index] = completion.finish_reason is not None
+        logprobs = completion.logprobs[sent:] if completion.logprobs is not None else None
+        return ChoiceDelta(index, completion.delta_text, new_ids, logprobs, completion.finish_reason,
+                           completion.stop_reason)
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) from all engine streams; one prompt needs no tasks or queue."""
+        if len(self._streams) == 1:
+            yield 0, self._first[0]
+            async for out in self._streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pumps = [asyncio.create_task(self._pump(p, queue)) for p in range(len(self._streams))]
+        pending = len(self._pumps)
+        while pending:
+            p, item = await queue.get()
+            if item is None:
+                pending -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield p, item
+
+    async def _pump(self, p: int, queue: asyncio.Queue) -> None:
+        try:
+            queue.put_nowait((p, self._first[p]))
+            async for out in self._streams[p]:
+                queue.put_nowait((p, out))
+            queue.put_nowait((p, None))
+        except Exception as exc:  # EngineStepError and the like: the consumer raises it
+            queue.put_nowait((p, exc))
+
+
+async def _first_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    if len(streams) == 1:
+        return [await anext(streams[0])]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_next(s)) for s in streams]
+    except BaseExceptionGroup as errors:  # one prompt failed: the group has cancelled the others
+        raise errors.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+async def _next(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    return await anext(stream)

@@ -1,0 +1,55 @@
+"""Request fields -> SamplingParams, shared by completions and chat.
+
+SamplingParams validates ranges and names the field first in its message; this module only maps that name
+back to what the client sent (e.g. chat's `top_logprobs` is SamplingParams' `logprobs`), so every 400 names
+a field of the request.
+"""
+from __future__ import annotations
+
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.openai_errors import RequestError
+from tokenmill.server.protocol import SamplingRequest
+
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows 20 too
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "ignore_eos")
+
+
+class FieldNames:
+    """Which request field carries each SamplingParams / engine field, for error messages."""
+
+    _KNOWN = (*_SAMPLING_FIELDS, "stop", "max_tokens", "logprobs", "prompt")
+
+    def __init__(self, **renames: str) -> None:
+        self._renames = renames
+
+    def __getitem__(self, field: str) -> str:
+        return self._renames.get(field, field)
+
+    def error(self, exc: ValueError) -> RequestError:
+        """SamplingParams and the engine start their messages with the field's name ("temperature must be ...")."""
+        first = str(exc).split(" ", 1)[0]
+        return RequestError(str(exc), self[first] if first in self._KNOWN else None)
+
+
+def to_sampling_params(request: SamplingRequest, *, max_tokens: int | None, logprobs: int | None,
+                       names: FieldNames) -> SamplingParams:
+    """`max_tokens` None fills the context; `logprobs` is the number of alternatives per token (None: off)."""
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise RequestError(f"{names['logprobs']} must be <= {MAX_LOGPROBS}, got {logprobs}", names["logprobs"])
+    if request.stream_options is not None and not request.stream:
+        raise RequestError("stream_options is only allowed with stream: true", "stream_options")
+    given = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=stop, **given)
+    except ValueError as exc:
+        raise names.error(exc) from None
+
+
+def check_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, param: str) -> None:
+    """As vLLM and OpenAI: asking for more tokens than fit after the prompt is an error, not a silent cap."""
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise RequestError(
+            f"{param} is too large: {max_tokens}. This model's maximum context length is {max_model_len} tokens "
+            f"and your request has {prompt_len} input tokens ({max_tokens} > {max_model_len} - {prompt_len})", param)

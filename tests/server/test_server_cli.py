@@ -1,0 +1,35 @@
+"""`tokenmill serve` options that fail before anything loads, and the default served model name."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenmill.server.launch import short_model_name
+
+
+@pytest.mark.parametrize("path,name", [
+    ("/m/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    ("/m/llama-3-8b-instruct-q4_k_m.gguf", "llama-3-8b-instruct"),
+    ("/m/qwen2-0.5b-instruct-IQ4_XS.gguf", "qwen2-0.5b-instruct"),
+    ("/m/tiny-f16.gguf", "tiny"),
+    ("/m/tiny.gguf", "tiny"),
+    ("/models/SmolLM2-360M-Instruct", "SmolLM2-360M-Instruct"),
+])
+def test_short_model_name(path, name):
+    assert short_model_name(Path(path)) == name
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-waiting", "0"], "--max-waiting must be >= 1"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["a.gguf", "--model", "b.gguf"], "model given twice"),
+])
+def test_bad_serve_option_is_a_clean_error_before_loading(args, message):
+    proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
