@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from serverproc import start_server, stop, wait_healthy
 
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import SampleRequest
@@ -257,32 +255,12 @@ def test_cli_bad_option_is_a_clean_error():
 
 @pytest.fixture(scope="module")
 def tokenmill_server(tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--host", "127.0.0.1", "--port",
-                                 str(port), "--dtype", "float32", "--kv-cache-memory", "268435456"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path_factory.mktemp("serve"))
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"tokenmill serve exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"tokenmill serve was not healthy within 300 s:\n{log.read_text()[-3000:]}")
-        yield url
+        wait_healthy(server, timeout=300)
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(server)
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
