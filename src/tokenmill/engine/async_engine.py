@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import threading
 import time
 from multiprocessing.util import Finalize
@@ -56,17 +57,18 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def apply(self, delta: RequestDelta) -> RequestOutput:
+        request_id, finished, num_cached_tokens, metrics, sequences = delta
         completions = []
-        for d in delta.sequences:
-            seq = self.sequences[d.index]
-            seq.token_ids = seq.token_ids + d.token_ids
-            if d.logprobs is not None:
-                seq.logprobs = (seq.logprobs or []) + d.logprobs
-            seq.text = d.text if d.text is not None else seq.text + d.delta_text
-            completions.append(CompletionOutput(d.index, seq.text, seq.token_ids, d.cumulative_logprob, seq.logprobs,
-                                                d.finish_reason, d.stop_reason, d.delta_text))
-        return RequestOutput(delta.request_id, self.prompt, self.prompt_token_ids, completions, delta.finished,
-                             delta.num_cached_tokens, delta.metrics)
+        for index, token_ids, delta_text, logprobs, cumulative_logprob, finish_reason, stop_reason, text in sequences:
+            seq = self.sequences[index]
+            seq.token_ids = seq.token_ids + token_ids
+            if logprobs is not None:
+                seq.logprobs = (seq.logprobs or []) + logprobs
+            seq.text = text if text is not None else seq.text + delta_text
+            completions.append(CompletionOutput(index, seq.text, seq.token_ids, cumulative_logprob, seq.logprobs,
+                                                finish_reason, stop_reason, delta_text))
+        return RequestOutput(request_id, self.prompt, self.prompt_token_ids, completions, finished, num_cached_tokens,
+                             metrics)
 
 
 class AsyncEngine:
@@ -113,11 +115,11 @@ class AsyncEngine:
         parent = self.engine.process_request(request_id, prompt, params, priority)  # raises ValueError on bad input
         stream = _Stream(parent.prompt, parent.prompt_token_ids, [_Sequence() for _ in parent.children])
         self._streams[request_id] = stream
-        self._send(AddRequest(request_id, parent.prompt_token_ids, params, priority,
-                              parent.children[0].arrival_time))
-        self._adds_sent += 1
         finished = False
         try:
+            self._send(AddRequest(request_id, parent.prompt_token_ids, params, priority,
+                                  parent.children[0].arrival_time))
+            self._adds_sent += 1
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -140,7 +142,6 @@ class AsyncEngine:
 
     async def drain(self, timeout: float) -> int:
         """Let in-flight requests finish for up to `timeout` seconds, then abort the rest; returns how many."""
-        self._attach()
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline and self.is_alive:
             await asyncio.sleep(0.05)
@@ -151,17 +152,19 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the core process (it aborts what is left); safe to call twice and from any thread."""
-        self._stopping = True
         with self._send_lock:
-            stop_engine_core(self._core, timeout)
+            self._stopping = True  # from now on no command goes down the pipe but the core's SHUTDOWN
         self._finalizer.cancel()
+        stop_engine_core(self._core, timeout)
 
     def _send(self, command: object) -> None:
-        try:
-            with self._send_lock:
+        with self._send_lock:
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            try:
                 self._core.commands.send(command)
-        except OSError as exc:  # the core is gone; the reader reports why
-            raise EngineDeadError(self._dead_message()) from exc
+            except OSError as exc:  # the core is gone; the output reader reports why
+                raise EngineDeadError(self._dead_message()) from exc
 
     def _attach(self) -> None:
         """Read the core's outputs on the running event loop (the one that serves the streams)."""
@@ -176,28 +179,31 @@ class AsyncEngine:
         self._loop = loop
 
     def _on_outputs(self) -> None:
+        """One message per call: the selector calls again while the pipe has more (no poll() per message)."""
         conn = self._core.outputs
         try:
-            while conn.poll():
-                self._dispatch(conn.recv())
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             self._loop.remove_reader(conn.fileno())
             if not self._stopping and self._fatal is None:
+                self._core.process.join(1.0)  # it closed its pipe: it is exiting, reap it for the exit code
                 self._fatal = f"the engine core process exited (code {self._core.process.exitcode})"
                 logger.error(self._fatal)
             self._fail_all()
+            return
+        self._dispatch(pickle.loads(message))
 
     def _dispatch(self, message: CoreOutputs) -> None:
-        self.stats = message.stats
-        self._adds_applied = message.adds_applied
-        for delta in message.deltas:
-            if (stream := self._streams.get(delta.request_id)) is not None:
+        deltas, errors, stats, self._adds_applied, fatal = message
+        self.stats = SchedulerStats(*stats)
+        for delta in deltas:
+            if (stream := self._streams.get(delta[0])) is not None:
                 stream.queue.put_nowait(stream.apply(delta))
-        for request_id, kind, text in message.errors:
+        for request_id, kind, text in errors:
             if (stream := self._streams.get(request_id)) is not None:
                 stream.queue.put_nowait(ValueError(text) if kind == "invalid" else EngineStepError(text))
-        if message.fatal is not None:
-            self._fatal = f"engine loop died: {message.fatal}"
+        if fatal is not None:
+            self._fatal = f"engine loop died: {fatal}"
             self._fail_all()
 
     def _fail_all(self) -> None:
