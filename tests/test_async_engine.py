@@ -4,6 +4,7 @@ the model's weights with this process instead of holding its own copy."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Iterator
 
@@ -73,6 +74,31 @@ def test_core_process_shares_the_weights(llm_f32, async_engine):
     private = sum(int(m) * 1024 for m in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", rollup, re.M))
     assert weights > 100 * 2**20
     assert private < weights / 4, f"the core holds {private / 2**20:.0f} MiB of its own (weights: {weights / 2**20:.0f} MiB)"
+
+
+def _voluntary_switches(pid: int) -> int:
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = open(f"/proc/{pid}/task/{tid}/status").read()
+        total += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+    return total
+
+
+def test_core_openmp_workers_spin_between_ops_like_offline(llm_f32, async_engine):
+    """The team that built the model is released before the fork, so libgomp counts no more threads than CPUs
+    in the core and lets its workers spin between ops. Otherwise each worker sleeps after ~100 spins and every
+    parallel op wakes it: dozens of voluntary context switches per decode token instead of about one."""
+    async def decode(n: int) -> int:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        gen = async_engine.generate(f"spin{n}", "Tell me a long story", params)
+        await anext(gen)  # prefill done: count the decode steps only
+        before = _voluntary_switches(async_engine.core_pid)
+        async for _ in gen:
+            pass
+        return _voluntary_switches(async_engine.core_pid) - before
+
+    per_token = asyncio.run(decode(41)) / 40
+    assert per_token < 8, f"{per_token:.1f} voluntary context switches per token in the engine core"
 
 
 def test_shutdown_stops_the_core_and_is_idempotent(async_engine):

@@ -7,9 +7,14 @@ for Python's 5 ms switch interval. Here the step loop owns its process's GIL; th
 validates and formats.
 
 The child is forked from the process that built the model, so it starts at once and shares the weights'
-pages copy-on-write (neither side writes them: one copy in memory). GNU OpenMP cannot run a parallel region in
-a forked child from the thread that forked (its worker threads were not copied), but a new thread gets a fresh
-pool; so the step loop runs in a new thread.
+pages copy-on-write (neither side writes them: one copy in memory). Two GNU OpenMP (libgomp) details:
+- A forked child cannot run a parallel region on the thread that forked if that thread had a team (its worker
+  threads were not copied: it hangs); a new thread gets a fresh team, so the step loop runs in a new thread.
+- libgomp lets idle workers spin between parallel regions only while it manages no more threads than there are
+  CPUs; above that they sleep after ~100 spins and every parallel op pays a futex wake-up. The team that built
+  the model would still be counted in the child and push the core's own team over that limit (measured: 17
+  worker wake-ups per decode token of an 8-layer model, against 0.3 in the offline engine), so that team is
+  released before the fork. The core then waits like `LLM.generate` does.
 
 In: `AddRequest`, (ABORT, request_id) and (SHUTDOWN,). Out, once per step: one `CoreOutputs` with a
 `RequestDelta` per request that advanced (only what is new, so a message stays small however long the
@@ -17,6 +22,7 @@ sequences grow), per-request errors, the scheduler stats and how many adds were 
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -78,10 +84,25 @@ def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
     process = ctx.Process(target=_core_main, args=(engine, cmd_recv, out_send, (cmd_send, out_recv)),
                           name="tokenmill-engine-core", daemon=True)
     gc.freeze()  # the child's collector would otherwise write to every inherited object, copying their pages
+    _release_openmp_team()
     process.start()
     cmd_recv.close()  # the child's ends: if this process kept them, the child would never see EOF
     out_send.close()
     return EngineCoreHandle(process, cmd_send, out_recv)
+
+
+def _release_openmp_team() -> None:
+    """End this thread's libgomp team (OpenMP 5's omp_pause_resource_all); the next parallel op makes a new one."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:  # not Linux: no libgomp to worry about
+        return
+    paths = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
+    for path in paths:  # torch's own copy; already loaded, so CDLL returns that instance
+        try:
+            ctypes.CDLL(path).omp_pause_resource_all(2)  # omp_pause_hard
+        except (OSError, AttributeError):  # an old libgomp without it: the core's workers just sleep more
+            logger.debug("could not release the OpenMP team of %s", path)
 
 
 def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
