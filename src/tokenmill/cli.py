@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, QUANTIZATION_METHODS
 from tokenmill.errors import TokenmillError
 
 
@@ -16,6 +16,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine knobs, named as vLLM's CLI names them."""
     p.add_argument("--model", default=None, help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                   help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
     p.add_argument("--kv-cache-memory", type=float, default=DEFAULT_KV_CACHE_MEMORY,
                    help="KV cache size in bytes, or a fraction (<= 1) of available memory")
     p.add_argument("--block-size", type=int, default=16)
@@ -28,7 +31,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     memory = args.kv_cache_memory
     return dict(
-        dtype=args.dtype, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
+        dtype=args.dtype, quantization=args.quantization, group_size=args.group_size, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
     )

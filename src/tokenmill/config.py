@@ -53,6 +53,29 @@ class ModelConfig:
         return self.num_layers * layer + self.vocab_size * h + head + h
 
 
+QUANTIZATION_METHODS = ("native", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How linear and embedding weights are stored and computed.
+
+    "native": keep the checkpoint's own quantized blocks (GGUF Q4_0/Q4_1/Q8_0, or a tokenmill-quantized
+    checkpoint) as they are; other tensor types run as floats;
+    "int8" / "int4": round-to-nearest quantize float weights, int8 per output channel or int4 per
+    `group_size` inputs; embeddings and the LM head stay int8 in both (they drive quality most).
+    """
+
+    method: str
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None; got {self.method!r}")
+        if self.group_size < 32 or self.group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+
+
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
 
 

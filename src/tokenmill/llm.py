@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, SchedulerConfig
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, QuantConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.hardware import resolve_dtype
 from tokenmill.model.build import build_model
@@ -20,10 +20,20 @@ PromptInput = str | dict[str, Any]
 Message = dict[str, Any]
 
 
-class LLM:
-    """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=...)` any other."""
+def _quant_config(quantization: str | None, group_size: int, dtype: str, ckpt: Checkpoint) -> QuantConfig | None:
+    """No quantization asked: a quantized checkpoint runs natively unless a float dtype is named explicitly
+    (the exact float path the reference tests use)."""
+    if quantization is not None:
+        return QuantConfig(quantization, group_size)
+    return QuantConfig("native") if dtype == "auto" and ckpt.is_quantized else None
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", *,
+
+class LLM:
+    """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=..., quantization=...)`
+    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig)."""
+
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
+                 group_size: int = 32,
                  kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, progress: bool = False) -> None:
@@ -33,7 +43,8 @@ class LLM:
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
         self.checkpoint: Checkpoint = load_checkpoint(model)
         self.tokenizer = self.checkpoint.tokenizer
-        self.model = build_model(self.checkpoint, self.dtype, progress=progress)
+        self.quant_config = _quant_config(quantization, group_size, dtype, self.checkpoint)
+        self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config)
         self.load_seconds = time.perf_counter() - started
         self._next_id = 0

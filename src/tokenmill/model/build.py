@@ -1,28 +1,38 @@
-"""Build a runnable model from a Checkpoint: pick the architecture, convert and fuse weights, set dtype."""
+"""Build a runnable model from a Checkpoint: pick the architecture, convert and fuse weights, set dtype,
+and (with a QuantConfig) swap linear and embedding layers for quantized ones."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from tokenmill.config import QuantConfig
 from tokenmill.errors import ModelLoadError
+from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.layers.rotary import RotaryEmbedding, inverse_frequencies
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader import Checkpoint, Weight
 from tokenmill.model.loader.gguf import PackedTensor
+from tokenmill.quant.gguf_blocks import NATIVE_TYPES, repack
+from tokenmill.quant.weights import QuantizedWeight, quantize_rtn
 
 _FUSED = {  # fused parameter -> the checkpoint tensors concatenated along the output dim
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
+_EMBEDDING = "embed_tokens.weight"
 
 
 def _to_float(w: Weight) -> torch.Tensor:
+    if isinstance(w, QuantizedWeight):
+        return w.dequantize()
     return w.dequantize() if isinstance(w, PackedTensor) else w.float()
 
 
-def build_model(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) -> LlamaModel:
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None = None,
+                progress: bool = False) -> LlamaModel:
     config = ckpt.config
     weights = dict(ckpt.weights)
     freq_factors = weights.pop("rope_freqs", None)
@@ -37,16 +47,59 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) ->
     if config.tie_word_embeddings:
         wanted.discard("lm_head.weight")
         weights.pop("lm_head.weight", None)  # some HF checkpoints store the tied copy too
+    matrices = _matrix_names(model) & wanted
     state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}
     for name in tqdm(sorted(wanted), desc="loading weights", disable=not progress, unit="tensor"):
-        state[name] = _gather(name, weights, ckpt.path).to(dtype)
+        packed = _quantized(name, weights, ckpt.path, quant) if name in matrices else None
+        if packed is not None:
+            quantized[name] = packed
+        else:
+            state[name] = _gather(name, weights, ckpt.path).to(dtype)
     extra = set(weights) - {p for name in wanted for p in _parts(name)}
     if extra:
         raise ModelLoadError(f"{ckpt.path}: tensors not used by the {config.architecture} model: {sorted(extra)[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
+    for name, weight in quantized.items():
+        _swap_in(model, name, weight, dtype)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        embedding = model.embed_tokens
+        if isinstance(embedding, QuantizedEmbedding):
+            model.lm_head = QuantizedLinear(embedding.weight)
+        else:
+            model.lm_head.weight = embedding.weight
     return model.eval().requires_grad_(False)
+
+
+def _matrix_names(model: nn.Module) -> set[str]:
+    """Parameters that a quantized layer can hold: every linear weight and the token embedding."""
+    return {f"{path}.weight" for path, module in model.named_modules() if isinstance(module, nn.Linear)} | {_EMBEDDING}
+
+
+def _quantized(name: str, weights: dict[str, Weight], path: Path, quant: QuantConfig | None) -> QuantizedWeight | None:
+    """The packed weight for parameter `name`, or None where it stays a float tensor."""
+    if quant is None:
+        return None
+    parts = [weights.get(p) for p in _parts(name)]
+    if all(isinstance(p, QuantizedWeight) for p in parts):  # a tokenmill-quantized checkpoint
+        return QuantizedWeight.cat(parts)
+    if quant.method == "native":
+        native = all(isinstance(p, PackedTensor) and p.qtype in NATIVE_TYPES for p in parts)
+        return QuantizedWeight.cat([repack(p) for p in parts]) if native and len({p.qtype for p in parts}) == 1 else None
+    bits = 8 if quant.method == "int8" or name in (_EMBEDDING, "lm_head.weight") else 4
+    return quantize_rtn(_gather(name, weights, path), bits, quant.group_size if bits == 4 else None)
+
+
+def _swap_in(model: LlamaModel, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+    module_path = name.removesuffix(".weight")
+    parent_path, _, child = module_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, child)
+    if isinstance(old, nn.Embedding):
+        setattr(parent, child, QuantizedEmbedding(weight, dtype))
+    else:
+        bias = old.bias if old.bias is not None and not old.bias.is_meta else None
+        setattr(parent, child, QuantizedLinear(weight, bias))
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -63,4 +116,3 @@ def _gather(name: str, weights: dict[str, Weight], path: Path) -> torch.Tensor:
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing}")
     return torch.cat([_to_float(weights[p]) for p in _parts(name)], dim=0)
-

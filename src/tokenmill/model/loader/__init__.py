@@ -14,8 +14,9 @@ from tokenmill.model.loader import safetensors_dir
 from tokenmill.model.loader.default_model import default_model_path
 from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.quant.weights import QuantizedWeight
 
-Weight = torch.Tensor | PackedTensor
+Weight = torch.Tensor | PackedTensor | QuantizedWeight
 
 
 @dataclass
@@ -29,10 +30,14 @@ class Checkpoint:
     tokenizer: Tokenizer
     size_bytes: int
 
+    @property
+    def is_quantized(self) -> bool:
+        return any(isinstance(w, QuantizedWeight) or (isinstance(w, PackedTensor) and w.is_quantized)
+                   for w in self.weights.values())
+
     def weight_types(self) -> Counter[str]:
         """How many tensors of each storage type (GGUF quant type or torch dtype)."""
-        return Counter(w.qtype.name if isinstance(w, PackedTensor) else str(w.dtype).removeprefix("torch.")
-                       for w in self.weights.values())
+        return Counter(_storage_type(w) for w in self.weights.values())
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -78,3 +83,11 @@ def _load_hf_dir(path: Path) -> Checkpoint:
         tokenizer=Tokenizer.from_hf_dir(path),
         size_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
     )
+
+
+def _storage_type(w: Weight) -> str:
+    if isinstance(w, PackedTensor):
+        return w.qtype.name
+    if isinstance(w, QuantizedWeight):
+        return f"int{w.bits}_g{w.group_size}"
+    return str(w.dtype).removeprefix("torch.")
