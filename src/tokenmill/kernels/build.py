@@ -24,7 +24,7 @@ from tokenmill.hardware import cpu_flags
 
 logger = logging.getLogger("tokenmill.kernels")
 
-SOURCES = ("quant_linear.cpp",)
+SOURCES = ("quant_linear.cpp", "layer_ops.cpp", "paged_attention.cpp")
 REQUIRED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 
@@ -54,12 +54,32 @@ def load_library() -> ctypes.CDLL:
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256("\0".join([version, *CXXFLAGS]).encode())
-    for name in SOURCES:
-        digest.update((src_dir / name).read_bytes())
+    for path in sorted(src_dir.iterdir()):  # sources and headers
+        digest.update(path.name.encode() + path.read_bytes())
     target = cache_dir() / "kernels" / f"libtokenmill_{digest.hexdigest()[:16]}.so"
     if not target.exists():
         _compile(cxx, [src_dir / n for n in SOURCES], target)
-    return ctypes.CDLL(str(target))
+    return _declare(ctypes.CDLL(str(target)))
+
+
+_p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {  # argument types of every exported kernel (see csrc/ for what each does)
+    "tm_linear_q4": [_p, _i, _i, _p, _p, _p, _i, _i, _i, _p, _p],
+    "tm_linear_q8": [_p, _i, _i, _p, _p, _i, _i, _i, _p, _p],
+    "tm_dequantize": [_i, _p, _p, _p, _i, _i, _i, _p, _i64, _p],
+    "tm_rms_norm": [_p, _i64, _p, _f, _i, _i, _p],
+    "tm_silu_and_mul": [_p, _i, _i, _p],
+    "tm_rotary": [_p, _i64, _p, _i64, _p, _p, _p, _i, _i, _i, _i],
+    "tm_write_kv": [_p, _p, _i64, _p, _i, _i, _p, _p],
+    "tm_paged_decode_attention": [_p, _i64, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _i, _p],
+}
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
 
 
 def _compile(cxx: str, sources: list[Path], target: Path) -> None:

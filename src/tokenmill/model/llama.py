@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.config import ModelConfig
+from tokenmill.kernels import layer_ops, native
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.paged_attention import AttentionMetadata, paged_attention
 from tokenmill.model.layers.rotary import RotaryEmbedding
@@ -46,7 +47,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if native.enabled_for(gate_up):
+            return self.down_proj(layer_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

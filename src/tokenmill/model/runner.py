@@ -59,6 +59,7 @@ class ModelRunner:
         meta.num_decode_tokens = len(tables)
         meta.decode_block_tables = padded
         lens = torch.tensor(lengths)
+        meta.decode_seq_lens = lens
         meta.decode_mask = (torch.arange(width * self.block_size)[None, :] < lens[:, None])[:, None, None, :]
 
     @torch.inference_mode()

@@ -16,19 +16,14 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int QK = 32;  // activation / weight block length
 
 inline float load_scale(const void* p, int64_t i, int f16) {
   return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 inline int hsum_i32(__m256i v) {
@@ -142,7 +137,7 @@ inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, i
       }
     }
   }
-  for (int i = 0; i < MT; ++i) out[i * ldo] = hsum(acc[i]) + min_acc[i];
+  for (int i = 0; i < MT; ++i) out[i * ldo] = tm::hsum(acc[i]) + min_acc[i];
 }
 
 template <int BITS>

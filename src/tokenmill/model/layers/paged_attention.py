@@ -1,8 +1,9 @@
 """Attention over the paged KV cache, in plain PyTorch ops (a swappable backend: same inputs, same output).
 
 Token layout of a step: single-token chunks (decodes) first, then prefill chunks, all flattened into one
-[T, heads, dim] tensor with no padding between sequences. Decodes run as one batched SDPA call: each
-sequence's blocks are gathered and keys past its length are masked. Prefill chunks run one SDPA call
+[T, heads, dim] tensor with no padding between sequences. Decodes run in the native paged kernel, which
+reads each sequence's blocks in place (float32), or else as one batched SDPA call: each sequence's blocks
+are gathered and keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.kernels import layer_ops, native
 
 
 @dataclass
@@ -27,6 +30,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [decodes, max_blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [decodes, 1, 1, max_blocks * block_size] True = attend
+    decode_seq_lens: torch.Tensor | None = None  # [decodes] int64 tokens each decode attends to
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -34,12 +38,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KV, D]; k_cache, v_cache: [blocks, block_size, KV, D] of this layer."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    use_native = native.enabled_for(q) and k.stride(0) == v.stride(0)
     if meta.slot_mapping is not None:
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        if use_native:
+            layer_ops.write_kv(k, v, meta.slot_mapping, k_cache, v_cache)
+        else:
+            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and use_native:
+        out[:nd] = layer_ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                    meta.decode_seq_lens, scale)
+    elif nd:
         out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
