@@ -327,7 +327,7 @@ def test_llama3_pre_tokenizer_adds_bos_by_default(metadata: dict[str, Any]) -> N
     assert Tokenizer.from_gguf_metadata({**llama3, "tokenizer.ggml.add_bos_token": False}).add_bos is False
 
 
-@pytest.mark.parametrize("model", ["llama", "bert", "t5", "rwkv"])
+@pytest.mark.parametrize("model", ["bert", "t5", "rwkv"])
 def test_unsupported_tokenizer_model(model: str) -> None:
     metadata = {
         "tokenizer.ggml.model": model,
