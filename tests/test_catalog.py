@@ -51,7 +51,8 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bytes) -> Path:
     cuts = [0, header_end + 100, header_end + 2000, len(whole)]
     for i in range(3):
         pkg = f"fake_model_part{i + 1}"
-        _install_fake_distribution(site, f"fake-model-part{i + 1}", {f"{pkg}/data/part{i}.bin": whole[cuts[i] : cuts[i + 1]]})
+        chunk = {f"{pkg}/data/part{i}.bin": whole[cuts[i] : cuts[i + 1]]}
+        _install_fake_distribution(site, f"fake-model-part{i + 1}", chunk)
     sums = f"{hashlib.sha256(whole).hexdigest()}  {FILENAME}\n".encode()
     _install_fake_distribution(site, "fake-model", {"fake_model/SHA256SUMS": sums})
     monkeypatch.syspath_prepend(str(site))
@@ -116,7 +117,8 @@ def test_corrupt_chunk_fails_record_check(site: Path) -> None:
     data[5] ^= 0xFF
     chunk.write_bytes(bytes(data))
     entry = _entry()
-    with pytest.raises(ModelLoadError, match=r"sha256 its package recorded.*--force-reinstall --no-deps fake-model-part2"):
+    fix = r"sha256 its package recorded.*--force-reinstall --no-deps fake-model-part2"
+    with pytest.raises(ModelLoadError, match=fix):
         entry.path(get_cache_dir(), progress=False)
     assert not entry.assembled_path(get_cache_dir()).exists()
     assert not _leftovers(get_cache_dir())
@@ -149,7 +151,8 @@ def test_chunks_out_of_order_fail(site: Path) -> None:
 def test_missing_distribution_names_the_fix(site: Path) -> None:
     entry = _entry(parts=(*_parts(), ModelPart("fake-model-part9", "fake_model_part9/data/part8.bin")))
     assert entry.missing_distributions() == ["fake-model-part9"]
-    with pytest.raises(ModelLoadError, match=r"missing package\(s\) fake-model-part9; fix: pip install fake-model-part9$"):
+    fix = r"missing package\(s\) fake-model-part9; fix: pip install fake-model-part9$"
+    with pytest.raises(ModelLoadError, match=fix):
         entry.path(get_cache_dir(), progress=False)
 
 
@@ -173,14 +176,17 @@ def test_packaged_name_resolves(fake_catalog: PackagedModel, whole: bytes) -> No
     assert path.read_bytes() == whole
 
 
-def test_existing_path_wins_over_name(fake_catalog: PackagedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_existing_path_wins_over_name(fake_catalog: PackagedModel, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "fake-model").mkdir()
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("fake-model") == Path("fake-model")
 
 
-def test_not_installed_packaged_name_names_the_fix(fake_catalog: PackagedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    ghost = PackagedModel("ghost-270m", "a ghost", "ghost", "g.gguf", parts=(ModelPart("tokenmill-test-ghost", "g/g.gguf"),),
+def test_not_installed_packaged_name_names_the_fix(fake_catalog: PackagedModel,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ghost = PackagedModel("ghost-270m", "a ghost", "ghost", "g.gguf",
+                          parts=(ModelPart("tokenmill-test-ghost", "g/g.gguf"),),
                           install="pip install tokenmill-test-ghost")
     monkeypatch.setattr(catalog, "PACKAGED_MODELS", (*catalog.PACKAGED_MODELS, ghost))
     with pytest.raises(ModelLoadError, match="fix: pip install tokenmill-test-ghost$"):

@@ -127,7 +127,8 @@ def test_qwen_tool_calls_render_as_transformers() -> None:
     template = _file_chat_template("qwen2.5-coder-1.5b")
     expected = _transformers_render(template, TOOL_CONVERSATION, True, *SPECIALS["qwen2.5-coder-1.5b"])
     assert '"arguments": {"city": "Paris"}' in expected and "<tool_response>\n18°C, sunny" in expected
-    assert render_chat_template(template, TOOL_CONVERSATION, bos_token="<|endoftext|>", eos_token="<|im_end|>") == expected
+    bos, eos = SPECIALS["qwen2.5-coder-1.5b"]
+    assert render_chat_template(template, TOOL_CONVERSATION, bos_token=bos, eos_token=eos) == expected
 
 
 def test_gemma3_template_rejects_non_alternating_roles() -> None:

@@ -14,8 +14,9 @@ from tokenmill.errors import TokenmillError
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine knobs, named as vLLM's CLI names them."""
-    p.add_argument("--model", default=None, help="a .gguf file, HF model directory or model name from `tokenmill models` "
-                                                 "(default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, HF model directory or model name from `tokenmill models` "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     _add_models_dir_arg(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--kv-cache-memory", type=float, default=DEFAULT_KV_CACHE_MEMORY,

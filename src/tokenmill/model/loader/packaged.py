@@ -114,7 +114,9 @@ class PackagedModel:
             digest, _, name = line.strip().partition(" ")
             if name.strip().lstrip("*") == self.filename:
                 return digest.lower()
-        raise ModelLoadError(f"{self.checksums.path} does not list {self.filename}; reinstall {self.checksums.distribution}")
+        raise ModelLoadError(
+            f"{self.checksums.path} does not list {self.filename}; reinstall {self.checksums.distribution}"
+        )
 
 
 def assemble(model: PackagedModel, parts: list[Path], target: Path, progress: bool = True) -> Path:
