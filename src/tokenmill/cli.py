@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve, generate, chat, info (and bench)."""
+"""The `tokenmill` command: serve, generate, chat, info, models (and bench)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,10 @@ from tokenmill.errors import TokenmillError
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine knobs, named as vLLM's CLI names them."""
-    p.add_argument("--model", default=None, help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, HF model directory or model name from `tokenmill models` "
+                        "(default: embedded SmolLM2-135M-Instruct)")
+    _add_models_dir_arg(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                    help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
@@ -26,6 +29,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _add_models_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", default=None,
+                   help="folder of local GGUF files / HF model folders that model names resolve to "
+                        "(default: $TOKENMILL_MODELS_DIR, else ~/.cache/tokenmill/models)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -152,13 +161,27 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    from tokenmill.model.loader.catalog import get_cache_dir, get_models_dir, list_models
+
+    rows = [("NAME", "ARCH", "QUANT", "TENSOR TYPES", "SIZE", "CONTEXT", "SOURCE")]
+    for m in list_models():
+        size = "-" if m.size_bytes is None else f"{m.size_bytes / 2**20:.1f} MiB"
+        rows.append((m.name, m.architecture or "-", m.file_type or "-", ",".join(m.tensor_types) or "-", size,
+                     str(m.context_length or "-"), m.source + (f" ({m.note})" if m.note else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]))
+    print(f"\nmodels dir: {get_models_dir()}\ncache dir:  {get_cache_dir()} ($TOKENMILL_CACHE_DIR)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="Fast LLM inference on PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
     srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                     help="a .gguf file or HF model directory (same as --model)")
+                     help="a .gguf file, HF model directory or model name (same as --model)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
@@ -188,8 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="print a model's metadata and size")
-    info.add_argument("model", nargs="?", default=None)
+    info.add_argument("model", nargs="?", default=None, help="a .gguf file, HF model directory or model name")
+    _add_models_dir_arg(info)
     info.set_defaults(func=cmd_info)
+
+    models = sub.add_parser("models", help="list the models installed here and the names that load them")
+    _add_models_dir_arg(models)
+    models.set_defaults(func=cmd_models)
 
     from tokenmill.bench.cli import add_bench_parser
 
@@ -199,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "models_dir", None):  # the environment reaches every place that resolves a name
+        os.environ["TOKENMILL_MODELS_DIR"] = args.models_dir
     try:
         args.func(args)
     except (TokenmillError, ValueError) as exc:

