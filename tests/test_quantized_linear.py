@@ -19,26 +19,41 @@ needs_kernels = pytest.mark.skipif(not quant_ops.available(), reason="native ker
 KERNEL_RTOL = 0.02
 
 
+# k-quant blocks have no Python quantizer: random bytes are valid blocks once their float16 scales are sane.
+_K_BLOCK_SCALES = {Q.Q4_K: (144, [0, 2]), Q.Q6_K: (210, [208])}  # bytes per 256 values, offsets of f16 scales
+
+
 def _gguf_tensor(qtype: Q, rows: int, cols: int, seed: int = 0) -> PackedTensor:
-    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    if qtype in _K_BLOCK_SCALES:
+        size, offsets = _K_BLOCK_SCALES[qtype]
+        blocks = rng.integers(0, 256, (rows * cols // 256, size), dtype=np.uint8)
+        for off in offsets:
+            blocks[:, off:off + 2] = rng.uniform(0.001, 0.05, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+        return PackedTensor(blocks.reshape(rows, -1), qtype, (rows, cols))
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
     return PackedTensor(gguf_quantize(w, qtype), qtype, (rows, cols))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
 def test_gguf_repacking_is_bit_exact(qtype):
-    packed = _gguf_tensor(qtype, 48, 96)
+    packed = _gguf_tensor(qtype, 48, 512)
     weight = repack(packed)
-    assert weight.bits == (8 if qtype == Q.Q8_0 else 4)
+    assert weight.bits == (4 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 8)
     assert torch.equal(weight.dequantize(), packed.dequantize())
     if quant_ops.available():
         assert torch.equal(quant_ops.dequantize(weight), packed.dequantize())
-    extra_mins = weight.mins.numel() * 2 if qtype == Q.Q4_0 else 0  # Q4_0's implicit min is stored
-    assert weight.nbytes == packed.nbytes + extra_mins  # otherwise the file's own bits per weight
+    if qtype in (Q.Q4_1, Q.Q8_0):
+        assert weight.nbytes == packed.nbytes  # the file's own bits per weight
+    else:  # Q4_0's implicit min, 5/6-bit codes in a byte, k-quants' float32 group scales
+        assert weight.nbytes <= 2 * packed.nbytes
 
 
 def test_repack_refuses_types_without_exact_mapping():
     with pytest.raises(ValueError, match="Q5_1"):
         repack(_gguf_tensor(Q.Q5_1, 8, 64))
+    with pytest.raises(ValueError, match="Q3_K"):
+        repack(PackedTensor(np.zeros((8, 110), np.uint8), Q.Q3_K, (8, 256)))
 
 
 @pytest.mark.parametrize("bits,group,bound", [(8, None, 1 / 254), (8, 64, 1 / 254), (4, 32, 1 / 30), (4, 128, 1 / 30)])
@@ -67,18 +82,17 @@ def test_kernel_matches_dequantized_reference(bits, group, rows):
     torch.manual_seed(rows)
     weight = quantize_rtn(torch.randn(37, 384), bits, group)  # odd output count
     x = torch.randn(rows, 384)
-    bias = torch.randn(37)
-    ref = x @ weight.dequantize().T + bias
-    got = quant_ops.linear(x, weight, bias)
+    ref = x @ weight.dequantize().T
+    got = quant_ops.linear(x, weight)
     assert got.shape == (rows, 37)
     assert (got - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
 
 
 @needs_kernels
-def test_kernel_on_float16_scales_of_a_gguf_tensor():
-    weight = repack(_gguf_tensor(Q.Q4_1, 64, 128, seed=3))
-    assert weight.scales.dtype == torch.float16
-    x = torch.randn(3, 128)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
+def test_kernel_on_repacked_gguf_tensors(qtype):
+    weight = repack(_gguf_tensor(qtype, 64, 512, seed=3))
+    x = torch.randn(3, 512)
     ref = x @ weight.dequantize().T
     assert (quant_ops.linear(x, weight) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
 
@@ -87,12 +101,22 @@ def test_kernel_on_float16_scales_of_a_gguf_tensor():
 def test_quantized_linear_agrees_across_kernel_choice(rows):
     """Small batches take the int8-dot kernel, large ones dequantize + float GEMM: both give the same layer."""
     weight = quantize_rtn(torch.randn(24, 64), 4, 32)
-    layer = QuantizedLinear(weight, torch.randn(24))
+    layer = QuantizedLinear([weight], torch.randn(24))
     x = torch.randn(2, rows, 64)
     ref = x @ weight.dequantize().T + layer.bias
     out = layer(x)
     assert out.shape == (2, rows, 24)
     assert (out - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_quantized_linear_with_parts_of_different_formats(rows):
+    """A fused projection of an int4 part and an int8 part (as Q4_K q/k next to Q6_K v) runs as one layer."""
+    parts = [quantize_rtn(torch.randn(16, 64), 4, 32), quantize_rtn(torch.randn(8, 64), 8, None)]
+    layer = QuantizedLinear(parts, torch.randn(24))
+    x = torch.randn(rows, 64)
+    ref = x @ torch.cat([p.dequantize() for p in parts]).T + layer.bias
+    assert (layer(x) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
 
 
 def test_quantized_embedding_looks_up_dequantized_rows():

@@ -154,11 +154,25 @@ def cmd_info(args: argparse.Namespace) -> None:
         "rms norm eps": f"{cfg.rms_norm_eps:g}",
         "tied embeddings": cfg.tie_word_embeddings,
         "tensor types": ", ".join(f"{k} x{v}" for k, v in ckpt.weight_types().most_common()),
+        **_native_rows(ckpt),
         "chat template": "yes" if ckpt.tokenizer.chat_template else "no",
     }
     width = max(map(len, rows))
     for key, value in rows.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _native_rows(ckpt) -> dict[str, str]:
+    """Which quantized tensor types the default (native) path keeps packed, and which it dequantizes."""
+    from tokenmill.model.loader.gguf import PackedTensor
+    from tokenmill.quant.gguf_blocks import NATIVE_TYPES
+
+    quantized = [w for w in ckpt.weights.values() if isinstance(w, PackedTensor) and w.is_quantized]
+    if not quantized:
+        return {}
+    kinds = {"packed (native kernels)": [w for w in quantized if w.qtype in NATIVE_TYPES],
+             "dequantized to float": [w for w in quantized if w.qtype not in NATIVE_TYPES]}
+    return {key: ", ".join(sorted({w.qtype.name for w in ws})) or "none" for key, ws in kinds.items()}
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, QuantConfig, SchedulerConfig
@@ -38,12 +39,13 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, progress: bool = False) -> None:
         started = time.perf_counter()
-        self.dtype = resolve_dtype(dtype)
         cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
         self.checkpoint: Checkpoint = load_checkpoint(model)
         self.tokenizer = self.checkpoint.tokenizer
         self.quant_config = _quant_config(quantization, group_size, dtype, self.checkpoint)
+        # packed kernels take float32 activations; "auto" keeps bfloat16 for float weights on native-bf16 CPUs
+        self.dtype = torch.float32 if self.quant_config and dtype == "auto" else resolve_dtype(dtype)
         self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config)
         self.load_seconds = time.perf_counter() - started

@@ -3,7 +3,7 @@
 Why ctypes and a plain g++ call instead of torch.utils.cpp_extension: the kernels take raw pointers, so they
 need no torch headers; a build takes ~2 s instead of ~1 min, and a ctypes call costs ~1 us against ~5 us
 through the dispatcher. They link the OpenMP runtime torch already loaded (libgomp.so.1), so kernels and
-torch share one thread pool. Builds are cached under $TOKENMILL_CACHE (default ~/.cache/tokenmill), keyed by
+torch share one thread pool. Builds are cached under $TOKENMILL_CACHE_DIR (default ~/.cache/tokenmill), keyed by
 the sources, flags and compiler, and are written atomically so concurrent processes cannot see half a file.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
+    return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill")
 
 
 def _compiler() -> str:
@@ -64,8 +64,8 @@ def load_library() -> ctypes.CDLL:
 
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # argument types of every exported kernel (see csrc/ for what each does)
-    "tm_linear_q4": [_p, _i, _i, _p, _p, _p, _i, _i, _i, _p, _p],
-    "tm_linear_q8": [_p, _i, _i, _p, _p, _i, _i, _i, _p, _p],
+    "tm_linear_q4": [_p, _i, _i, _p, _p, _p, _i, _i, _i, _p],
+    "tm_linear_q8": [_p, _i, _i, _p, _p, _i, _i, _i, _p],
     "tm_dequantize": [_i, _p, _p, _p, _i, _i, _i, _p, _i64, _p],
     "tm_rms_norm": [_p, _i64, _p, _f, _i, _i, _p],
     "tm_silu_and_mul": [_p, _i, _i, _p],

@@ -13,18 +13,18 @@ from tokenmill.quant.weights import QuantizedWeight
 __all__ = ["available", "dequantize", "linear"]
 
 
-def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: float32 [M, in] contiguous -> float32 [M, out]; activations are quantized to int8 per 32-block."""
+def linear(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x @ W^T: x float32 [M, in] contiguous -> float32 [M, out]; x is quantized to int8 per 32 values."""
     lib = library()
     m, k = x.shape
     out = torch.empty(m, w.out_features, dtype=torch.float32)
     f16 = int(w.scales.dtype == torch.float16)
     if w.bits == 4:
         lib.tm_linear_q4(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(), f16,
-                         w.out_features, w.group_size, ptr(bias), out.data_ptr())
+                         w.out_features, w.group_size, out.data_ptr())
     else:
         lib.tm_linear_q8(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), f16, w.out_features,
-                         w.group_size, ptr(bias), out.data_ptr())
+                         w.group_size, out.data_ptr())
     return out
 
 

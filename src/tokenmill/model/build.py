@@ -49,7 +49,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
         weights.pop("lm_head.weight", None)  # some HF checkpoints store the tied copy too
     matrices = _matrix_names(model) & wanted
     state: dict[str, torch.Tensor] = {}
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized: dict[str, list[QuantizedWeight]] = {}
     for name in tqdm(sorted(wanted), desc="loading weights", disable=not progress, unit="tensor"):
         packed = _quantized(name, weights, ckpt.path, quant) if name in matrices else None
         if packed is not None:
@@ -65,10 +65,22 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
     if config.tie_word_embeddings:
         embedding = model.embed_tokens
         if isinstance(embedding, QuantizedEmbedding):
-            model.lm_head = QuantizedLinear(embedding.weight)
+            model.lm_head = QuantizedLinear([embedding.weight])
         else:
             model.lm_head.weight = embedding.weight
     return model.eval().requires_grad_(False)
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step streams from memory: every linear layer (the LM head included), but
+    only one row of the embedding. At batch 1 this over the memory bandwidth bounds tokens/s."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.nbytes
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
 
 
 def _matrix_names(model: nn.Module) -> set[str]:
@@ -76,30 +88,45 @@ def _matrix_names(model: nn.Module) -> set[str]:
     return {f"{path}.weight" for path, module in model.named_modules() if isinstance(module, nn.Linear)} | {_EMBEDDING}
 
 
-def _quantized(name: str, weights: dict[str, Weight], path: Path, quant: QuantConfig | None) -> QuantizedWeight | None:
-    """The packed weight for parameter `name`, or None where it stays a float tensor."""
+def _quantized(name: str, weights: dict[str, Weight], path: Path,
+               quant: QuantConfig | None) -> list[QuantizedWeight] | None:
+    """The packed weight of parameter `name` (one per storage format among its fused parts), or None where it
+    stays a float tensor."""
     if quant is None:
         return None
     parts = [weights.get(p) for p in _parts(name)]
-    if all(isinstance(p, QuantizedWeight) for p in parts):  # a tokenmill-quantized checkpoint
-        return QuantizedWeight.cat(parts)
-    if quant.method == "native":
-        native = all(isinstance(p, PackedTensor) and p.qtype in NATIVE_TYPES for p in parts)
-        return QuantizedWeight.cat([repack(p) for p in parts]) if native and len({p.qtype for p in parts}) == 1 else None
+    if quant.method == "native" or all(isinstance(p, QuantizedWeight) for p in parts):
+        packed = [p if isinstance(p, QuantizedWeight) else repack(p) for p in parts if _is_native(p)]
+        return _merge_same_format(packed) if len(packed) == len(parts) else None
     bits = 8 if quant.method == "int8" or name in (_EMBEDDING, "lm_head.weight") else 4
-    return quantize_rtn(_gather(name, weights, path), bits, quant.group_size if bits == 4 else None)
+    return [quantize_rtn(_gather(name, weights, path), bits, quant.group_size if bits == 4 else None)]
 
 
-def _swap_in(model: LlamaModel, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+def _is_native(w: Weight | None) -> bool:
+    return isinstance(w, QuantizedWeight) or (isinstance(w, PackedTensor) and w.qtype in NATIVE_TYPES)
+
+
+def _merge_same_format(parts: list[QuantizedWeight]) -> list[QuantizedWeight]:
+    """Concatenate neighbouring parts that share a format, so a fused projection runs as few kernels as it can."""
+    merged = [parts[0]]
+    for p in parts[1:]:
+        try:
+            merged[-1] = QuantizedWeight.cat([merged[-1], p])
+        except ValueError:
+            merged.append(p)
+    return merged
+
+
+def _swap_in(model: LlamaModel, name: str, weights: list[QuantizedWeight], dtype: torch.dtype) -> None:
     module_path = name.removesuffix(".weight")
     parent_path, _, child = module_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     old = getattr(parent, child)
     if isinstance(old, nn.Embedding):
-        setattr(parent, child, QuantizedEmbedding(weight, dtype))
+        setattr(parent, child, QuantizedEmbedding(weights[0], dtype))
     else:
         bias = old.bias if old.bias is not None and not old.bias.is_meta else None
-        setattr(parent, child, QuantizedLinear(weight, bias))
+        setattr(parent, child, QuantizedLinear(weights, bias))
 
 
 def _parts(name: str) -> tuple[str, ...]:

@@ -3,7 +3,8 @@ quantized path shares (GGUF repacking, round-to-nearest and calibrated quantizat
 
 int4: w = scale * q + min with q in [0, 15] (asymmetric; symmetric int4 is min = -8 * scale). The nibbles of
 each 32-block are ordered as in GGUF's Q4_0/Q4_1 (byte j holds q[j] low, q[j + 16] high), so those GGUF
-types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32).
+types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32; Q6_K's 16-groups are the one group
+size below 32).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class QuantizedWeight:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
-        if self.group_size % BLOCK or self.in_features % self.group_size:
-            raise ValueError(f"group_size {self.group_size} must be a multiple of {BLOCK} dividing {self.in_features}")
+        if (self.group_size % BLOCK and (self.bits, self.group_size) != (8, 16)) or self.in_features % self.group_size:
+            raise ValueError(f"group_size {self.group_size} must be a multiple of {BLOCK} (or 16 for int8) dividing "
+                             f"{self.in_features}")
         if (self.mins is None) != (self.bits == 8):
             raise ValueError("int4 weights need mins; int8 weights have none")
 

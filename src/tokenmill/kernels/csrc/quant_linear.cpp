@@ -6,7 +6,7 @@
 //   int4: qweight uint8 [N, K/2]; in each 32-block byte j holds q[j] (low nibble) and q[j+16] (high nibble);
 //         w = scale[n, k/group] * q + min[n, k/group], q in [0, 15]
 //   int8: qweight int8 [N, K]; w = scale[n, k/group] * q
-// Scales (and mins) are float16 or float32. group is a multiple of 32.
+// Scales (and mins) are float16 or float32. group is a multiple of 32, or 16 for int8 (GGUF Q6_K).
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -101,14 +101,14 @@ struct Weights {
   const void* scale;
   const void* min;  // int4 only
   int f16;
-  int group_blocks;  // 32-blocks per scale group
+  int group_blocks;  // 32-blocks per scale group; 0 for 16-element groups
 };
 
 // Up to MT activation rows against one weight row; out[m * ldo] for m < MT.
 template <int BITS, int MT>
 inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, int m0, float* out, int64_t ldo) {
   const int nb = K / QK;
-  const int ng = nb / w.group_blocks;
+  const int ng = w.group_blocks ? nb / w.group_blocks : 0;  // 0: 16-groups, handled first
   __m256 acc[MT];
   float min_acc[MT];
   for (int i = 0; i < MT; ++i) {
@@ -118,6 +118,18 @@ inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, i
   const int8_t* xq = a.q.data() + static_cast<int64_t>(m0) * K;
   const float* xd = a.d.data() + static_cast<int64_t>(m0) * nb;
   const float* xs = a.s.data() + static_cast<int64_t>(m0) * nb;
+  if (BITS == 8 && w.group_blocks == 0) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
+    for (int b = 0; b < nb; ++b) {
+      const __m256 ws = _mm256_set_m128(_mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2 + 1, w.f16)),
+                                        _mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2, w.f16)));
+      const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
+      const __m256i wabs = _mm256_sign_epi8(wa, wa);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + static_cast<int64_t>(i) * K + b * QK));
+        acc[i] = _mm256_fmadd_ps(dot_u8s8(wabs, _mm256_sign_epi8(xa, wa)), _mm256_mul_ps(ws, _mm256_set1_ps(xd[i * nb + b])), acc[i]);
+      }
+    }
+  }
   for (int g = 0, b = 0; g < ng; ++g) {
     const float ws = load_scale(w.scale, n * ng + g, w.f16);
     const float wm = BITS == 4 ? load_scale(w.min, n * ng + g, w.f16) : 0.0f;
@@ -141,7 +153,7 @@ inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, i
 }
 
 template <int BITS>
-void linear(const float* x, int M, int K, const Weights& w, int N, const float* bias, float* out) {
+void linear(const float* x, int M, int K, const Weights& w, int N, float* out) {
   const Activations& a = quantize_activations(x, M, K);
   constexpr int MT = 4;
 #pragma omp parallel for schedule(static)
@@ -154,8 +166,6 @@ void linear(const float* x, int M, int K, const Weights& w, int N, const float* 
       case 1: dot_rows<BITS, 1>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
       default: break;
     }
-    if (bias)
-      for (int i = 0; i < M; ++i) out[static_cast<int64_t>(i) * N + n] += bias[n];
   }
 }
 
@@ -165,27 +175,28 @@ void linear(const float* x, int M, int K, const Weights& w, int N, const float* 
 extern "C" {
 
 void tm_linear_q4(const float* x, int M, int K, const uint8_t* q, const void* scale, const void* min, int f16, int N,
-                  int group, const float* bias, float* out) {
-  linear<4>(x, M, K, Weights{q, scale, min, f16, group / QK}, N, bias, out);
+                  int group, float* out) {
+  linear<4>(x, M, K, Weights{q, scale, min, f16, group / QK}, N, out);
 }
 
 void tm_linear_q8(const float* x, int M, int K, const int8_t* q, const void* scale, int f16, int N, int group,
-                  const float* bias, float* out) {
-  linear<8>(x, M, K, Weights{q, scale, nullptr, f16, group / QK}, N, bias, out);
+                  float* out) {
+  linear<8>(x, M, K, Weights{q, scale, nullptr, f16, group / QK}, N, out);
 }
 
 // Float32 rows of the weight: all N rows when rows == nullptr, else the listed ones (an embedding lookup).
 void tm_dequantize(int bits, const void* q, const void* scale, const void* min, int f16, int K, int group,
                    const int64_t* rows, int64_t num_rows, float* out) {
-  const int group_blocks = group / QK;
-  const int nb = K / QK, ng = nb / group_blocks;
+  const int group_blocks = group / QK;  // 0: 16-element groups
+  const int nb = K / QK, ng = group_blocks ? nb / group_blocks : 2 * nb;
 #pragma omp parallel for schedule(static) if (num_rows * K >= (1 << 16))
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t n = rows ? rows[r] : r;
     float* o = out + r * K;
     for (int b = 0; b < nb; ++b) {
-      const int64_t g = n * ng + b / group_blocks;
-      const __m256 ws = _mm256_set1_ps(load_scale(scale, g, f16));
+      const int64_t g = group_blocks ? n * ng + b / group_blocks : n * ng + 2 * b;
+      const __m256 ws0 = _mm256_set1_ps(load_scale(scale, g, f16));
+      const __m256 ws1 = group_blocks ? ws0 : _mm256_set1_ps(load_scale(scale, g + 1, f16));
       __m256i v;  // 32 integer values of the block
       if (bits == 4) {
         v = unpack_nibbles(static_cast<const uint8_t*>(q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
@@ -198,7 +209,7 @@ void tm_dequantize(int bits, const void* q, const void* scale, const void* min, 
         const __m128i part = (j & 1) ? _mm_srli_si128(bytes, 8) : bytes;
         const __m256i ints = bits == 4 ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
         // scale * q + min, rounded twice like the reference (no fused multiply-add): bit-exact dequantization
-        const __m256 prod = _mm256_mul_ps(ws, _mm256_cvtepi32_ps(ints));
+        const __m256 prod = _mm256_mul_ps(j < 2 ? ws0 : ws1, _mm256_cvtepi32_ps(ints));
         _mm256_storeu_ps(o + b * QK + 8 * j, bits == 4 ? _mm256_add_ps(prod, wm) : prod);
       }
     }
