@@ -8,6 +8,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize as gguf_quantize
 
 from tokenmill.kernels import quant_ops
+from tokenmill.model.layers import quantized
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.quant.gguf_blocks import repack
@@ -97,9 +98,12 @@ def test_kernel_on_repacked_gguf_tensors(qtype):
     assert (quant_ops.linear(x, weight) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
 
 
+@pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 4, 40])
-def test_quantized_linear_agrees_across_kernel_choice(rows):
-    """Small batches take the int8-dot kernel, large ones dequantize + float GEMM: both give the same layer."""
+def test_quantized_linear_agrees_across_kernel_choice(rows, gemm_dtype, monkeypatch):
+    """Small batches take the int8-dot kernel, large ones dequantize + float GEMM (bfloat16 on CPUs with native
+    bf16): all give the same layer within the int8-activation / bf16 rounding bound."""
+    monkeypatch.setattr(quantized, "GEMM_DTYPE", gemm_dtype)
     weight = quantize_rtn(torch.randn(24, 64), 4, 32)
     layer = QuantizedLinear([weight], torch.randn(24))
     x = torch.randn(2, rows, 64)
