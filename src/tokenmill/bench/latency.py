@@ -8,6 +8,7 @@ Prefill tok/s = input_len / TTFT; decode tok/s = (output_len - 1) / decode time.
 from __future__ import annotations
 
 import random
+import resource
 import statistics
 import time
 from dataclasses import asdict
@@ -64,6 +65,7 @@ def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int
             "median_ttft_ms": 1000 * statistics.median(it["ttft_s"] for it in iterations),
             "median_prefill_tok_s": statistics.median(it["prefill_tok_s"] for it in iterations),
             "median_decode_tok_s": decode_tok_s,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "weight_bytes_per_token": weight_bytes, "memory_read_gb_s": bandwidth / 1e9,
             "achieved_weight_gb_s": weight_bytes * decode_tok_s / 1e9,
             "bandwidth_fraction": weight_bytes * decode_tok_s / bandwidth,
@@ -76,6 +78,7 @@ def latency_table(summary: dict[str, Any]) -> str:
                        ("Iterations", summary["num_iters"]), ("Median TTFT (ms)", summary["median_ttft_ms"]),
                        ("Median prefill (tok/s)", summary["median_prefill_tok_s"]),
                        ("Median decode (tok/s)", summary["median_decode_tok_s"]),
+                       ("Peak resident memory (MiB)", summary["peak_rss_mib"]),
                        ("Weight bytes read per token (MB)", summary["weight_bytes_per_token"] / 1e6),
                        ("Memory read bandwidth (GB/s)", summary["memory_read_gb_s"]),
                        ("Weights streamed at (GB/s)", summary["achieved_weight_gb_s"]),
