@@ -32,7 +32,7 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, const float* k_
       const int64_t* table = block_tables + static_cast<int64_t>(b) * max_blocks;
       const float* qh = q + b * q_stride + kvh * G * D;
       for (int t = start; t < len; ++t) {
-        const float* kr = k_cache + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * KV + kvh) * D;
+        const float* kr = k_cache + ((table[t / block_size] * block_size + t % block_size) * KV + kvh) * D;
         for (int g = 0; g < G; ++g) {
           __m256 acc = _mm256_setzero_ps();
           for (int i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + i), _mm256_loadu_ps(kr + i), acc);
@@ -59,14 +59,20 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, const float* k_
         const float inv = 1.0f / sum;
         for (i = 0; i < n; ++i) s[i] *= inv;
       }
-      float* o = out + (static_cast<int64_t>(b) * H + kvh * G) * D;
-      std::fill(o, o + G * D, 0.0f);
-      for (int t = start; t < len; ++t) {
-        const float* vr = v_cache + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * KV + kvh) * D;
-        for (int g = 0; g < G; ++g) {
-          const __m256 p = _mm256_set1_ps(scores[static_cast<size_t>(g) * n + (t - start)]);
-          for (int i = 0; i < D; i += 8)
-            _mm256_storeu_ps(o + g * D + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + g * D + i)));
+      // out = p @ V, 64 output dims at a time held in 8 registers across the whole context
+      for (int g = 0; g < G; ++g) {
+        const float* p = scores.data() + static_cast<size_t>(g) * n;
+        float* o = out + (static_cast<int64_t>(b) * H + kvh * G + g) * D;
+        for (int d0 = 0; d0 < D; d0 += 64) {
+          const int width = std::min(64, D - d0) / 8;
+          __m256 acc[8];
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+          for (int t = start; t < len; ++t) {
+            const float* vr = v_cache + ((table[t / block_size] * block_size + t % block_size) * KV + kvh) * D + d0;
+            const __m256 pt = _mm256_set1_ps(p[t - start]);
+            for (int j = 0; j < width; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+          }
+          for (int j = 0; j < width; ++j) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
         }
       }
     }
