@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve, generate, chat, info (and bench)."""
+"""The `tokenmill` command: serve, generate, chat, info (and bench, eval, quantize)."""
 from __future__ import annotations
 
 import argparse
@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     from tokenmill.bench.cli import add_bench_parser
+    from tokenmill.quant.cli import add_quant_parsers
 
     add_bench_parser(sub)
+    add_quant_parsers(sub)
     return parser
 
 
