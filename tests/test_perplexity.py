@@ -17,9 +17,14 @@ from tokenmill.quant.perplexity import perplexity, shipped_text, sliding_windows
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tokenizer():
+    return load_checkpoint().tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tiny")
-    model = write_tiny_llama(folder, load_checkpoint().tokenizer, seed=3)
+    model = write_tiny_llama(folder, tokenizer, seed=3)
     llm = LLM(model=str(folder), dtype="float32", kv_cache_memory=2**20)
     ids = llm.tokenizer.encode(shipped_text("eval_en.txt"))[:70]
     return folder, model, llm, ids
@@ -64,7 +69,7 @@ def test_one_window_equals_exp_mean_nll_of_a_plain_forward(tiny):
 
 def test_sliding_windows_equal_per_token_forwards_over_each_tokens_context(tiny):
     _, model, llm, ids = tiny
-    context, stride = 16, 6
+    ids, context, stride = ids[:40], 12, 5
     result = perplexity(llm.engine.runner.score, ids, context, stride)
     by_hand = []
     for w in sliding_windows(len(ids), context, stride):
@@ -101,8 +106,7 @@ def test_eval_ppl_cli_errors_before_loading(argv, field, capsys):
     assert err.startswith("error:") and field in err and "never/opened" not in err
 
 
-def test_shipped_texts_are_long_and_disjoint():
-    tokenizer = load_checkpoint().tokenizer
+def test_shipped_texts_are_long_and_disjoint(tokenizer):
     evaluation, calibration = shipped_text("eval_en.txt"), shipped_text("calibration_en.txt")
     assert len(tokenizer.encode(evaluation)) > 13000 and len(tokenizer.encode(calibration)) > 2000
     paragraphs = {p.strip() for p in evaluation.split("\n\n") if p.strip()}

@@ -55,11 +55,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from tokenmill.model.loader import load_checkpoint
     from tokenmill.quant.perplexity import read_text
-    from tokenmill.quant.quantize import QuantizeOptions, quantize_checkpoint
+    from tokenmill.quant.quantize import QuantizeOptions, check_output_dir, quantize_checkpoint
 
     options = QuantizeOptions(args.method, args.group_size, args.algorithm)  # bad options fail before loading
     if args.calibration is not None and options.algorithm == "rtn":
         raise ValueError("--calibration is only used by --algorithm awq or gptq")
+    check_output_dir(Path(args.output))
     text = None if options.algorithm == "rtn" else read_text(args.calibration, CALIBRATION_TEXT)
     ckpt = load_checkpoint(args.model)
     report = quantize_checkpoint(ckpt, Path(args.output), options, text, progress=True)
@@ -84,7 +85,9 @@ def add_quant_parsers(sub: argparse._SubParsersAction) -> None:
     ppl.set_defaults(func=cmd_eval_ppl)
 
     qz = sub.add_parser("quantize", help="post-training quantization of a float model to a tokenmill checkpoint")
-    qz.add_argument("model", metavar="MODEL", help="a .gguf file (quantized blocks are dequantized first) or HF directory")
+    qz.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                    help="a .gguf file (quantized blocks are dequantized first) or HF directory (default: the "
+                         "embedded SmolLM2-135M-Instruct)")
     qz.add_argument("--method", required=True, choices=["int8", "int4"])
     qz.add_argument("--group-size", type=int, default=32, help="int4 inputs per scale: 32, 64, 128, ...")
     qz.add_argument("--algorithm", default="rtn", choices=["rtn", "awq", "gptq"],

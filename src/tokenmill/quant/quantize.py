@@ -110,11 +110,15 @@ class QuantizeReport:
     size_bytes: int
 
 
+def check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output directory {str(out)!r} already exists and is not empty")
+
+
 def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, calibration_text: str | None,
                         progress: bool = False) -> QuantizeReport:
     """Quantize and save as a tokenmill checkpoint directory (which must be new or empty)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output directory {str(out)!r} already exists and is not empty")
+    check_output_dir(out)
     started = time.perf_counter()
     ids = ckpt.tokenizer.encode(calibration_text) if calibration_text is not None else None
     weights = quantize_weights(ckpt, options, ids, progress)
