@@ -21,11 +21,12 @@ from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.quant.awq import awq
-from tokenmill.quant.calibration import LinearInputs, record_linear_inputs
+from tokenmill.quant.calibration import LinearInputs
 from tokenmill.quant.gptq import gptq_quantize
 from tokenmill.quant.grid import Grid
 from tokenmill.quant.perplexity import shipped_text
-from tokenmill.quant.quantize import QuantizeOptions, float_weights, model_scorer, quantize_checkpoint, quantize_weights
+from tokenmill.quant.checkpoint import save_checkpoint
+from tokenmill.quant.quantize import QuantizeOptions, calibrate, float_weights, model_scorer, quantize_weights
 from tokenmill.quant.weights import QuantizedWeight
 from tokenmill.sampling_params import SamplingParams
 
@@ -53,6 +54,11 @@ def outlier_ckpt(tmp_path_factory, tokenizer) -> Checkpoint:
     folder = tmp_path_factory.mktemp("outliers")
     write_tiny_llama(folder, tokenizer, seed=0, outlier_scale=20.0)
     return load_checkpoint(folder)
+
+
+@pytest.fixture(scope="module")
+def outlier_inputs(outlier_ckpt, calibration_ids):
+    return calibrate(outlier_ckpt, calibration_ids, seq_len=128)
 
 
 def _with_weights(ckpt: Checkpoint, weights: dict) -> Checkpoint:
@@ -86,21 +92,9 @@ def test_tokenizer_save_round_trip(tmp_path, tokenizer):
     assert again.stop_token_ids == tokenizer.stop_token_ids
 
 
-@pytest.mark.parametrize("method,group_size,algorithm", [("int4", 64, "awq"), ("int8", 32, "gptq"), ("int4", 32, "rtn")])
-def test_quantize_save_load_generate(tmp_path, tokenizer, calibration_ids, heldout_ids, method, group_size, algorithm):
-    source = tmp_path / "float"
-    write_tiny_llama(source, tokenizer, seed=1, tie_word_embeddings=algorithm != "rtn")
-    ckpt = load_checkpoint(source)
-    options = QuantizeOptions(method, group_size, algorithm)
-    text = tokenizer.decode(calibration_ids)
-    out = tmp_path / "quantized"
-    report = quantize_checkpoint(ckpt, out, options, text if algorithm != "rtn" else None)
-
-    in_memory = quantize_weights(ckpt, options, tokenizer.encode(text) if algorithm != "rtn" else None)
-    llm = LLM(model=str(out), kv_cache_memory=2**20)  # dtype auto: a quantized checkpoint runs natively
-    loaded = llm.checkpoint.weights
-    assert loaded.keys() == in_memory.keys() and "layers.0.self_attn.q_proj.weight" in loaded  # unfused names
-    for name, w in in_memory.items():
+def _assert_same_weights(loaded: dict, expected: dict) -> None:
+    assert loaded.keys() == expected.keys() and "layers.0.self_attn.q_proj.weight" in loaded  # unfused names
+    for name, w in expected.items():
         if isinstance(w, QuantizedWeight):
             got = loaded[name]
             assert (got.bits, got.group_size) == (w.bits, w.group_size), name
@@ -109,9 +103,22 @@ def test_quantize_save_load_generate(tmp_path, tokenizer, calibration_ids, heldo
                 assert (a is None and b is None) or torch.equal(a, b), (name, part)
         else:
             assert torch.equal(loaded[name], w), name
-    assert report.num_quantized == sum(isinstance(w, QuantizedWeight) for w in in_memory.values())
-    decoder = in_memory["layers.0.mlp.down_proj.weight"]
-    assert decoder.bits == (4 if method == "int4" else 8) and in_memory["embed_tokens.weight"].bits == 8
+
+
+@pytest.mark.parametrize("method,group_size,algorithm", [("int4", 64, "awq"), ("int8", 32, "gptq")])
+def test_quantize_save_load_generate(tmp_path, tokenizer, calibration_ids, heldout_ids, method, group_size, algorithm):
+    source, out = tmp_path / "float", tmp_path / "quantized"
+    write_tiny_llama(source, tokenizer, seed=1, tie_word_embeddings=algorithm == "awq")
+    ckpt = load_checkpoint(source)
+    options = QuantizeOptions(method, group_size, algorithm, seq_len=128)
+    weights = quantize_weights(ckpt, options, calibration_ids)
+    save_checkpoint(out, ckpt.config, weights, ckpt.tokenizer, options.config_dict())
+
+    llm = LLM(model=str(out), kv_cache_memory=2**20)  # dtype auto: a quantized checkpoint runs natively
+    _assert_same_weights(llm.checkpoint.weights, weights)
+    decoder = weights["layers.0.mlp.down_proj.weight"]
+    assert decoder.bits == (4 if method == "int4" else 8) and weights["embed_tokens.weight"].bits == 8
+    assert ("lm_head.weight" in weights) != ckpt.config.tie_word_embeddings
     assert isinstance(llm.model.layers[0].self_attn.qkv_proj, QuantizedLinear)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "tokenmill", "bits": decoder.bits, "group_size": options.grid.group_size,
@@ -120,18 +127,25 @@ def test_quantize_save_load_generate(tmp_path, tokenizer, calibration_ids, heldo
     ids = heldout_ids[:24]
     generated = llm.generate({"prompt_token_ids": ids},
                              SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))[0].outputs[0].token_ids
-    model = build_model(_with_weights(ckpt, in_memory), torch.float32, QuantConfig("native"))
+    model = build_model(_with_weights(ckpt, weights), torch.float32, QuantConfig("native"))
     assert generated == _greedy(model, tokenizer, ids)
     assert len(generated) == NEW_TOKENS
 
 
-def test_awq_scaling_is_exact_in_float(outlier_ckpt, calibration_ids, heldout_ids):
+def test_quantize_cli_writes_a_loadable_checkpoint(tmp_path, tokenizer, capsys):
+    source, out = tmp_path / "float", tmp_path / "quantized"
+    write_tiny_llama(source, tokenizer, seed=2)
+    assert main(["quantize", str(source), "--method", "int4", "--group-size", "64", "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    ckpt = load_checkpoint(source)
+    _assert_same_weights(load_checkpoint(out).weights, quantize_weights(ckpt, QuantizeOptions("int4", 64)))
+
+
+def test_awq_scaling_is_exact_in_float(outlier_ckpt, outlier_inputs, heldout_ids):
     """Folding 1/s into the norms and into v_proj / up_proj rows (with GQA ties) leaves the float model unchanged;
     and the scales are not trivial, so this checks the folds."""
-    model = build_model(outlier_ckpt, torch.float32)
-    inputs = record_linear_inputs(model, model_scorer(model), calibration_ids, seq_len=128)
     floats = float_weights(outlier_ckpt)
-    result = awq(floats, outlier_ckpt.config, inputs, Grid(4, 32), clip=False)
+    result = awq(floats, outlier_ckpt.config, outlier_inputs, Grid(4, 32), clip=False)
     assert any(alpha > 0 for alpha in result.alphas.values())
     assert not torch.equal(result.weights["layers.0.input_layernorm.weight"], floats["layers.0.input_layernorm.weight"])
     before = _logits(outlier_ckpt, heldout_ids)
@@ -139,17 +153,14 @@ def test_awq_scaling_is_exact_in_float(outlier_ckpt, calibration_ids, heldout_id
     torch.testing.assert_close(after, before, atol=2e-4, rtol=1e-4)
 
 
-def _kl_from_float(ckpt: Checkpoint, options: QuantizeOptions, calibration_ids, heldout_ids) -> float:
-    reference = _logits(ckpt, heldout_ids).log_softmax(-1)
-    quantized = _logits(_with_weights(ckpt, quantize_weights(ckpt, options, calibration_ids)), heldout_ids)
-    return F.kl_div(quantized.log_softmax(-1), reference, log_target=True, reduction="batchmean").item()
-
-
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_calibrated_methods_beat_rtn_with_outlier_channels(outlier_ckpt, calibration_ids, heldout_ids, group_size):
-    kl = {algorithm: _kl_from_float(outlier_ckpt, QuantizeOptions("int4", group_size, algorithm, seq_len=128),
-                                    calibration_ids, heldout_ids)
-          for algorithm in ("rtn", "awq", "gptq")}
+def test_calibrated_methods_beat_rtn_with_outlier_channels(outlier_ckpt, outlier_inputs, heldout_ids, group_size):
+    reference = _logits(outlier_ckpt, heldout_ids).log_softmax(-1)
+    kl = {}
+    for algorithm in ("rtn", "awq", "gptq"):
+        weights = quantize_weights(outlier_ckpt, QuantizeOptions("int4", group_size, algorithm), inputs=outlier_inputs)
+        logits = _logits(_with_weights(outlier_ckpt, weights), heldout_ids)
+        kl[algorithm] = F.kl_div(logits.log_softmax(-1), reference, log_target=True, reduction="batchmean").item()
     assert kl["awq"] < 0.75 * kl["rtn"], kl
     assert kl["gptq"] < kl["rtn"], kl
 

@@ -90,15 +90,26 @@ def _search_scale(mats: list[torch.Tensor], stats: LinearInputs, grid: Grid, rep
                   head_dim: int) -> tuple[float, torch.Tensor]:
     w = torch.cat(mats)
     x_mean = _tied(stats.abs_mean, repeat, head_dim).clamp(min=1e-4)
-    best = (float("inf"), 0.0, torch.ones_like(x_mean))
-    for i in range(ALPHA_GRID):
-        alpha = i / ALPHA_GRID
-        s = x_mean.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = stats.error(w - grid.fake(w * s) / s).item()
-        if loss < best[0]:
-            best = (loss, alpha, s)
-    return best[1], best[2]
+    alphas = torch.arange(ALPHA_GRID, dtype=torch.float32) / ALPHA_GRID
+    scales = x_mean[None].pow(alphas[:, None])
+    scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
+    losses = []
+    for batch in scales.split(_batch(w)):
+        scaled = w[None] * batch[:, None]  # [candidates, out, in]
+        losses.append(_errors(w, grid.fake(scaled.flatten(0, 1)).view_as(scaled) / batch[:, None], stats.gram))
+    best = int(torch.cat(losses).argmin())
+    return best / ALPHA_GRID, scales[best]
+
+
+def _batch(w: torch.Tensor) -> int:
+    """Candidates evaluated at once: about 32M floats of weight copies."""
+    return max(1, 2**25 // w.numel())
+
+
+def _errors(w: torch.Tensor, candidates: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Output error over the calibration tokens of each candidate [n, out, in] replacing w."""
+    delta = w - candidates
+    return ((delta @ gram) * delta).sum((1, 2))
 
 
 def _fold(w: dict[str, torch.Tensor], name: str, s: torch.Tensor, repeat: int, head_dim: int) -> None:
@@ -122,14 +133,13 @@ def _search_clip(w: torch.Tensor, stats: LinearInputs, grid: Grid) -> torch.Tens
     """Per (output row, group) clip ratio minimizing that group's contribution to the output error."""
     out, inp = w.shape
     group = grid.group(inp)
-    blocks = stats.gram.view(inp // group, group, inp // group, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    best_err = torch.full((out, inp // group), float("inf"))
-    best_ratio = torch.ones(out, inp // group)
-    for i in range(CLIP_GRID):
-        ratio = 1 - MAX_SHRINK * i / CLIP_GRID
-        delta = (w - grid.fake(w, clip=ratio)).view(out, inp // group, group).transpose(0, 1)  # [groups, out, k]
-        err = (torch.bmm(delta, blocks) * delta).sum(-1).T
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio[better] = ratio
-    return best_ratio
+    groups = inp // group
+    blocks = stats.gram.view(groups, group, groups, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [g, k, k]
+    ratios = 1 - MAX_SHRINK * torch.arange(CLIP_GRID, dtype=torch.float32) / CLIP_GRID
+    errors = []
+    for r in ratios.split(_batch(w)):
+        clip = r.repeat_interleave(out)[:, None]  # one ratio per candidate copy of w
+        delta = (w.repeat(len(r), 1) - grid.fake(w.repeat(len(r), 1), clip=clip)).view(-1, groups, group)
+        delta = delta.transpose(0, 1)  # [groups, candidates * out, k]
+        errors.append((torch.bmm(delta, blocks) * delta).sum(-1).T.reshape(len(r), out, groups))
+    return ratios[torch.cat(errors).argmin(0)]

@@ -18,7 +18,7 @@ from tokenmill.model.loader import Checkpoint, Weight
 from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.model.runner import ModelRunner
 from tokenmill.quant.awq import awq
-from tokenmill.quant.calibration import record_linear_inputs
+from tokenmill.quant.calibration import LinearInputs, record_linear_inputs
 from tokenmill.quant.checkpoint import save_checkpoint
 from tokenmill.quant.gptq import gptq
 from tokenmill.quant.grid import Grid
@@ -74,18 +74,24 @@ def model_scorer(model: torch.nn.Module) -> Scorer:
     return ModelRunner(model, KVCache(model.config, 1, 1, torch.float32)).score
 
 
+def calibrate(ckpt: Checkpoint, ids: list[int], seq_len: int = 512, progress: bool = False) -> dict[str, LinearInputs]:
+    """Input statistics of every decoder linear of the float model, over `ids` in chunks of `seq_len`."""
+    model = build_model(ckpt, torch.float32)
+    return record_linear_inputs(model, model_scorer(model), ids, seq_len, progress=progress)
+
+
 def quantize_weights(ckpt: Checkpoint, options: QuantizeOptions, calibration_ids: list[int] | None = None,
-                     progress: bool = False) -> dict[str, Weight]:
-    """Checkpoint-named weights: QuantizedWeight for every matrix, float32 for the rest."""
+                     progress: bool = False, inputs: dict[str, LinearInputs] | None = None) -> dict[str, Weight]:
+    """Checkpoint-named weights: QuantizedWeight for every matrix, float32 for the rest. Calibrated algorithms
+    record `inputs` from `calibration_ids` unless given (one calibration can serve several configurations)."""
     floats = float_weights(ckpt)
     quantized: dict[str, QuantizedWeight] = {}
     clips: dict[str, torch.Tensor] = {}
     if options.algorithm != "rtn":
-        if not calibration_ids:
-            raise ValueError(f"algorithm {options.algorithm!r} needs calibration tokens")
-        model = build_model(ckpt, torch.float32)
-        inputs = record_linear_inputs(model, model_scorer(model), calibration_ids, options.seq_len, progress=progress)
-        del model
+        if inputs is None:
+            if not calibration_ids:
+                raise ValueError(f"algorithm {options.algorithm!r} needs calibration tokens")
+            inputs = calibrate(ckpt, calibration_ids, options.seq_len, progress)
         if options.algorithm == "awq":
             result = awq(floats, ckpt.config, inputs, options.grid, progress=progress)
             floats, clips = result.weights, result.clips
