@@ -204,6 +204,11 @@ def test_quantize_cli_errors_before_loading(tmp_path, argv, field, capsys):
     assert "error" in err and field in err and "never/opened" not in err
 
 
+def test_group_size_that_does_not_divide_the_model_is_refused_before_calibrating(outlier_ckpt):
+    with pytest.raises(ValueError, match="group_size 96 does not divide .* takes group_size 32, 64, 128"):
+        quantize_weights(outlier_ckpt, QuantizeOptions("int4", 96, "awq"), calibration_ids=None)
+
+
 def test_quantize_cli_refuses_a_non_empty_output(tmp_path, tokenizer, capsys):
     source, out = tmp_path / "float", tmp_path / "out"
     write_tiny_llama(source, tokenizer, seed=2)

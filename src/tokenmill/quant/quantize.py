@@ -6,6 +6,7 @@ the token embedding and an untied LM head stay int8 per channel, as in QuantConf
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.cache.kv_cache import KVCache
+from tokenmill.config import ModelConfig
 from tokenmill.model.build import build_model
 from tokenmill.model.loader import Checkpoint, Weight
 from tokenmill.model.loader.gguf import PackedTensor
@@ -55,6 +57,15 @@ class QuantizeOptions:
     def grid_for(self, name: str) -> Grid:
         return Grid(8, None) if name in _KEEP_INT8 else self.grid
 
+    def check_model(self, config: ModelConfig) -> None:
+        """int4 groups must divide every decoder linear's input size; say which sizes would."""
+        common = math.gcd(config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim)
+        if self.method == "int4" and common % self.group_size:
+            valid = [g for g in range(32, common + 1, 32) if common % g == 0]
+            raise ValueError(f"group_size {self.group_size} does not divide the linear layers' input sizes "
+                             f"(hidden {config.hidden_size}, intermediate {config.intermediate_size}); "
+                             f"this model takes group_size {', '.join(map(str, valid)) or 'none (use int8)'}")
+
     def config_dict(self) -> dict:
         return {"bits": self.grid.bits, "group_size": self.grid.group_size, "algorithm": self.algorithm,
                 "embedding_bits": 8}
@@ -84,6 +95,7 @@ def quantize_weights(ckpt: Checkpoint, options: QuantizeOptions, calibration_ids
                      progress: bool = False, inputs: dict[str, LinearInputs] | None = None) -> dict[str, Weight]:
     """Checkpoint-named weights: QuantizedWeight for every matrix, float32 for the rest. Calibrated algorithms
     record `inputs` from `calibration_ids` unless given (one calibration can serve several configurations)."""
+    options.check_model(ckpt.config)
     floats = float_weights(ckpt)
     quantized: dict[str, QuantizedWeight] = {}
     clips: dict[str, torch.Tensor] = {}
