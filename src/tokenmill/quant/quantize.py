@@ -1,4 +1,4 @@
-"""Post-training quantization of a float checkpoint (GGUF, dequantized, or an HF directory) into QuantizedWeights,
+"""Post-training quantization of a float checkpoint (an HF directory, or a GGUF whose blocks are dequantized first)
 with plain round-to-nearest or a calibrated algorithm (AWQ, GPTQ), and the tokenmill checkpoint it is saved as.
 
 Decoder linears get `method` (int4 per group_size inputs, float16 scale and min; or int8 per output channel);
