@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve, generate, chat, info, models (and bench)."""
+"""The `tokenmill` command: serve, generate, chat, info, models (and bench, eval, quantize)."""
 from __future__ import annotations
 
 import argparse
@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     from tokenmill.bench.cli import add_bench_parser
+    from tokenmill.quant.cli import add_quant_parsers
 
     add_bench_parser(sub)
+    add_quant_parsers(sub)
     return parser
 
 

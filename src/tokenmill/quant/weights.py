@@ -83,24 +83,61 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2:] << 4)).reshape(q.shape[0], -1)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, *, clip: torch.Tensor | float = 1.0,
+                 scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """Round-to-nearest: int8 symmetric (per output channel unless group_size), int4 asymmetric per group.
 
-    Scales are float32 so no error is added beyond the rounding of q itself.
+    clip: ratio (scalar or [out, groups]) of each group's absolute maximum that the grid covers; values beyond
+    are clamped (calibrated methods search it). Scales and mins are rounded to `scale_dtype` before the codes
+    are chosen, so float32 adds no error beyond the rounding of q and float16 halves their storage.
     """
+    q, scales, mins = _round_to_grid(w, bits, group_size, clip, scale_dtype)
+    out, inp = w.shape
+    group = inp // scales.shape[1]
+    if bits == 8:
+        return QuantizedWeight(8, q.to(torch.int8).view(out, inp), scales, None, group)
+    return QuantizedWeight(4, pack_nibbles(q.view(out, inp)), scales, mins, group)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, *, clip: torch.Tensor | float = 1.0,
+                  scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What quantize_rtn(...).dequantize() returns, without packing: the inner loop of calibrated searches."""
+    q, scales, mins = _round_to_grid(w, bits, group_size, clip, scale_dtype)
+    g = q * scales.float()[..., None]
+    if mins is not None:
+        g = g + mins.float()[..., None]
+    return g.view(w.shape)
+
+
+def _round_to_grid(w: torch.Tensor, bits: int, group_size: int | None, clip: torch.Tensor | float,
+                   scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes as float [out, groups, group], scales and mins (int4 only) as `scale_dtype` [out, groups]."""
     w = w.float()
     out, inp = w.shape
     group = group_size or (inp if bits == 8 else BLOCK)
     if inp % group:
         raise ValueError(f"group_size {group} does not divide in_features {inp}")
     g = w.view(out, inp // group, group)
-    if bits == 8:
-        scales = g.abs().amax(-1) / 127
-        q = torch.round(g / torch.where(scales == 0, 1, scales)[..., None]).clamp_(-127, 127)
-        return QuantizedWeight(8, q.to(torch.int8).view(out, inp), scales, None, group)
-    if bits != 4:
+    scales, mins = fit_grid(g, bits, clip, scale_dtype)
+    return encode(g, scales[..., None], None if mins is None else mins[..., None], bits), scales, mins
+
+
+def fit_grid(g: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0,
+             scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and int4 min) of each group along the last dim of `g`, covering `clip` times its absolute max."""
+    if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    lo, hi = g.amin(-1), g.amax(-1)
-    scales = (hi - lo) / 15
-    q = torch.round((g - lo[..., None]) / torch.where(scales == 0, 1, scales)[..., None]).clamp_(0, 15)
-    return QuantizedWeight(4, pack_nibbles(q.view(out, inp)), scales, lo, group)
+    limit = g.abs().amax(-1) * clip
+    if bits == 8:
+        return (limit / 127).to(scale_dtype), None
+    lo, hi = torch.maximum(g.amin(-1), -limit), torch.minimum(g.amax(-1), limit)
+    return ((hi - lo) / 15).to(scale_dtype), lo.to(scale_dtype)
+
+
+def encode(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Nearest codes (as floats) of `w` on the grid scale * q (+ min); scales and mins broadcast against w."""
+    s = scales.float()
+    s = torch.where(s == 0, 1, s)
+    if bits == 8:
+        return torch.round(w / s).clamp_(-127, 127)
+    return torch.round((w - mins.float()) / s).clamp_(0, 15)

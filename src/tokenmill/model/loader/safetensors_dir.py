@@ -9,6 +9,8 @@ from safetensors import safe_open
 
 from tokenmill.config import ModelConfig, RopeScaling
 from tokenmill.errors import ModelLoadError, UnsupportedModelError
+from tokenmill.quant.checkpoint import QUANT_METHOD, unpack_tensors
+from tokenmill.quant.weights import QuantizedWeight
 
 SUPPORTED_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 
@@ -23,6 +25,12 @@ def config_from_hf(path: Path) -> ModelConfig:
     if arch is None:
         raise UnsupportedModelError(
             f"{path}: architectures {archs} not supported; tokenmill runs {sorted(SUPPORTED_HF_ARCHITECTURES)}"
+        )
+    method = (raw.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, QUANT_METHOD):
+        raise UnsupportedModelError(
+            f"{path}: quantization_config.quant_method {method!r} is not supported; tokenmill loads float "
+            f"checkpoints and its own quantized ones ({QUANT_METHOD!r}, written by `tokenmill quantize`)"
         )
     heads = raw["num_attention_heads"]
     return ModelConfig(
@@ -71,7 +79,8 @@ def _rope_scaling(raw: dict) -> RopeScaling | None:
     raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """All tensors, named without the "model." prefix; tokenmill-quantized matrices become QuantizedWeights."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors files")
@@ -80,4 +89,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 tensors[name.removeprefix("model.")] = f.get_tensor(name)
-    return tensors
+    try:
+        return unpack_tensors(tensors)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc

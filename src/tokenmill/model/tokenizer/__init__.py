@@ -109,6 +109,23 @@ class Tokenizer:
             extra_stop_ids=model_eos_ids,
         )
 
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json + tokenizer_config.json, so `from_hf_dir(folder)` rebuilds this tokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self._token_text(self.bos_token_id),
+            "eos_token": self._token_text(self.eos_token_id),
+            "pad_token": self._token_text(self.pad_token_id),
+            "add_bos_token": self.add_bos,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token texts in it become their single ids, as in transformers."""
         ids = self._backend.encode(text, add_special_tokens=False).ids
