@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.load_generator import ServeConfig, run
-from tokenmill.bench.peers import find_vllm, free_port, transformers_server
+from tokenmill.bench.peers import check_transformers_serve, find_vllm, free_port, transformers_server
 
 pytestmark = pytest.mark.slow
 OUT = 6  # max_tokens per request
@@ -57,6 +57,10 @@ def the_model(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def transformers_peer(the_model, tmp_path_factory):
+    try:
+        check_transformers_serve()
+    except BenchError as exc:  # the peers are an optional extra (pip install -e '.[bench]')
+        pytest.skip(str(exc))
     port = free_port()
     server = transformers_server(the_model, "float32", 64 << 20, port, tmp_path_factory.mktemp("tf") / "serve.log")
     with server:

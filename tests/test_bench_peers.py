@@ -109,11 +109,13 @@ def test_markdown_covers_every_peer_and_flags_unequal_work():
                            gguf=Path("model.gguf"), output_dir=Path("out"))
     results = {(p, 64): serve_doc(1.0, 0.2, tokens=3 if p == "transformers" else 4) | {"server_command": [p, "-x"]}
                for p in names}
+    results["vllm", 64]["server_env"] = {"PORT": "1234"}
     text = markdown(config, results)
     assert "| metric | tokenmill | llama.cpp | vllm | transformers | tokenmill / llama.cpp | tokenmill / vllm | " \
            "tokenmill / transformers |" in text
     assert "| Output token throughput (tok/s) | 8.00 | 8.00 | 8.00 | 6.00 | 1.00x | 1.00x | 1.33x |" in text
-    assert "- transformers server: `transformers -x`" in text and "max(24, 2 x C) requests" in text
+    assert "- transformers server: `transformers -x`" in text and "- vllm server: `PORT=1234 vllm -x`" in text
+    assert "max(24, 2 x C) requests" in text
     assert "**The servers generated different numbers of tokens here**" in text  # 12 tokens vs 16
 
 

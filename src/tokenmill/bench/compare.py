@@ -151,14 +151,15 @@ def markdown(config: CompareConfig, results: dict[tuple[str, int], dict[str, Any
     """One table per concurrency: each peer's number and tokenmill / peer for every other peer."""
     first = next(iter(results.values()))
     hw, ds = first["hardware"], config.dataset
-    commands = {peer: doc.get("server_command") for (peer, _), doc in results.items()}  # the last C's
+    commands = {peer: [*(f"{k}={v}" for k, v in doc.get("server_env", {}).items()), *doc["server_command"]]
+                for (peer, _), doc in results.items() if doc.get("server_command")}  # the last C's
     lines = ["# tokenmill serve vs peers", "",
              f"- command: `{shlex.join(['tokenmill', *sys.argv[1:]])}`",
              f"- date: {first['date']}; CPU {hw['cpu']} ({hw['torch_capability']}), torch {hw['torch']}, "
              f"flags: {hw['flags']}",
              f"- model: {config.gguf.name} (tokenmill --dtype {config.dtype}, llama.cpp); vllm and transformers "
              "serve an HF copy of it in tokenmill's compute dtype",
-             *(f"- {peer} server: `{shlex.join(command)}`" for peer, command in commands.items() if command),
+             *(f"- {peer} server: `{shlex.join(command)}`" for peer, command in commands.items()),
              f"- workload: {describe_dataset(ds)}, endpoint {config.endpoint}, ignore_eos {config.ignore_eos}, "
              f"greedy; each run sends max({ds.num_prompts}, {config.min_rounds} x C) requests (the same first ones "
              "to every peer), all queued at once, at most C in flight; one warm-up request first",
