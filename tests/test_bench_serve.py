@@ -209,7 +209,11 @@ def test_transformers_backend_sends_its_own_fields_and_needs_no_done(fake_server
     assert result.records[2].error.startswith("broken stream: RemoteProtocolError")
     assert result.records[3].error.startswith("missing usage")
     for body in fake_server.bodies:  # the warm-up too
-        assert "ignore_eos" not in body and json.loads(body["generation_config"]) == {"eos_token_id": -1}
+        assert "ignore_eos" not in body and json.loads(body["generation_config"]) == {"eos_token_id": -1,
+                                                                                   "do_sample": False}
+    sampled = request_body(ServeConfig("http://x", backend="transformers", ignore_eos=True, temperature=0.7), "m",
+                           SampleRequest("hi", 4))
+    assert json.loads(sampled["generation_config"])["do_sample"] is True  # it replaces the model's defaults
     with pytest.raises(BenchError, match="--backend must be one of openai, transformers, got 'sglang'"):
         run(ServeConfig(base_url=fake_server.base_url, backend="sglang", progress=False), requests_of("ok"))
 

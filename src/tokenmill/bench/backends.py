@@ -11,7 +11,7 @@ Two things differ between the servers we benchmark:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.bench import BenchError
@@ -20,15 +20,17 @@ from tokenmill.bench import BenchError
 @dataclass(frozen=True)
 class Backend:
     name: str
-    ignore_eos_fields: dict[str, Any] = field(default_factory=dict)  # body fields: generate all max_tokens
     ends_with_done: bool = True  # its streams end with `data: [DONE]`; else a clean end after usage is the end
 
+    def ignore_eos_fields(self, temperature: float) -> dict[str, Any]:
+        """Body fields that make the server generate all max_tokens."""
+        if self.name == "transformers":
+            # a generation_config replaces the model's defaults, so it carries the sampling switch as well
+            return {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": temperature > 0})}
+        return {"ignore_eos": True}
 
-BACKENDS = {
-    "openai": Backend("openai", {"ignore_eos": True}),
-    "transformers": Backend("transformers", {"generation_config": json.dumps({"eos_token_id": -1})},
-                            ends_with_done=False),
-}
+
+BACKENDS = {"openai": Backend("openai"), "transformers": Backend("transformers", ends_with_done=False)}
 
 
 def get_backend(name: str) -> Backend:

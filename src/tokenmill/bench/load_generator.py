@@ -79,7 +79,7 @@ def request_body(config: ServeConfig, model: str, request: SampleRequest) -> dic
     else:
         body["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
     if config.ignore_eos:
-        body |= get_backend(config.backend).ignore_eos_fields
+        body |= get_backend(config.backend).ignore_eos_fields(config.temperature)
     return body
 
 
