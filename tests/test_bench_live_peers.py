@@ -94,31 +94,31 @@ def test_transformers_serve_rejects_vllms_ignore_eos_field(transformers_peer):
         _run(transformers_peer, "completions", ignore_eos=True, backend="openai")
 
 
-@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
-def test_vllm_bench_serve_runs_unchanged_against_tokenmill_serve(tmp_path, tokenizer_dir, backend):
+def test_vllm_bench_serve_runs_unchanged_against_tokenmill_serve(tmp_path, tokenizer_dir):
     try:
         venv = find_vllm()
     except BenchError as exc:
         pytest.skip(str(exc))
-    server = start_server(tmp_path)
+    server, results = start_server(tmp_path), {}
     try:
         wait_healthy(server)
-        endpoint = "/v1/chat/completions" if backend == "openai-chat" else "/v1/completions"
-        proc = subprocess.run(
-            [str(venv / "bin" / "vllm"), "bench", "serve", "--backend", backend, "--base-url", server.url,
-             "--endpoint", endpoint, "--model", MODEL_NAME, "--tokenizer", str(tokenizer_dir),
-             "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", str(OUT),
-             "--random-range-ratio", "0", "--num-prompts", "8", "--max-concurrency", "4", "--ignore-eos",
-             "--temperature", "0", "--seed", "0", "--disable-tqdm", "--save-result", "--save-detailed",
-             "--result-dir", str(tmp_path), "--result-filename", "vllm.json"],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        for backend, endpoint in (("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")):
+            proc = subprocess.run(
+                [str(venv / "bin" / "vllm"), "bench", "serve", "--backend", backend, "--base-url", server.url,
+                 "--endpoint", endpoint, "--model", MODEL_NAME, "--tokenizer", str(tokenizer_dir),
+                 "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", str(OUT),
+                 "--random-range-ratio", "0", "--num-prompts", "8", "--max-concurrency", "4", "--ignore-eos",
+                 "--temperature", "0", "--seed", "0", "--disable-tqdm", "--save-result", "--save-detailed",
+                 "--result-dir", str(tmp_path), "--result-filename", f"{backend}.json"],
+                capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            results[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
     finally:
         stop(server)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "vllm.json").read_text())
-    assert (result["completed"], result["failed"], result["total_output_tokens"]) == (8, 0, 8 * OUT)
-    assert result["output_lens"] == [OUT] * 8 and not any(result["errors"])
-    # it times every chunk with choices; chat opens with a role-only chunk (as vLLM's own server does)
-    chunks = OUT + 1 if backend == "openai-chat" else OUT
-    assert all(t > 0 for t in result["ttfts"]) and all(len(itl) == chunks - 1 for itl in result["itls"])
+    for backend, result in results.items():
+        assert (result["completed"], result["failed"], result["total_output_tokens"]) == (8, 0, 8 * OUT)
+        assert result["output_lens"] == [OUT] * 8 and not any(result["errors"])
+        # it times every chunk with choices; chat opens with a role-only chunk (as vLLM's own server does)
+        chunks = OUT + 1 if backend == "openai-chat" else OUT
+        assert all(t > 0 for t in result["ttfts"]) and all(len(itl) == chunks - 1 for itl in result["itls"])
     assert "ignoring request fields" not in server.log() and "Traceback" not in server.log()  # it understood all
