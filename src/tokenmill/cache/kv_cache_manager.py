@@ -3,8 +3,9 @@
 The manager owns block tables; the scheduler asks it for room and never touches blocks itself.
 A request holds one table per KV group (see kv_layout): `block_tables[request_id][group]`, entry i the block
 of positions [i * block_size, (i + 1) * block_size). In a sliding-window group, blocks that fell out of the
-window are given back before each allocation and their entries become NULL_BLOCK, so such a group holds at
-most about (window + chunk) / block_size blocks per request however long the sequence grows.
+window are given back after each step (and before each allocation) and their entries become NULL_BLOCK, so
+such a group holds at most about (window + chunk) / block_size blocks per request during a step, and about
+window / block_size between steps, however long the sequence grows.
 
 Prefix caching with several groups: each group publishes its own copy of a full block (under the chain
 hash salted with the group index), and a prefix hit needs every group to still have every block of the
@@ -95,12 +96,11 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more computed tokens; False (no new blocks) if blocks run out.
 
-        Sliding groups first give back the blocks that no future query of the request can see.
+        Sliding groups first give back the blocks no query of the request can see any more (after a prefix
+        hit, those are the hit's early blocks).
         """
         tables = self.block_tables.setdefault(request.request_id, [[] for _ in self.windows])
-        for table, window in zip(tables, self.windows):
-            if window is not None:
-                self._free_out_of_window(table, request.num_computed_tokens, window)
+        self._free_out_of_window(request)
         total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
         needed = [max(0, total - len(table)) for table in tables]
         if sum(needed) > self.pool.num_free:
@@ -110,24 +110,29 @@ class KVCacheManager:
                 table.extend(self.pool.allocate(count))
         return True
 
-    def _free_out_of_window(self, table: list[int], num_computed: int, window: int) -> None:
-        """The next query sits at position `num_computed` and sees keys from num_computed - window + 1 on."""
-        first_needed = max(0, num_computed - window + 1) // self.block_size
-        freed = []
-        for i in range(min(first_needed, len(table)) - 1, -1, -1):  # freed entries form a prefix
-            if table[i] == NULL_BLOCK:
-                break
-            freed.append(table[i])
-            table[i] = NULL_BLOCK
-        self.pool.free(freed)
+    def _free_out_of_window(self, request: Request) -> None:
+        """In sliding groups, give back the blocks before the window of the next query (at position
+        num_computed_tokens, seeing keys from num_computed_tokens - window + 1 on)."""
+        for table, window in zip(self.block_tables[request.request_id], self.windows):
+            if window is None:
+                continue
+            first_needed = max(0, request.num_computed_tokens - window + 1) // self.block_size
+            freed = []
+            for i in range(min(first_needed, len(table)) - 1, -1, -1):  # freed entries form a prefix
+                if table[i] == NULL_BLOCK:
+                    break
+                freed.append(table[i])
+                table[i] = NULL_BLOCK
+            self.pool.free(freed)
 
     def commit(self, request: Request) -> None:
-        """Publish the request's blocks that are now full and computed, so later requests can share them.
+        """After a step: publish the request's blocks that are now full and computed, so later requests can
+        share them, then give back the sliding-window blocks it no longer needs (published ones stay cached)."""
+        if self.enable_prefix_caching:
+            self._publish(request)
+        self._free_out_of_window(request)
 
-        A block is published at the end of the step that fills it, before any allocation can free it.
-        """
-        if not self.enable_prefix_caching:
-            return
+    def _publish(self, request: Request) -> None:
         tables = self.block_tables[request.request_id]
         full = request.num_computed_tokens // self.block_size
         done = self.num_cached_blocks.get(request.request_id, 0)

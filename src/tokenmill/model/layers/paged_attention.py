@@ -4,6 +4,8 @@ Token layout of a step: single-token chunks (decodes) first, then prefill chunks
 [T, heads, dim] tensor with no padding between sequences. Decodes run as one batched SDPA call: each
 sequence's blocks are gathered and keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
+Sliding-window layers get their KV group's metadata with `window` set: block tables start at the block of
+the window's first key (`PrefillSpan.key_start`), and the masks also cut keys older than the window.
 """
 from __future__ import annotations
 
