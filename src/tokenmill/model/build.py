@@ -11,6 +11,7 @@ from tqdm import tqdm
 from tokenmill.config import QuantConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
+from tokenmill.model.gemma3 import Gemma3Model
 from tokenmill.model.layers.rotary import RotaryEmbedding, inverse_frequencies
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader import Checkpoint, Weight
@@ -23,6 +24,7 @@ _FUSED = {  # fused parameter -> the checkpoint tensors concatenated along the o
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 _EMBEDDING = "embed_tokens.weight"
+MODEL_CLASSES: dict[str, type[LlamaModel]] = {"llama": LlamaModel, "qwen2": LlamaModel, "gemma3": Gemma3Model}
 
 
 def _to_float(w: Weight) -> torch.Tensor:
@@ -41,9 +43,13 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
                             _to_float(freq_factors) if freq_factors is not None else None),
         config.max_position_embeddings,
     )
+    local_rotary = None
+    if config.rope_local_theta is not None:  # sliding layers: their own base, no context-extension scaling
+        local_rotary = RotaryEmbedding(inverse_frequencies(config.head_dim, config.rope_local_theta, None),
+                                       config.max_position_embeddings)
     with torch.device("meta"):
-        model = LlamaModel(config, rotary)
-    wanted = {name for name in model.state_dict() if not name.startswith("rotary.")}
+        model = MODEL_CLASSES[config.architecture](config, rotary, local_rotary)
+    wanted = set(model.state_dict())
     if config.tie_word_embeddings:
         wanted.discard("lm_head.weight")
         weights.pop("lm_head.weight", None)  # some HF checkpoints store the tied copy too

@@ -87,7 +87,7 @@ def _load_hf_dir(path: Path) -> Checkpoint:
         path=path,
         format="safetensors",
         config=config,
-        weights=safetensors_dir.read_tensors(path),
+        weights=safetensors_dir.read_tensors(path, config),
         tokenizer=Tokenizer.from_hf_dir(path),
         size_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
     )
