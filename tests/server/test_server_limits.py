@@ -6,6 +6,8 @@ The tests run in file order: the last one sends SIGTERM to this module's server.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import threading
 import time
@@ -119,3 +121,6 @@ def test_sigterm_drains_then_exits_zero(limited):
     assert "aborted 1 requests still running" in log and "Traceback" not in log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{limited.url}/health")
+    core_pid = int(re.search(r"engine core running in process (\d+)", log).group(1))
+    with pytest.raises(ProcessLookupError):  # the engine core went with the server, not left behind
+        os.kill(core_pid, 0)

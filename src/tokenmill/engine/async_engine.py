@@ -1,23 +1,26 @@
-"""AsyncEngine: the engine's step loop on a background thread, with an asyncio stream per request.
+"""AsyncEngine: the API process's view of the engine core process, with an asyncio stream per request.
 
-Why a thread and not a process: the model's matmuls release the GIL, so HTTP handling runs while a
-step computes, and a thread shares the tokenizer and the weights without copies or IPC. Handlers only
-tokenize/validate (process_request) and enqueue commands; the loop thread is the only one that touches
-the engine's state, so nothing needs a lock around a whole step.
+The step loop runs in its own process (engine/core_proc.py says why). Here, in the event loop's thread,
+handlers tokenize and validate (`LLMEngine.process_request`), commands go down a pipe, and the core's
+per-step message is read as soon as the pipe is readable (`loop.add_reader`: no extra thread, so nothing
+here competes for this process's GIL either). Each request's deltas are folded back into the cumulative
+RequestOutputs the server code reads, exactly as the in-process engine returns them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
+import pickle
 import threading
 import time
+from multiprocessing.util import Finalize
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tokenmill.engine.core_proc import ABORT, AddRequest, CoreOutputs, RequestDelta, start_engine_core, stop_engine_core
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.scheduler import SchedulerStats
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.engine")
@@ -36,31 +39,63 @@ class EngineStepError(Exception):
 
 
 @dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+class _Sequence:
+    """Replaced, never extended, so each RequestOutput handed out keeps its own lists."""
 
-    def put(self, item: RequestOutput | Exception | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    text: str = ""
+
+
+@dataclass
+class _Stream:
+    """One request's queue of outputs, and the cumulative state its deltas add up to."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[_Sequence]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def apply(self, delta: RequestDelta) -> RequestOutput:
+        request_id, finished, num_cached_tokens, metrics, sequences = delta
+        completions = []
+        for index, token_ids, delta_text, logprobs, cumulative_logprob, finish_reason, stop_reason, text in sequences:
+            seq = self.sequences[index]
+            seq.token_ids = seq.token_ids + token_ids
+            if logprobs is not None:
+                seq.logprobs = (seq.logprobs or []) + logprobs
+            seq.text = text if text is not None else seq.text + delta_text
+            completions.append(CompletionOutput(index, seq.text, seq.token_ids, cumulative_logprob, seq.logprobs,
+                                                finish_reason, stop_reason, delta_text))
+        return RequestOutput(request_id, self.prompt, self.prompt_token_ids, completions, finished, num_cached_tokens,
+                             metrics)
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
-        self.engine = engine
+        self.engine = engine  # this process's copy: tokenizer and validation only; the core process steps
         self.max_waiting = max_waiting
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
-        self._wakeup = threading.Event()
-        self._stopping = False
-        self._fatal: BaseException | None = None
         self.stats: SchedulerStats = engine.stats()
-        self.last_step_time = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
-        self._thread.start()
+        self._streams: dict[str, _Stream] = {}
+        self._fatal: str | None = None
+        self._stopping = False
+        self._adds_sent = 0
+        self._adds_applied = 0
+        self._send_lock = threading.Lock()  # shutdown() may run in another thread than the handlers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._core = start_engine_core(engine)
+        # Stop the core when this object goes away or the interpreter exits, before multiprocessing joins its
+        # children at exit (the core ignores SIGTERM, so that join would otherwise wait forever).
+        self._finalizer = Finalize(self, stop_engine_core, args=(self._core, 5.0), exitpriority=10)
+        logger.info("engine core running in process %d", self.core_pid)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._fatal is None
+        return self._fatal is None and self._core.process.is_alive()
+
+    @property
+    def core_pid(self) -> int:
+        return self._core.process.pid
 
     @property
     def num_in_flight(self) -> int:
@@ -69,16 +104,22 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step; leaving the iterator early aborts the request."""
+        self._attach()
         if not self.is_alive:
-            raise EngineDeadError("the engine loop is not running")
-        if self.max_waiting is not None and self.stats.num_waiting + self._commands.qsize() >= self.max_waiting:
-            raise QueueFullError(f"{self.stats.num_waiting} requests are already waiting (max_waiting={self.max_waiting})")
+            raise EngineDeadError(self._dead_message())
+        waiting = self.stats.num_waiting + self._adds_sent - self._adds_applied
+        if self.max_waiting is not None and waiting >= self.max_waiting:
+            raise QueueFullError(f"{waiting} requests are already waiting (max_waiting={self.max_waiting})")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         parent = self.engine.process_request(request_id, prompt, params, priority)  # raises ValueError on bad input
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(parent.prompt, parent.prompt_token_ids, [_Sequence() for _ in parent.children])
         self._streams[request_id] = stream
-        self._send(("add", parent))
         finished = False
         try:
+            self._send(AddRequest(request_id, parent.prompt_token_ids, params, priority,
+                                  parent.children[0].arrival_time))
+            self._adds_sent += 1
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -93,7 +134,11 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        if self.is_alive:
+            try:
+                self._send((ABORT, request_id))
+            except EngineDeadError:  # nothing left to abort
+                pass
 
     async def drain(self, timeout: float) -> int:
         """Let in-flight requests finish for up to `timeout` seconds, then abort the rest; returns how many."""
@@ -106,67 +151,64 @@ class AsyncEngine:
         return len(left)
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        self._thread.join(timeout)
+        """Stop the core process (it aborts what is left); safe to call twice and from any thread."""
+        with self._send_lock:
+            self._stopping = True  # from now on no command goes down the pipe but the core's SHUTDOWN
+        self._finalizer.cancel()
+        stop_engine_core(self._core, timeout)
 
-    def _send(self, command: tuple) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
-
-    def _apply_commands(self) -> None:
-        while True:
+    def _send(self, command: object) -> None:
+        with self._send_lock:
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
             try:
-                kind, payload = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                try:
-                    self.engine.submit(payload)
-                except ValueError as exc:  # e.g. a duplicate request id
-                    stream = self._streams.get(payload.request_id)
-                    if stream is not None:
-                        stream.put(exc)
-            else:
-                final = self.engine.abort(payload)
-                stream = self._streams.get(payload)
-                if final is not None and stream is not None:
-                    stream.put(final)
+                self._core.commands.send(command)
+            except OSError as exc:  # the core is gone; the output reader reports why
+                raise EngineDeadError(self._dead_message()) from exc
 
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._apply_commands()
-                if not self.engine.has_unfinished():
-                    self.stats = self.engine.stats()  # aborts change stats without a step
-                    self._wakeup.wait(timeout=1.0)
-                    self._wakeup.clear()
-                    self.last_step_time = time.monotonic()
-                    continue
-                self._step()
-        except BaseException as exc:  # the loop itself broke: fail every stream, /health turns red
-            self._fatal = exc
-            logger.exception("engine loop died")
-            for stream in list(self._streams.values()):
-                stream.put(EngineDeadError(f"engine loop died: {exc}"))
-        finally:
-            for request_id in list(self.engine.parents):
-                self.engine.abort(request_id)
+    def _attach(self) -> None:
+        """Read the core's outputs on the running event loop (the one that serves the streams)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            if self._loop.is_running():
+                raise RuntimeError("this AsyncEngine already serves another running event loop")
+            self._loop.remove_reader(self._core.outputs.fileno())
+        loop.add_reader(self._core.outputs.fileno(), self._on_outputs)
+        self._loop = loop
 
-    def _step(self) -> None:
+    def _on_outputs(self) -> None:
+        """One message per call: the selector calls again while the pipe has more (no poll() per message)."""
+        conn = self._core.outputs
         try:
-            outputs = self.engine.step()
-        except Exception as exc:  # a failed step: abort what was in flight, keep serving
-            logger.exception("engine step failed; aborting %d requests", len(self.engine.parents))
-            for request_id in list(self.engine.parents):
-                self.engine.abort(request_id)
-                stream = self._streams.get(request_id)
-                if stream is not None:
-                    stream.put(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
-            outputs = []
-        self.stats = self.engine.stats()
-        self.last_step_time = time.monotonic()
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            self._loop.remove_reader(conn.fileno())
+            if not self._stopping and self._fatal is None:
+                self._core.process.join(1.0)  # it closed its pipe: it is exiting, reap it for the exit code
+                self._fatal = f"the engine core process exited (code {self._core.process.exitcode})"
+                logger.error(self._fatal)
+            self._fail_all()
+            return
+        self._dispatch(pickle.loads(message))
+
+    def _dispatch(self, message: CoreOutputs) -> None:
+        deltas, errors, stats, self._adds_applied, fatal = message
+        self.stats = SchedulerStats(*stats)
+        for delta in deltas:
+            if (stream := self._streams.get(delta[0])) is not None:
+                stream.queue.put_nowait(stream.apply(delta))
+        for request_id, kind, text in errors:
+            if (stream := self._streams.get(request_id)) is not None:
+                stream.queue.put_nowait(ValueError(text) if kind == "invalid" else EngineStepError(text))
+        if fatal is not None:
+            self._fatal = f"engine loop died: {fatal}"
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(EngineDeadError(self._dead_message()))
+
+    def _dead_message(self) -> str:
+        return f"the engine loop is not running ({self._fatal})" if self._fatal else "the engine loop is not running"

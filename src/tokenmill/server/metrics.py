@@ -2,7 +2,8 @@
 
 Each app has its own CollectorRegistry (two servers in one process, or tests, never share counts). Latencies
 are observed once per finished request from the engine's own timestamps; engine state (running, waiting, KV
-use, prefix cache, preemptions) is read from AsyncEngine.stats at scrape time, so it costs nothing per step.
+use, prefix cache, preemptions) is read at scrape time from AsyncEngine.stats, which every message from the
+engine core process refreshes.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class ServerMetrics:
 
 
 class _EngineStatsCollector:
-    """Engine state as of the loop's last step, read when Prometheus scrapes."""
+    """Engine state as of the core's last message (sent after each step or command), read when Prometheus scrapes."""
 
     def __init__(self, async_engine: AsyncEngine, model_name: str) -> None:
         self.async_engine = async_engine

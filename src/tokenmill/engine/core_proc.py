@@ -1,0 +1,212 @@
+"""The engine core process: LLMEngine's step loop in its own process, talking to the API process over two pipes.
+
+Why a process (as vLLM v1): in one process the HTTP event loop and the step loop share the GIL. A decode step
+is hundreds of short torch ops, each of which must take the GIL back, so every millisecond of event-loop Python
+(SSE chunks, JSON, tokenizing a new prompt) stalls the step, and a busy event loop can make each re-take wait
+for Python's 5 ms switch interval. Here the step loop owns its process's GIL; the API process only tokenizes,
+validates and formats.
+
+The child is forked from the process that built the model, so it starts at once and shares the weights'
+pages copy-on-write (neither side writes them: one copy in memory). GNU OpenMP cannot run a parallel region in
+a forked child from the thread that forked (its worker threads were not copied), but a new thread gets a fresh
+pool; so the step loop runs in a new thread.
+
+In: `AddRequest`, (ABORT, request_id) and (SHUTDOWN,). Out, once per step: one `CoreOutputs` with a
+`RequestDelta` per request that advanced (only what is new, so a message stays small however long the
+sequences grow), per-request errors, the scheduler stats and how many adds were applied (for backpressure).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import pickle
+import queue
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.outputs import RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill.engine")
+
+ABORT, SHUTDOWN = "abort", "shutdown"
+RequestError = tuple[str, str, str]  # (request_id, "invalid" | "step", message)
+
+
+@dataclass
+class AddRequest:
+    """A request the API process has already tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_time: float  # when the API process took it (CLOCK_MONOTONIC is the same in both processes)
+
+
+# What the core sends, once per step, as plain tuples: pickling these costs ~10x less than dataclasses, and
+# with fast steps that is a visible share of a token's time.
+SequenceDelta = tuple[int, list[int], str, list[TokenLogprobs] | None, float | None, str | None, int | str | None,
+                      str | None]
+#   (index, new token ids, delta text, new logprobs (when asked for), cumulative logprob, finish reason,
+#    stop reason, the whole text once finished: a stop string may have cut what was streamed)
+RequestDelta = tuple[str, bool, int, dict[str, float], list[SequenceDelta]]
+#   (request id, finished, cached prompt tokens, metrics, sequences that advanced)
+CoreOutputs = tuple[list[RequestDelta], list[RequestError], tuple, int, str | None]
+#   (deltas, errors, SchedulerStats' fields, adds applied so far, why the step loop died or None)
+
+
+@dataclass
+class EngineCoreHandle:
+    """The API process's side of a running engine core."""
+
+    process: BaseProcess
+    commands: Connection  # send AddRequest / (ABORT, id) / (SHUTDOWN,)
+    outputs: Connection  # recv_bytes -> pickled CoreOutputs
+
+
+def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
+    ctx = multiprocessing.get_context("fork")
+    cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+    out_recv, out_send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_core_main, args=(engine, cmd_recv, out_send, (cmd_send, out_recv)),
+                          name="tokenmill-engine-core", daemon=True)
+    gc.freeze()  # the child's collector would otherwise write to every inherited object, copying their pages
+    process.start()
+    cmd_recv.close()  # the child's ends: if this process kept them, the child would never see EOF
+    out_send.close()
+    return EngineCoreHandle(process, cmd_send, out_recv)
+
+
+def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
+    """Ask the core to stop (it aborts what is left), wait up to `timeout` s, then kill it. Idempotent."""
+    if handle.process.is_alive():
+        try:
+            handle.commands.send((SHUTDOWN,))
+        except OSError:  # already going away
+            pass
+        handle.process.join(timeout)
+    if handle.process.is_alive():
+        logger.warning("engine core did not stop within %.1f s; killing it", timeout)
+        handle.process.kill()
+        handle.process.join()
+
+
+def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, parent_ends: tuple) -> None:
+    for conn in parent_ends:
+        conn.close()
+    # The API process decides when the engine stops: Ctrl-C (or a service manager's SIGTERM) reaches the whole
+    # process group, and the server's drain still needs the engine after it. The API process stops this one
+    # through the pipe, also at its exit (AsyncEngine registers that), and a vanished parent is an EOF.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    core = EngineCore(engine, outputs)
+    threading.Thread(target=_read_commands, args=(commands, core.inbox), name="tokenmill-commands",
+                     daemon=True).start()
+    loop = threading.Thread(target=core.run, name="tokenmill-engine")
+    loop.start()
+    loop.join()
+    if core.fatal is not None:
+        sys.exit(1)
+
+
+def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
+    """Pipe -> inbox as commands come, so the API process never blocks on a full pipe during a long step."""
+    while True:
+        try:
+            command = commands.recv()
+        except (EOFError, OSError):  # the API process is gone
+            command = (SHUTDOWN,)
+        inbox.put(command)
+        if command == (SHUTDOWN,):
+            return
+
+
+@dataclass
+class EngineCore:
+    engine: LLMEngine
+    outputs: Connection
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    adds_applied: int = 0
+    fatal: str | None = None
+    _sent: dict[str, dict[int, int]] = field(default_factory=dict)  # request id -> index -> tokens sent
+
+    def run(self) -> None:
+        try:
+            while self._apply_commands(block=not self.engine.has_unfinished()):
+                if self.engine.has_unfinished():
+                    self._send(*self._step())
+        except BaseException as exc:  # the loop itself broke: the API process fails every stream, /health 503
+            logger.exception("engine loop died")
+            self.fatal = f"{type(exc).__name__}: {exc}"
+            try:
+                self._send([], [])
+            except Exception:  # stats or the pipe broken too: the API process sees the exit instead
+                pass
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command, waiting for one when idle; False once shutdown was asked."""
+        outputs: list[RequestOutput] = []
+        errors: list[RequestError] = []
+        applied = 0
+        while True:
+            try:
+                command = self.inbox.get(block=block and not applied)
+            except queue.Empty:
+                break
+            applied += 1
+            if isinstance(command, AddRequest):
+                self.adds_applied += 1
+                try:
+                    self._add(command)
+                except ValueError as exc:  # e.g. a request id already in use
+                    errors.append((command.request_id, "invalid", str(exc)))
+            elif command[0] == ABORT:
+                if (final := self.engine.abort(command[1])) is not None:
+                    outputs.append(final)
+            else:
+                return False
+        if outputs or errors or (applied and not self.engine.has_unfinished()):  # no step follows to send stats
+            self._send(outputs, errors)
+        return True
+
+    def _add(self, command: AddRequest) -> None:
+        parent = self.engine.process_request(command.request_id, command.prompt_token_ids, command.params,
+                                             command.priority)
+        for child in parent.children:
+            child.arrival_time = command.arrival_time
+        self.engine.submit(parent)
+
+    def _step(self) -> tuple[list[RequestOutput], list[RequestError]]:
+        try:
+            return self.engine.step(), []
+        except Exception as exc:  # a failed step: abort what was in flight, keep serving
+            logger.exception("engine step failed; aborting %d requests", len(self.engine.parents))
+            message = f"engine step failed: {type(exc).__name__}: {exc}"
+            errors = [(request_id, "step", message) for request_id in self.engine.parents]
+            for request_id in list(self.engine.parents):
+                self.engine.abort(request_id)
+                self._sent.pop(request_id, None)
+            return [], errors
+
+    def _send(self, outputs: list[RequestOutput], errors: list[RequestError]) -> None:
+        message: CoreOutputs = ([self._delta(out) for out in outputs], errors,
+                                tuple(vars(self.engine.stats()).values()), self.adds_applied, self.fatal)
+        self.outputs.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _delta(self, out: RequestOutput) -> RequestDelta:
+        sent = self._sent.pop(out.request_id, {}) if out.finished else self._sent.setdefault(out.request_id, {})
+        sequences = []
+        for c in out.outputs:
+            start = sent.get(c.index, 0)
+            sequences.append((c.index, c.token_ids[start:], c.delta_text,
+                              c.logprobs[start:] if c.logprobs is not None else None, c.cumulative_logprob,
+                              c.finish_reason, c.stop_reason, c.text if c.finish_reason is not None else None))
+            sent[c.index] = len(c.token_ids)
+        return out.request_id, out.finished, out.num_cached_tokens, out.metrics, sequences
