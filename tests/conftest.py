@@ -33,3 +33,16 @@ def reference(gguf_path):
     ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, gguf_path):
+    """transformers' tokenizer of the default model, saved as tokenizer.json + tokenizer_config.json, to make
+    HF checkpoint directories of small random models."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").is_file()
+    return folder

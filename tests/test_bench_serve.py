@@ -20,7 +20,7 @@ from serverproc import start_server, stop, wait_healthy
 
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import SampleRequest
-from tokenmill.bench.load_generator import ServeConfig, arrival_offsets, run
+from tokenmill.bench.load_generator import ServeConfig, arrival_offsets, request_body, run
 from tokenmill.bench.metrics import compute_metrics
 from tokenmill.bench.peers import free_port
 from tokenmill.bench.report import serve_table
@@ -196,6 +196,46 @@ def test_chat_endpoint_sends_messages_and_skips_empty_deltas(fake_server):
                                      {"role": "user", "content": "ok what is a cat?"}]
     assert bodies[1]["messages"] == [{"role": "user", "content": "ok hi"}]
     assert "ignore_eos" not in bodies[0]
+
+
+def test_transformers_backend_sends_its_own_fields_and_needs_no_done(fake_server):
+    config = ServeConfig(base_url=fake_server.base_url, backend="transformers", ignore_eos=True, max_concurrency=2,
+                         progress=False)
+    prompts = ["nodone a", "ok b", "broken c", "nousage d"]
+    result = run(config, requests_of(*prompts))
+    assert [r.success for r in result.records] == [True, True, False, False]
+    done_at_end = result.records[0]  # a clean end of the body after the usage chunk is the end of the request
+    assert done_at_end.completion_tokens == 5 and done_at_end.latency >= done_at_end.chunk_times[-1]
+    assert result.records[2].error.startswith("broken stream: RemoteProtocolError")
+    assert result.records[3].error.startswith("missing usage")
+    for body in fake_server.bodies:  # the warm-up too
+        assert "ignore_eos" not in body and json.loads(body["generation_config"]) == {"eos_token_id": -1,
+                                                                                   "do_sample": False}
+    sampled = request_body(ServeConfig("http://x", backend="transformers", ignore_eos=True, temperature=0.7), "m",
+                           SampleRequest("hi", 4))
+    assert json.loads(sampled["generation_config"])["do_sample"] is True  # it replaces the model's defaults
+    with pytest.raises(BenchError, match="--backend must be one of openai, transformers, got 'sglang'"):
+        run(ServeConfig(base_url=fake_server.base_url, backend="sglang", progress=False), requests_of("ok"))
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_transformers_serve_accepts_our_bodies_and_rejects_vllms_field(endpoint):
+    """Checked with the installed transformers' own request validation, which answers 422 to unknown fields."""
+    from fastapi import HTTPException
+
+    pytest.importorskip("transformers.cli.serving", reason="transformers serve is an optional peer ('.[bench]')")
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.completion import CompletionHandler
+
+    handler_class = {"completions": CompletionHandler, "chat": ChatCompletionHandler}[endpoint]
+    handler = handler_class.__new__(handler_class)  # validation reads only class attributes
+    request = SampleRequest("What is a cat?", 8, system="You are terse.")
+    ours = request_body(ServeConfig("http://x", endpoint=endpoint, backend="transformers", ignore_eos=True), "m",
+                        request)
+    handler._validate_request(ours)
+    vllm_style = request_body(ServeConfig("http://x", endpoint=endpoint, ignore_eos=True), "m", request)
+    with pytest.raises(HTTPException, match="ignore_eos"):
+        handler._validate_request(vllm_style)
 
 
 def test_poisson_arrivals_pace_the_sends(fake_server):

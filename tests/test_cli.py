@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from gguf_files import write_small_gguf
+
 
 def _tokenmill(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -50,3 +52,20 @@ def test_bad_sampling_option_is_a_clean_error_before_loading(option, value, fiel
     assert proc.stderr.startswith(f"error: {field} ")
     assert "never/opened" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_models_lists_packaged_and_local(tmp_path):
+    write_small_gguf(tmp_path / "tiny-q8_0.gguf", context=2048)
+    proc = _tokenmill("models", "--models-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert rows["smollm2-135m"][1:3] == ["llama", "Q4_1"] and "8192" in rows["smollm2-135m"]
+    assert rows["tiny-q8_0"][1:3] == ["llama", "Q8_0"] and rows["tiny-q8_0"][-2:] == ["models", "dir"]
+    assert {"gemma3-270m", "qwen2.5-coder-1.5b"} <= rows.keys()
+    assert f"models dir: {tmp_path}" in proc.stdout
+
+
+def test_info_resolves_short_name():
+    proc = _tokenmill("info", "smollm2-135m")
+    assert proc.returncode == 0, proc.stderr
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stdout

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
 import torch
-import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokenmill import LLM, SamplingParams
@@ -22,16 +20,6 @@ BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hi
             vocab_size=49152, max_position_embeddings=256, initializer_range=0.1)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, gguf_path):
-    """transformers' tokenizer of the default model, saved as tokenizer.json + tokenizer_config.json."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tok.save_pretrained(str(folder))
-    assert (folder / "tokenizer.json").is_file()
-    return folder
 
 
 def _write_checkpoint(folder, tokenizer_dir, seed: int, **overrides) -> LlamaForCausalLM:

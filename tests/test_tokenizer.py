@@ -24,45 +24,11 @@ from tokenmill.errors import ChatTemplateError, ModelLoadError, UnsupportedModel
 from tokenmill.model.chat_template import render_chat_template
 from tokenmill.model.tokenizer import Tokenizer
 
+from tokenizer_texts import CONVERSATIONS, DIGITS_AFTER_WHITESPACE, TEXTS
+
 transformers = pytest.importorskip("transformers")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-TEXTS = [
-    "Hello, world! This is a simple English sentence.",
-    "The year 2024 had 366 days; pi is 3.14159 and 1,000,000 is a million.",
-    "I'm sure they'll've done it, don't you think? It's John's.",
-    "Café déjà vu — naïve façade, Ångström, São Paulo, Zürich, ŒUVRE.",
-    "日本語のテキストと中文文本，还有한국어 문장。",
-    "Emoji: 😀👍🏽 family 👨‍👩‍👧‍👦 rainbow flag 🏳️‍🌈 ❤️ ✨",
-    "def add(a, b):\n    return a + b\n\n\nclass Foo:\n    def bar(self):\n        pass\n",
-    "lots   of    spaces     here   ",
-    "tabs\tand\nnewlines\r\n\n\n\tmixed \t \n end",
-    "   ",
-    "\n",
-    " leading space",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-    "text with <|endoftext|> inside and <repo_name>x<file_sep> too",
-    "",
-]
-
-# Whitespace runs before a digit: GPT-2's split gives the last blank to the digit's word, SmolLM2's keeps the run whole.
-DIGITS_AFTER_WHITESPACE = ["x =  1", "def f():\n    1 + 1", "a\n\n2", "price:\t\t3"]
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "Hi there!"}],
-    [
-        {"role": "system", "content": "You are a terse assistant."},
-        {"role": "user", "content": "Name a prime number."},
-    ],
-    [
-        {"role": "system", "content": "You answer in French."},
-        {"role": "user", "content": "Good morning"},
-        {"role": "assistant", "content": "Bonjour !"},
-        {"role": "user", "content": "How are you?"},
-    ],
-]
-
 
 def _gguf_metadata(path: str) -> dict[str, Any]:
     reader = gguf.GGUFReader(path)
@@ -327,7 +293,7 @@ def test_llama3_pre_tokenizer_adds_bos_by_default(metadata: dict[str, Any]) -> N
     assert Tokenizer.from_gguf_metadata({**llama3, "tokenizer.ggml.add_bos_token": False}).add_bos is False
 
 
-@pytest.mark.parametrize("model", ["llama", "bert", "t5", "rwkv"])
+@pytest.mark.parametrize("model", ["bert", "t5", "rwkv"])
 def test_unsupported_tokenizer_model(model: str) -> None:
     metadata = {
         "tokenizer.ggml.model": model,

@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve, generate, chat, info (and bench)."""
+"""The `tokenmill` command: serve, generate, chat, info, models (and bench, eval, quantize)."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,20 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, QUANTIZATION_METHODS
 from tokenmill.errors import TokenmillError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine knobs, named as vLLM's CLI names them."""
-    p.add_argument("--model", default=None, help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, HF model directory or model name from `tokenmill models` "
+                        "(default: embedded SmolLM2-135M-Instruct)")
+    _add_models_dir_arg(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                   help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
     p.add_argument("--kv-cache-memory", type=float, default=DEFAULT_KV_CACHE_MEMORY,
                    help="KV cache size in bytes, or a fraction (<= 1) of available memory")
     p.add_argument("--block-size", type=int, default=16)
@@ -25,10 +31,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
 
 
+def _add_models_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", default=None,
+                   help="folder of local GGUF files / HF model folders that model names resolve to "
+                        "(default: $TOKENMILL_MODELS_DIR, else ~/.cache/tokenmill/models)")
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     memory = args.kv_cache_memory
     return dict(
-        dtype=args.dtype, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
+        dtype=args.dtype, quantization=args.quantization, group_size=args.group_size, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
     )
@@ -142,11 +154,39 @@ def cmd_info(args: argparse.Namespace) -> None:
         "rms norm eps": f"{cfg.rms_norm_eps:g}",
         "tied embeddings": cfg.tie_word_embeddings,
         "tensor types": ", ".join(f"{k} x{v}" for k, v in ckpt.weight_types().most_common()),
+        **_native_rows(ckpt),
         "chat template": "yes" if ckpt.tokenizer.chat_template else "no",
     }
     width = max(map(len, rows))
     for key, value in rows.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _native_rows(ckpt) -> dict[str, str]:
+    """Which quantized tensor types the default (native) path keeps packed, and which it dequantizes."""
+    from tokenmill.model.loader.gguf import PackedTensor
+    from tokenmill.quant.gguf_blocks import NATIVE_TYPES
+
+    quantized = [w for w in ckpt.weights.values() if isinstance(w, PackedTensor) and w.is_quantized]
+    if not quantized:
+        return {}
+    kinds = {"packed (native kernels)": [w for w in quantized if w.qtype in NATIVE_TYPES],
+             "dequantized to float": [w for w in quantized if w.qtype not in NATIVE_TYPES]}
+    return {key: ", ".join(sorted({w.qtype.name for w in ws})) or "none" for key, ws in kinds.items()}
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from tokenmill.model.loader.catalog import get_cache_dir, get_models_dir, list_models
+
+    rows = [("NAME", "ARCH", "QUANT", "TENSOR TYPES", "SIZE", "CONTEXT", "SOURCE")]
+    for m in list_models():
+        size = "-" if m.size_bytes is None else f"{m.size_bytes / 2**20:.1f} MiB"
+        rows.append((m.name, m.architecture or "-", m.file_type or "-", ",".join(m.tensor_types) or "-", size,
+                     str(m.context_length or "-"), m.source + (f" ({m.note})" if m.note else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]))
+    print(f"\nmodels dir: {get_models_dir()}\ncache dir:  {get_cache_dir()} ($TOKENMILL_CACHE_DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
     srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                     help="a .gguf file or HF model directory (same as --model)")
+                     help="a .gguf file, HF model directory or model name (same as --model)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
@@ -185,17 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="print a model's metadata and size")
-    info.add_argument("model", nargs="?", default=None)
+    info.add_argument("model", nargs="?", default=None, help="a .gguf file, HF model directory or model name")
+    _add_models_dir_arg(info)
     info.set_defaults(func=cmd_info)
 
+    models = sub.add_parser("models", help="list the models installed here and the names that load them")
+    _add_models_dir_arg(models)
+    models.set_defaults(func=cmd_models)
+
     from tokenmill.bench.cli import add_bench_parser
+    from tokenmill.quant.cli import add_quant_parsers
 
     add_bench_parser(sub)
+    add_quant_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "models_dir", None):  # the environment reaches every place that resolves a name
+        os.environ["TOKENMILL_MODELS_DIR"] = args.models_dir
     try:
         args.func(args)
     except (TokenmillError, ValueError) as exc:

@@ -18,9 +18,14 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+HIDDEN_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer of the Llama family."""
+    """Shape and numerics of a decoder-only transformer: the Llama family and its relatives (Qwen2, Gemma 3),
+    which differ only in the optional fields below."""
 
     architecture: str
     vocab_size: int
@@ -35,13 +40,36 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope_scaling: RopeScaling | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on the Q, K, V projections
+    attention_out_bias: bool = False  # a bias on the output projection (Llama's attention_bias sets both; Qwen2 only QKV)
+    hidden_act: str = "silu"  # the gate's activation in the gated MLP: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Gemma 3, Qwen3)
+    query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power; None: head_dim
+    layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"; None: all full
+    sliding_window: int | None = None  # keys a sliding layer sees, the query's own position included
+    rope_local_theta: float | None = None  # RoPE base of sliding layers when it differs (Gemma 3: 10k vs 1M)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {HIDDEN_ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the {self.num_layers} "
+                                 f"layers, got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+                raise ValueError(f"sliding_window must be a positive int when layer_types has sliding layers, "
+                                 f"got {self.sliding_window}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """How many positions layer `layer` attends to (itself included); None: all earlier ones."""
+        if self.layer_types is not None and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def num_params_estimate(self) -> int:
@@ -51,6 +79,29 @@ class ModelConfig:
         layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_layers * layer + self.vocab_size * h + head + h
+
+
+QUANTIZATION_METHODS = ("native", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How linear and embedding weights are stored and computed.
+
+    "native": keep the checkpoint's own quantized blocks (GGUF Q4_0/Q4_1/Q8_0, or a tokenmill-quantized
+    checkpoint) as they are; other tensor types run as floats;
+    "int8" / "int4": round-to-nearest quantize float weights, int8 per output channel or int4 per
+    `group_size` inputs; embeddings and the LM head stay int8 in both (they drive quality most).
+    """
+
+    method: str
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None; got {self.method!r}")
+        if self.group_size < 32 or self.group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
 
 
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill

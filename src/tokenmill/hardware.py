@@ -35,6 +35,20 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def memory_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s that summing a large float32 buffer reaches with torch's threads (best of `repeats`): the
+    ceiling a bandwidth-bound decode step can approach. The buffer is far larger than any L3 cache."""
+    import time
+
+    buf = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
 def describe() -> dict[str, str]:
     """One-line facts to store next to every measurement."""
     flags = cpu_flags()

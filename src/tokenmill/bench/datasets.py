@@ -75,14 +75,9 @@ def builtin_prompts() -> tuple[dict[str, Any], ...]:
 @cache
 def load_tokenizer(model: str | None) -> Tokenizer:
     """Only the tokenizer of a model (GGUF metadata or tokenizer.json), without its weights; read once (seconds)."""
-    from tokenmill.model.loader import gguf as gguf_loader
-    from tokenmill.model.loader import resolve_model_path
-    from tokenmill.model.tokenizer import Tokenizer
+    from tokenmill.model.loader import load_tokenizer as load
 
-    path = resolve_model_path(model)
-    if path.is_dir():
-        return Tokenizer.from_hf_dir(path)
-    return Tokenizer.from_gguf_metadata(gguf_loader.read_metadata(gguf_loader.open_gguf(path)))
+    return load(model)
 
 
 def corpus_tokens(tokenizer: Tokenizer) -> list[int]:

@@ -8,6 +8,7 @@ Prefill tok/s = input_len / TTFT; decode tok/s = (output_len - 1) / decode time.
 from __future__ import annotations
 
 import random
+import resource
 import statistics
 import time
 from dataclasses import asdict
@@ -36,6 +37,8 @@ def time_one(engine: Any, request_id: str, prompt_ids: list[int], output_len: in
 def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int, output_len: int, num_iters: int,
                 num_warmups: int, seed: int) -> dict[str, Any]:
     from tokenmill import LLM
+    from tokenmill.hardware import memory_read_bandwidth
+    from tokenmill.model.build import weight_bytes_per_token
 
     if input_len < 1 or output_len < 2 or num_iters < 1:
         raise BenchError("bench latency needs --input-len >= 1, --output-len >= 2 (decode speed needs a second "
@@ -54,11 +57,18 @@ def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int
             iterations.append({**timing, "prefill_tok_s": input_len / timing["ttft_s"],
                                "decode_tok_s": (output_len - 1) / decode})
     e2e = distribution([it["e2e_s"] for it in iterations])
+    decode_tok_s = statistics.median(it["decode_tok_s"] for it in iterations)
+    weight_bytes = weight_bytes_per_token(llm.model)
+    bandwidth = memory_read_bandwidth()
     return {"input_len": input_len, "output_len": output_len, "num_iters": num_iters, "load_s": llm.load_seconds,
             "e2e_ms": asdict(e2e) if e2e else None,
             "median_ttft_ms": 1000 * statistics.median(it["ttft_s"] for it in iterations),
             "median_prefill_tok_s": statistics.median(it["prefill_tok_s"] for it in iterations),
-            "median_decode_tok_s": statistics.median(it["decode_tok_s"] for it in iterations),
+            "median_decode_tok_s": decode_tok_s,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "weight_bytes_per_token": weight_bytes, "memory_read_gb_s": bandwidth / 1e9,
+            "achieved_weight_gb_s": weight_bytes * decode_tok_s / 1e9,
+            "bandwidth_fraction": weight_bytes * decode_tok_s / bandwidth,
             "iterations": iterations}
 
 
@@ -67,7 +77,12 @@ def latency_table(summary: dict[str, Any]) -> str:
     rows: list[Row] = [("Input / output tokens", f"{summary['input_len']} / {summary['output_len']}"),
                        ("Iterations", summary["num_iters"]), ("Median TTFT (ms)", summary["median_ttft_ms"]),
                        ("Median prefill (tok/s)", summary["median_prefill_tok_s"]),
-                       ("Median decode (tok/s)", summary["median_decode_tok_s"])]
+                       ("Median decode (tok/s)", summary["median_decode_tok_s"]),
+                       ("Peak resident memory (MiB)", summary["peak_rss_mib"]),
+                       ("Weight bytes read per token (MB)", summary["weight_bytes_per_token"] / 1e6),
+                       ("Memory read bandwidth (GB/s)", summary["memory_read_gb_s"]),
+                       ("Weights streamed at (GB/s)", summary["achieved_weight_gb_s"]),
+                       ("Fraction of memory bandwidth", summary["bandwidth_fraction"])]
     rows += [(f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} request latency (ms)",
               e2e.get(stat)) for stat in ("mean", "median", "p90", "p99")]
     return table("Single-request Latency Result", [(None, rows)])

@@ -3,7 +3,8 @@
 Arrivals are Poisson at --request-rate (exponential gaps from a seeded RNG) or all at once (rate inf); either way
 at most --max-concurrency requests are in flight, so rate inf + a concurrency limit is a closed loop. Every
 response is streamed (SSE) with `stream_options.include_usage`, so token counts are the server's own. A request
-fails on an HTTP error, a stream that breaks or ends without [DONE], an error event, or a missing usage block.
+fails on an HTTP error, a stream that breaks or ends without [DONE] (or, for a backend that sends no [DONE],
+ends without usage), an error event, or a missing usage block.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import httpx
 from tqdm import tqdm
 
 from tokenmill.bench import BenchError
+from tokenmill.bench.backends import Backend, get_backend
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.metrics import RequestRecord
 
@@ -30,6 +32,7 @@ WARMUP_PROMPT = "Say hello in one short sentence."  # not from the dataset: it m
 class ServeConfig:
     base_url: str
     endpoint: str = "completions"  # "completions" | "chat"
+    backend: str = "openai"  # the server's dialect, a key of backends.BACKENDS
     model: str | None = None  # None: the first model the server lists
     request_rate: float = math.inf  # requests / s; inf sends them all at once
     max_concurrency: int | None = None
@@ -76,7 +79,7 @@ def request_body(config: ServeConfig, model: str, request: SampleRequest) -> dic
     else:
         body["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
     if config.ignore_eos:
-        body["ignore_eos"] = True  # a vLLM / llama.cpp extension; servers without it may stop early
+        body |= get_backend(config.backend).ignore_eos_fields(config.temperature)
     return body
 
 
@@ -86,7 +89,8 @@ def _content(choice: dict[str, Any], endpoint: str) -> str:
     return choice.get("text") or ""
 
 
-async def _read_stream(response: httpx.Response, record: RequestRecord, endpoint: str, sent: float) -> None:
+async def _read_stream(response: httpx.Response, record: RequestRecord, endpoint: str, backend: Backend,
+                       sent: float) -> None:
     """Time the content chunks and read usage; on return the record says success or what went wrong."""
     usage = None
     async for line in response.aiter_lines():
@@ -107,8 +111,10 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, endpoint
         for choice in choices:
             record.finish_reason = choice.get("finish_reason") or record.finish_reason
         usage = chunk.get("usage") or usage
+    if record.latency is None and not backend.ends_with_done and usage:
+        record.latency = time.perf_counter() - sent  # the body ended cleanly after its usage chunk
     if record.latency is None:
-        record.error = "broken stream: it ended before [DONE]"
+        record.error = f"broken stream: it ended before {'[DONE]' if backend.ends_with_done else 'its usage'}"
     elif not usage or usage.get("completion_tokens") is None:
         record.error = "missing usage: the stream had no usage block (stream_options.include_usage)"
     else:
@@ -117,7 +123,7 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, endpoint
 
 
 async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], record: RequestRecord,
-               endpoint: str, run_start: float) -> None:
+               config: ServeConfig, run_start: float) -> None:
     sent = time.perf_counter()
     record.send_time = sent - run_start
     try:
@@ -126,7 +132,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], record
                 detail = (await response.aread()).decode(errors="replace")
                 record.error = f"HTTP {response.status_code}: {detail[:300]}"
                 return
-            await _read_stream(response, record, endpoint, sent)
+            await _read_stream(response, record, config.endpoint, get_backend(config.backend), sent)
     except httpx.TimeoutException as exc:
         record.error = f"timeout: {type(exc).__name__}"
     except (httpx.HTTPError, ValueError) as exc:  # ValueError: a data line that is not JSON
@@ -154,6 +160,7 @@ def _client(config: ServeConfig, connections: int) -> httpx.AsyncClient:
 async def run_async(config: ServeConfig, requests: list[SampleRequest]) -> RunResult:
     if config.endpoint not in ENDPOINTS:
         raise BenchError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {config.endpoint!r}")
+    get_backend(config.backend)  # an unknown one fails here, before any request
     if config.max_concurrency is not None and config.max_concurrency < 1:
         raise BenchError(f"--max-concurrency must be >= 1, got {config.max_concurrency}")
     offsets = arrival_offsets(len(requests), config.request_rate, config.seed)
@@ -162,8 +169,8 @@ async def run_async(config: ServeConfig, requests: list[SampleRequest]) -> RunRe
         model = config.model or await resolve_model(client, root)
         for _ in range(config.num_warmups):
             warm = RequestRecord(index=-1, max_tokens=8)
-            await send(client, url, request_body(config, model, SampleRequest(WARMUP_PROMPT, 8)), warm,
-                       config.endpoint, time.perf_counter())
+            await send(client, url, request_body(config, model, SampleRequest(WARMUP_PROMPT, 8)), warm, config,
+                       time.perf_counter())
             if not warm.success:
                 raise BenchError(f"the warm-up request to {url} failed: {warm.error}")
         limit = asyncio.Semaphore(config.max_concurrency or len(requests))
@@ -174,8 +181,7 @@ async def run_async(config: ServeConfig, requests: list[SampleRequest]) -> RunRe
             async def one(request: SampleRequest, record: RequestRecord, offset: float) -> None:
                 await asyncio.sleep(max(0.0, run_start + offset - time.perf_counter()))
                 async with limit:
-                    await send(client, url, request_body(config, model, request), record, config.endpoint,
-                               run_start)
+                    await send(client, url, request_body(config, model, request), record, config, run_start)
                 bar.update(1)
 
             await asyncio.gather(*(one(r, rec, t) for r, rec, t in zip(requests, records, offsets)))

@@ -1,17 +1,19 @@
-"""The KV tensors: per layer, K and V as [num_blocks, block_size, kv_heads, head_dim], sized from a byte budget."""
+"""The KV tensors: per slot (see kv_layout), K and V as [num_blocks, block_size, kv_heads, head_dim], sized from a
+byte budget."""
 from __future__ import annotations
 
 import mmap
 
 import torch
 
+from tokenmill.cache.kv_layout import KVLayout
 from tokenmill.config import ModelConfig
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of one block across all layers."""
+    """K and V of one block: `slots` layers (all layers for a model without sliding windows)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * itemsize
+    return 2 * KVLayout.from_config(model).slots * block_size * model.num_kv_heads * model.head_dim * itemsize
 
 
 def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -28,13 +30,15 @@ def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        shape = (model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.layout = KVLayout.from_config(model)
+        shape = (self.layout.slots, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         numel = 1
         for d in shape:
             numel *= d
         self.k = _lazily_zeroed(numel, dtype).view(shape)
         self.v = _lazily_zeroed(numel, dtype).view(shape)
 
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V blocks [num_blocks, block_size, kv_heads, head_dim] that model layer `layer` reads and writes."""
+        slot = self.layout.slot_of[layer]
+        return self.k[slot], self.v[slot]

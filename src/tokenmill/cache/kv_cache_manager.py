@@ -1,14 +1,28 @@
 """Which KV blocks each request holds: allocation, prefix-cache hits, publishing full blocks, freeing.
 
 The manager owns block tables; the scheduler asks it for room and never touches blocks itself.
+A request holds one table per KV group (see kv_layout): `block_tables[request_id][group]`, entry i the block
+of positions [i * block_size, (i + 1) * block_size). In a sliding-window group, blocks that fell out of the
+window are given back after each step (and before each allocation) and their entries become NULL_BLOCK, so
+such a group holds at most about (window + chunk) / block_size blocks per request during a step, and about
+window / block_size between steps, however long the sequence grows.
+
+Prefix caching with several groups: each group publishes its own copy of a full block (under the chain
+hash salted with the group index), and a prefix hit needs every group to still have every block of the
+prefix. A sliding group's out-of-window blocks are freed but stay cached (in LRU order) until the pool
+reuses them, so hits work while they survive; once one is evicted, later requests hit only the prefix before
+it. (vLLM's sliding-window manager needs just the window's blocks before the hit point; a possible refinement.)
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenmill.cache.block_pool import BlockPool
 from tokenmill.cache.prefix_cache import extend_block_hashes
 from tokenmill.engine.request import Request
+
+NULL_BLOCK = -1  # a table entry whose block left the sliding window and was freed
 
 
 @dataclass
@@ -18,11 +32,14 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 windows: Sequence[int | None] = (None,)) -> None:
+        """`windows`: one entry per KV group, its sliding window (None: full attention)."""
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.block_tables: dict[str, list[int]] = {}
+        self.windows = tuple(windows)
+        self.block_tables: dict[str, list[list[int]]] = {}  # request -> one table per group
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks of each table already published
         self.prefix_stats = PrefixCacheStats()
 
@@ -35,25 +52,40 @@ class KVCacheManager:
     def num_used_blocks(self) -> int:
         return self.pool.num_blocks - self.pool.num_free
 
+    def max_request_tokens(self, max_chunk: int, limit: int) -> int:
+        """The longest sequence (up to `limit`) whose blocks fit in the whole pool at its peak, computing up to
+        `max_chunk` tokens per step: a full group holds every block, a sliding one the window plus the chunk."""
+        def peak(num_tokens: int) -> int:
+            full = self.blocks_needed(num_tokens)
+            return sum(full if w is None else min(full, (max_chunk + w - 3) // self.block_size + 2)
+                       for w in self.windows)
+
+        low, high = 0, limit
+        while low < high:  # peak grows with the length: bisect for the last length that fits
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if peak(mid) <= self.pool.num_blocks else (low, mid - 1)
+        return low
+
     def lookup_prefix(self, request: Request) -> int:
         """Claim cached blocks matching the request's leading full blocks; returns tokens covered.
 
         At least the last token is always left to compute, since its logits are needed.
         """
-        self.block_tables.setdefault(request.request_id, [])
+        self.block_tables.setdefault(request.request_id, [[] for _ in self.windows])
         if not self.enable_prefix_caching:
             return 0
         extend_block_hashes(request.block_hashes, request.token_ids, self.block_size)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hits = []
+        hits: list[list[int]] = []
         for block_hash in request.block_hashes[:max_blocks]:
-            block_id = self.pool.lookup(block_hash)
-            if block_id is None:
+            ids = [self.pool.lookup(_group_key(g, block_hash)) for g in range(len(self.windows))]
+            if None in ids:
                 break
-            hits.append(block_id)
-        for block_id in hits:
-            self.pool.share(block_id)
-        self.block_tables[request.request_id] = hits
+            hits.append(ids)
+        for ids in hits:
+            for block_id in ids:
+                self.pool.share(block_id)
+        self.block_tables[request.request_id] = [[ids[g] for ids in hits] for g in range(len(self.windows))]
         self.num_cached_blocks[request.request_id] = len(hits)
         return len(hits) * self.block_size
 
@@ -62,31 +94,77 @@ class KVCacheManager:
         self.prefix_stats.hits += num_hit_tokens
 
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more computed tokens; False (nothing changed) if blocks run out."""
-        table = self.block_tables.setdefault(request.request_id, [])
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(table)
-        if needed > self.pool.num_free:
+        """Make room for `num_new_tokens` more computed tokens; False (no new blocks) if blocks run out.
+
+        Sliding groups first give back the blocks no query of the request can see any more (after a prefix
+        hit, those are the hit's early blocks).
+        """
+        tables = self.block_tables.setdefault(request.request_id, [[] for _ in self.windows])
+        self._free_out_of_window(request)
+        total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
+        needed = [max(0, total - len(table)) for table in tables]
+        if sum(needed) > self.pool.num_free:
             return False
-        if needed > 0:
-            table.extend(self.pool.allocate(needed))
+        for table, count in zip(tables, needed):
+            if count:
+                table.extend(self.pool.allocate(count))
         return True
 
+    def _free_out_of_window(self, request: Request) -> None:
+        """In sliding groups, give back the blocks before the window of the next query (at position
+        num_computed_tokens, seeing keys from num_computed_tokens - window + 1 on)."""
+        for table, window in zip(self.block_tables[request.request_id], self.windows):
+            if window is None:
+                continue
+            first_needed = max(0, request.num_computed_tokens - window + 1) // self.block_size
+            freed = []
+            for i in range(min(first_needed, len(table)) - 1, -1, -1):  # freed entries form a prefix
+                if table[i] == NULL_BLOCK:
+                    break
+                freed.append(table[i])
+                table[i] = NULL_BLOCK
+            self.pool.free(freed)
+
     def commit(self, request: Request) -> None:
-        """Publish the request's blocks that are now full and computed, so later requests can share them."""
-        if not self.enable_prefix_caching:
-            return
-        table = self.block_tables[request.request_id]
+        """After a step: publish the request's blocks that are now full and computed, so later requests can
+        share them, then give back the sliding-window blocks it no longer needs (published ones stay cached)."""
+        if self.enable_prefix_caching:
+            self._publish(request)
+        self._free_out_of_window(request)
+
+    def _publish(self, request: Request) -> None:
+        tables = self.block_tables[request.request_id]
         full = request.num_computed_tokens // self.block_size
         done = self.num_cached_blocks.get(request.request_id, 0)
         if full <= done:
             return
         extend_block_hashes(request.block_hashes, request.token_ids[: full * self.block_size], self.block_size)
-        for i in range(done, full):
-            self.pool.mark_cached(table[i], request.block_hashes[i])
+        for g, table in enumerate(tables):
+            for i in range(done, full):
+                self.pool.mark_cached(table[i], _group_key(g, request.block_hashes[i]))
         self.num_cached_blocks[request.request_id] = full
 
     def free(self, request: Request) -> None:
         """Release every block of the request; tail blocks first into the free queue, so they are evicted first."""
-        table = self.block_tables.pop(request.request_id, [])
+        tables = self.block_tables.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
-        self.pool.free(list(reversed(table)))
+        for table in tables:
+            self.pool.free([b for b in reversed(table) if b != NULL_BLOCK])
+
+    def held_blocks(self, request_id: str) -> list[int]:
+        """Blocks the request holds now, per group."""
+        return [sum(b != NULL_BLOCK for b in table) for table in self.block_tables.get(request_id, [])]
+
+    def utilization(self, requests: Sequence[Request]) -> float:
+        """Tokens stored / slots in the blocks the requests hold, over all groups."""
+        stored = slots = 0
+        for request in requests:
+            for table, held in zip(self.block_tables.get(request.request_id, []), self.held_blocks(request.request_id)):
+                stored += request.num_computed_tokens - (len(table) - held) * self.block_size
+                slots += held * self.block_size
+        return stored / slots if slots else 0.0
+
+
+def _group_key(group: int, block_hash: bytes) -> bytes:
+    """Each group caches its own copy of a block; group 0 keeps the plain hash."""
+    return block_hash if group == 0 else block_hash + group.to_bytes(2, "little")

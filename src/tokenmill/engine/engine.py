@@ -40,7 +40,11 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{bytes_per_block(model.config, block_size, dtype)} bytes")
         self.kv_cache = KVCache(model.config, num_blocks, block_size, dtype)
-        self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
+                                         self.kv_cache.layout.windows)
+        # A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).
+        self.max_request_tokens = self.kv_manager.max_request_tokens(self.scheduler_config.max_num_batched_tokens,
+                                                                     self.max_model_len)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
@@ -96,12 +100,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
                              "at least one token must fit after it")
-        capacity = self.kv_cache.num_slots
-        if len(ids) >= capacity:
-            raise ValueError(f"prompt has {len(ids)} tokens, but the whole KV cache holds {capacity}: "
+        if len(ids) >= self.max_request_tokens:
+            raise ValueError(f"prompt has {len(ids)} tokens, but the whole KV cache holds {self.max_request_tokens}: "
                              "raise kv_cache_memory")
-        # A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).
-        return min(self.max_model_len, capacity) - len(ids)
+        return self.max_request_tokens - len(ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown or finished)."""

@@ -141,15 +141,13 @@ class Scheduler:
         self.kv.free(request)
 
     def stats(self) -> SchedulerStats:
-        stored = sum(r.num_computed_tokens for r in self.running)
         used_blocks = self.kv.num_used_blocks()
-        in_tables = sum(len(t) for t in self.kv.block_tables.values())
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             kv_blocks_used=used_blocks,
             kv_blocks_total=self.kv.pool.num_blocks,
-            kv_utilization=stored / (in_tables * self.kv.block_size) if in_tables else 0.0,
+            kv_utilization=self.kv.utilization(self.running),
             prefix_cache_queries=self.kv.prefix_stats.queries,
             prefix_cache_hits=self.kv.prefix_stats.hits,
             num_preemptions=self.num_preemptions,

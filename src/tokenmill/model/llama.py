@@ -1,9 +1,15 @@
-"""The Llama family (Llama 2/3, Mistral, SmolLM2): pre-norm decoder, GQA attention, SwiGLU MLP.
+"""The Llama family (Llama 2/3, Mistral, SmolLM2, Qwen2): pre-norm decoder, GQA attention, gated MLP.
+
+The layers also carry the knobs relatives need, read from ModelConfig: QKV/output biases (Qwen2), QK-norm,
+an attention scale, GeGLU, sliding-window layers with their own RoPE base, final logit softcapping
+(Gemma 3 adds only its sandwich-norm decoder layer and scaled embeddings, in gemma3.py).
 
 Q/K/V and gate/up projections are fused into one matrix each at load time: one GEMM instead of
 three (two) per layer, which matters when decoding is bound by per-call overhead.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +17,12 @@ from torch import nn
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.config import ModelConfig
+from tokenmill.kernels import layer_ops, native
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.paged_attention import AttentionMetadata, paged_attention
 from tokenmill.model.layers.rotary import RotaryEmbedding
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class Attention(nn.Module):
@@ -24,8 +33,12 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
-        self.scale = self.head_dim**-0.5
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -34,8 +47,10 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        out = paged_attention(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], meta, self.scale)
+        out = paged_attention(q, k, v, *kv.layer(self.layer_idx), meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -44,10 +59,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.act is F.silu and native.enabled_for(gate_up):
+            return self.down_proj(layer_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -65,21 +84,35 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    """`rotary` serves full-attention layers, `local_rotary` (if given) the sliding-window ones."""
+
+    layer_cls: type[nn.Module] = DecoderLayer
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, local_rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(self.layer_cls(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary
+        self.local_rotary = local_rotary
+        self.layer_rotary = [local_rotary if local_rotary is not None and config.layer_window(i) else rotary
+                             for i in range(config.num_layers)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: Sequence[AttentionMetadata],
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Run a step's flattened tokens; float32 logits of the rows in `logits_indices` (all rows if None)."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, self.rotary, kv, meta)
+        """Run a step's flattened tokens; float32 logits of the rows in `logits_indices` (all rows if None).
+
+        `meta[g]` describes KV group g (kv.layout); each layer gets its group's."""
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.layer_rotary[i], kv, meta[kv.layout.group_of[i]])
         if logits_indices is not None:
             x = x[logits_indices]
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)

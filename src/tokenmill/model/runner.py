@@ -1,6 +1,9 @@
 """ModelRunner: turns the scheduler's chunks into flat input tensors + attention metadata, runs the model.
 
 It reads requests and block tables but changes neither; the scheduler and the KV manager own those.
+Token ids and positions are shared by all layers; attention metadata is built once per KV group (see
+cache/kv_layout.py), since each group has its own block tables and window. A sliding-window group's tables
+are cut to the blocks the chunk can see, so local layers gather and attend over the window only.
 """
 from __future__ import annotations
 
@@ -19,51 +22,76 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
+        self.windows = kv_cache.layout.windows
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[int]]) -> torch.Tensor:
-        """Logits [chunks that sample, vocab] for the last token of each chunk reaching its sequence's end."""
-        ids, positions, slots, logits_rows = [], [], [], []
-        meta = AttentionMetadata(slot_mapping=None)
-        decode_tables, decode_lens = [], []
+    def execute(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
+        """Logits [chunks that sample, vocab] for the last token of each chunk reaching its sequence's end.
+
+        `block_tables[request_id][group]`: the request's table in each KV group."""
+        ids, positions, logits_rows = [], [], []
         row = 0
         for chunk in chunks:
             request, n = chunk.request, chunk.num_tokens
             start = request.num_computed_tokens
-            table = torch.tensor(block_tables[request.request_id], dtype=torch.long)
-            pos = torch.arange(start, start + n)
             ids.extend(request.token_ids[start:start + n])
-            positions.append(pos)
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            if n == 1:
-                assert not meta.prefills, "the scheduler orders single-token chunks first"
-                decode_tables.append(table)
-                decode_lens.append(start + 1)
-            else:
-                meta.prefills.append(PrefillSpan(row, n, start + n, table))
+            positions.append(torch.arange(start, start + n))
             row += n
             if chunk.samples:
                 logits_rows.append(row - 1)
+        masks: dict[int | None, torch.Tensor] = {}  # decode masks depend only on the window: shared by groups
+        meta = [self._group_metadata(g, window, chunks, block_tables, masks) for g, window in enumerate(self.windows)]
+        return self.model(torch.tensor(ids), torch.cat(positions), self.kv_cache, meta,
+                          torch.tensor(logits_rows, dtype=torch.long))
+
+    def _group_metadata(self, group: int, window: int | None, chunks: Sequence[ScheduledChunk],
+                        block_tables: dict[str, list[list[int]]], masks: dict) -> AttentionMetadata:
+        bs = self.block_size
+        meta = AttentionMetadata(slot_mapping=None, window=window)
+        slots, decode_tables, decode_starts, decode_lens = [], [], [], []
+        row = 0
+        for chunk in chunks:
+            start, n = chunk.request.num_computed_tokens, chunk.num_tokens
+            end = start + n
+            first = 0 if window is None else max(0, start - window + 1) // bs  # first block the chunk can see
+            table = torch.tensor(block_tables[chunk.request.request_id][group][first:-(-end // bs)], dtype=torch.long)
+            pos = torch.arange(start, end)
+            slots.append(table[pos // bs - first] * bs + pos % bs)
+            if n == 1:
+                assert not meta.prefills, "the scheduler orders single-token chunks first"
+                decode_tables.append(table)
+                decode_starts.append(first * bs)
+                decode_lens.append(end)
+            else:
+                meta.prefills.append(PrefillSpan(row, n, end, table, first * bs))
+            row += n
         meta.slot_mapping = torch.cat(slots)
         if decode_tables:
-            self._add_decode_metadata(meta, decode_tables, decode_lens)
-        logits = self.model(torch.tensor(ids), torch.cat(positions), self.kv_cache, meta,
-                            torch.tensor(logits_rows, dtype=torch.long))
-        return logits
+            self._add_decode_metadata(meta, decode_tables, decode_starts, decode_lens, masks)
+        return meta
 
-    def _add_decode_metadata(self, meta: AttentionMetadata, tables: list[torch.Tensor], lengths: list[int]) -> None:
+    def _add_decode_metadata(self, meta: AttentionMetadata, tables: list[torch.Tensor], key_starts: list[int],
+                             lengths: list[int], masks: dict) -> None:
         width = max(len(t) for t in tables)
         padded = torch.zeros(len(tables), width, dtype=torch.long)
         for i, t in enumerate(tables):
             padded[i, : len(t)] = t
         meta.num_decode_tokens = len(tables)
         meta.decode_block_tables = padded
-        lens = torch.tensor(lengths)
-        meta.decode_mask = (torch.arange(width * self.block_size)[None, :] < lens[:, None])[:, None, None, :]
+        meta.decode_seq_lens = torch.tensor(lengths) - torch.tensor(key_starts)
+        if meta.window not in masks:
+            key_pos = torch.tensor(key_starts)[:, None] + torch.arange(width * self.block_size)[None, :]
+            lens = torch.tensor(lengths)[:, None]
+            mask = key_pos < lens
+            if meta.window is not None:
+                mask &= key_pos >= lens - meta.window
+            masks[meta.window] = mask[:, None, None, :]
+        meta.decode_mask = masks[meta.window]
 
     @torch.inference_mode()
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Logits [len, vocab] at every position of one sequence, computed in one pass without caching."""
         n = len(token_ids)
-        meta = AttentionMetadata(slot_mapping=None, prefills=[PrefillSpan(0, n, n, torch.empty(0, dtype=torch.long))])
+        span = PrefillSpan(0, n, n, torch.empty(0, dtype=torch.long))
+        meta = [AttentionMetadata(slot_mapping=None, prefills=[span], window=w) for w in self.windows]
         return self.model(torch.tensor(token_ids), torch.arange(n), self.kv_cache, meta)

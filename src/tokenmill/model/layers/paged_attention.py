@@ -1,9 +1,12 @@
 """Attention over the paged KV cache, in plain PyTorch ops (a swappable backend: same inputs, same output).
 
 Token layout of a step: single-token chunks (decodes) first, then prefill chunks, all flattened into one
-[T, heads, dim] tensor with no padding between sequences. Decodes run as one batched SDPA call: each
-sequence's blocks are gathered and keys past its length are masked. Prefill chunks run one SDPA call
+[T, heads, dim] tensor with no padding between sequences. Decodes run in the native paged kernel, which
+reads each sequence's blocks in place (float32), or else as one batched SDPA call: each sequence's blocks
+are gathered and keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
+Sliding-window layers get their KV group's metadata with `window` set: block tables start at the block of
+the window's first key (`PrefillSpan.key_start`), and the masks also cut keys older than the window.
 """
 from __future__ import annotations
 
@@ -12,38 +15,54 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels import layer_ops, native
+
 
 @dataclass
 class PrefillSpan:
     start: int  # first row of this chunk in the step's flattened tokens
     num_tokens: int
     context_len: int  # tokens attended to by the chunk's last token (cached + this chunk)
-    block_table: torch.Tensor  # [blocks] block ids of the sequence
+    block_table: torch.Tensor  # [blocks] block ids of the sequence, from the block holding position key_start
+    key_start: int = 0  # position of block_table's first slot (> 0 only with a sliding window)
 
 
 @dataclass
 class AttentionMetadata:
+    """One KV group's view of a step (see cache/kv_layout.py): its slots, block tables and window."""
+
     slot_mapping: torch.Tensor | None  # [T] flat cache slot of each token; None: nothing is cached (scoring)
     num_decode_tokens: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [decodes, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None = None  # [decodes, 1, 1, max_blocks * block_size] True = attend
+    decode_block_tables: torch.Tensor | None = None  # [decodes, max_blocks], padded with block 0; with a window,
+    # each row starts at the block of the window's first position
+    decode_mask: torch.Tensor | None = None  # [decodes, 1, 1, max_blocks * block_size] True = attend (window included)
+    decode_seq_lens: torch.Tensor | None = None  # [decodes] int64 keys up to the new token, counted from the table's
+    # first block (the native kernel's positions; it applies the window itself)
     prefills: list[PrefillSpan] = field(default_factory=list)
+    window: int | None = None  # a query at position p sees keys p - window < k <= p; None: all k <= p
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KV, D]; k_cache, v_cache: [blocks, block_size, KV, D] of this layer."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    use_native = native.enabled_for(q) and k.stride(0) == v.stride(0)
     if meta.slot_mapping is not None:
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        if use_native:
+            layer_ops.write_kv(k, v, meta.slot_mapping, k_cache, v_cache)
+        else:
+            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and use_native:
+        out[:nd] = layer_ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                    meta.decode_seq_lens, scale, meta.window or 0)
+    elif nd:
         out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span, scale)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span, meta.window, scale)
     return out
 
 
@@ -66,16 +85,25 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             span: PrefillSpan, scale: float) -> torch.Tensor:
+             span: PrefillSpan, window: int | None, scale: float) -> torch.Tensor:
     t = span.num_tokens
     cached = span.context_len - t
     if cached == 0:  # nothing before this chunk: attend within it
-        keys, values, mask, causal = k, v, None, True
+        keys, values, key_start = k, v, 0
     else:
         kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
-        keys = k_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[: span.context_len]
-        values = v_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[: span.context_len]
-        mask = torch.arange(span.context_len)[None, :] <= torch.arange(cached, span.context_len)[:, None]
+        num_keys = span.context_len - span.key_start
+        keys = k_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys]
+        values = v_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys]
+        key_start = span.key_start
+    if cached == 0 and (window is None or t <= window):
+        mask, causal = None, True
+    else:
+        query_pos = torch.arange(cached, span.context_len)[:, None]
+        key_pos = torch.arange(key_start, span.context_len)[None, :]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask &= key_pos > query_pos - window
         causal = False
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
                                          attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)

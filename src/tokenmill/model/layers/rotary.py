@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import RopeScaling
+from tokenmill.kernels import layer_ops, native
 
 
 def inverse_frequencies(
@@ -48,7 +49,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, dim], k: [T, kv_heads, dim], positions: [T]."""
+        """q: [T, heads, dim], k: [T, kv_heads, dim], positions: [T]. The native kernel rotates in place."""
+        if native.enabled_for(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            layer_ops.rotary_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -1,4 +1,5 @@
-"""Turn a model reference (None, a .gguf file, an HF directory) into a Checkpoint: config, weights, tokenizer."""
+"""Turn a model reference (None, a .gguf file, an HF directory, a catalog name) into a Checkpoint: config, weights,
+tokenizer."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,14 +9,16 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.errors import ModelLoadError
 from tokenmill.model.loader import gguf as gguf_loader
 from tokenmill.model.loader import safetensors_dir
+from tokenmill.model.loader.catalog import resolve_model
 from tokenmill.model.loader.default_model import default_model_path
 from tokenmill.model.loader.gguf import PackedTensor
+from tokenmill.model.loader.gguf_header import read_gguf_header
 from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.quant.weights import QuantizedWeight
 
-Weight = torch.Tensor | PackedTensor
+Weight = torch.Tensor | PackedTensor | QuantizedWeight
 
 
 @dataclass
@@ -29,22 +32,32 @@ class Checkpoint:
     tokenizer: Tokenizer
     size_bytes: int
 
+    @property
+    def is_quantized(self) -> bool:
+        return any(isinstance(w, QuantizedWeight) or (isinstance(w, PackedTensor) and w.is_quantized)
+                   for w in self.weights.values())
+
     def weight_types(self) -> Counter[str]:
         """How many tensors of each storage type (GGUF quant type or torch dtype)."""
-        return Counter(w.qtype.name if isinstance(w, PackedTensor) else str(w.dtype).removeprefix("torch.")
-                       for w in self.weights.values())
+        return Counter(_storage_type(w) for w in self.weights.values())
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
+    """None -> the embedded default; an existing path -> itself; anything else -> a catalog name (see catalog.py)."""
     if model is None:
         return default_model_path()
     path = Path(model).expanduser()
-    if not path.exists():
-        raise ModelLoadError(
-            f"model path {str(path)!r} does not exist; pass a .gguf file or a Hugging Face model directory "
-            "(config.json + *.safetensors + tokenizer.json), or leave it out for the embedded default model"
-        )
-    return path
+    if path.exists():
+        return path
+    return resolve_model(str(model))
+
+
+def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer (GGUF metadata or tokenizer.json): works whether or not tokenmill runs the architecture."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return Tokenizer.from_hf_dir(path)
+    return Tokenizer.from_gguf_metadata(read_gguf_header(path).metadata)
 
 
 def load_checkpoint(model: str | Path | None = None) -> Checkpoint:
@@ -55,14 +68,14 @@ def load_checkpoint(model: str | Path | None = None) -> Checkpoint:
 
 
 def _load_gguf(path: Path) -> Checkpoint:
-    reader = gguf_loader.open_gguf(path)
-    meta = gguf_loader.read_metadata(reader)
-    config = gguf_loader.config_from_metadata(meta, {t.name for t in reader.tensors})
+    header = gguf_loader.open_gguf(path)
+    meta = gguf_loader.read_metadata(header)
+    config = gguf_loader.config_from_metadata(meta, {t.name for t in header.tensors})
     return Checkpoint(
         path=path,
         format="gguf",
         config=config,
-        weights=gguf_loader.read_tensors(reader, config),
+        weights=gguf_loader.read_tensors(header, config),
         tokenizer=Tokenizer.from_gguf_metadata(meta),
         size_bytes=path.stat().st_size,
     )
@@ -74,7 +87,15 @@ def _load_hf_dir(path: Path) -> Checkpoint:
         path=path,
         format="safetensors",
         config=config,
-        weights=safetensors_dir.read_tensors(path),
+        weights=safetensors_dir.read_tensors(path, config),
         tokenizer=Tokenizer.from_hf_dir(path),
         size_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
     )
+
+
+def _storage_type(w: Weight) -> str:
+    if isinstance(w, PackedTensor):
+        return w.qtype.name
+    if isinstance(w, QuantizedWeight):
+        return f"int{w.bits}_g{w.group_size}"
+    return str(w.dtype).removeprefix("torch.")

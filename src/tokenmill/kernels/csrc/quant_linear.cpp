@@ -1,0 +1,219 @@
+// Quantized linear kernels for x86 AVX2 (also used on AVX-512 machines): y = x @ W^T with W kept in
+// 4- or 8-bit blocks of 32 along K and x quantized on the fly to int8 per 32-block (as llama.cpp's Q8_1),
+// so every inner product is an integer dot (maddubs) and the weights are streamed once per call.
+//
+// Weight layouts (see tokenmill/quant/weights.py):
+//   int4: qweight uint8 [N, K/2]; in each 32-block byte j holds q[j] (low nibble) and q[j+16] (high nibble);
+//         w = scale[n, k/group] * q + min[n, k/group], q in [0, 15]
+//   int8: qweight int8 [N, K]; w = scale[n, k/group] * q
+// Scales (and mins) are float16 or float32. group is a multiple of 32, or 16 for int8 (GGUF Q6_K).
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace {
+
+constexpr int QK = 32;  // activation / weight block length
+
+inline float load_scale(const void* p, int64_t i, int f16) {
+  return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+// 8 int32 partial sums of a (unsigned bytes) . b (signed bytes), as floats.
+inline __m256 dot_u8s8(__m256i a, __m256i b) {
+  __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+  return _mm256_cvtepi32_ps(p);
+}
+
+// One activation row: q int8 [K], d = per-block scale, s = d * sum(q) per block (for the weight mins).
+void quantize_row(const float* x, int K, int8_t* q, float* d, float* s) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float max_abs = _mm_cvtss_f32(m4);
+    const float scale = max_abs / 127.0f;
+    const __m256 inv = _mm256_set1_ps(max_abs != 0.0f ? 127.0f / max_abs : 0.0f);
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j)
+      i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+    const int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), _mm256_permutevar8x32_epi32(packed, perm));
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(sum);
+  }
+}
+
+struct Activations {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+const Activations& quantize_activations(const float* x, int M, int K) {
+  thread_local Activations a;
+  const int nb = K / QK;
+  if (a.q.size() < static_cast<size_t>(M) * K) a.q.resize(static_cast<size_t>(M) * K);
+  if (a.d.size() < static_cast<size_t>(M) * nb) {
+    a.d.resize(static_cast<size_t>(M) * nb);
+    a.s.resize(static_cast<size_t>(M) * nb);
+  }
+  int8_t* q = a.q.data();
+  float* d = a.d.data();
+  float* s = a.s.data();
+#pragma omp parallel for schedule(static) if (M >= 8)
+  for (int m = 0; m < M; ++m)
+    quantize_row(x + static_cast<int64_t>(m) * K, K, q + static_cast<int64_t>(m) * K, d + m * nb, s + m * nb);
+  return a;
+}
+
+struct Weights {
+  const void* q;
+  const void* scale;
+  const void* min;  // int4 only
+  int f16;
+  int group_blocks;  // 32-blocks per scale group; 0 for 16-element groups
+};
+
+// Up to MT activation rows against one weight row; out[m * ldo] for m < MT.
+template <int BITS, int MT>
+inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, int m0, float* out, int64_t ldo) {
+  const int nb = K / QK;
+  const int ng = w.group_blocks ? nb / w.group_blocks : 0;  // 0: 16-groups, handled first
+  __m256 acc[MT];
+  float min_acc[MT];
+  for (int i = 0; i < MT; ++i) {
+    acc[i] = _mm256_setzero_ps();
+    min_acc[i] = 0.0f;
+  }
+  const int8_t* xq = a.q.data() + static_cast<int64_t>(m0) * K;
+  const float* xd = a.d.data() + static_cast<int64_t>(m0) * nb;
+  const float* xs = a.s.data() + static_cast<int64_t>(m0) * nb;
+  if (BITS == 8 && w.group_blocks == 0) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
+    for (int b = 0; b < nb; ++b) {
+      const __m256 ws = _mm256_set_m128(_mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2 + 1, w.f16)),
+                                        _mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2, w.f16)));
+      const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
+      const __m256i wabs = _mm256_sign_epi8(wa, wa);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + static_cast<int64_t>(i) * K + b * QK));
+        acc[i] = _mm256_fmadd_ps(dot_u8s8(wabs, _mm256_sign_epi8(xa, wa)), _mm256_mul_ps(ws, _mm256_set1_ps(xd[i * nb + b])), acc[i]);
+      }
+    }
+  }
+  for (int g = 0, b = 0; g < ng; ++g) {
+    const float ws = load_scale(w.scale, n * ng + g, w.f16);
+    const float wm = BITS == 4 ? load_scale(w.min, n * ng + g, w.f16) : 0.0f;
+    for (int end = b + w.group_blocks; b < end; ++b) {
+      __m256i wa, wabs;
+      if constexpr (BITS == 4) {
+        wa = unpack_nibbles(static_cast<const uint8_t*>(w.q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
+      } else {
+        wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
+        wabs = _mm256_sign_epi8(wa, wa);
+      }
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + static_cast<int64_t>(i) * K + b * QK));
+        const __m256 p = BITS == 4 ? dot_u8s8(wa, xa) : dot_u8s8(wabs, _mm256_sign_epi8(xa, wa));
+        acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(ws * xd[i * nb + b]), acc[i]);
+        if constexpr (BITS == 4) min_acc[i] += wm * xs[i * nb + b];
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) out[i * ldo] = tm::hsum(acc[i]) + min_acc[i];
+}
+
+template <int BITS>
+void linear(const float* x, int M, int K, const Weights& w, int N, float* out) {
+  const Activations& a = quantize_activations(x, M, K);
+  constexpr int MT = 4;
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    int m = 0;
+    for (; m + MT <= M; m += MT) dot_rows<BITS, MT>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N);
+    switch (M - m) {
+      case 3: dot_rows<BITS, 3>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
+      case 2: dot_rows<BITS, 2>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
+      case 1: dot_rows<BITS, 1>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
+
+}  // namespace
+
+extern "C" {
+
+void tm_linear_q4(const float* x, int M, int K, const uint8_t* q, const void* scale, const void* min, int f16, int N,
+                  int group, float* out) {
+  linear<4>(x, M, K, Weights{q, scale, min, f16, group / QK}, N, out);
+}
+
+void tm_linear_q8(const float* x, int M, int K, const int8_t* q, const void* scale, int f16, int N, int group,
+                  float* out) {
+  linear<8>(x, M, K, Weights{q, scale, nullptr, f16, group / QK}, N, out);
+}
+
+// Float32 rows of the weight: all N rows when rows == nullptr, else the listed ones (an embedding lookup).
+void tm_dequantize(int bits, const void* q, const void* scale, const void* min, int f16, int K, int group,
+                   const int64_t* rows, int64_t num_rows, float* out) {
+  const int group_blocks = group / QK;  // 0: 16-element groups
+  const int nb = K / QK, ng = group_blocks ? nb / group_blocks : 2 * nb;
+#pragma omp parallel for schedule(static) if (num_rows * K >= (1 << 16))
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t n = rows ? rows[r] : r;
+    float* o = out + r * K;
+    for (int b = 0; b < nb; ++b) {
+      const int64_t g = group_blocks ? n * ng + b / group_blocks : n * ng + 2 * b;
+      const __m256 ws0 = _mm256_set1_ps(load_scale(scale, g, f16));
+      const __m256 ws1 = group_blocks ? ws0 : _mm256_set1_ps(load_scale(scale, g + 1, f16));
+      __m256i v;  // 32 integer values of the block
+      if (bits == 4) {
+        v = unpack_nibbles(static_cast<const uint8_t*>(q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
+      } else {
+        v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(q) + n * K + b * QK));
+      }
+      const __m256 wm = bits == 4 ? _mm256_set1_ps(load_scale(min, g, f16)) : _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const __m128i bytes = j < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+        const __m128i part = (j & 1) ? _mm_srli_si128(bytes, 8) : bytes;
+        const __m256i ints = bits == 4 ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
+        // scale * q + min, rounded twice like the reference (no fused multiply-add): bit-exact dequantization
+        const __m256 prod = _mm256_mul_ps(j < 2 ? ws0 : ws1, _mm256_cvtepi32_ps(ints));
+        _mm256_storeu_ps(o + b * QK + 8 * j, bits == 4 ? _mm256_add_ps(prod, wm) : prod);
+      }
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,54 @@
+"""Python entry points of the float32 layer kernels (csrc/layer_ops.cpp, csrc/paged_attention.cpp).
+
+Callers check `native.enabled_for(x)` first and keep their PyTorch code as the fallback. Tensors are passed
+by pointer: each function states the layout it needs (rows may be strided views of a fused projection).
+"""
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels.native import library
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H] with contiguous rows -> new [..., H]."""
+    h = x.shape[-1]
+    rows = x.reshape(-1, h)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    library().tm_rms_norm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), eps, rows.shape[0], h, out.data_ptr())
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: contiguous [T, 2I] (gate then up) -> silu(gate) * up, [T, I]."""
+    t, width = x.shape
+    out = torch.empty(t, width // 2, dtype=torch.float32)
+    library().tm_silu_and_mul(x.data_ptr(), t, width // 2, out.data_ptr())
+    return out
+
+
+def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place on q [T, H, D] and k [T, KV, D] (each head row contiguous, tokens strided); positions int64."""
+    t, h, d = q.shape
+    library().tm_rotary(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), positions.data_ptr(), cos.data_ptr(),
+                        sin.data_ptr(), t, h, k.shape[1], d)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> None:
+    """k, v: [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous."""
+    t, kv, d = k.shape
+    library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv * d,
+                          k_cache.data_ptr(), v_cache.data_ptr())
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """q: [B, H, D] (token rows strided); block_tables int64 [B, max_blocks]; seq_lens int64 [B] -> [B, H, D]."""
+    b, h, d = q.shape
+    _, block_size, kv, _ = k_cache.shape
+    out = torch.empty(b, h, d, dtype=torch.float32)
+    library().tm_paged_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                        block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), b, h, kv,
+                                        d, block_size, scale, window, out.data_ptr())
+    return out

@@ -1,0 +1,41 @@
+"""The loaded native kernel library (None where it cannot run), and when callers should use it.
+
+`TOKENMILL_NATIVE_KERNELS=0` turns every native kernel off (plain PyTorch everywhere), for A/B measurements
+and for tests that compare both paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+
+import torch
+
+from tokenmill.kernels.build import KernelBuildError, load_library
+
+logger = logging.getLogger("tokenmill.kernels")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("TOKENMILL_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        return load_library()
+    except KernelBuildError as exc:
+        logger.warning("native kernels unavailable, using plain PyTorch (slower): %s", exc)
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def enabled_for(x: torch.Tensor) -> bool:
+    """The float kernels take float32 CPU tensors; other dtypes stay on PyTorch's own kernels."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and available()
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,1 @@
+"""Weight quantization: the packed formats, round-to-nearest and calibrated quantizers, quality evaluation."""

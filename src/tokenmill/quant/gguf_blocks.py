@@ -1,0 +1,86 @@
+"""GGUF block types -> QuantizedWeight, exactly: the repacked weight dequantizes to the same float32 values
+as the `gguf` package's reference dequantization, bit for bit.
+
+- Q4_0 (w = d * (q - 8)) -> int4, min = -8d; Q4_1 (w = d * q + m) -> int4; both float16 scales, group 32.
+- Q8_0 (w = d * q) -> int8 group 32; Q5_0 (w = d * (q - 16), 5-bit q) -> int8 codes q - 16, group 32.
+- Q4_K (256-blocks of eight 32-groups, w = (d * sc) * q - (dmin * m)) -> int4 group 32 with float32
+  scale d * sc and min -(dmin * m): products of a float16 and a 6-bit integer are exact in float32.
+- Q6_K (sixteen 16-groups, w = (d * sc) * (q - 32)) -> int8 codes q - 32, group 16, float32 scales.
+Other types (Q2_K, Q3_K, Q5_1, Q5_K, ...) are dequantized to floats by the model builder (`tokenmill
+info` lists which).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import Q4_K
+
+from tokenmill.model.loader.gguf import PackedTensor
+from tokenmill.quant.weights import BLOCK, QuantizedWeight, pack_nibbles
+
+def repack(t: PackedTensor) -> QuantizedWeight:
+    if t.qtype not in NATIVE_TYPES or len(t.shape) != 2:
+        raise ValueError(f"GGUF {t.qtype.name} tensor of shape {t.shape} has no exact packed mapping")
+    return _REPACKERS[t.qtype](np.ascontiguousarray(t.data), *t.shape)
+
+
+def _legacy(data: np.ndarray, rows: int, cols: int, qtype: Q) -> QuantizedWeight:
+    """Q4_0, Q4_1, Q8_0: 32-element blocks led by a float16 scale."""
+    blocks = data.reshape(rows, cols // BLOCK, -1)
+    scales = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16).reshape(rows, -1))
+    if qtype == Q.Q8_0:
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, cols))
+        return QuantizedWeight(8, q, scales, None, BLOCK)
+    if qtype == Q.Q4_1:
+        mins = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16).reshape(rows, -1))
+        nibbles = blocks[..., 4:]
+    else:
+        mins = scales * -8  # exact: a power-of-two multiple of a float16
+        nibbles = blocks[..., 2:]
+    return QuantizedWeight(4, torch.from_numpy(nibbles.reshape(rows, cols // 2).copy()), scales, mins, BLOCK)
+
+
+def _q5_0(data: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    blocks = data.reshape(rows * cols // BLOCK, -1)
+    scales = torch.from_numpy(blocks[:, 0:2].copy().view(np.float16).reshape(rows, -1))
+    high = (blocks[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
+    low = blocks[:, 6:, None] >> np.array([0, 4], dtype=np.uint8)
+    low = (low & 0x0F).transpose(0, 2, 1).reshape(-1, BLOCK)
+    q = (low | (high.astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
+    return QuantizedWeight(8, torch.from_numpy(q.reshape(rows, cols)), scales, None, BLOCK)
+
+
+def _q4_k(data: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    blocks = data.reshape(rows * cols // 256, -1)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+    scales = (d * sc.astype(np.float32)).reshape(rows, -1)
+    mins = -(dmin * m.astype(np.float32)).reshape(rows, -1)
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = torch.from_numpy((qs & 0x0F).reshape(rows, cols))  # 32-groups in order: low nibbles, then high
+    return QuantizedWeight(4, pack_nibbles(q), torch.from_numpy(scales), torch.from_numpy(mins), BLOCK)
+
+
+def _q6_k(data: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    blocks = data.reshape(rows * cols // 256, -1)
+    ql, qh = blocks[:, :128], blocks[:, 128:192]
+    sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    low = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    high = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    q = (low.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)).astype(np.int8) - np.int8(32)
+    scales = torch.from_numpy((d * sc).reshape(rows, -1))
+    return QuantizedWeight(8, torch.from_numpy(q.reshape(rows, cols)), scales, None, 16)
+
+
+_REPACKERS = {
+    **{qtype: functools.partial(_legacy, qtype=qtype) for qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0)},
+    Q.Q5_0: _q5_0,
+    Q.Q4_K: _q4_k,
+    Q.Q6_K: _q6_k,
+}
+NATIVE_TYPES = frozenset(_REPACKERS)

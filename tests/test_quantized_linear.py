@@ -1,0 +1,130 @@
+"""Quantized weights: exact GGUF repacking, RTN error bounds, native kernels against the float reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize as gguf_quantize
+
+from tokenmill.kernels import quant_ops
+from tokenmill.model.layers import quantized
+from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
+from tokenmill.model.loader.gguf import PackedTensor
+from tokenmill.quant.gguf_blocks import repack
+from tokenmill.quant.weights import QuantizedWeight, quantize_rtn
+
+needs_kernels = pytest.mark.skipif(not quant_ops.available(), reason="native kernels need an AVX2 CPU and g++")
+
+# int8 activations (per 32 values) cost ~0.4% of the output's scale per product sum; 2% leaves margin.
+KERNEL_RTOL = 0.02
+
+
+# k-quant blocks have no Python quantizer: random bytes are valid blocks once their float16 scales are sane.
+_K_BLOCK_SCALES = {Q.Q4_K: (144, [0, 2]), Q.Q6_K: (210, [208])}  # bytes per 256 values, offsets of f16 scales
+
+
+def _gguf_tensor(qtype: Q, rows: int, cols: int, seed: int = 0) -> PackedTensor:
+    rng = np.random.default_rng(seed)
+    if qtype in _K_BLOCK_SCALES:
+        size, offsets = _K_BLOCK_SCALES[qtype]
+        blocks = rng.integers(0, 256, (rows * cols // 256, size), dtype=np.uint8)
+        for off in offsets:
+            blocks[:, off:off + 2] = rng.uniform(0.001, 0.05, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+        return PackedTensor(blocks.reshape(rows, -1), qtype, (rows, cols))
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return PackedTensor(gguf_quantize(w, qtype), qtype, (rows, cols))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
+def test_gguf_repacking_is_bit_exact(qtype):
+    packed = _gguf_tensor(qtype, 48, 512)
+    weight = repack(packed)
+    assert weight.bits == (4 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 8)
+    assert torch.equal(weight.dequantize(), packed.dequantize())
+    if quant_ops.available():
+        assert torch.equal(quant_ops.dequantize(weight), packed.dequantize())
+    if qtype in (Q.Q4_1, Q.Q8_0):
+        assert weight.nbytes == packed.nbytes  # the file's own bits per weight
+    else:  # Q4_0's implicit min, 5/6-bit codes in a byte, k-quants' float32 group scales
+        assert weight.nbytes <= 2 * packed.nbytes
+
+
+def test_repack_refuses_types_without_exact_mapping():
+    with pytest.raises(ValueError, match="Q5_1"):
+        repack(_gguf_tensor(Q.Q5_1, 8, 64))
+    with pytest.raises(ValueError, match="Q3_K"):
+        repack(PackedTensor(np.zeros((8, 110), np.uint8), Q.Q3_K, (8, 256)))
+
+
+@pytest.mark.parametrize("bits,group,bound", [(8, None, 1 / 254), (8, 64, 1 / 254), (4, 32, 1 / 30), (4, 128, 1 / 30)])
+def test_rtn_error_is_within_half_a_step(bits, group, bound):
+    w = torch.randn(64, 256)
+    weight = quantize_rtn(w, bits, group)
+    g = group or 256
+    spread = w.view(64, -1, g)
+    step = (spread.abs().amax(-1) if bits == 8 else spread.amax(-1) - spread.amin(-1))  # range one code covers * levels
+    err = (weight.dequantize() - w).abs().view(64, -1, g).amax(-1)
+    assert torch.all(err <= step * bound * 1.0001 + 1e-7)
+
+
+def test_cat_refuses_mixed_formats():
+    a, b = quantize_rtn(torch.randn(8, 64), 4, 32), quantize_rtn(torch.randn(8, 64), 8)
+    with pytest.raises(ValueError, match="different formats"):
+        QuantizedWeight.cat([a, b])
+    both = QuantizedWeight.cat([a, quantize_rtn(torch.randn(4, 64), 4, 32)])
+    assert both.shape == (12, 64)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 96), (8, None), (8, 32), (8, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 33])
+def test_kernel_matches_dequantized_reference(bits, group, rows):
+    torch.manual_seed(rows)
+    weight = quantize_rtn(torch.randn(37, 384), bits, group)  # odd output count
+    x = torch.randn(rows, 384)
+    ref = x @ weight.dequantize().T
+    got = quant_ops.linear(x, weight)
+    assert got.shape == (rows, 37)
+    assert (got - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
+def test_kernel_on_repacked_gguf_tensors(qtype):
+    weight = repack(_gguf_tensor(qtype, 64, 512, seed=3))
+    x = torch.randn(3, 512)
+    ref = x @ weight.dequantize().T
+    assert (quant_ops.linear(x, weight) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+@pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_quantized_linear_agrees_across_kernel_choice(rows, gemm_dtype, monkeypatch):
+    """Small batches take the int8-dot kernel, large ones dequantize + float GEMM (bfloat16 on CPUs with native
+    bf16): all give the same layer within the int8-activation / bf16 rounding bound."""
+    monkeypatch.setattr(quantized, "GEMM_DTYPE", gemm_dtype)
+    weight = quantize_rtn(torch.randn(24, 64), 4, 32)
+    layer = QuantizedLinear([weight], torch.randn(24))
+    x = torch.randn(2, rows, 64)
+    ref = x @ weight.dequantize().T + layer.bias
+    out = layer(x)
+    assert out.shape == (2, rows, 24)
+    assert (out - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_quantized_linear_with_parts_of_different_formats(rows):
+    """A fused projection of an int4 part and an int8 part (as Q4_K q/k next to Q6_K v) runs as one layer."""
+    parts = [quantize_rtn(torch.randn(16, 64), 4, 32), quantize_rtn(torch.randn(8, 64), 8, None)]
+    layer = QuantizedLinear(parts, torch.randn(24))
+    x = torch.randn(rows, 64)
+    ref = x @ torch.cat([p.dequantize() for p in parts]).T + layer.bias
+    assert (layer(x) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+def test_quantized_embedding_looks_up_dequantized_rows():
+    weight = quantize_rtn(torch.randn(50, 64), 8)
+    ids = torch.tensor([[3, 0], [49, 3]])
+    out = QuantizedEmbedding(weight, torch.float32)(ids)
+    assert torch.equal(out, weight.dequantize()[ids])
