@@ -115,11 +115,14 @@ def test_shipped_texts_are_long_and_disjoint(tokenizer):
 
 @pytest.mark.slow
 def test_native_gguf_perplexity_within_2_percent_of_float32(llm_f32):
-    """The issue's bound, on the first 1024 tokens of the shipped text (3 windows) to keep it short."""
+    """The issue's bound, on the first 1024 tokens of the shipped text (3 windows) to keep it short. 512-token
+    windows run the quantized layers' dequantize-then-GEMM path; 32-token windows (on fewer tokens) run the native
+    int8-dot kernels, which also quantize activations, so both paths are held to the bound."""
     native = LLM(kv_cache_memory=2**24)  # dtype auto: the GGUF's own Q4_1 / Q8_0 blocks
     assert native.quant_config is not None and native.quant_config.method == "native"
     ids = llm_f32.tokenizer.encode(shipped_text("eval_en.txt"))[:1024]
-    reference = perplexity(llm_f32.engine.runner.score, ids)
-    ours = perplexity(native.engine.runner.score, ids)
-    assert ours.num_tokens == reference.num_tokens == 1023
-    assert abs(ours.perplexity / reference.perplexity - 1) < 0.02, (ours.perplexity, reference.perplexity)
+    for tokens, context, stride in ((1024, 512, 256), (256, 32, 16)):
+        reference = perplexity(llm_f32.engine.runner.score, ids[:tokens], context, stride)
+        ours = perplexity(native.engine.runner.score, ids[:tokens], context, stride)
+        assert ours.num_tokens == reference.num_tokens == tokens - 1
+        assert abs(ours.perplexity / reference.perplexity - 1) < 0.02, (context, ours.perplexity, reference.perplexity)
