@@ -67,16 +67,15 @@ def test_one_window_equals_exp_mean_nll_of_a_plain_forward(tiny):
     assert math.isclose(result.perplexity, math.exp(expected.mean().item()), rel_tol=1e-5)
 
 
-def test_sliding_windows_equal_per_token_forwards_over_each_tokens_context(tiny):
+def test_sliding_windows_equal_a_plain_forward_over_each_windows_tokens(tiny):
     _, model, llm, ids = tiny
-    ids, context, stride = ids[:40], 12, 5
+    context, stride = 16, 6
     result = perplexity(llm.engine.runner.score, ids, context, stride)
     by_hand = []
-    for w in sliding_windows(len(ids), context, stride):
-        for t in range(w.first_target, w.end):  # token t predicted from ids[w.begin:t] alone
-            by_hand.append(_hf_token_nlls(model, ids[w.begin:t + 1])[-1])
-    assert len(by_hand) == result.num_tokens == len(ids) - 1
-    assert math.isclose(result.nll, torch.stack(by_hand).mean().item(), rel_tol=1e-5)
+    for w in sliding_windows(len(ids), context, stride):  # token t is predicted from ids[w.begin:t] alone
+        by_hand.append(_hf_token_nlls(model, ids[w.begin:w.end])[w.first_target - w.begin - 1:])
+    assert sum(len(n) for n in by_hand) == result.num_tokens == len(ids) - 1
+    assert math.isclose(result.nll, torch.cat(by_hand).mean().item(), rel_tol=1e-5)
     # less context than one long window: the loss differs, so the windowing is not a no-op at this size
     assert not math.isclose(result.nll, _hf_token_nlls(model, ids).mean().item(), rel_tol=1e-4)
 
@@ -115,11 +114,14 @@ def test_shipped_texts_are_long_and_disjoint(tokenizer):
 
 @pytest.mark.slow
 def test_native_gguf_perplexity_within_2_percent_of_float32(llm_f32):
-    """The issue's bound, on the first 1024 tokens of the shipped text (3 windows) to keep it short."""
+    """The issue's bound, on the first 1024 tokens of the shipped text (3 windows) to keep it short. 512-token
+    windows run the quantized layers' dequantize-then-GEMM path; 32-token windows (on fewer tokens) run the native
+    int8-dot kernels, which also quantize activations, so both paths are held to the bound."""
     native = LLM(kv_cache_memory=2**24)  # dtype auto: the GGUF's own Q4_1 / Q8_0 blocks
     assert native.quant_config is not None and native.quant_config.method == "native"
     ids = llm_f32.tokenizer.encode(shipped_text("eval_en.txt"))[:1024]
-    reference = perplexity(llm_f32.engine.runner.score, ids)
-    ours = perplexity(native.engine.runner.score, ids)
-    assert ours.num_tokens == reference.num_tokens == 1023
-    assert abs(ours.perplexity / reference.perplexity - 1) < 0.02, (ours.perplexity, reference.perplexity)
+    for tokens, context, stride in ((1024, 512, 256), (256, 32, 16)):
+        reference = perplexity(llm_f32.engine.runner.score, ids[:tokens], context, stride)
+        ours = perplexity(native.engine.runner.score, ids[:tokens], context, stride)
+        assert ours.num_tokens == reference.num_tokens == tokens - 1
+        assert abs(ours.perplexity / reference.perplexity - 1) < 0.02, (context, ours.perplexity, reference.perplexity)
