@@ -2,6 +2,7 @@
 greedy tokens, on the paged engine too (sliding windows across chunked prefill, decode, prefix caching)."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ from hf_reference import greedy, hf_greedy, hf_logits
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
 
 from tokenmill import LLM
+from tokenmill.errors import UnsupportedModelError
 
 ATOL = 1e-5  # float32 on both sides; see test_hf_checkpoint.py
 VOCAB = 49152  # the default model's tokenizer is copied in; prompts are token ids
@@ -111,3 +113,11 @@ def test_gemma3_prefix_cache_hits_with_sliding_groups(gemma):
     assert first_out.outputs[0].token_ids == hf_greedy(model, PROMPT, 4)
     assert out.num_cached_tokens == 28
     assert out.outputs[0].token_ids == hf_greedy(model, second, 8)
+
+
+def test_unsupported_attention_softcapping_is_refused(tmp_path):
+    """Gemma 2-style attention-score softcapping would be silently ignored; it is refused, naming the field."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"],
+                                                      "attn_logit_softcapping": 50.0}))
+    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
+        LLM(str(tmp_path), dtype="float32")

@@ -26,6 +26,8 @@ def config_from_hf(path: Path) -> ModelConfig:
             f"{path}: architectures {archs} not supported; tokenmill runs {sorted(SUPPORTED_HF_ARCHITECTURES)}"
         )
     arch = SUPPORTED_HF_ARCHITECTURES[hf_arch]
+    if raw.get("attn_logit_softcapping"):
+        raise UnsupportedModelError(f"{path}: attn_logit_softcapping={raw['attn_logit_softcapping']} is not supported")
     heads, layers = raw["num_attention_heads"], raw["num_hidden_layers"]
     bias = raw.get("attention_bias", False)
     rope_theta = _rope_theta(raw)
