@@ -2,13 +2,16 @@
 greedy tokens, on the paged engine too (sliding windows across chunked prefill, decode, prefix caching)."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
+from hf_reference import greedy, hf_greedy, hf_logits
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
+from tokenmill.errors import UnsupportedModelError
 
 ATOL = 1e-5  # float32 on both sides; see test_hf_checkpoint.py
 VOCAB = 49152  # the default model's tokenizer is copied in; prompts are token ids
@@ -33,22 +36,6 @@ def _randomize(model, pattern: str, std: float) -> None:
                 p.normal_(0, std)
 
 
-def _hf_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, temperature=None, top_p=None, top_k=None)
-    return out[0, len(ids):].tolist()
-
-
-def _greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-
-
 def test_qwen2_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -60,9 +47,9 @@ def test_qwen2_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
     cfg = llm.config
     assert cfg.architecture == "qwen2" and cfg.attention_bias and not cfg.attention_out_bias
     assert not cfg.tie_word_embeddings and cfg.layer_types == ("full_attention",) * 2
-    torch.testing.assert_close(llm.engine.runner.score(PROMPT), _hf_logits(model, PROMPT), atol=ATOL, rtol=0)
-    out = llm.generate({"prompt_token_ids": PROMPT}, _greedy(12))[0].outputs[0].token_ids
-    assert out == _hf_greedy(model, PROMPT, 12)
+    torch.testing.assert_close(llm.engine.runner.score(PROMPT), hf_logits(model, PROMPT), atol=ATOL, rtol=0)
+    out = llm.generate({"prompt_token_ids": PROMPT}, greedy(12))[0].outputs[0].token_ids
+    assert out == hf_greedy(model, PROMPT, 12)
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +71,14 @@ def test_gemma3_checkpoint_matches_transformers(gemma):
     assert cfg.architecture == "gemma3" and cfg.qk_norm and cfg.hidden_act == "gelu_pytorch_tanh"
     assert cfg.sliding_window == WINDOW and cfg.rope_local_theta == 10000.0 and cfg.rope_theta == 1e6
     assert cfg.layer_types.count("full_attention") == 2 and llm.engine.kv_cache.layout.slots == 2
-    ours, theirs = llm.engine.runner.score(PROMPT), _hf_logits(model, PROMPT)
+    ours, theirs = llm.engine.runner.score(PROMPT), hf_logits(model, PROMPT)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     assert theirs.abs().max() < GEMMA["final_logit_softcapping"]  # the cap is in play
 
     # the window is not a no-op at this length: the same weights attending everywhere give other logits
     wide = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA, num_hidden_layers=13, sliding_window=512)).eval()
     wide.load_state_dict(model.state_dict())
-    assert (_hf_logits(wide, PROMPT) - theirs).abs().max() > 1000 * ATOL
+    assert (hf_logits(wide, PROMPT) - theirs).abs().max() > 1000 * ATOL
 
 
 def test_gemma3_engine_greedy_with_bounded_sliding_blocks(gemma):
@@ -99,7 +86,7 @@ def test_gemma3_engine_greedy_with_bounded_sliding_blocks(gemma):
     holds every block while after each step a sliding group keeps only the blocks the next window spans."""
     model, llm = gemma
     engine = llm.engine
-    engine.add_request("a", PROMPT, _greedy(30))
+    engine.add_request("a", PROMPT, greedy(30))
     sliding = [g for g, w in enumerate(engine.kv_cache.layout.windows) if w is not None]
     tokens: list[int] = []
     steps = 0
@@ -113,7 +100,7 @@ def test_gemma3_engine_greedy_with_bounded_sliding_blocks(gemma):
             assert held[-1] == -(-computed // BLOCK)  # the global group: every block
             assert max(held[g] for g in sliding) <= (WINDOW - 2) // BLOCK + 2  # 3: keys computed - 7 .. computed - 1
     assert steps == 4 + 29  # 40 prompt tokens in chunks of 13 (the 4th samples), then 29 decodes
-    assert tokens == _hf_greedy(model, PROMPT, 30)
+    assert tokens == hf_greedy(model, PROMPT, 30)
     assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.num_blocks
 
 
@@ -121,8 +108,16 @@ def test_gemma3_prefix_cache_hits_with_sliding_groups(gemma):
     """A second request sharing 30 tokens reuses 7 blocks in every group and decodes the same tokens."""
     model, llm = gemma
     second = PROMPT[:30] + [7, 8, 9, 10, 11]
-    first_out = llm.generate({"prompt_token_ids": PROMPT}, _greedy(4))[0]
-    out = llm.generate({"prompt_token_ids": second}, _greedy(8))[0]
-    assert first_out.outputs[0].token_ids == _hf_greedy(model, PROMPT, 4)
+    first_out = llm.generate({"prompt_token_ids": PROMPT}, greedy(4))[0]
+    out = llm.generate({"prompt_token_ids": second}, greedy(8))[0]
+    assert first_out.outputs[0].token_ids == hf_greedy(model, PROMPT, 4)
     assert out.num_cached_tokens == 28
-    assert out.outputs[0].token_ids == _hf_greedy(model, second, 8)
+    assert out.outputs[0].token_ids == hf_greedy(model, second, 8)
+
+
+def test_unsupported_attention_softcapping_is_refused(tmp_path):
+    """Gemma 2-style attention-score softcapping would be silently ignored; it is refused, naming the field."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"],
+                                                      "attn_logit_softcapping": 50.0}))
+    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
+        LLM(str(tmp_path), dtype="float32")

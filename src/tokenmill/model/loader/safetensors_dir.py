@@ -34,6 +34,8 @@ def config_from_hf(path: Path) -> ModelConfig:
             f"checkpoints and its own quantized ones ({QUANT_METHOD!r}, written by `tokenmill quantize`)"
         )
     arch = SUPPORTED_HF_ARCHITECTURES[hf_arch]
+    if raw.get("attn_logit_softcapping"):
+        raise UnsupportedModelError(f"{path}: attn_logit_softcapping={raw['attn_logit_softcapping']} is not supported")
     heads, layers = raw["num_attention_heads"], raw["num_hidden_layers"]
     bias = raw.get("attention_bias", False)
     rope_theta = _rope_theta(raw)
