@@ -41,7 +41,7 @@ def tokenmill_latency(flags: list[str], out: Path) -> dict:
     result = out.with_suffix(".json")
     run(["tokenmill", "bench", "latency", "--input-len", "128", "--output-len", "64", "--num-iters", "3",
          "--num-iters-warmup", "1", *flags, "--save-result", str(result)], out.with_suffix(".log"))
-    return json.loads(result.read_text())
+    return json.loads(result.read_text())["metrics"]
 
 
 def tokenmill_throughput(batch: int, out: Path) -> float:
@@ -49,7 +49,7 @@ def tokenmill_throughput(batch: int, out: Path) -> float:
     run(["tokenmill", "bench", "offline", "--dataset", "random", "--input-len", "128", "--output-len", "128",
          "--num-prompts", str(batch), "--max-num-seqs", str(batch), "--ignore-eos", "--save-result", str(result)],
         out.with_suffix(".log"))
-    return json.loads(result.read_text())["output_throughput"]
+    return json.loads(result.read_text())["metrics"]["output_throughput"]
 
 
 def llama_bench(model: Path, out: Path) -> dict[str, float]:
