@@ -24,7 +24,7 @@ from tokenmill.hardware import cpu_flags
 
 logger = logging.getLogger("tokenmill.kernels")
 
-SOURCES = ("quant_linear.cpp", "layer_ops.cpp", "paged_attention.cpp")
+SOURCES = ("quant_linear.cpp", "layer_ops.cpp", "paged_attention.cpp", "decode_step.cpp")
 REQUIRED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 
@@ -64,14 +64,14 @@ def load_library() -> ctypes.CDLL:
 
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # argument types of every exported kernel (see csrc/ for what each does)
-    "tm_linear_q4": [_p, _i, _i, _p, _p, _p, _i, _i, _i, _p],
-    "tm_linear_q8": [_p, _i, _i, _p, _p, _i, _i, _i, _p],
+    "tm_linear": [_p, _i, _i, _i, _p, _p, _p, _i, _i, _i, _p],
     "tm_dequantize": [_i, _p, _p, _p, _i, _i, _i, _p, _i64, _p],
     "tm_rms_norm": [_p, _i64, _p, _f, _i, _i, _p],
     "tm_silu_and_mul": [_p, _i, _i, _p],
     "tm_rotary": [_p, _i64, _p, _i64, _p, _p, _p, _i, _i, _i, _i],
     "tm_write_kv": [_p, _p, _i64, _p, _i, _i, _p, _p],
     "tm_paged_decode_attention": [_p, _i64, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _i, _p],
+    "tm_decode_layers": [_p, _i, _p, _p, _i, _p, _p],
 }
 
 

@@ -18,13 +18,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     lib = library()
     m, k = x.shape
     out = torch.empty(m, w.out_features, dtype=torch.float32)
-    f16 = int(w.scales.dtype == torch.float16)
-    if w.bits == 4:
-        lib.tm_linear_q4(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(), f16,
-                         w.out_features, w.group_size, out.data_ptr())
-    else:
-        lib.tm_linear_q8(x.data_ptr(), m, k, w.qweight.data_ptr(), w.scales.data_ptr(), f16, w.out_features,
-                         w.group_size, out.data_ptr())
+    lib.tm_linear(x.data_ptr(), m, k, w.bits, w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins),
+                  int(w.scales.dtype == torch.float16), w.out_features, w.group_size, out.data_ptr())
     return out
 
 

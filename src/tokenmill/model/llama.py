@@ -111,8 +111,10 @@ class LlamaModel(nn.Module):
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.layer_rotary[i], kv, meta[kv.layout.group_of[i]])
-        if logits_indices is not None:
-            x = x[logits_indices]
-        logits = self.lm_head(self.norm(x)).float()
+        return self.logits(x if logits_indices is None else x[logits_indices])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states (before the last norm)."""
+        logits = self.lm_head(self.norm(hidden)).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)

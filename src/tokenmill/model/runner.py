@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.model.fused_decode import FusedDecoder
 from tokenmill.model.layers.paged_attention import AttentionMetadata, PrefillSpan
 from tokenmill.model.llama import LlamaModel
 
@@ -23,12 +24,15 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.windows = kv_cache.layout.windows
+        self.fused = FusedDecoder.build(model, kv_cache)
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
         """Logits [chunks that sample, vocab] for the last token of each chunk reaching its sequence's end.
 
         `block_tables[request_id][group]`: the request's table in each KV group."""
+        if self.fused is not None and len(chunks) <= self.fused.max_rows and all(c.num_tokens == 1 for c in chunks):
+            return self._fused_decode(chunks, block_tables)
         ids, positions, logits_rows = [], [], []
         row = 0
         for chunk in chunks:
@@ -43,6 +47,28 @@ class ModelRunner:
         meta = [self._group_metadata(g, window, chunks, block_tables, masks) for g, window in enumerate(self.windows)]
         return self.model(torch.tensor(ids), torch.cat(positions), self.kv_cache, meta,
                           torch.tensor(logits_rows, dtype=torch.long))
+
+    def _fused_decode(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
+        """A decode-only step through the native decoder stack; metadata built from plain lists (no masks)."""
+        bs = self.block_size
+        positions = [c.request.num_computed_tokens for c in chunks]
+        ids = [c.request.token_ids[p] for c, p in zip(chunks, positions)]
+        groups = []
+        for g, window in enumerate(self.windows):
+            tables, lens, slots = [], [], []
+            for chunk, pos in zip(chunks, positions):
+                table = block_tables[chunk.request.request_id][g]
+                first = 0 if window is None else max(0, pos - window + 1) // bs
+                tables.append(table[first:pos // bs + 1])
+                lens.append(pos + 1 - first * bs)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            width = max(len(t) for t in tables)
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            groups.append((torch.tensor(padded), torch.tensor(lens), torch.tensor(slots)))
+        x = self.model.embed(torch.tensor(ids))
+        self.fused.run(x, torch.tensor(positions), groups)
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        return self.model.logits(x if len(rows) == len(chunks) else x[rows])
 
     def _group_metadata(self, group: int, window: int | None, chunks: Sequence[ScheduledChunk],
                         block_tables: dict[str, list[list[int]]], masks: dict) -> AttentionMetadata:

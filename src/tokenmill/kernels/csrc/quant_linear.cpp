@@ -7,6 +7,8 @@
 //         w = scale[n, k/group] * q + min[n, k/group], q in [0, 15]
 //   int8: qweight int8 [N, K]; w = scale[n, k/group] * q
 // Scales (and mins) are float16 or float32. group is a multiple of 32, or 16 for int8 (GGUF Q6_K).
+#include "quant_linear.h"
+
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -18,9 +20,8 @@
 
 #include "vec_math.h"
 
+namespace tm {
 namespace {
-
-constexpr int QK = 32;  // activation / weight block length
 
 inline float load_scale(const void* p, int64_t i, int f16) {
   return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
@@ -57,10 +58,7 @@ void quantize_row(const float* x, int K, int8_t* q, float* d, float* s) {
       v[j] = _mm256_loadu_ps(xb + 8 * j);
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[j]));
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float max_abs = _mm_cvtss_f32(m4);
+    const float max_abs = hmax(amax);
     const float scale = max_abs / 127.0f;
     const __m256 inv = _mm256_set1_ps(max_abs != 0.0f ? 127.0f / max_abs : 0.0f);
     __m256i i[4];
@@ -74,51 +72,22 @@ void quantize_row(const float* x, int K, int8_t* q, float* d, float* s) {
   }
 }
 
-struct Activations {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-};
-
-const Activations& quantize_activations(const float* x, int M, int K) {
-  thread_local Activations a;
-  const int nb = K / QK;
-  if (a.q.size() < static_cast<size_t>(M) * K) a.q.resize(static_cast<size_t>(M) * K);
-  if (a.d.size() < static_cast<size_t>(M) * nb) {
-    a.d.resize(static_cast<size_t>(M) * nb);
-    a.s.resize(static_cast<size_t>(M) * nb);
-  }
-  int8_t* q = a.q.data();
-  float* d = a.d.data();
-  float* s = a.s.data();
-#pragma omp parallel for schedule(static) if (M >= 8)
-  for (int m = 0; m < M; ++m)
-    quantize_row(x + static_cast<int64_t>(m) * K, K, q + static_cast<int64_t>(m) * K, d + m * nb, s + m * nb);
-  return a;
-}
-
-struct Weights {
-  const void* q;
-  const void* scale;
-  const void* min;  // int4 only
-  int f16;
-  int group_blocks;  // 32-blocks per scale group; 0 for 16-element groups
-};
-
-// Up to MT activation rows against one weight row; out[m * ldo] for m < MT.
+// Up to MT activation rows (from m0) against weight row n: r[i] = x_{m0+i} . W_n.
 template <int BITS, int MT>
-inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, int m0, float* out, int64_t ldo) {
-  const int nb = K / QK;
-  const int ng = w.group_blocks ? nb / w.group_blocks : 0;  // 0: 16-groups, handled first
+inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0, float* r) {
+  const int K = w.K, nb = K / QK;
+  const int group_blocks = w.group / QK;
+  const int ng = group_blocks ? nb / group_blocks : 0;  // 0: 16-groups, handled first
   __m256 acc[MT];
   float min_acc[MT];
   for (int i = 0; i < MT; ++i) {
     acc[i] = _mm256_setzero_ps();
     min_acc[i] = 0.0f;
   }
-  const int8_t* xq = a.q.data() + static_cast<int64_t>(m0) * K;
-  const float* xd = a.d.data() + static_cast<int64_t>(m0) * nb;
-  const float* xs = a.s.data() + static_cast<int64_t>(m0) * nb;
-  if (BITS == 8 && w.group_blocks == 0) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
+  const int8_t* xq = a.q + static_cast<int64_t>(m0) * K;
+  const float* xd = a.d + static_cast<int64_t>(m0) * nb;
+  const float* xs = a.s + static_cast<int64_t>(m0) * nb;
+  if (BITS == 8 && group_blocks == 0) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
     for (int b = 0; b < nb; ++b) {
       const __m256 ws = _mm256_set_m128(_mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2 + 1, w.f16)),
                                         _mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2, w.f16)));
@@ -133,7 +102,7 @@ inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, i
   for (int g = 0, b = 0; g < ng; ++g) {
     const float ws = load_scale(w.scale, n * ng + g, w.f16);
     const float wm = BITS == 4 ? load_scale(w.min, n * ng + g, w.f16) : 0.0f;
-    for (int end = b + w.group_blocks; b < end; ++b) {
+    for (int end = b + group_blocks; b < end; ++b) {
       __m256i wa, wabs;
       if constexpr (BITS == 4) {
         wa = unpack_nibbles(static_cast<const uint8_t*>(w.q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
@@ -149,39 +118,84 @@ inline void dot_rows(const Weights& w, int64_t n, int K, const Activations& a, i
       }
     }
   }
-  for (int i = 0; i < MT; ++i) out[i * ldo] = tm::hsum(acc[i]) + min_acc[i];
+  for (int i = 0; i < MT; ++i) r[i] = hsum(acc[i]) + min_acc[i];
+}
+
+template <int BITS, int MT>
+inline void store_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0, float* out, int64_t ldo,
+                       const float* bias, bool accumulate) {
+  float r[MT];
+  dot_rows<BITS, MT>(w, n, a, m0, r);
+  const float b = bias ? bias[n] : 0.0f;
+  for (int i = 0; i < MT; ++i) {
+    float* o = out + static_cast<int64_t>(m0 + i) * ldo + n;
+    *o = accumulate ? *o + (r[i] + b) : r[i] + b;
+  }
 }
 
 template <int BITS>
-void linear(const float* x, int M, int K, const Weights& w, int N, float* out) {
-  const Activations& a = quantize_activations(x, M, K);
+void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                  bool accumulate) {
   constexpr int MT = 4;
-#pragma omp parallel for schedule(static)
-  for (int n = 0; n < N; ++n) {
+#pragma omp for schedule(static)
+  for (int n = 0; n < w.N; ++n) {
     int m = 0;
-    for (; m + MT <= M; m += MT) dot_rows<BITS, MT>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N);
+    for (; m + MT <= M; m += MT) store_rows<BITS, MT>(w, n, a, m, out, ldo, bias, accumulate);
     switch (M - m) {
-      case 3: dot_rows<BITS, 3>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
-      case 2: dot_rows<BITS, 2>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
-      case 1: dot_rows<BITS, 1>(w, n, K, a, m, out + static_cast<int64_t>(m) * N + n, N); break;
+      case 3: store_rows<BITS, 3>(w, n, a, m, out, ldo, bias, accumulate); break;
+      case 2: store_rows<BITS, 2>(w, n, a, m, out, ldo, bias, accumulate); break;
+      case 1: store_rows<BITS, 1>(w, n, a, m, out, ldo, bias, accumulate); break;
       default: break;
     }
   }
 }
 
+// The calling thread's activation buffers, sized for M rows of K.
+QActivations activation_buffers(int M, int K) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d, s;
+  const size_t n = static_cast<size_t>(M) * K;
+  if (q.size() < n) {
+    q.resize(n);
+    d.resize(n / QK);
+    s.resize(n / QK);
+  }
+  return QActivations{q.data(), d.data(), s.data()};
+}
 
 }  // namespace
 
-extern "C" {
-
-void tm_linear_q4(const float* x, int M, int K, const uint8_t* q, const void* scale, const void* min, int f16, int N,
-                  int group, float* out) {
-  linear<4>(x, M, K, Weights{q, scale, min, f16, group / QK}, N, out);
+void quantize_rows(const float* x, int64_t x_stride, int M, int K, const QActivations& a) {
+  const int nb = K / QK;
+#pragma omp for schedule(static)
+  for (int m = 0; m < M; ++m)
+    quantize_row(x + m * x_stride, K, a.q + static_cast<int64_t>(m) * K, a.d + m * nb, a.s + m * nb);
 }
 
-void tm_linear_q8(const float* x, int M, int K, const int8_t* q, const void* scale, int f16, int N, int group,
-                  float* out) {
-  linear<8>(x, M, K, Weights{q, scale, nullptr, f16, group / QK}, N, out);
+void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+             bool accumulate) {
+  if (w.bits == 4)
+    qmatmul_bits<4>(w, a, M, out, ldo, bias, accumulate);
+  else
+    qmatmul_bits<8>(w, a, M, out, ldo, bias, accumulate);
+}
+
+}  // namespace tm
+
+extern "C" {
+
+using namespace tm;
+
+// y = x @ W^T: x float32 [M, K] contiguous, out float32 [M, N].
+void tm_linear(const float* x, int M, int K, int bits, const void* q, const void* scale, const void* min, int f16,
+               int N, int group, float* out) {
+  const tm::QMatrix w{q, scale, min, bits, f16, group, N, K};
+  const tm::QActivations a = tm::activation_buffers(M, K);
+#pragma omp parallel
+  {
+    tm::quantize_rows(x, K, M, K, a);
+    tm::qmatmul(w, a, M, out, N, nullptr, false);
+  }
 }
 
 // Float32 rows of the weight: all N rows when rows == nullptr, else the listed ones (an embedding lookup).

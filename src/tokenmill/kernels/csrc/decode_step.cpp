@@ -1,0 +1,140 @@
+// The whole decoder stack of a Llama-family model for a decode step (one new token per sequence), in one call
+// and one OpenMP parallel region: per layer RMSNorm -> fused QKV (+bias) -> RoPE -> KV write -> paged attention
+// -> o_proj (+residual) -> RMSNorm -> gate/up -> SiLU-and-mul -> down (+residual), with barriers between the
+// stages instead of a Python call, a tensor allocation and a thread-team start per op. At batch 1 those per-op
+// costs, not the weights, dominated the step (about 300 ops of 5-50 us each).
+// Weights are tokenmill's packed int4/int8 matrices (a projection may come in parts of different formats);
+// activations float32, quantized to int8 per 32 values for the integer dot products.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "paged_attention.h"
+#include "quant_linear.h"
+#include "row_ops.h"
+
+namespace {
+
+constexpr int kMaxParts = 3;
+
+struct Linear {  // output columns: the parts' rows, concatenated
+  tm::QMatrix parts[kMaxParts];
+  int num_parts;
+  const float* bias;  // [N] or null
+};
+
+struct Layer {
+  const float* input_norm;
+  const float* post_attention_norm;
+  Linear qkv, o, gate_up, down;
+  float* k_cache;  // [blocks, block_size, KV, D] of this layer
+  float* v_cache;
+  const float* cos;  // [positions, D] this layer's RoPE tables
+  const float* sin;
+  int group;   // its KV group (cache/kv_layout.py): which block tables it reads
+  int window;  // sliding window, 0 = none
+};
+
+struct Group {  // one KV group's view of the step
+  const int64_t* block_tables;  // [M, max_blocks]
+  int max_blocks;
+  const int64_t* seq_lens;  // [M] keys up to the new token, counted from the table's first block
+  const int64_t* slots;     // [M] cache slot of the new token
+};
+
+struct Dims {
+  int hidden, heads, kv_heads, head_dim, intermediate, block_size;
+  float eps, scale;
+};
+
+int width(const Linear& lin) {
+  int n = 0;
+  for (int p = 0; p < lin.num_parts; ++p) n += lin.parts[p].N;
+  return n;
+}
+
+// out[m * ldo + col] (+)= x_m . W_col + bias[col] over all parts (inside the parallel region).
+void linear(const Linear& lin, const tm::QActivations& a, int M, float* out, int64_t ldo, bool accumulate) {
+  int col = 0;
+  for (int p = 0; p < lin.num_parts; ++p) {
+    tm::qmatmul(lin.parts[p], a, M, out + col, ldo, lin.bias ? lin.bias + col : nullptr, accumulate);
+    col += lin.parts[p].N;
+  }
+}
+
+template <typename T>
+T* grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+}  // namespace
+
+extern "C" {
+
+// x: [M, hidden] residual stream in and out; positions: [M]; groups: one per KV group.
+void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, const Dims* dims, int M,
+                      const int64_t* positions, float* x) {
+  const Dims& d = *dims;
+  const int H = d.hidden, D = d.head_dim, G = d.heads / d.kv_heads, I = d.intermediate;
+  const int q_width = d.heads * D, kv_width = d.kv_heads * D, qkv_width = q_width + 2 * kv_width;
+  const int k_max = std::max({H, q_width, I});
+  thread_local std::vector<float> h_buf, qkv_buf, attn_buf, gu_buf, act_buf, ad_buf, as_buf;
+  thread_local std::vector<int8_t> aq_buf;
+  float* h = grow(h_buf, static_cast<size_t>(M) * H);
+  float* qkv = grow(qkv_buf, static_cast<size_t>(M) * qkv_width);
+  float* attn = grow(attn_buf, static_cast<size_t>(M) * q_width);
+  float* gu = grow(gu_buf, static_cast<size_t>(M) * 2 * I);
+  float* act = grow(act_buf, static_cast<size_t>(M) * I);
+  const tm::QActivations qa{grow(aq_buf, static_cast<size_t>(M) * k_max), grow(ad_buf, static_cast<size_t>(M) * k_max / tm::QK),
+                            grow(as_buf, static_cast<size_t>(M) * k_max / tm::QK)};
+  constexpr int kChunk = 64;  // SiLU-and-mul work unit, so one row still spreads over the threads
+  const int chunks = (I + kChunk - 1) / kChunk;
+#pragma omp parallel
+  for (int l = 0; l < num_layers; ++l) {
+    const Layer& ly = layers[l];
+    const Group& grp = groups[ly.group];
+#pragma omp for schedule(static)
+    for (int m = 0; m < M; ++m) tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.input_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
+    tm::quantize_rows(h, H, M, H, qa);
+    linear(ly.qkv, qa, M, qkv, qkv_width, false);
+#pragma omp for schedule(static)
+    for (int m = 0; m < M; ++m) {  // RoPE on q and k, then store k and v in the cache
+      float* row = qkv + static_cast<int64_t>(m) * qkv_width;
+      const float* c = ly.cos + positions[m] * D;
+      const float* s = ly.sin + positions[m] * D;
+      for (int head = 0; head < d.heads + d.kv_heads; ++head) tm::rotate_half_row(row + head * D, c, s, D);
+      std::memcpy(ly.k_cache + grp.slots[m] * kv_width, row + q_width, kv_width * sizeof(float));
+      std::memcpy(ly.v_cache + grp.slots[m] * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+    }
+    const tm::PagedKV kv{ly.k_cache, ly.v_cache, grp.block_tables, grp.max_blocks, grp.seq_lens,
+                         d.kv_heads, D, d.block_size, ly.window};
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int m = 0; m < M; ++m)
+      for (int kvh = 0; kvh < d.kv_heads; ++kvh)
+        tm::decode_attention_task(qkv + static_cast<int64_t>(m) * qkv_width, kv, m, kvh, G, d.scale,
+                                  attn + static_cast<int64_t>(m) * q_width);
+    tm::quantize_rows(attn, q_width, M, q_width, qa);
+    linear(ly.o, qa, M, x, H, true);
+#pragma omp for schedule(static)
+    for (int m = 0; m < M; ++m)
+      tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.post_attention_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
+    tm::quantize_rows(h, H, M, H, qa);
+    linear(ly.gate_up, qa, M, gu, 2 * I, false);
+#pragma omp for schedule(static) collapse(2)
+    for (int m = 0; m < M; ++m)
+      for (int c = 0; c < chunks; ++c) {
+        const int64_t row = static_cast<int64_t>(m) * 2 * I, i0 = c * kChunk;
+        const int n = std::min(kChunk, I - static_cast<int>(i0));
+        tm::silu_and_mul_row(gu + row + i0, gu + row + I + i0, n, act + static_cast<int64_t>(m) * I + i0);
+      }
+    tm::quantize_rows(act, I, M, I, qa);
+    linear(ly.down, qa, M, x, H, true);
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,68 @@
+"""The fused decode step: a whole Llama-family decoder stack in one native call for decode-only steps.
+
+Why: at batch 1 the packed weights of SmolLM2-135M take ~15 ms to stream, yet a step took ~23 ms, since
+each of its ~300 small ops costs a Python call, an allocation and an OpenMP team start. The native step
+(kernels/csrc/decode_step.cpp) runs the same math per layer with barriers instead. It covers what the Llama
+family needs (packed weights, SwiGLU, optional Q/K/V and output biases, sliding windows); models or steps it
+does not cover (float weights, Gemma 3's layer, prefill chunks, more rows than the kernels' limit) take the
+module path, which stays the reference. `TOKENMILL_FUSED_DECODE=0` turns it off (A/B measurements, tests).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from tokenmill.cache.kv_cache import KVCache
+from tokenmill.kernels import decode_step, native
+from tokenmill.model.layers.quantized import QuantizedLinear
+from tokenmill.model.llama import DecoderLayer, LlamaModel
+
+
+def _linear(module: torch.nn.Module) -> decode_step.Linear | None:
+    if not isinstance(module, QuantizedLinear) or len(module.parts) > decode_step.MAX_PARTS:
+        return None
+    return decode_step.Linear.of([p.weight for p in module.parts], module.bias)
+
+
+class FusedDecoder:
+    """Holds the ctypes view of the model's layers; `run` advances the residual stream through all of them."""
+
+    def __init__(self, model: LlamaModel, kv: KVCache, layers: list[decode_step.DecodeLayer], max_rows: int) -> None:
+        self.model, self.kv, self.max_rows = model, kv, max_rows
+        self.layers = (decode_step.DecodeLayer * len(layers))(*layers)
+        c = model.config
+        attn = model.layers[0].self_attn
+        self.dims = decode_step.Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+                                     kv.block_size, c.rms_norm_eps, attn.scale)
+
+    @classmethod
+    def build(cls, model: LlamaModel, kv: KVCache) -> FusedDecoder | None:
+        """None when the model has something the native step does not do."""
+        c = model.config
+        if (os.environ.get("TOKENMILL_FUSED_DECODE", "1") == "0" or not native.available() or kv.dtype != torch.float32 or c.hidden_act != "silu" or c.qk_norm
+                or c.head_dim % 8 or any(type(layer) is not DecoderLayer for layer in model.layers)):
+            return None
+        layers = []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if any(lin is None for lin in linears):
+                return None
+            k_cache, v_cache = kv.layer(i)
+            rotary = model.layer_rotary[i]
+            window = c.layer_window(i) or 0
+            layers.append(decode_step.DecodeLayer(
+                layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), *linears,
+                k_cache.data_ptr(), v_cache.data_ptr(), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
+                kv.layout.group_of[i], window))
+        max_rows = min(layer.self_attn.qkv_proj.max_kernel_rows for layer in model.layers)
+        return cls(model, kv, layers, max_rows) if max_rows > 0 else None
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """x [M, hidden] float32 in place; groups[g] = (block tables [M, max_blocks], seq_lens [M], slots [M]),
+        all int64, as the runner's decode metadata (tables from the window's first block)."""
+        arr = (decode_step.KVGroup * len(groups))(*(
+            decode_step.KVGroup(t.data_ptr(), t.shape[1], lens.data_ptr(), slots.data_ptr()) for t, lens, slots in groups))
+        decode_step.decode_layers(self.layers, arr, self.dims, positions, x)

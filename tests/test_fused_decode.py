@@ -1,0 +1,95 @@
+"""The fused native decode step (model/fused_decode.py) against the module path it replaces: same kernels and
+the same order of float operations, so greedy tokens and logprobs must agree, on batched decodes of sequences
+of different lengths, with Q/K/V biases (Qwen2), a sliding window crossing block boundaries (Mistral) and a
+projection whose parts come in two formats. Prefix caching is off: a cache hit on the second run would shrink
+its prefill below the packed kernels' row limit and so change which kernel computes the prompt."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.kernels import native
+from tokenmill.model.layers.quantized import QuantizedLinear
+from tokenmill.quant.weights import quantize_rtn
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need an AVX2 CPU and g++")
+
+SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+             vocab_size=49152, max_position_embeddings=256, initializer_range=0.1)
+PROMPTS = [[(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)] for j, n in enumerate((3, 9, 17, 30))]
+
+
+def _checkpoint(folder, tokenizer_dir, model) -> str:
+    with torch.no_grad():  # transformers initializes biases to zero; random ones catch a dropped term
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(folder))
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    return str(folder)
+
+
+def _run(llm: LLM, fused: bool) -> list:
+    runner = llm.engine.runner
+    saved = runner.fused
+    if not fused:
+        runner.fused = None
+    try:
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
+        return llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    finally:
+        runner.fused = saved
+
+
+def _assert_paths_agree(llm: LLM) -> None:
+    assert llm.engine.runner.fused is not None, "this model should take the fused decode step"
+    calls = []
+    run = llm.engine.runner.fused.run
+    llm.engine.runner.fused.run = lambda *args: (calls.append(args[0].shape[0]), run(*args))
+    fused = _run(llm, fused=True)
+    del llm.engine.runner.fused.run
+    assert max(calls) == len(PROMPTS) and len(calls) >= 19  # batched decodes went through it
+    modules = _run(llm, fused=False)
+    for a, b in zip(fused, modules):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert step_a.keys() == step_b.keys()
+            for token in step_a:
+                assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization):
+    torch.manual_seed(0)
+    folder = _checkpoint(tmp_path, tokenizer_dir, Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval())
+    _assert_paths_agree(LLM(folder, quantization=quantization, block_size=4, enable_prefix_caching=False))
+
+
+def test_sliding_window_across_blocks(tmp_path, tokenizer_dir):
+    torch.manual_seed(1)
+    model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=8)).eval()
+    folder = _checkpoint(tmp_path, tokenizer_dir, model)
+    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False)
+    assert llm.engine.kv_cache.layout.windows == (8,)
+    _assert_paths_agree(llm)
+
+
+def test_projection_with_parts_in_two_formats(tmp_path, tokenizer_dir):
+    """As a Q4_K_M GGUF stores v_proj in Q6_K next to Q4_K q/k: the fused step must walk both parts."""
+    torch.manual_seed(2)
+    folder = _checkpoint(tmp_path, tokenizer_dir, Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval())
+    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False)
+    for layer in llm.model.layers:
+        qkv = layer.self_attn.qkv_proj
+        weight = torch.cat([p.weight.dequantize() for p in qkv.parts])
+        q_rows = layer.self_attn.split[0]
+        mixed = QuantizedLinear([quantize_rtn(weight[:q_rows], 4, 32), quantize_rtn(weight[q_rows:], 8, 16)], qkv.bias)
+        layer.self_attn.qkv_proj = mixed
+    llm.engine.runner.fused = type(llm.engine.runner.fused).build(llm.model, llm.engine.kv_cache)
+    assert len(llm.model.layers[0].self_attn.qkv_proj.parts) == 2
+    _assert_paths_agree(llm)
