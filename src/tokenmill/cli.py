@@ -23,7 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
     p.add_argument("--kv-cache-memory", type=float, default=DEFAULT_KV_CACHE_MEMORY,
-                   help="KV cache size in bytes, or a fraction (<= 1) of available memory")
+                   help="KV cache size in bytes, or a fraction (<= 1) of available memory; per model: `serve` "
+                        "with several models gives each engine a budget of this size (as vLLM: one per engine)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -116,21 +117,30 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    if args.model_tag and args.model and args.model_tag != args.model:
-        raise ValueError(f"model given twice: {args.model_tag!r} and --model {args.model!r}")
+    models = _served_models(args)
+    names = args.served_model_name or [None] * len(models)
+    if len(names) != len(models):
+        raise ValueError(f"--served-model-name given {len(names)} times for {len(models)} models; give it once per "
+                         "model, in the models' order, or not at all")
     if args.max_waiting is not None and args.max_waiting < 1:
         raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     from tokenmill import LLM  # after the checks: a bad option fails at once, not after torch imports
-    from tokenmill.server.launch import serve
+    from tokenmill.server.launch import ModelToServe, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = args.model_tag or args.model
-    llm = LLM(model, progress=True, **_engine_kwargs(args))
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-          served_model_name=args.served_model_name, model_arg=model, shutdown_timeout=args.shutdown_timeout,
-          log_prompts=args.log_prompts)
+    to_serve = [ModelToServe(LLM(model, progress=True, **_engine_kwargs(args)), model, name)
+                for model, name in zip(models, names)]
+    serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+          shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts)
+
+
+def _served_models(args: argparse.Namespace) -> list[str | None]:
+    """The positional models, or --model, or the default model (None); each is served by its own engine."""
+    if args.model_tag and args.model and args.model_tag != [args.model]:
+        raise ValueError(f"model given twice: {' '.join(args.model_tag)!r} and --model {args.model!r}")
+    return args.model_tag or [args.model]
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -194,17 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
-    srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                     help="a .gguf file, HF model directory or model name (same as --model)")
+    srv.add_argument("model_tag", nargs="*", default=[], metavar="MODEL",
+                     help="a .gguf file, HF model directory or model name (same as --model); several serve them "
+                          "all, each by its own engine, routed by the request's `model` field (requests without "
+                          "one go to the first); each model gets the whole --kv-cache-memory and --max-waiting")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                           "(default: $TOKENMILL_API_KEY; /health and /metrics stay open)")
-    srv.add_argument("--served-model-name", default=None,
-                     help="the model id clients send and /v1/models lists (default: the file's short name)")
+    srv.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                     help="the model id clients send and /v1/models lists (default: the file's short name); "
+                          "with several models, give it once per model, in order")
     srv.add_argument("--max-waiting", type=int, default=None,
-                     help="answer 429 when this many requests already wait to be scheduled (default: no limit)")
+                     help="answer 429 when this many requests already wait to be scheduled, per model "
+                          "(default: no limit)")
     srv.add_argument("--shutdown-timeout", type=float, default=10.0,
                      help="seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted")
     srv.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log lines")

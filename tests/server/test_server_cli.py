@@ -26,6 +26,8 @@ def test_short_model_name(path, name):
     (["--max-waiting", "0"], "--max-waiting must be >= 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
     (["a.gguf", "--model", "b.gguf"], "model given twice"),
+    (["a.gguf", "b.gguf", "--model", "a.gguf"], "model given twice"),
+    (["a.gguf", "b.gguf", "--served-model-name", "x"], "--served-model-name given 1 times for 2 models"),
 ])
 def test_bad_serve_option_is_a_clean_error_before_loading(args, message):
     proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", *args], capture_output=True, text=True,

@@ -22,7 +22,7 @@ import uvicorn
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.server import build_app
+from tokenmill.server import ModelRegistry, ServerState, build_app
 
 from serverproc import free_port
 
@@ -33,8 +33,8 @@ MARK = "Xylophone-fault"
 def app_server(engine: LLMEngine) -> Iterator[tuple[str, AsyncEngine]]:
     async_engine = AsyncEngine(engine)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(async_engine, "m"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    app = build_app(ModelRegistry([ServerState.create(async_engine, "m")]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible HTTP server: `build_app(async_engine, served_model_name, api_key)` -> FastAPI app."""
+"""The OpenAI-compatible HTTP server: `build_app(ModelRegistry([ServerState.create(async_engine, name)]))` -> app."""
 from tokenmill.server.app import build_app
+from tokenmill.server.models import ModelRegistry
+from tokenmill.server.state import ServerState
 
-__all__ = ["build_app"]
+__all__ = ["ModelRegistry", "ServerState", "build_app"]

@@ -1,23 +1,25 @@
-"""build_app: the FastAPI app over one AsyncEngine. Routes stay thin; the work is in completions/chat/streaming.
+"""build_app: the FastAPI app over the served models. Routes stay thin; the work is in completions/chat/streaming.
 
-The app owns the engine once built: its lifespan shutdown stops the engine loop. Draining in-flight requests
-happens earlier, in the server (launch.py), while connections are still open to receive their last chunks.
+Each route picks a model from the request's `model` field (ModelRegistry.route) and records it in the request's
+state, so the error counter labels errors with it. The app owns the engines once built: its lifespan shutdown
+stops every engine loop. Draining in-flight requests happens earlier, in the server (launch.py), while
+connections are still open to receive their last chunks.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.auth import APIKeyMiddleware
 from tokenmill.server.chat import create_chat_completion, render_messages
 from tokenmill.server.completions import create_completion
-from tokenmill.server.metrics import ErrorCountingMiddleware, ServerMetrics
+from tokenmill.server.metrics import MODEL_NAME_KEY, ErrorCountingMiddleware
+from tokenmill.server.models import ModelRegistry
 from tokenmill.server.openai_errors import RequestError, error_response, install_error_handlers
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -26,45 +28,47 @@ from tokenmill.server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    OpenAIRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
 from tokenmill.server.state import ServerState
 
 
-def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
-              model_root: str = "", accepted_model_names: Iterable[str] = (), log_prompts: bool = False) -> FastAPI:
-    state = ServerState(async_engine, served_model_name, model_root or served_model_name,
-                        ServerMetrics(async_engine, served_model_name), frozenset(accepted_model_names), log_prompts)
-
+def build_app(models: ModelRegistry, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await asyncio.to_thread(async_engine.shutdown)
+        await asyncio.to_thread(models.shutdown)
 
     app = FastAPI(title="tokenmill", lifespan=lifespan)
-    app.state.server = state
+    app.state.models = models
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(ErrorCountingMiddleware, metrics=state.metrics)  # outermost: sees the 401s too
+    app.add_middleware(ErrorCountingMiddleware, metrics_for=models.metrics_for)  # outermost: sees the 401s too
+
+    def route(body: OpenAIRequest, model: str | None, request: Request) -> ServerState:
+        state = models.route(body, model)
+        setattr(request.state, MODEL_NAME_KEY, state.served_model_name)
+        return state
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await create_completion(body, request, state)
+        return await create_completion(body, request, route(body, body.model, request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await create_chat_completion(body, request, state)
+        return await create_chat_completion(body, request, route(body, body.model, request))
 
     @app.get("/v1/models")
-    async def models() -> ModelList:
-        card = ModelCard(id=served_model_name, root=state.model_root, max_model_len=state.max_model_len)
-        return ModelList(data=[card])
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=m.served_model_name, root=m.model_root, max_model_len=m.max_model_len)
+                               for m in models.models])
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        state.check_request(body, body.model)
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        state = route(body, body.model, request)
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("send exactly one of prompt and messages", "prompt")
         if body.messages is not None:
@@ -77,8 +81,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        state.check_request(body, body.model)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        state = route(body, body.model, request)
         vocab = state.tokenizer.vocab_size
         if bad := [t for t in body.tokens if not 0 <= t < vocab]:
             raise RequestError(f"tokens out of range [0, {vocab}): {bad[:5]}", "tokens")
@@ -86,12 +90,12 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.get("/health")
     async def health() -> Response:
-        if async_engine.is_alive:
+        if not (dead := models.dead()):
             return Response(status_code=200)
-        return error_response(503, "the engine loop is not running")
+        return error_response(503, f"the engine loop is not running (model {', '.join(dead)})")
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(models.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return app

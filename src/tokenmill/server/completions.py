@@ -18,7 +18,6 @@ from tokenmill.server.streaming import respond
 
 
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Response:
-    state.check_request(body, body.model)
     if body.echo and body.logprobs is not None:
         raise RequestError("echo with logprobs needs prompt logprobs, which tokenmill does not compute; "
                            "drop one of the two", "logprobs")

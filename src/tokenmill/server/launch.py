@@ -1,6 +1,6 @@
-"""Run the app under uvicorn with a graceful shutdown: on SIGTERM/SIGINT stop accepting connections, let
-in-flight requests finish for up to `shutdown_timeout` seconds, abort the rest (their streams end with
-finish_reason "abort"), stop the engine (app lifespan), and return normally so the process exits 0.
+"""Run the app over one or more models under uvicorn with a graceful shutdown: on SIGTERM/SIGINT stop accepting
+connections, let in-flight requests finish for up to `shutdown_timeout` seconds, abort the rest (their streams end
+with finish_reason "abort"), stop the engines (app lifespan), and return normally so the process exits 0.
 """
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import re
 import signal
 import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -15,24 +17,26 @@ import uvicorn
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.llm import LLM
 from tokenmill.server.app import build_app
+from tokenmill.server.models import ModelRegistry
+from tokenmill.server.state import ServerState
 
 logger = logging.getLogger("tokenmill.server")
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn waits for open connections but never ends them; draining the engine first makes that wait short."""
+    """uvicorn waits for open connections but never ends them; draining the engines first makes that wait short."""
 
-    def __init__(self, config: uvicorn.Config, async_engine: AsyncEngine, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, models: ModelRegistry, shutdown_timeout: float) -> None:
         super().__init__(config)
-        self.async_engine = async_engine
+        self.models = models
         self.shutdown_timeout = shutdown_timeout
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()  # stop accepting before the drain, not after it
-        logger.info("draining %d in-flight requests (up to %.1f s)", self.async_engine.num_in_flight,
+        logger.info("draining %d in-flight requests (up to %.1f s)", self.models.num_in_flight,
                     self.shutdown_timeout)
-        aborted = await self.async_engine.drain(self.shutdown_timeout)
+        aborted = await self.models.drain(self.shutdown_timeout)
         if aborted:
             logger.warning("aborted %d requests still running after %.1f s", aborted, self.shutdown_timeout)
         await super().shutdown(sockets)
@@ -44,19 +48,36 @@ def short_model_name(path: Path) -> str:
     return re.sub(r"[.-](?:I?Q\d\w*|BF16|F16|F32)$", "", name, flags=re.IGNORECASE) or name
 
 
-def serve(llm: LLM, *, host: str, port: int, api_key: str | None, max_waiting: int | None,
-          served_model_name: str | None, model_arg: str | None, shutdown_timeout: float, log_prompts: bool) -> None:
-    path = llm.checkpoint.path
-    name = served_model_name or short_model_name(path)
-    aliases = {str(path), *([model_arg] if model_arg else [])} - {name}
-    async_engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
-    app = build_app(async_engine, name, api_key, model_root=str(path), accepted_model_names=aliases,
-                    log_prompts=log_prompts)
+@dataclass
+class ModelToServe:
+    """A loaded model, the name or path it was asked for by, and the id clients should send (None: its short name)."""
+
+    llm: LLM
+    model_arg: str | None = None
+    served_model_name: str | None = None
+
+
+def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str | None, max_waiting: int | None,
+          shutdown_timeout: float, log_prompts: bool) -> None:
+    """Each model gets its own engine core process (started here, after every model has loaded, so each core
+    shares all weights copy-on-write) and its own `max_waiting` queue limit."""
+    registry = ModelRegistry([_start(m, max_waiting, log_prompts) for m in models])
+    app = build_app(registry, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
-    server = _DrainingServer(config, async_engine, shutdown_timeout)
-    logger.info("serving %s as %r on http://%s:%d (API key %s)", path, name, host, port,
-                "required" if api_key else "off")
+    server = _DrainingServer(config, registry, shutdown_timeout)
+    for m in registry.models:
+        logger.info("serving %s as %r", m.model_root, m.served_model_name)
+    logger.info("listening on http://%s:%d (API key %s); requests without `model` go to %r", host, port,
+                "required" if api_key else "off", registry.default.served_model_name)
     # uvicorn re-raises the signal it shut down on once it is done; ignoring it then lets us exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     server.run()
+
+
+def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool) -> ServerState:
+    path = model.llm.checkpoint.path
+    name = model.served_model_name or short_model_name(path)
+    aliases = {str(path), *([model.model_arg] if model.model_arg else [])} - {name}
+    return ServerState.create(AsyncEngine(model.llm.engine, max_waiting=max_waiting), name, model_root=str(path),
+                              accepted_model_names=frozenset(aliases), log_prompts=log_prompts)

@@ -1,13 +1,14 @@
 """Prometheus metrics under vLLM's names with the `tokenmill:` prefix, so vLLM dashboards work after a rename.
 
-Each app has its own CollectorRegistry (two servers in one process, or tests, never share counts). Latencies
+Each served model has its own CollectorRegistry (two servers in one process, or tests, never share counts), all
+labelled `model_name` as vLLM does; /metrics merges a server's models into one exposition. Latencies
 are observed once per finished request from the engine's own timestamps; engine state (running, waiting, KV
 use, prefix cache, preemptions) is read at scrape time from AsyncEngine.stats, which every message from the
 engine core process refreshes.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,6 +18,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.outputs import RequestOutput
 
 P = "tokenmill:"
+MODEL_NAME_KEY = "model_name"  # set in the request's state by the route that picks a model
 # vLLM's buckets, so percentiles line up when the two are compared.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -80,8 +82,26 @@ class ServerMetrics:
     def count_error(self, status: int) -> None:
         self.errors.labels(**self._labels, status_code=str(status)).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+
+def render_metrics(metrics: Sequence[ServerMetrics]) -> bytes:
+    """Several models' metrics as one exposition: each family once, its samples told apart by `model_name`."""
+    return generate_latest(_MergedRegistry([m.registry for m in metrics]))
+
+
+class _MergedRegistry:
+    def __init__(self, registries: list[CollectorRegistry]) -> None:
+        self.registries = registries
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for registry in self.registries:
+            for family in registry.collect():  # built afresh on each collect, so extending one is safe
+                if (seen := families.get(family.name)) is None:
+                    families[family.name] = family
+                else:
+                    seen.samples.extend(family.samples)
+        return iter(families.values())
 
 
 class _EngineStatsCollector:
@@ -112,11 +132,12 @@ class _EngineStatsCollector:
 
 
 class ErrorCountingMiddleware:
-    """Counts every error response by status, wherever it came from (auth, routing, validation, engine)."""
+    """Counts every error response by status, wherever it came from (auth, routing, validation, engine), on
+    the model the route chose (`scope["state"]["model_name"]`), else on what `metrics_for(None)` gives."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics_for: Callable[[str | None], ServerMetrics]) -> None:
         self.app = app
-        self.metrics = metrics
+        self.metrics_for = metrics_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,11 +146,14 @@ class ErrorCountingMiddleware:
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] >= 400:
-                self.metrics.count_error(message["status"])
+                self._count(scope, message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, counting_send)
         except Exception:
-            self.metrics.count_error(500)  # Starlette's outermost middleware turns it into a 500
+            self._count(scope, 500)  # Starlette's outermost middleware turns it into a 500
             raise
+
+    def _count(self, scope: Scope, status: int) -> None:
+        self.metrics_for(scope.get("state", {}).get(MODEL_NAME_KEY)).count_error(status)

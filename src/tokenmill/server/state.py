@@ -1,16 +1,11 @@
-"""What every route needs, built once per app: the engine, its tokenizer, the model's names, metrics."""
+"""What every route needs about one served model: its engine, tokenizer, names and metrics."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.openai_errors import RequestError
-from tokenmill.server.protocol import OpenAIRequest
-
-logger = logging.getLogger("tokenmill.server")
 
 
 @dataclass
@@ -22,6 +17,12 @@ class ServerState:
     accepted_model_names: frozenset[str] = field(default_factory=frozenset)  # besides served_model_name
     log_prompts: bool = False
 
+    @classmethod
+    def create(cls, async_engine: AsyncEngine, served_model_name: str, *, model_root: str = "",
+               accepted_model_names: frozenset[str] = frozenset(), log_prompts: bool = False) -> ServerState:
+        return cls(async_engine, served_model_name, model_root or served_model_name,
+                   ServerMetrics(async_engine, served_model_name), accepted_model_names, log_prompts)
+
     @property
     def tokenizer(self) -> Tokenizer:
         return self.async_engine.engine.tokenizer
@@ -29,11 +30,3 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.async_engine.engine.max_model_len
-
-    def check_request(self, request: OpenAIRequest, model: str | None) -> None:
-        """404 for a model this server does not serve (as vLLM and OpenAI); warn about ignored fields."""
-        if model is not None and model != self.served_model_name and model not in self.accepted_model_names:
-            raise RequestError(f"The model `{model}` does not exist; this server serves `{self.served_model_name}`",
-                               "model", status=404)
-        if ignored := request.ignored_fields():
-            logger.warning("ignoring request fields tokenmill does not support: %s", ", ".join(ignored))

@@ -1,0 +1,128 @@
+"""Issue 8 scoreboard: the catalog's real models on tokenmill against llama.cpp on the same GGUF, in one run.
+
+Run:  python benchmarks/models.py --out benchmarks/results/models   (quiet machine, nothing else running)
+
+For each model (default: qwen2.5-coder-1.5b and gemma3-270m, both Q4_K_M):
+- ready: `tokenmill serve` and `llama-server` (8 slots) each started alone on the GGUF: seconds from start to
+  /health 200, and the memory then, as PSS summed over the server's processes (tokenmill's engine core shares
+  the weights copy-on-write, so they count once; llama.cpp's mmapped GGUF counts as it is resident).
+- single stream: `tokenmill bench latency` (128-token prompt, 64 new tokens, greedy, median of 3 after a
+  warm-up, in a fresh process) for load time, peak RSS, prefill and decode tok/s and the fraction of memory
+  bandwidth that streaming the weights reaches at batch 1; `llama-bench -p 128 -n 64` on the same GGUF.
+- throughput at 8 and 32 concurrent requests: `tokenmill bench compare` (a fresh `tokenmill serve` and
+  `llama-server --parallel C` per run, `bench serve`'s load generator, random 128-token prompts, 128 tokens
+  out, EOS ignored, greedy); its report and per-run JSON stay under OUT/<model>/compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quantized import PEERS, llama_bench, run, tokenmill_latency  # benchmarks/ is sys.path[0] when run as a script
+
+from tokenmill.bench.peers import ServerProcess, free_port, llama_server, tokenmill_server
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
+from tokenmill.hardware import describe
+from tokenmill.model.loader.catalog import resolve_model
+
+READY_SLOTS = 8  # llama-server's --parallel for the ready measurement
+CTX_PER_SLOT = 2048
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Proportional set size of a process and all its descendants: shared pages split among their sharers."""
+    total_kib, pending = 0, [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+            pending += [int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                        for c in (t / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total_kib += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+    return total_kib / 1024
+
+
+def ready(server: ServerProcess, timeout_s: float) -> tuple[float, float]:
+    """(seconds from start to /health 200, PSS MiB then), the server stopped afterwards."""
+    with server:
+        started = time.perf_counter()
+        server.start(timeout_s)
+        seconds = time.perf_counter() - started
+        return seconds, tree_pss_mib(server.process.pid)
+
+
+def throughputs(model: str, concurrencies: list[int], num_prompts: int, output_len: int, kv_cache_memory: int,
+                out: Path) -> dict[tuple[str, int], float]:
+    """(peer, C) -> output tok/s, from `tokenmill bench compare`'s per-run results."""
+    peers = ["tokenmill", "llama.cpp"] if PEERS.exists() else ["tokenmill"]
+    run(["tokenmill", "bench", "compare", "--model", model, "--peers", *peers, "--dataset", "random",
+         "--input-len", "128", "--output-len", str(output_len), "--num-prompts", str(num_prompts),
+         "--concurrency", *map(str, concurrencies), "--kv-cache-memory", str(kv_cache_memory),
+         "--ctx-per-slot", str(CTX_PER_SLOT), "-o", str(out)], out.with_suffix(".log"))
+    return {(peer, c): json.loads((out / f"{peer}_c{c}.json").read_text())["metrics"]["output_throughput"]
+            for peer in peers for c in concurrencies}
+
+
+def measure(name: str, args: argparse.Namespace) -> list[str]:
+    """This model's rows of the three tables."""
+    gguf = resolve_model(name)
+    out = args.out / name
+    out.mkdir(parents=True, exist_ok=True)
+    ours_ready = ready(tokenmill_server(gguf, "auto", args.kv_cache_memory, free_port(), out / "ready_tokenmill.log"),
+                       args.startup_timeout)
+    peer_ready = (ready(llama_server(PEERS / "llama-server", gguf, READY_SLOTS, CTX_PER_SLOT, 2, free_port(),
+                                     out / "ready_llama.log"), args.startup_timeout)
+                  if PEERS.exists() else (float("nan"), float("nan")))
+    lat = tokenmill_latency(["--model", name], out / "latency")
+    peer = llama_bench(gguf, out / "llama-bench.json") if PEERS.exists() else {"prefill": float("nan"),
+                                                                              "decode": float("nan")}
+    tput = throughputs(name, args.concurrency, args.num_prompts, args.output_len, args.kv_cache_memory,
+                       out / "compare")
+    bandwidth = f"{100 * lat['bandwidth_fraction']:.0f}% of {lat['memory_read_gb_s']:.0f} GB/s"
+    rows = [
+        f"| {name} | tokenmill | {ours_ready[0]:.1f} | {lat['load_s']:.1f} | {ours_ready[1]:.0f} | "
+        f"{lat['peak_rss_mib']:.0f} | {lat['median_prefill_tok_s']:.0f} | {lat['median_decode_tok_s']:.1f} | "
+        f"{bandwidth} | " + " | ".join(f"{tput['tokenmill', c]:.0f}" for c in args.concurrency) + " |",
+        f"| {name} | llama.cpp | {peer_ready[0]:.1f} | | {peer_ready[1]:.0f} | | {peer['prefill']:.0f} | "
+        f"{peer['decode']:.1f} | | " + " | ".join(f"{tput.get(('llama.cpp', c), float('nan')):.0f}"
+                                                   for c in args.concurrency) + " |",
+    ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="tiny smoke run: python benchmarks/models.py --models smollm2-135m "
+                                            "--concurrency 2 --num-prompts 4 --output-len 16 --out /tmp/models")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models"))
+    parser.add_argument("--models", nargs="+", default=["qwen2.5-coder-1.5b", "gemma3-270m"],
+                        help="catalog names (`tokenmill models`)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--num-prompts", type=int, default=64, help="requests per throughput run (at least 2 x C)")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens out per throughput request")
+    parser.add_argument("--kv-cache-memory", type=int, default=DEFAULT_KV_CACHE_MEMORY, help="tokenmill's, bytes")
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
+             "| model | engine | ready s | load s | PSS at ready MiB | peak RSS (bench latency) MiB | prefill tok/s | "
+             "decode tok/s | bandwidth at batch 1 | " + " | ".join(f"out tok/s @{c}" for c in args.concurrency) + " |",
+             "|---|---|" + "---:|" * (7 + len(args.concurrency))]
+    for name in args.models:
+        lines += measure(name, args)
+    report = "\n".join(lines)
+    (args.out / "models.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"{' '.join(exc.cmd)} failed (exit {exc.returncode}); its log is beside the results")
