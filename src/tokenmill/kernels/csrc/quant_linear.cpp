@@ -72,22 +72,71 @@ void quantize_row(const float* x, int K, int8_t* q, float* d, float* s) {
   }
 }
 
+// 8 scales (or mins) of consecutive groups from index i, as floats.
+inline __m256 load_scales8(const void* p, int64_t i, int f16) {
+  return f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)))
+             : _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+// The weight scales (and mins) of blocks b0 .. b0+cnt-1 of row n, one lane per block (zeros past cnt).
+inline void block_scales(const QMatrix& w, int64_t n, int b0, int cnt, __m256& ws, __m256& wm) {
+  const int gb = w.group / QK, ng = w.K / w.group;
+  const int64_t first = n * ng + b0;
+  if (gb == 1 && cnt == 8) {
+    ws = load_scales8(w.scale, first, w.f16);
+    wm = w.min ? load_scales8(w.min, first, w.f16) : _mm256_setzero_ps();
+    return;
+  }
+  alignas(32) float s[8] = {}, m[8] = {};
+  for (int j = 0; j < cnt; ++j) {
+    const int64_t g = n * ng + (b0 + j) / gb;
+    s[j] = load_scale(w.scale, g, w.f16);
+    if (w.min) m[j] = load_scale(w.min, g, w.f16);
+  }
+  ws = _mm256_load_ps(s);
+  wm = _mm256_load_ps(m);
+}
+
+// 8 floats from p, zeros past cnt.
+inline __m256 load_partial(const float* p, int cnt) {
+  if (cnt == 8) return _mm256_loadu_ps(p);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, mask);
+}
+
+// One 32-block b of weight row n against MT activation rows: acc[i] += (w_b . x_ib) * lane j of dd[i].
+template <int BITS, int MT>
+inline void block_dot(const QMatrix& w, int64_t n, const int8_t* xq, int b, int j, const __m256* dd, __m256* acc) {
+  const int64_t K = w.K;
+  __m256i wa, wabs;
+  if constexpr (BITS == 4) {
+    wa = unpack_nibbles(static_cast<const uint8_t*>(w.q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
+  } else {
+    wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
+    wabs = _mm256_sign_epi8(wa, wa);
+  }
+  const __m256i lane = _mm256_set1_epi32(j);
+  for (int i = 0; i < MT; ++i) {
+    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
+    const __m256 p = BITS == 4 ? dot_u8s8(wa, xa) : dot_u8s8(wabs, _mm256_sign_epi8(xa, wa));
+    acc[i] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(dd[i], lane), acc[i]);
+  }
+}
+
 // Up to MT activation rows (from m0) against weight row n: r[i] = x_{m0+i} . W_n.
+// Blocks go 8 at a time: their weight scale times activation scale is one vector multiply, each block's
+// factor is then a lane broadcast, and the int4 mins' term (min * d_x * sum(q_x)) is one fused multiply-add
+// per 8 blocks. One row alone alternates two accumulators to hide the fused multiply-add latency.
 template <int BITS, int MT>
 inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0, float* r) {
   const int K = w.K, nb = K / QK;
-  const int group_blocks = w.group / QK;
-  const int ng = group_blocks ? nb / group_blocks : 0;  // 0: 16-groups, handled first
-  __m256 acc[MT];
-  float min_acc[MT];
-  for (int i = 0; i < MT; ++i) {
-    acc[i] = _mm256_setzero_ps();
-    min_acc[i] = 0.0f;
-  }
   const int8_t* xq = a.q + static_cast<int64_t>(m0) * K;
   const float* xd = a.d + static_cast<int64_t>(m0) * nb;
   const float* xs = a.s + static_cast<int64_t>(m0) * nb;
-  if (BITS == 8 && group_blocks == 0) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
+  __m256 acc0[MT], acc1[MT], macc[MT];
+  __m256* second = MT == 1 ? acc1 : acc0;
+  for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = macc[i] = _mm256_setzero_ps();
+  if (BITS == 8 && w.group == 16) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
     for (int b = 0; b < nb; ++b) {
       const __m256 ws = _mm256_set_m128(_mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2 + 1, w.f16)),
                                         _mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2, w.f16)));
@@ -95,30 +144,27 @@ inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0,
       const __m256i wabs = _mm256_sign_epi8(wa, wa);
       for (int i = 0; i < MT; ++i) {
         const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + static_cast<int64_t>(i) * K + b * QK));
-        acc[i] = _mm256_fmadd_ps(dot_u8s8(wabs, _mm256_sign_epi8(xa, wa)), _mm256_mul_ps(ws, _mm256_set1_ps(xd[i * nb + b])), acc[i]);
+        acc0[i] = _mm256_fmadd_ps(dot_u8s8(wabs, _mm256_sign_epi8(xa, wa)), _mm256_mul_ps(ws, _mm256_set1_ps(xd[i * nb + b])), acc0[i]);
       }
     }
-  }
-  for (int g = 0, b = 0; g < ng; ++g) {
-    const float ws = load_scale(w.scale, n * ng + g, w.f16);
-    const float wm = BITS == 4 ? load_scale(w.min, n * ng + g, w.f16) : 0.0f;
-    for (int end = b + group_blocks; b < end; ++b) {
-      __m256i wa, wabs;
-      if constexpr (BITS == 4) {
-        wa = unpack_nibbles(static_cast<const uint8_t*>(w.q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
-      } else {
-        wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
-        wabs = _mm256_sign_epi8(wa, wa);
-      }
+  } else {
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+      const int cnt = std::min(8, nb - b0);
+      __m256 ws, wm, dd[MT];
+      block_scales(w, n, b0, cnt, ws, wm);
       for (int i = 0; i < MT; ++i) {
-        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + static_cast<int64_t>(i) * K + b * QK));
-        const __m256 p = BITS == 4 ? dot_u8s8(wa, xa) : dot_u8s8(wabs, _mm256_sign_epi8(xa, wa));
-        acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(ws * xd[i * nb + b]), acc[i]);
-        if constexpr (BITS == 4) min_acc[i] += wm * xs[i * nb + b];
+        dd[i] = _mm256_mul_ps(ws, load_partial(xd + i * nb + b0, cnt));
+        if constexpr (BITS == 4) macc[i] = _mm256_fmadd_ps(wm, load_partial(xs + i * nb + b0, cnt), macc[i]);
       }
+      int j = 0;
+      for (; j + 2 <= cnt; j += 2) {
+        block_dot<BITS, MT>(w, n, xq, b0 + j, j, dd, acc0);
+        block_dot<BITS, MT>(w, n, xq, b0 + j + 1, j + 1, dd, second);
+      }
+      if (j < cnt) block_dot<BITS, MT>(w, n, xq, b0 + j, j, dd, acc0);
     }
   }
-  for (int i = 0; i < MT; ++i) r[i] = hsum(acc[i]) + min_acc[i];
+  for (int i = 0; i < MT; ++i) r[i] = hsum(MT == 1 ? _mm256_add_ps(acc0[i], acc1[i]) : acc0[i]) + hsum(macc[i]);
 }
 
 template <int BITS, int MT>
