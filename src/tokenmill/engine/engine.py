@@ -5,6 +5,7 @@ step(): the scheduler picks this step's chunks -> the runner computes logits -> 
 """
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence as Seq
 
@@ -48,6 +49,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
+        # The model's many long-lived objects would otherwise be rescanned by every collection the steps' small
+        # allocations trigger (~5% of a batch-1 step); as vLLM does, move them out of the collector's sight.
+        gc.freeze()
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams, priority: int = 0) -> None:
         self.submit(self.process_request(request_id, prompt, params, priority))

@@ -179,12 +179,19 @@ inline void store_rows(const QMatrix& w, int64_t n, const QActivations& a, int m
   }
 }
 
+constexpr int kPrefetchRows = 4;
+
 template <int BITS>
 void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                   bool accumulate) {
   constexpr int MT = 4;
+  const int64_t row_bytes = static_cast<int64_t>(w.K) * BITS / 8;
 #pragma omp for schedule(static)
   for (int n = 0; n < w.N; ++n) {
+    if (n + kPrefetchRows < w.N) {  // the row kPrefetchRows ahead: its weight bytes and scales start arriving now
+      const char* next = static_cast<const char*>(w.q) + (n + kPrefetchRows) * row_bytes;
+      for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
     int m = 0;
     for (; m + MT <= M; m += MT) store_rows<BITS, MT>(w, n, a, m, out, ldo, bias, accumulate);
     switch (M - m) {
