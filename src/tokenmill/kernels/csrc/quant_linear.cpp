@@ -104,9 +104,9 @@ inline __m256 load_partial(const float* p, int cnt) {
   return _mm256_maskload_ps(p, mask);
 }
 
-// One 32-block b of weight row n against MT activation rows: acc[i] += (w_b . x_ib) * lane j of dd[i].
+// One 32-block b of weight row n against MT activation rows: acc[i] += (w_b . x_ib) * factor[i * 8].
 template <int BITS, int MT>
-inline void block_dot(const QMatrix& w, int64_t n, const int8_t* xq, int b, int j, const __m256* dd, __m256* acc) {
+inline void block_dot(const QMatrix& w, int64_t n, const int8_t* xq, int b, const float* factor, __m256* acc) {
   const int64_t K = w.K;
   __m256i wa, wabs;
   if constexpr (BITS == 4) {
@@ -115,27 +115,28 @@ inline void block_dot(const QMatrix& w, int64_t n, const int8_t* xq, int b, int 
     wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
     wabs = _mm256_sign_epi8(wa, wa);
   }
-  const __m256i lane = _mm256_set1_epi32(j);
   for (int i = 0; i < MT; ++i) {
     const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
     const __m256 p = BITS == 4 ? dot_u8s8(wa, xa) : dot_u8s8(wabs, _mm256_sign_epi8(xa, wa));
-    acc[i] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(dd[i], lane), acc[i]);
+    acc[i] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(factor + i * 8), acc[i]);
   }
 }
 
 // Up to MT activation rows (from m0) against weight row n: r[i] = x_{m0+i} . W_n.
-// Blocks go 8 at a time: their weight scale times activation scale is one vector multiply, each block's
-// factor is then a lane broadcast, and the int4 mins' term (min * d_x * sum(q_x)) is one fused multiply-add
-// per 8 blocks. One row alone alternates two accumulators to hide the fused multiply-add latency.
+// Blocks go 8 at a time: their weight scales times the activation scales are one vector multiply per row,
+// stored so that each block's factor is a broadcast load (no shuffle, no register held per row), and the
+// int4 mins' term (min * d_x * sum(q_x)) is one fused multiply-add per 8 blocks. One row alone alternates
+// two accumulators to hide the fused multiply-add latency.
 template <int BITS, int MT>
 inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0, float* r) {
   const int K = w.K, nb = K / QK;
   const int8_t* xq = a.q + static_cast<int64_t>(m0) * K;
   const float* xd = a.d + static_cast<int64_t>(m0) * nb;
   const float* xs = a.s + static_cast<int64_t>(m0) * nb;
-  __m256 acc0[MT], acc1[MT], macc[MT];
+  __m256 acc0[MT], acc1[MT];
   __m256* second = MT == 1 ? acc1 : acc0;
-  for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = macc[i] = _mm256_setzero_ps();
+  float min_term[MT] = {};
+  for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   if (BITS == 8 && w.group == 16) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
     for (int b = 0; b < nb; ++b) {
       const __m256 ws = _mm256_set_m128(_mm_set1_ps(load_scale(w.scale, (n * nb + b) * 2 + 1, w.f16)),
@@ -148,23 +149,24 @@ inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0,
       }
     }
   } else {
+    alignas(32) float factor[MT * 8];
     for (int b0 = 0; b0 < nb; b0 += 8) {
       const int cnt = std::min(8, nb - b0);
-      __m256 ws, wm, dd[MT];
+      __m256 ws, wm;
       block_scales(w, n, b0, cnt, ws, wm);
       for (int i = 0; i < MT; ++i) {
-        dd[i] = _mm256_mul_ps(ws, load_partial(xd + i * nb + b0, cnt));
-        if constexpr (BITS == 4) macc[i] = _mm256_fmadd_ps(wm, load_partial(xs + i * nb + b0, cnt), macc[i]);
+        _mm256_store_ps(factor + i * 8, _mm256_mul_ps(ws, load_partial(xd + i * nb + b0, cnt)));
+        if constexpr (BITS == 4) min_term[i] += hsum(_mm256_mul_ps(wm, load_partial(xs + i * nb + b0, cnt)));
       }
       int j = 0;
       for (; j + 2 <= cnt; j += 2) {
-        block_dot<BITS, MT>(w, n, xq, b0 + j, j, dd, acc0);
-        block_dot<BITS, MT>(w, n, xq, b0 + j + 1, j + 1, dd, second);
+        block_dot<BITS, MT>(w, n, xq, b0 + j, factor + j, acc0);
+        block_dot<BITS, MT>(w, n, xq, b0 + j + 1, factor + j + 1, second);
       }
-      if (j < cnt) block_dot<BITS, MT>(w, n, xq, b0 + j, j, dd, acc0);
+      if (j < cnt) block_dot<BITS, MT>(w, n, xq, b0 + j, factor + j, acc0);
     }
   }
-  for (int i = 0; i < MT; ++i) r[i] = hsum(MT == 1 ? _mm256_add_ps(acc0[i], acc1[i]) : acc0[i]) + hsum(macc[i]);
+  for (int i = 0; i < MT; ++i) r[i] = hsum(MT == 1 ? _mm256_add_ps(acc0[i], acc1[i]) : acc0[i]) + min_term[i];
 }
 
 template <int BITS, int MT>
