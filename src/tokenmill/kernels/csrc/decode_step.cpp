@@ -113,11 +113,17 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
     }
     const tm::PagedKV kv{ly.k_cache, ly.v_cache, grp.block_tables, grp.max_blocks, grp.seq_lens,
                          d.kv_heads, D, d.block_size, ly.window};
+    // One task per (sequence, KV head) reads each key once for its query heads; with fewer tasks than
+    // threads can balance (batch 1: 3 KV heads on 2 threads), one task per query head instead.
+    const int per_task = M * d.kv_heads >= 4 * omp_get_num_threads() ? G : 1;
+    const int tasks_per_row = d.heads / per_task;
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int m = 0; m < M; ++m)
-      for (int kvh = 0; kvh < d.kv_heads; ++kvh)
-        tm::decode_attention_task(qkv + static_cast<int64_t>(m) * qkv_width, kv, m, kvh, G, d.scale,
-                                  attn + static_cast<int64_t>(m) * q_width);
+      for (int t = 0; t < tasks_per_row; ++t) {
+        const int head = t * per_task;
+        tm::decode_attention_task(qkv + static_cast<int64_t>(m) * qkv_width + head * D, kv, m, head / G, per_task,
+                                  d.scale, attn + static_cast<int64_t>(m) * q_width + head * D);
+      }
     tm::quantize_rows(attn, q_width, M, q_width, qa);
     linear(ly.o, qa, M, x, H, true);
 #pragma omp for schedule(static)

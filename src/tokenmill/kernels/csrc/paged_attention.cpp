@@ -15,7 +15,8 @@
 
 namespace tm {
 
-void decode_attention_task(const float* q, const PagedKV& kv, int b, int kvh, int G, float scale, float* out) {
+void decode_attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int G, float scale,
+                           float* out_heads) {
   const int D = kv.D, KV = kv.KV, bs = kv.block_size;
   const int len = static_cast<int>(kv.seq_lens[b]);
   const int start = kv.window > 0 ? std::max(0, len - kv.window) : 0;
@@ -23,7 +24,7 @@ void decode_attention_task(const float* q, const PagedKV& kv, int b, int kvh, in
   thread_local std::vector<float> scores;
   if (scores.size() < static_cast<size_t>(G) * n) scores.resize(static_cast<size_t>(G) * n);
   const int64_t* table = kv.block_tables + static_cast<int64_t>(b) * kv.max_blocks;
-  const float* qh = q + kvh * G * D;
+  const float* qh = q_heads;
   for (int t = start; t < len; ++t) {
     const float* kr = kv.k_cache + ((table[t / bs] * bs + t % bs) * KV + kvh) * D;
     for (int g = 0; g < G; ++g) {
@@ -55,7 +56,7 @@ void decode_attention_task(const float* q, const PagedKV& kv, int b, int kvh, in
   // out = p @ V, 64 output dims at a time held in 8 registers across the whole context
   for (int g = 0; g < G; ++g) {
     const float* p = scores.data() + static_cast<size_t>(g) * n;
-    float* o = out + (kvh * G + g) * D;
+    float* o = out_heads + g * D;
     for (int d0 = 0; d0 < D; d0 += 64) {
       const int width = std::min(64, D - d0) / 8;
       __m256 acc[8];
@@ -84,7 +85,8 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, const float* k_
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
     for (int kvh = 0; kvh < KV; ++kvh)
-      tm::decode_attention_task(q + b * q_stride, kv, b, kvh, H / KV, scale, out + static_cast<int64_t>(b) * H * D);
+      tm::decode_attention_task(q + b * q_stride + kvh * (H / KV) * D, kv, b, kvh, H / KV, scale,
+                                out + (static_cast<int64_t>(b) * H + kvh * (H / KV)) * D);
 }
 
 }  // extern "C"

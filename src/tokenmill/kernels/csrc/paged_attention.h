@@ -15,7 +15,9 @@ struct PagedKV {
   int window;  // > 0: only the last `window` keys
 };
 
-// The G = H / KV query heads of sequence b that share KV head kvh: q rows at q + kvh * G * D, out likewise.
-void decode_attention_task(const float* q, const PagedKV& kv, int b, int kvh, int G, float scale, float* out);
+// G query heads of sequence b that read KV head kvh (all H / KV of them, or fewer to split the work finer):
+// their rows at q_heads[g * D] in, out_heads[g * D] out.
+void decode_attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int G, float scale,
+                           float* out_heads);
 
 }  // namespace tm

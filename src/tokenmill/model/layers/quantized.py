@@ -6,7 +6,10 @@ int8-dot kernel streams the packed weight once (decode and small batches are ban
 weight is dequantized for one float GEMM, whose cost the many rows amortize (prefill). That GEMM runs in
 bfloat16 where the CPU has native bf16 (~4x float32's FLOP/s there) and in float32 elsewhere (emulated bf16
 is ~70x slower). The crossover (24 rows) was measured on SmolLM2's layers: at 16 rows the kernel is 1.2-1.3x
-faster than dequantize + GEMM, at 32 rows 1.2-1.5x slower (AVX2 machine, one thread).
+faster than dequantize + GEMM, at 32 rows 1.2-1.5x slower (AVX2 machine, one thread). A matrix whose float copy
+would not fit in the caches (the vocabulary-sized LM head: 113 MB as float32) is another matter: writing that
+copy costs ~55 ms, more than the kernel takes for 64 rows, so such matrices keep the kernel up to
+LARGE_MATRIX_KERNEL_ROWS rows.
 A fused projection whose parts come in different formats (a GGUF Q4_K_M file stores v_proj as Q6_K next to
 Q4_K q/k) keeps one packed part per format and concatenates their outputs.
 """
@@ -23,6 +26,8 @@ from tokenmill.kernels import quant_ops
 from tokenmill.quant.weights import QuantizedWeight
 
 DEFAULT_MAX_KERNEL_ROWS = 24
+LARGE_MATRIX_BYTES = 32 << 20  # float32 copy size beyond which dequantizing per call stops paying off
+LARGE_MATRIX_KERNEL_ROWS = 512
 GEMM_DTYPE = torch.bfloat16 if has_native_bf16() else torch.float32
 
 
@@ -45,6 +50,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.in_features = weights[0].in_features
         self.out_features = sum(w.out_features for w in weights)
+        if self.in_features * self.out_features * 4 > LARGE_MATRIX_BYTES:
+            max_kernel_rows = max(max_kernel_rows, LARGE_MATRIX_KERNEL_ROWS)
         self.max_kernel_rows = max_kernel_rows if quant_ops.available() else 0
 
     @property
