@@ -26,7 +26,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
-        """Logits [chunks that sample, vocab] for the last token of each chunk reaching its sequence's end.
+        """Logits for the last token of each chunk reaching its sequence's end, and for each of its draft tokens
+        (a verify chunk of d drafts gives d + 1 rows, in order): [sum over sampling chunks of 1 + drafts, vocab].
 
         `block_tables[request_id][group]`: the request's table in each KV group."""
         ids, positions, logits_rows = [], [], []
@@ -34,11 +35,11 @@ class ModelRunner:
         for chunk in chunks:
             request, n = chunk.request, chunk.num_tokens
             start = request.num_computed_tokens
-            ids.extend(request.token_ids[start:start + n])
+            ids.extend(chunk.input_ids())
             positions.append(torch.arange(start, start + n))
             row += n
             if chunk.samples:
-                logits_rows.append(row - 1)
+                logits_rows.extend(range(row - 1 - len(chunk.draft_token_ids), row))
         masks: dict[int | None, torch.Tensor] = {}  # decode masks depend only on the window: shared by groups
         meta = [self._group_metadata(g, window, chunks, block_tables, masks) for g, window in enumerate(self.windows)]
         return self.model(torch.tensor(ids), torch.cat(positions), self.kv_cache, meta,
