@@ -494,3 +494,38 @@ def test_distribution_test_catches_a_biased_verifier(tiny_dir, loop_prompt, expe
     llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=2**24, speculative_config={**NGRAM, "mode": "always"})
     observed = _sampled_joint(llm, loop_prompt, 3)
     assert _chi_square_pvalue(observed, expected_joint, NUM_SAMPLES) < ALPHA
+
+
+# ---------------------------------------------------------------------------------------------- metrics, CLI
+
+
+def test_metrics_endpoint_exports_vllm_named_spec_counters():
+    from types import SimpleNamespace
+
+    from tokenmill.engine.scheduler import SchedulerStats
+    from tokenmill.server.metrics import ServerMetrics
+
+    stats = SchedulerStats(1, 0, 2, 10, 0.5, 0, 0, 0, 7, spec_num_drafts=4, spec_num_draft_tokens=12,
+                           spec_num_accepted_tokens=7, spec_accepted_per_pos=(4, 2, 1))
+    assert SchedulerStats(*vars(stats).values()) == stats  # the engine core process sends the fields as a tuple
+    text = ServerMetrics(SimpleNamespace(stats=stats), "m").render().decode()
+    for line in ('tokenmill:spec_decode_num_drafts_total{model_name="m"} 4.0',
+                 'tokenmill:spec_decode_num_draft_tokens_total{model_name="m"} 12.0',
+                 'tokenmill:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0',
+                 'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 1.0'):
+        assert line in text
+    plain = ServerMetrics(SimpleNamespace(stats=SchedulerStats(0, 0, 0, 10, 0.0, 0, 0, 0, 0)), "m").render()
+    assert b"spec_decode" not in plain  # not configured: not exported (as vLLM)
+
+
+def test_bench_latency_prints_speculation_numbers(tmp_path, capsys):
+    from tokenmill.cli import main
+
+    write_tiny_llama(tmp_path, load_checkpoint().tokenizer, seed=3)  # the full vocabulary: real-text prompts
+    assert main(["bench", "latency", "--model", str(tmp_path), "--dtype", "float32", "--input-len", "24",
+                 "--output-len", "12", "--num-iters", "1", "--num-iters-warmup", "0", "--kv-cache-memory", "4000000",
+                 "--speculative-config", '{"method": "draft_model", "num_speculative_tokens": 2, "mode": "always"}'
+                 ]) in (0, None)
+    out = capsys.readouterr().out
+    assert "Speculative Decoding" in out and "Mean acceptance length:" in out
+    assert "Draft acceptance rate:                   1.00" in out  # the target drafting for itself
