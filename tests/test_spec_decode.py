@@ -344,10 +344,8 @@ class NoisyOracle:
         pass
 
 
-def _oracle_engine(llm: LLM, references, block_count: int, prefix_caching: bool, seed: int) -> LLMEngine:
-    block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # K and V, 2 layers, 16 slots, 2 KV heads of 32 floats
-    engine = LLMEngine(llm.model, llm.tokenizer, llm.dtype,
-                       CacheConfig(16, block_count * block_bytes, prefix_caching),
+def _oracle_engine(llm: LLM, references, cache: CacheConfig, seed: int) -> LLMEngine:
+    engine = LLMEngine(llm.model, llm.tokenizer, llm.dtype, cache,
                        SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=96),
                        SpeculativeConfig("ngram", 5, mode="always"))
     engine.speculator = Speculator(engine.speculator.config, NoisyOracle(references, 0.3, seed))
@@ -364,7 +362,8 @@ def test_rollbacks_preemption_and_aborts_keep_tokens_and_pools_right(plain, pref
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": p} for p in prompts], params)]
     references = {tuple(p): e for p, e in zip(prompts, expected)}
-    engine = _oracle_engine(plain, references, block_count=24, prefix_caching=prefix_caching, seed=5)
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # K and V, 2 layers, 16 slots, 2 KV heads of 32 floats
+    engine = _oracle_engine(plain, references, CacheConfig(16, 24 * block_bytes, prefix_caching), seed=5)
     done, aborted = {}, set()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -390,6 +389,35 @@ def test_rollbacks_preemption_and_aborts_keep_tokens_and_pools_right(plain, pref
             assert done[str(i)] == expected[i], f"request {i}"
     if prefix_caching:
         assert stats.prefix_cache_hits > 0
+    _all_free(engine)
+
+
+def test_sliding_window_model_rolls_back_right(tmp_path, plain):
+    """Gemma 3 layout (sliding groups whose old blocks are NULL, window 8 < draft chunk + context): greedy
+    tokens under noisy drafts equal the plain engine's, pools stay consistent."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(1)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.1, num_hidden_layers=7,
+        sliding_window=8)).eval()
+    model.save_pretrained(str(tmp_path))
+    load_checkpoint().tokenizer.save(tmp_path)
+    gemma = LLM(str(tmp_path), dtype="float32", block_size=4, max_num_batched_tokens=96)
+    assert len(gemma.engine.kv_cache.layout.groups) > 1
+    prompts = _prompts(8, seed=21)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in gemma.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    engine = _oracle_engine(gemma, {tuple(p): e for p, e in zip(prompts, expected)}, CacheConfig(4, 2**22), seed=6)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        _check_pools(engine)
+    assert [done[str(i)] for i in range(len(prompts))] == expected
+    assert 0 < engine.stats().spec_num_accepted_tokens < engine.stats().spec_num_draft_tokens
     _all_free(engine)
 
 

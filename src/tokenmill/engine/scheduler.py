@@ -40,7 +40,7 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (1 token) first, then prefills
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (1 token or verify) first, then prefills
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -110,7 +110,7 @@ class Scheduler:
             self._admit(request)
             chunks.append(ScheduledChunk(request, n))
             budget -= n
-        out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)  # single-token chunks first
+        out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1 and not c.draft_token_ids)  # decodes first
         return out
 
     def _admit(self, request: Request) -> None:

@@ -58,11 +58,11 @@ class ModelRunner:
             table = torch.tensor(block_tables[chunk.request.request_id][group][first:-(-end // bs)], dtype=torch.long)
             pos = torch.arange(start, end)
             slots.append(table[pos // bs - first] * bs + pos % bs)
-            if n == 1:
-                assert not meta.prefills, "the scheduler orders single-token chunks first"
-                decode_tables.append(table)
-                decode_starts.append(first * bs)
-                decode_lens.append(end)
+            if n == 1 or chunk.draft_token_ids:  # a verify chunk: one decode query per token, each seeing its prefix
+                assert not meta.prefills, "the scheduler orders single-token and verify chunks first"
+                decode_tables += [table] * n
+                decode_starts += [first * bs] * n
+                decode_lens += range(start + 1, end + 1)
             else:
                 meta.prefills.append(PrefillSpan(row, n, end, table, first * bs))
             row += n
