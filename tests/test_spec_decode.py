@@ -454,7 +454,7 @@ def test_seeded_sampling_under_speculation_is_reproducible(tiny_dir):
 # ---------------------------------------------------------------------------------------------- distribution
 
 
-SAMPLED = dict(temperature=0.5, top_k=3, max_tokens=4, ignore_eos=True)
+SAMPLED = {"temperature": 0.5, "top_k": 3, "max_tokens": 4, "ignore_eos": True}
 NUM_SAMPLES = 1500
 
 

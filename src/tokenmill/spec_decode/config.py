@@ -64,7 +64,8 @@ class SpeculativeConfig:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict (JSON object), got {type(value).__name__}")
+            # ValueError like every other bad field, so callers (CLI, server) catch one type
+            raise ValueError(f"speculative_config must be a dict (JSON object), got {type(value).__name__}")  # noqa: TRY004
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
