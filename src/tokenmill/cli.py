@@ -30,6 +30,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
+                        '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (default: off)')
 
 
 def _add_models_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype, quantization=args.quantization, group_size=args.group_size, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+        speculative_config=args.speculative_config,
     )
 
 

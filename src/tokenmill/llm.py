@@ -16,6 +16,7 @@ from tokenmill.model.build import build_model
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.config import SpeculativeConfig
 
 PromptInput = str | dict[str, Any]
 Message = dict[str, Any]
@@ -31,23 +32,35 @@ def _quant_config(quantization: str | None, group_size: int, dtype: str, ckpt: C
 
 class LLM:
     """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=..., quantization=...)`
-    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig)."""
+    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig).
+    speculative_config: as vLLM's, a dict (or its JSON text), e.g. {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", "model": PATH,
+    "num_speculative_tokens": 4}; see spec_decode/config.py. None: no speculation."""
 
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
                  group_size: int = 32,
                  kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, progress: bool = False) -> None:
+                 max_model_len: int | None = None, speculative_config: dict[str, Any] | str | None = None,
+                 progress: bool = False) -> None:
         started = time.perf_counter()
         cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
+        self.speculative_config = SpeculativeConfig.parse(speculative_config)  # before loading: fail fast
         self.checkpoint: Checkpoint = load_checkpoint(model)
         self.tokenizer = self.checkpoint.tokenizer
         self.quant_config = _quant_config(quantization, group_size, dtype, self.checkpoint)
         # packed kernels take float32 activations; "auto" keeps bfloat16 for float weights on native-bf16 CPUs
         self.dtype = torch.float32 if self.quant_config and dtype == "auto" else resolve_dtype(dtype)
         self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
-        self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config)
+        draft_model, draft_dtype = None, None
+        if self.speculative_config is not None and self.speculative_config.method == "draft_model":
+            from tokenmill.spec_decode.draft_model import load_draft_model
+
+            draft_model, draft_dtype = load_draft_model(self.speculative_config, model, self.dtype,
+                                                        self.checkpoint.config.vocab_size)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
+                                self.speculative_config, draft_model, draft_dtype)
         self.load_seconds = time.perf_counter() - started
         self._next_id = 0
 

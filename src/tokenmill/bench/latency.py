@@ -18,6 +18,7 @@ from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import corpus_tokens
 from tokenmill.bench.metrics import distribution
 from tokenmill.bench.report import Row, table
+from tokenmill.bench.spec_stats import spec_decode_rows, spec_decode_summary
 
 
 def time_one(engine: Any, request_id: str, prompt_ids: list[int], output_len: int) -> dict[str, float]:
@@ -49,6 +50,8 @@ def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int
     starts = rng.sample(range(len(corpus)), min(len(corpus), num_warmups + num_iters))
     iterations = []
     for i in range(num_warmups + num_iters):
+        if i == num_warmups:
+            stats_before = llm.engine.stats()
         start = starts[i % len(starts)]
         ids = [corpus[(start + k) % len(corpus)] for k in range(input_len)]
         timing = time_one(llm.engine, f"latency-{i}", ids, output_len)
@@ -69,6 +72,7 @@ def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int
             "weight_bytes_per_token": weight_bytes, "memory_read_gb_s": bandwidth / 1e9,
             "achieved_weight_gb_s": weight_bytes * decode_tok_s / 1e9,
             "bandwidth_fraction": weight_bytes * decode_tok_s / bandwidth,
+            "spec_decode": spec_decode_summary(stats_before, llm.engine.stats()),
             "iterations": iterations}
 
 
@@ -85,4 +89,7 @@ def latency_table(summary: dict[str, Any]) -> str:
                        ("Fraction of memory bandwidth", summary["bandwidth_fraction"])]
     rows += [(f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} request latency (ms)",
               e2e.get(stat)) for stat in ("mean", "median", "p90", "p99")]
-    return table("Single-request Latency Result", [(None, rows)])
+    sections = [(None, rows)]
+    if summary.get("spec_decode"):
+        sections.append(("Speculative Decoding", spec_decode_rows(summary["spec_decode"])))
+    return table("Single-request Latency Result", sections)

@@ -10,6 +10,7 @@ from typing import Any
 
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.report import Row, table
+from tokenmill.bench.spec_stats import spec_decode_rows, spec_decode_summary
 
 
 def run_offline(requests: list[SampleRequest], engine_kwargs: dict[str, Any], model: str | None,
@@ -20,15 +21,18 @@ def run_offline(requests: list[SampleRequest], engine_kwargs: dict[str, Any], mo
     llm.generate("Warm-up.", SamplingParams(temperature=0, max_tokens=4))  # first-call allocations, not timed
     prompts = [f"{r.system}\n\n{r.prompt}" if r.system else r.prompt for r in requests]
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in requests]
+    stats_before = llm.engine.stats()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - started
+    spec = spec_decode_summary(stats_before, llm.engine.stats())
     inputs = sum(len(o.prompt_token_ids) for o in outputs)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"num_requests": len(requests), "elapsed_s": elapsed, "load_s": llm.load_seconds,
             "total_input_tokens": inputs, "total_output_tokens": generated,
             "request_throughput": len(requests) / elapsed, "input_throughput": inputs / elapsed,
-            "output_throughput": generated / elapsed, "total_token_throughput": (inputs + generated) / elapsed}
+            "output_throughput": generated / elapsed, "total_token_throughput": (inputs + generated) / elapsed,
+            "spec_decode": spec}
 
 
 def offline_table(summary: dict[str, Any]) -> str:
@@ -39,4 +43,7 @@ def offline_table(summary: dict[str, Any]) -> str:
                        ("Input token throughput (tok/s)", summary["input_throughput"]),
                        ("Output token throughput (tok/s)", summary["output_throughput"]),
                        ("Total token throughput (tok/s)", summary["total_token_throughput"])]
-    return table("Offline Throughput Result", [(None, rows)])
+    sections = [(None, rows)]
+    if summary.get("spec_decode"):
+        sections.append(("Speculative Decoding", spec_decode_rows(summary["spec_decode"])))
+    return table("Offline Throughput Result", sections)

@@ -144,6 +144,14 @@ class KVCacheManager:
                 self.pool.mark_cached(table[i], _group_key(g, request.block_hashes[i]))
         self.num_cached_blocks[request.request_id] = full
 
+    def trim(self, request: Request) -> None:
+        """Give back the blocks past the request's computed tokens (the KV of rejected speculated tokens).
+        They were never published: only blocks of computed, final tokens are."""
+        keep = self.blocks_needed(request.num_computed_tokens)
+        for table in self.block_tables.get(request.request_id, []):
+            self.pool.free(list(reversed(table[keep:])))
+            del table[keep:]
+
     def free(self, request: Request) -> None:
         """Release every block of the request; tail blocks first into the free queue, so they are evicted first."""
         tables = self.block_tables.pop(request.request_id, [])

@@ -1,10 +1,12 @@
 """LLMEngine: requests in, one step of continuous batching at a time, RequestOutputs out.
 
-step(): the scheduler picks this step's chunks -> the runner computes logits -> the sampler picks tokens
--> requests record them (stop checks, detokenization) -> the scheduler frees what finished.
+step(): [a proposer guesses tokens] -> the scheduler picks this step's chunks -> the runner computes logits
+-> the sampler picks tokens [or verification accepts drafts] -> requests record them (stop checks,
+detokenization) -> the scheduler frees what finished [and rolls back the KV of rejected drafts].
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Sequence as Seq
@@ -24,11 +26,16 @@ from tokenmill.model.sampler import sample
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.speculator import Speculator, make_speculator
 
 
 class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, dtype: torch.dtype,
-                 cache_config: CacheConfig | None = None, scheduler_config: SchedulerConfig | None = None) -> None:
+                 cache_config: CacheConfig | None = None, scheduler_config: SchedulerConfig | None = None,
+                 speculative_config: SpeculativeConfig | None = None, draft_model: LlamaModel | None = None,
+                 draft_dtype: torch.dtype | None = None) -> None:
+        """draft_model (and its activation dtype, default `dtype`): for speculative_config.method 'draft_model'."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache_config = cache_config or CacheConfig()
@@ -49,6 +56,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
+        self.speculator: Speculator | None = None
+        if speculative_config is not None:
+            self.speculator = make_speculator(speculative_config, draft_model, draft_dtype or dtype, block_size,
+                                              num_blocks, self.scheduler_config.max_num_seqs)
         # The model's many long-lived objects would otherwise be rescanned by every collection the steps' small
         # allocations trigger (~5% of a batch-1 step); as vLLM does, move them out of the collector's sight.
         gc.freeze()
@@ -118,32 +129,61 @@ class LLMEngine:
             if not child.finished:
                 child.finish(time.monotonic(), "abort")
                 self.scheduler.finish(child)
+        self._retain_speculation()
         return parent.make_output()
 
     def has_unfinished(self) -> bool:
         return bool(self.parents)
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.speculator is None:
+            return stats
+        spec = self.speculator.stats
+        return dataclasses.replace(stats, spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+                                   spec_num_accepted_tokens=spec.num_accepted_tokens,
+                                   spec_accepted_per_pos=tuple(spec.accepted_per_pos))
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that produced a token this step."""
+        """Run one batch; returns an output for every request that produced a token (or several) this step."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
         logits = self.runner.execute(scheduled.chunks, self.kv_manager.block_tables)
-        sampling = [c.request for c in scheduled.chunks if c.samples]
-        for request, row in zip(sampling, logits):
-            token = sample(row, request.params, request.prompt_token_ids, request.output_ids, request.generator)
-            request.record(token, self._token_text)
+        sampling = [c for c in scheduled.chunks if c.samples]
+        row = 0
+        for chunk in sampling:
+            request, drafts = chunk.request, chunk.draft_token_ids
+            if drafts:
+                tokens = self.speculator.verify(request, drafts, logits[row:row + len(drafts) + 1])
+            else:
+                tokens = [sample(logits[row], request.params, request.prompt_token_ids, request.output_ids,
+                                 request.generator)]
+            row += len(drafts) + 1
+            for emitted, token in enumerate(tokens, 1):
+                request.record(token, self._token_text)
+                if request.finished:
+                    break
+            chunk.num_accepted = emitted - 1 if drafts else 0
         self.scheduler.update(scheduled)
+        if self.speculator is not None:
+            self.speculator.observe_step(scheduled.chunks, time.perf_counter() - started)
+            self._retain_speculation()
         outputs = []
-        for parent_id in dict.fromkeys(r.parent_id for r in sampling):
+        for parent_id in dict.fromkeys(c.request.parent_id for c in sampling):
             parent = self.parents[parent_id]
             outputs.append(parent.make_output())
             if parent.finished:
                 del self.parents[parent_id]
         return outputs
+
+    def _retain_speculation(self) -> None:
+        """Proposer state (draft KV blocks) lives only as long as its request runs."""
+        if self.speculator is not None:
+            self.speculator.retain({r.request_id for r in self.scheduler.running})
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -42,6 +42,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash chain of full blocks
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
     num_preemptions: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated continuation, verified this step
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None

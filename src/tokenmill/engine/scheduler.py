@@ -5,6 +5,10 @@
   a long prompt is split into chunks so it never stalls running decodes (chunked prefill).
 - When blocks run out, the lowest-priority, latest running request is preempted: its blocks are freed
   and it recomputes later (its full blocks usually come back from the prefix cache).
+- A decoding request with speculated tokens (request.draft_token_ids) gets them as one verify chunk, budget and
+  blocks permitting (drafts are dropped before anyone is preempted for them); after the step, the KV of
+  rejected drafts is rolled back: the computed count stops at the last accepted token and blocks past it are
+  freed, so only final tokens are ever published to the prefix cache.
 """
 from __future__ import annotations
 
@@ -20,17 +24,23 @@ from tokenmill.engine.request import Request, RequestStatus
 @dataclass
 class ScheduledChunk:
     request: Request
-    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens (drafts included)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated tokens after the request's last one
+    num_accepted: int = 0  # drafts that became part of the sequence (set after verification)
 
     @property
     def samples(self) -> bool:
-        """The chunk reaches the last known token, so its logits give the next token."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        """The chunk reaches the last known token, so its logits give the next token (one row per draft more)."""
+        return self.request.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == self.request.num_tokens
+
+    def input_ids(self) -> list[int]:
+        start = self.request.num_computed_tokens
+        return self.request.token_ids[start:start + self.num_tokens - len(self.draft_token_ids)] + self.draft_token_ids
 
 
 @dataclass
 class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (1 token) first, then prefills
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (1 token or verify) first, then prefills
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -49,6 +59,11 @@ class SchedulerStats:
     prefix_cache_hits: int  # cumulative prompt tokens found cached
     num_preemptions: int  # cumulative
     num_computed_tokens: int  # cumulative tokens run through the model (prefill chunks + decodes)
+    # speculative decoding, cumulative (spec_decode/metrics.py); per_pos is empty when it is not configured
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -74,10 +89,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            drafts = request.draft_token_ids[:budget - 1] if remaining == 1 else []
+            if drafts and not self.kv.allocate(request, 1 + len(drafts)):
+                drafts = []  # speculation never preempts anyone
+            n = min(remaining + len(drafts), budget)
             if not self._make_room(request, n, out):
                 break  # `request` itself was the lowest-priority one and got preempted
-            chunks.append(ScheduledChunk(request, n))
+            chunks.append(ScheduledChunk(request, n, drafts))
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
@@ -91,7 +110,7 @@ class Scheduler:
             self._admit(request)
             chunks.append(ScheduledChunk(request, n))
             budget -= n
-        out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)  # single-token chunks first
+        out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1 and not c.draft_token_ids)  # decodes first
         return out
 
     def _admit(self, request: Request) -> None:
@@ -125,8 +144,11 @@ class Scheduler:
         """After the step ran: advance computed counts, publish full blocks, drop finished requests."""
         for chunk in out.chunks:
             request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
+            rejected = len(chunk.draft_token_ids) - chunk.num_accepted
+            request.num_computed_tokens += chunk.num_tokens - rejected
             self.num_computed_tokens += chunk.num_tokens
+            if rejected:
+                self.kv.trim(request)
             self.kv.commit(request)
         for chunk in out.chunks:
             if chunk.request.finished:

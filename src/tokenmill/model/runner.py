@@ -28,47 +28,58 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
-        """Logits [chunks that sample, vocab] for the last token of each chunk reaching its sequence's end.
+        """Logits for the last token of each chunk reaching its sequence's end, and for each of its draft tokens
+        (a verify chunk of d drafts gives d + 1 rows, in order): [sum over sampling chunks of 1 + drafts, vocab].
 
         `block_tables[request_id][group]`: the request's table in each KV group."""
-        if self.fused is not None and len(chunks) <= self.fused.max_rows and all(c.num_tokens == 1 for c in chunks):
+        if (self.fused is not None and sum(c.num_tokens for c in chunks) <= self.fused.max_rows
+                and all(c.num_tokens == 1 or c.draft_token_ids for c in chunks)):
             return self._fused_decode(chunks, block_tables)
         ids, positions, logits_rows = [], [], []
         row = 0
         for chunk in chunks:
             request, n = chunk.request, chunk.num_tokens
             start = request.num_computed_tokens
-            ids.extend(request.token_ids[start:start + n])
+            ids.extend(chunk.input_ids())
             positions.append(torch.arange(start, start + n))
             row += n
             if chunk.samples:
-                logits_rows.append(row - 1)
+                logits_rows.extend(range(row - 1 - len(chunk.draft_token_ids), row))
         masks: dict[int | None, torch.Tensor] = {}  # decode masks depend only on the window: shared by groups
         meta = [self._group_metadata(g, window, chunks, block_tables, masks) for g, window in enumerate(self.windows)]
         return self.model(torch.tensor(ids), torch.cat(positions), self.kv_cache, meta,
                           torch.tensor(logits_rows, dtype=torch.long))
 
     def _fused_decode(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
-        """A decode-only step through the native decoder stack; metadata built from plain lists (no masks)."""
+        """A step of decodes and verify chunks through the native decoder stack: every token is one row that
+        attends to its own prefix (a verify chunk's rows see the rows before them, written first). Metadata is
+        built from plain lists (no masks)."""
         bs = self.block_size
-        positions = [c.request.num_computed_tokens for c in chunks]
-        ids = [c.request.token_ids[p] for c, p in zip(chunks, positions)]
+        ids, positions, logits_rows = [], [], []
+        for chunk in chunks:
+            start = chunk.request.num_computed_tokens
+            ids += chunk.input_ids()
+            positions += range(start, start + chunk.num_tokens)
+            if chunk.samples:
+                logits_rows += range(len(positions) - 1 - len(chunk.draft_token_ids), len(positions))
         groups = []
         for g, window in enumerate(self.windows):
             tables, lens, slots = [], [], []
-            for chunk, pos in zip(chunks, positions):
-                table = block_tables[chunk.request.request_id][g]
-                first = 0 if window is None else max(0, pos - window + 1) // bs
-                tables.append(table[first:pos // bs + 1])
-                lens.append(pos + 1 - first * bs)
-                slots.append(table[pos // bs] * bs + pos % bs)
+            for chunk in chunks:
+                start, n = chunk.request.num_computed_tokens, chunk.num_tokens
+                full = block_tables[chunk.request.request_id][g]
+                first = 0 if window is None else max(0, start - window + 1) // bs
+                table = full[first:(start + n - 1) // bs + 1]
+                for pos in range(start, start + n):
+                    tables.append(table)
+                    lens.append(pos + 1 - first * bs)
+                    slots.append(full[pos // bs] * bs + pos % bs)
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]
             groups.append((torch.tensor(padded), torch.tensor(lens), torch.tensor(slots)))
         x = self.model.embed(torch.tensor(ids))
         self.fused.run(x, torch.tensor(positions), groups)
-        rows = [i for i, c in enumerate(chunks) if c.samples]
-        return self.model.logits(x if len(rows) == len(chunks) else x[rows])
+        return self.model.logits(x if len(logits_rows) == len(ids) else x[logits_rows])
 
     def _group_metadata(self, group: int, window: int | None, chunks: Sequence[ScheduledChunk],
                         block_tables: dict[str, list[list[int]]], masks: dict) -> AttentionMetadata:
@@ -83,11 +94,11 @@ class ModelRunner:
             table = torch.tensor(block_tables[chunk.request.request_id][group][first:-(-end // bs)], dtype=torch.long)
             pos = torch.arange(start, end)
             slots.append(table[pos // bs - first] * bs + pos % bs)
-            if n == 1:
-                assert not meta.prefills, "the scheduler orders single-token chunks first"
-                decode_tables.append(table)
-                decode_starts.append(first * bs)
-                decode_lens.append(end)
+            if n == 1 or chunk.draft_token_ids:  # a verify chunk: one decode query per token, each seeing its prefix
+                assert not meta.prefills, "the scheduler orders single-token and verify chunks first"
+                decode_tables += [table] * n
+                decode_starts += [first * bs] * n
+                decode_lens += range(start + 1, end + 1)
             else:
                 meta.prefills.append(PrefillSpan(row, n, end, table, first * bs))
             row += n

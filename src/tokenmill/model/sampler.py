@@ -56,17 +56,25 @@ def sample(
     generator: torch.Generator | None,
 ) -> SampledToken:
     """logits: float32 [vocab] for one sequence."""
-    raw_logprobs = logits.log_softmax(-1)
-    processed = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    processed = process_logits(logits, params, prompt_ids, output_ids)
     if params.greedy:
         token = int(processed.argmax())
     else:
-        processed = filter_logits(processed / params.temperature, params)
         token = int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
-    return _with_logprobs(token, raw_logprobs, params.logprobs)
+    return with_logprobs(token, logits.log_softmax(-1), params.logprobs)
 
 
-def _with_logprobs(token: int, logprobs: torch.Tensor, top_n: int | None) -> SampledToken:
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                   output_ids: list[int]) -> torch.Tensor:
+    """The logits a token is drawn from (a new tensor): penalties, then, unless greedy, temperature and
+    top-k/top-p/min-p. Shared by plain sampling and speculative verification, so both draw from the same p."""
+    processed = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if params.greedy:
+        return processed
+    return filter_logits(processed / params.temperature, params)
+
+
+def with_logprobs(token: int, logprobs: torch.Tensor, top_n: int | None) -> SampledToken:
     chosen = float(logprobs[token])
     if top_n is None:
         return SampledToken(token, chosen, 0, [])

@@ -3,7 +3,7 @@
 Each served model has its own CollectorRegistry (two servers in one process, or tests, never share counts), all
 labelled `model_name` as vLLM does; /metrics merges a server's models into one exposition. Latencies
 are observed once per finished request from the engine's own timestamps; engine state (running, waiting, KV
-use, prefix cache, preemptions) is read at scrape time from AsyncEngine.stats, which every message from the
+use, prefix cache, preemptions, speculative decoding counters) is read at scrape time from AsyncEngine.stats, which every message from the
 engine core process refreshes.
 """
 from __future__ import annotations
@@ -125,10 +125,25 @@ class _EngineStatsCollector:
             (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             (CounterMetricFamily, "num_preemptions", "Sequences preempted to free KV blocks.", s.num_preemptions),
         ]
+        if s.spec_accepted_per_pos:  # speculative decoding is configured (vLLM exports these only then, too)
+            values += [
+                (CounterMetricFamily, "spec_decode_num_drafts", "Verified speculative proposals.", s.spec_num_drafts),
+                (CounterMetricFamily, "spec_decode_num_draft_tokens", "Proposed (draft) tokens verified.",
+                 s.spec_num_draft_tokens),
+                (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                 s.spec_num_accepted_tokens),
+            ]
         for family, name, doc, value in values:
             metric = family(P + name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], value)
             yield metric
+        if s.spec_accepted_per_pos:
+            per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
+                                          "Draft tokens accepted, by position in the draft.",
+                                          labels=["model_name", "position"])
+            for position, count in enumerate(s.spec_accepted_per_pos):
+                per_pos.add_metric([self.model_name, str(position)], count)
+            yield per_pos
 
 
 class ErrorCountingMiddleware:

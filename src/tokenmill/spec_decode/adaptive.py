@@ -1,0 +1,110 @@
+"""How many tokens to propose, per request and per step, from measured costs and each request's acceptance.
+
+A step's time is modelled as a + b * tokens + c * verify_chunks (a verify chunk runs the multi-token attention
+path instead of the batched decode kernel), fitted to recent steps by exponentially forgotten ridge regression;
+proposing costs p per draft token (a running mean of the proposer's measured time). A request whose drafts are
+accepted at rate alpha yields alpha + alpha^2 + ... + alpha^k extra tokens from k proposed ones. The plan
+maximises expected tokens per second over the whole step (Dinkelbach iterations; separable per request), so
+k shrinks as acceptance drops, and goes to 0 for everyone once a bigger batch makes tokens expensive relative to
+the step's fixed cost: then the step is an ordinary decode step. Nothing here is a tuned threshold: the
+comparison of "tokens/s with" against "tokens/s without" falls out of the fitted costs.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+WARMUP_STEPS = 4  # steps speculating fully before the cost model is trusted (it needs a few samples)
+DECAY = 0.95  # step-time samples lose weight by this factor per step: the fit follows the last ~20 steps
+ACCEPT_DECAY = 0.8  # per-request acceptance follows roughly its last 5 verifications
+IDLE_DECAY = 0.97  # a request not speculating drifts back toward the prior, so it is retried now and then
+
+
+class StepTimeModel:
+    """seconds ~= a + b * tokens + c * verify_chunks; b and c are ridge-regularised toward 0 (until steps of
+    different sizes are seen, extra tokens look free, which makes the controller try them and so measure them)."""
+
+    def __init__(self, ridge: float = 1.0) -> None:
+        self.xtx = torch.zeros(3, 3, dtype=torch.float64)
+        self.xty = torch.zeros(3, dtype=torch.float64)
+        self.ridge = torch.diag(torch.tensor([0.0, ridge, ridge], dtype=torch.float64))
+        self.num_samples = 0
+
+    def observe(self, num_tokens: int, num_verify_chunks: int, seconds: float) -> None:
+        x = torch.tensor([1.0, num_tokens, num_verify_chunks], dtype=torch.float64)
+        self.xtx = DECAY * self.xtx + torch.outer(x, x)
+        self.xty = DECAY * self.xty + x * seconds
+        self.num_samples += 1
+
+    def coefficients(self) -> tuple[float, float, float]:
+        a, b, c = torch.linalg.solve(self.xtx + self.ridge, self.xty).tolist()
+        return max(a, 0.0), max(b, 0.0), max(c, 0.0)
+
+
+class AdaptiveController:
+    def __init__(self, max_tokens: int, mode: str) -> None:
+        self.max_tokens = max_tokens
+        self.mode = mode
+        self.step_time = StepTimeModel()
+        self.draft_seconds = 0.0  # forgotten sums: proposer seconds and draft tokens, their ratio is p
+        self.draft_tokens = 0.0
+        self.acceptance: dict[str, list[float]] = {}  # request -> [accepted, rejections], forgotten sums
+
+    def alpha(self, request_id: str) -> float:
+        """Per-token acceptance estimate (geometric model; a Beta(1, 1) prior)."""
+        accepted, rejections = self.acceptance.get(request_id, (0.0, 0.0))
+        return (accepted + 1.0) / (accepted + rejections + 2.0)
+
+    def plan(self, request_ids: Sequence[str], limits: Sequence[int]) -> list[int]:
+        """Tokens to propose for each decoding request (each at most its limit and max_tokens)."""
+        caps = [max(0, min(self.max_tokens, limit)) for limit in limits]
+        if self.mode == "never":
+            return [0] * len(caps)
+        if self.mode == "always" or self.step_time.num_samples < WARMUP_STEPS:
+            return caps
+        a, b, c = self.step_time.coefficients()
+        per_token = b + (self.draft_seconds / self.draft_tokens if self.draft_tokens else 0.0)
+        gains = [_cumulative_gains(self.alpha(r), cap) for r, cap in zip(request_ids, caps)]
+        ks = [0] * len(caps)
+        for _ in range(8):  # Dinkelbach: rate = N/D, then maximise N - rate * D; converges in a few rounds
+            tokens = len(caps) + sum(g[k] for g, k in zip(gains, ks))
+            seconds = a + b * len(caps) + per_token * sum(ks) + c * sum(k > 0 for k in ks)
+            rate = tokens / seconds if seconds > 0 else float("inf")
+            if rate == float("inf"):
+                new = caps
+            else:
+                new = [max(range(len(g)), key=lambda k, g=g: g[k] - rate * (per_token * k + c * (k > 0)))
+                       for g in gains]
+            if new == ks:
+                break
+            ks = new
+        for request_id, k in zip(request_ids, ks):
+            if not k and request_id in self.acceptance:
+                self.acceptance[request_id] = [v * IDLE_DECAY for v in self.acceptance[request_id]]
+        return ks
+
+    def observe_step(self, num_tokens: int, num_verify_chunks: int, seconds: float) -> None:
+        self.step_time.observe(num_tokens, num_verify_chunks, seconds)
+
+    def observe_proposal(self, num_tokens: int, seconds: float) -> None:
+        self.draft_seconds = DECAY * self.draft_seconds + seconds
+        self.draft_tokens = DECAY * self.draft_tokens + num_tokens
+
+    def observe_acceptance(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
+        accepted, rejections = self.acceptance.get(request_id, (0.0, 0.0))
+        self.acceptance[request_id] = [ACCEPT_DECAY * accepted + num_accepted,
+                                       ACCEPT_DECAY * rejections + (num_accepted < num_draft_tokens)]
+
+    def retain(self, request_ids: set[str]) -> None:
+        for request_id in set(self.acceptance) - request_ids:
+            del self.acceptance[request_id]
+
+
+def _cumulative_gains(alpha: float, cap: int) -> list[float]:
+    """[0, alpha, alpha + alpha^2, ...]: expected accepted tokens from k = 0..cap proposed ones."""
+    gains, term = [0.0], 1.0
+    for _ in range(cap):
+        term *= alpha
+        gains.append(gains[-1] + term)
+    return gains

@@ -1,0 +1,82 @@
+"""SpeculativeConfig: vLLM's `speculative_config` dict, validated, with errors that name the bad field."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tokenmill.config import QUANTIZATION_METHODS
+
+METHODS = ("ngram", "draft_model")
+MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """method "ngram" (prompt lookup) or "draft_model" (a smaller model sharing the target's vocabulary).
+
+    mode: "auto" proposes per request and per step only what measured step times say pays off; "always"
+    proposes `num_speculative_tokens` every step; "never" loads the proposer but never speculates (A/B runs).
+    draft_model: `model` (None: the target's own checkpoint), optional `quantization` and `num_layers`
+    (keep only the first layers: a cheap self-draft).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    model: str | None = None
+    quantization: str | None = None
+    num_layers: int | None = None
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, 1)
+        _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
+        _check_int("prompt_lookup_max", self.prompt_lookup_max, 1)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.mode not in MODES:
+            raise ValueError(f"speculative_config.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.method == "ngram":
+            for name in ("model", "quantization", "num_layers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"speculative_config.{name} is for method 'draft_model', not 'ngram'")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"speculative_config.model must be a path or model name, got {self.model!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"speculative_config.quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
+                             f"or null, got {self.quantization!r}")
+        if self.num_layers is not None:
+            _check_int("num_layers", self.num_layers, 1)
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
+        """A config, a dict or its JSON text (the CLI's --speculative-config); None stays None (no speculation)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            # ValueError like every other bad field, so callers (CLI, server) catch one type
+            raise ValueError(f"speculative_config must be a dict (JSON object), got {type(value).__name__}")  # noqa: TRY004
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        for name in ("method", "num_speculative_tokens"):
+            if name not in value:
+                raise ValueError(f"speculative_config.{name} is required")
+        return cls(**value)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"speculative_config.{name} must be an int >= {minimum}, got {value!r}")

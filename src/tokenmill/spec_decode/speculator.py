@@ -1,0 +1,86 @@
+"""What the engine step calls: propose before scheduling, verify after the target's forward, learn from both."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.model.llama import LlamaModel
+from tokenmill.model.sampler import SampledToken, process_logits, with_logprobs
+from tokenmill.spec_decode.adaptive import AdaptiveController
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.draft_model import DraftModelProposer
+from tokenmill.spec_decode.metrics import SpecDecodeStats
+from tokenmill.spec_decode.ngram import NgramProposer
+from tokenmill.spec_decode.proposer import Draft, Proposer
+from tokenmill.spec_decode.rejection import greedy_verify, rejection_sample
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.controller = AdaptiveController(config.num_speculative_tokens, config.mode)
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.drafts: dict[str, Draft] = {}
+
+    def propose(self, running: Sequence[Request]) -> None:
+        """Set draft_token_ids of the running requests about to decode (others get none); the scheduler
+        schedules each draft after the request's last token, as one verify chunk."""
+        for request in running:
+            request.draft_token_ids = []
+        self.drafts.clear()
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        # the target's token after the drafts counts toward max_tokens too, so positions never pass the limit
+        limits = [r.max_tokens - (r.num_tokens - r.num_prompt_tokens) - 1 for r in decoding]
+        plan = self.controller.plan([r.request_id for r in decoding], limits)
+        chosen = [(r, k) for r, k in zip(decoding, plan) if k > 0]
+        if not chosen:
+            return
+        started = time.perf_counter()
+        drafts = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen])
+        self.controller.observe_proposal(sum(len(d.token_ids) for d in drafts), time.perf_counter() - started)
+        for (request, _), draft in zip(chosen, drafts):
+            request.draft_token_ids = draft.token_ids
+            self.drafts[request.request_id] = draft
+
+    def verify(self, request: Request, draft_ids: list[int], logits: torch.Tensor) -> list[SampledToken]:
+        """The tokens to append: accepted drafts, then the target's own. logits: [len(draft_ids) + 1, vocab],
+        row i computed after draft token i - 1 (the scheduler may have cut the draft short)."""
+        draft = self.drafts[request.request_id]
+        params, output = request.params, request.output_ids
+        processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i])
+                                 for i, row in enumerate(logits)])
+        if params.greedy:
+            tokens = greedy_verify(processed.argmax(-1).tolist(), draft_ids)
+        else:
+            q = draft.probs[:len(draft_ids)] if draft.probs is not None else None
+            tokens = rejection_sample(processed.softmax(-1), draft_ids, q, request.generator)
+        self.stats.observe(len(draft_ids), len(tokens) - 1)
+        self.controller.observe_acceptance(request.request_id, len(draft_ids), len(tokens) - 1)
+        raw = logits.log_softmax(-1)
+        return [with_logprobs(token, raw[i], params.logprobs) for i, token in enumerate(tokens)]
+
+    def observe_step(self, chunks: Sequence[ScheduledChunk], seconds: float) -> None:
+        """Time of a step (schedule, forward, sampling, bookkeeping; not proposing) for the cost model."""
+        verify_chunks = sum(bool(c.draft_token_ids) for c in chunks)
+        self.controller.observe_step(sum(c.num_tokens for c in chunks), verify_chunks, seconds)
+
+    def retain(self, request_ids: set[str]) -> None:
+        self.proposer.retain(request_ids)
+        self.controller.retain(request_ids)
+
+
+def make_speculator(config: SpeculativeConfig, draft_model: LlamaModel | None, draft_dtype: torch.dtype,
+                    block_size: int, num_blocks: int, max_num_seqs: int) -> Speculator:
+    """num_blocks: the target's pool; the draft's holds as many tokens plus every sequence's draft tail (KV
+    memory is only backed once written, so the headroom costs nothing unused)."""
+    if config.method == "ngram":
+        return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
+    if draft_model is None:
+        raise ValueError("speculative_config.method 'draft_model' needs a draft model (see load_draft_model)")
+    extra = max_num_seqs * (-(-config.num_speculative_tokens // block_size) + 1)
+    return Speculator(config, DraftModelProposer(draft_model, draft_dtype, block_size, num_blocks + extra))
