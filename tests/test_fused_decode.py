@@ -93,3 +93,17 @@ def test_projection_with_parts_in_two_formats(tmp_path, tokenizer_dir):
     llm.engine.runner.fused = type(llm.engine.runner.fused).build(llm.model, llm.engine.kv_cache)
     assert len(llm.model.layers[0].self_attn.qkv_proj.parts) == 2
     _assert_paths_agree(llm)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, 16), (4, 64)])
+def test_packed_kernel_rows_do_not_depend_on_the_batch(bits, group):
+    """Bit-identical rows whatever the batch: speculative verification (several rows of one sequence) must
+    reproduce plain decoding (one row) exactly, so greedy tokens cannot change with speculation."""
+    from tokenmill.kernels import quant_ops
+
+    torch.manual_seed(0)
+    w = quantize_rtn(torch.randn(40, 576), bits, group)
+    x = torch.randn(23, 576)
+    alone = torch.cat([quant_ops.linear(x[i:i + 1].contiguous(), w) for i in range(len(x))])
+    for m in (2, 3, 4, 5, 7, 16, 23):
+        assert torch.equal(quant_ops.linear(x[:m].contiguous(), w), alone[:m])

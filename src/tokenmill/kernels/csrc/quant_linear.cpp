@@ -134,7 +134,6 @@ inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0,
   const float* xd = a.d + static_cast<int64_t>(m0) * nb;
   const float* xs = a.s + static_cast<int64_t>(m0) * nb;
   __m256 acc0[MT], acc1[MT];
-  __m256* second = MT == 1 ? acc1 : acc0;
   float min_term[MT] = {};
   for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   if (BITS == 8 && w.group == 16) {  // 16-groups (GGUF Q6_K): the low and high 4 lanes get their own scale
@@ -161,12 +160,12 @@ inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0,
       int j = 0;
       for (; j + 2 <= cnt; j += 2) {
         block_dot<BITS, MT>(w, n, xq, b0 + j, factor + j, acc0);
-        block_dot<BITS, MT>(w, n, xq, b0 + j + 1, factor + j + 1, second);
+        block_dot<BITS, MT>(w, n, xq, b0 + j + 1, factor + j + 1, acc1);
       }
       if (j < cnt) block_dot<BITS, MT>(w, n, xq, b0 + j, factor + j, acc0);
     }
   }
-  for (int i = 0; i < MT; ++i) r[i] = hsum(MT == 1 ? _mm256_add_ps(acc0[i], acc1[i]) : acc0[i]) + min_term[i];
+  for (int i = 0; i < MT; ++i) r[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + min_term[i];
 }
 
 template <int BITS, int MT>
