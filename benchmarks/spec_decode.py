@@ -1,0 +1,122 @@
+"""Issue 7 scoreboard: speculative decoding on the default model, against no speculation and llama.cpp, one run.
+
+Run:  python benchmarks/spec_decode.py --out benchmarks/results/spec_decode   (quiet machine; ~15 min on 2 cores)
+
+Two workloads, greedy, 64 new tokens per request, chat template applied:
+- grounded: rewrite / repeat / extract from a paragraph of the shipped held-out text, and a code edit (the answer
+  copies much of its input: where prompt lookup should shine);
+- chat: the first prompts of the built-in English set (open questions: little to copy).
+For each batch size B the first B prompts of the workload (cycled) are submitted at once to `LLM.generate`;
+output tok/s = generated tokens / wall time. Greedy output is identical with and without speculation (tested), so
+every configuration generates the same tokens. llama.cpp's single-stream decode (`llama-bench -n 64`) is the
+batch-1 reference; it has no speculation in these builds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import cycle, islice
+from pathlib import Path
+
+from quantized import PEERS, llama_bench
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.datasets import builtin_prompts
+from tokenmill.hardware import describe
+from tokenmill.model.loader.default_model import default_model_path
+
+CONFIGS = {
+    "none": None,
+    "ngram k=4": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
+    "draft 8 layers k=3": {"method": "draft_model", "num_speculative_tokens": 3, "num_layers": 8},
+}
+PASSAGE_CHARS = 700
+CODE = '''def average(values):
+    total = 0
+    count = 0
+    for v in values:
+        total = total + v
+        count = count + 1
+    if count == 0:
+        return 0
+    return total / count
+'''
+
+
+def grounded_prompts() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "src/tokenmill/quant/data/eval_en.txt").read_text()
+    passages = [p for p in text.split("\n\n") if len(p) > 300]
+    prompts = []
+    for i, passage in enumerate(passages[:8]):
+        passage = passage[:PASSAGE_CHARS]
+        instruction = ("Rewrite the following text, keeping its wording as much as possible:",
+                       "Repeat the following text exactly:",
+                       "Copy the first two sentences of the following text:")[i % 3]
+        prompts.append(f"{instruction}\n\n{passage}")
+    prompts.append(f"Rename the variable `total` to `running_sum` in this code and show the whole code:\n\n{CODE}")
+    return prompts
+
+
+def chat_prompts() -> list[str]:
+    return [p["prompt"] for p in builtin_prompts()[:64]]
+
+
+def measure(llm: LLM, prompts: list[str], batch: int) -> dict:
+    convs = [[{"role": "user", "content": p}] for p in islice(cycle(prompts), batch)]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    before = llm.engine.stats()
+    start = time.perf_counter()
+    outs = llm.chat(convs, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    after = llm.engine.stats()
+    drafts = after.spec_num_drafts - before.spec_num_drafts
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tok_s": tokens / wall, "tokens": tokens, "drafts": drafts,
+            "draft_tokens": after.spec_num_draft_tokens - before.spec_num_draft_tokens, "accepted": accepted,
+            "mean_accepted_len": 1 + accepted / drafts if drafts else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/spec_decode"))
+    parser.add_argument("--batches", default="1,4,16,64")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    workloads = {"grounded": grounded_prompts(), "chat": chat_prompts()}
+    results: dict = {}
+    for name, spec in CONFIGS.items():
+        llm = LLM(speculative_config=spec)
+        llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+        for workload, prompts in workloads.items():
+            for batch in map(int, args.batches.split(",")):
+                r = measure(llm, prompts, batch)
+                results[f"{name}|{workload}|{batch}"] = r
+                print(name, workload, batch, json.dumps(r), flush=True)
+        del llm
+    peer = llama_bench(default_model_path(), args.out / "llama-bench.json") if (PEERS / "llama-bench").exists() else None
+    (args.out / "spec_decode.json").write_text(json.dumps({"cpu": describe(), "results": results, "llama_bench": peer}))
+    lines = [f"CPU: {json.dumps(describe())}", "",
+             "| workload | batch | no spec tok/s | " + " | ".join(f"{c} tok/s (speedup, mean accepted len)"
+                                                           for c in list(CONFIGS)[1:]) + " |",
+             "|---|---:|---:|" + "---:|" * (len(CONFIGS) - 1)]
+    for workload in workloads:
+        for batch in map(int, args.batches.split(",")):
+            base = results[f"none|{workload}|{batch}"]["tok_s"]
+            cells = []
+            for name in list(CONFIGS)[1:]:
+                r = results[f"{name}|{workload}|{batch}"]
+                length = f"{r['mean_accepted_len']:.2f}" if r["mean_accepted_len"] else "off"
+                cells.append(f"{r['tok_s']:.1f} ({r['tok_s'] / base:.2f}x, {length})")
+            lines.append(f"| {workload} | {batch} | {base:.1f} | " + " | ".join(cells) + " |")
+    if peer:
+        lines += ["", f"llama.cpp single stream (llama-bench tg64, same GGUF): {peer['decode']:.1f} tok/s"]
+    report = "\n".join(lines)
+    (args.out / "spec_decode.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
