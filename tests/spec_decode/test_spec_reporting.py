@@ -1,0 +1,38 @@
+"""Speculation counters where users read them: /metrics under vLLM's names, and `tokenmill bench latency`."""
+from __future__ import annotations
+
+from tinymodel import write_tiny_llama
+
+from tokenmill.model.loader import load_checkpoint
+
+
+def test_metrics_endpoint_exports_vllm_named_spec_counters():
+    from types import SimpleNamespace
+
+    from tokenmill.engine.scheduler import SchedulerStats
+    from tokenmill.server.metrics import ServerMetrics, render_metrics
+
+    stats = SchedulerStats(1, 0, 2, 10, 0.5, 0, 0, 0, 7, spec_num_drafts=4, spec_num_draft_tokens=12,
+                           spec_num_accepted_tokens=7, spec_accepted_per_pos=(4, 2, 1))
+    assert SchedulerStats(*vars(stats).values()) == stats  # the engine core process sends the fields as a tuple
+    text = render_metrics([ServerMetrics(SimpleNamespace(stats=stats), "m")]).decode()
+    for line in ('tokenmill:spec_decode_num_drafts_total{model_name="m"} 4.0',
+                 'tokenmill:spec_decode_num_draft_tokens_total{model_name="m"} 12.0',
+                 'tokenmill:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0',
+                 'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 1.0'):
+        assert line in text
+    plain = render_metrics([ServerMetrics(SimpleNamespace(stats=SchedulerStats(0, 0, 0, 10, 0.0, 0, 0, 0, 0)), "m")])
+    assert b"spec_decode" not in plain  # not configured: not exported (as vLLM)
+
+
+def test_bench_latency_prints_speculation_numbers(tmp_path, capsys):
+    from tokenmill.cli import main
+
+    write_tiny_llama(tmp_path, load_checkpoint().tokenizer, seed=3)  # the full vocabulary: real-text prompts
+    assert main(["bench", "latency", "--model", str(tmp_path), "--dtype", "float32", "--input-len", "24",
+                 "--output-len", "12", "--num-iters", "1", "--num-iters-warmup", "0", "--kv-cache-memory", "4000000",
+                 "--speculative-config", '{"method": "draft_model", "num_speculative_tokens": 2, "mode": "always"}'
+                 ]) in (0, None)
+    out = capsys.readouterr().out
+    assert "Speculative Decoding" in out and "Mean acceptance length:" in out
+    assert "Draft acceptance rate:                   1.00" in out  # the target drafting for itself

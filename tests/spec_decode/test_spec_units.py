@@ -1,0 +1,165 @@
+"""Speculative decoding's parts on their own: config validation, n-gram lookup, the rejection sampler (its
+output distribution by chi-square at ALPHA), greedy verification and the adaptive controller."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from spec_cases import ALPHA, chi_square_pvalue
+
+from tokenmill.spec_decode.adaptive import WARMUP_STEPS, AdaptiveController
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.ngram import ngram_lookup
+from tokenmill.spec_decode.rejection import greedy_verify, rejection_sample
+
+
+@pytest.mark.parametrize("value,field", [
+    ({"num_speculative_tokens": 4}, "method"),
+    ({"method": "eagle", "num_speculative_tokens": 4}, "method"),
+    ({"method": "ngram"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": "4"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "prompt_lookup_min"),
+    ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 0}, "prompt_lookup_min"),
+    ({"method": "ngram", "num_speculative_tokens": 4, "model": "x.gguf"}, "model"),
+    ({"method": "ngram", "num_speculative_tokens": 4, "mode": "sometimes"}, "mode"),
+    ({"method": "ngram", "num_speculative_tokens": 4, "draft_tokens": 3}, "draft_tokens"),
+    ({"method": "draft_model", "num_speculative_tokens": 4, "quantization": "int3"}, "quantization"),
+    ({"method": "draft_model", "num_speculative_tokens": 4, "num_layers": 0}, "num_layers"),
+    ("{not json", "JSON"),
+    ([1, 2], "dict"),
+])
+def test_bad_config_names_the_field(value, field):
+    with pytest.raises(ValueError, match=field):
+        SpeculativeConfig.parse(value)
+
+
+def test_config_from_json_and_off_by_default():
+    config = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 7}')
+    assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max, config.mode) == ("ngram", 4, 7, "auto")
+    assert SpeculativeConfig.parse(None) is None
+
+
+
+
+@pytest.mark.parametrize("tokens,k,expected", [
+    ([1, 2, 3, 4, 1, 2, 3], 4, [4, 1, 2, 3]),  # longest suffix (3 tokens) wins
+    ([1, 2, 3, 4, 2, 3], 3, [4, 2, 3]),  # only the 2-gram matches
+    ([7, 8, 9, 8, 9, 5, 8, 9], 2, [5, 8]),  # the most recent occurrence
+    ([5, 5, 5, 5], 4, [5, 5, 5, 5]),  # a loop continues periodically past the end
+    ([1, 2, 3, 4], 3, []),  # no earlier occurrence of even the shortest n-gram
+    ([1, 2, 9, 2], 3, []),  # [9, 2] does not occur earlier and 1-grams are below prompt_lookup_min
+    ([256, 1, 0, 0, 0, 256, 1], 2, [0, 0]),  # byte-level matches across token boundaries are skipped
+])
+def test_ngram_lookup(tokens, k, expected):
+    assert ngram_lookup(tokens, 2, 3, k) == expected
+
+
+def test_ngram_lookup_falls_back_to_shorter_ngrams():
+    assert ngram_lookup([4, 9, 1, 2, 9], 1, 3, 2) == [1, 2]
+    assert ngram_lookup([4, 9, 1, 2, 9], 2, 3, 2) == []
+
+
+
+
+def _random_dist(generator: torch.Generator, size: int, zeros: int = 0) -> torch.Tensor:
+    p = torch.rand(size, generator=generator) ** 2
+    p[torch.randperm(size, generator=generator)[:zeros]] = 0.0
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["draft-q", "one-hot-q"])
+def test_rejection_sampler_emits_the_target_distribution(deterministic):
+    """Two draft tokens drawn from q (or a fixed token for one-hot q): the first emitted token is distributed as
+    p_0, and, given the first draft was accepted, the second emitted as p_1 (row 1 is conditioned on it)."""
+    g = torch.Generator().manual_seed(0)
+    vocab, n = 6, 20000
+    p = torch.stack([_random_dist(g, vocab, zeros=1) for _ in range(3)])
+    q = torch.stack([_random_dist(g, vocab) for _ in range(2)])
+    first, second = Counter(), Counter()
+    for _ in range(n):
+        if deterministic:
+            draft, probs = [2, 4], None
+        else:
+            draft, probs = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)], q
+        out = rejection_sample(p, draft, probs, g)
+        assert 1 <= len(out) <= 3 and out[:-1] == draft[:len(out) - 1]
+        first[out[0]] += 1
+        if len(out) > 1:  # the first draft was accepted: the next token must follow p_1 whatever came next
+            second[out[1]] += 1
+    assert chi_square_pvalue(first, dict(enumerate(p[0].tolist())), n) > ALPHA
+    assert chi_square_pvalue(second, dict(enumerate(p[1].tolist())), sum(second.values())) > ALPHA
+    # and the test has power: the draft distribution itself is rejected
+    if not deterministic:
+        assert chi_square_pvalue(first, dict(enumerate(q[0].tolist())), n) < ALPHA
+
+
+def test_rejection_sampler_accepts_everything_when_q_equals_p_and_adds_a_bonus():
+    g = torch.Generator().manual_seed(1)
+    p = torch.stack([_random_dist(g, 5) for _ in range(3)])
+    p[2] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])
+    assert rejection_sample(p, [1, 4], p[:2].clone(), g) == [1, 4, 3]
+
+
+def test_rejection_sampler_never_emits_a_token_p_excludes():
+    g = torch.Generator().manual_seed(2)
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.8, 0.0]])
+    for _ in range(200):
+        out = rejection_sample(p, [2], None, g)  # a one-hot draft on a token p gives 0
+        assert len(out) == 1 and out[0] in (0, 1)
+
+
+def test_greedy_verify_keeps_the_agreeing_prefix_then_the_target_token():
+    assert greedy_verify([5, 6, 7, 8], [5, 6, 7]) == [5, 6, 7, 8]  # all accepted, plus the bonus token
+    assert greedy_verify([5, 9, 7, 8], [5, 6, 7]) == [5, 9]
+    assert greedy_verify([1, 2], [3]) == [1]
+
+
+
+
+def _trained(a: float, b: float, c: float, steps: int = 40) -> AdaptiveController:
+    """A controller that saw steps costing a + b * tokens + c * verify_chunks seconds, of varied sizes."""
+    controller = AdaptiveController(max_tokens=5, mode="auto")
+    rng = random.Random(0)
+    for _ in range(steps):
+        tokens, chunks = rng.randint(1, 300), rng.randint(0, 8)
+        controller.observe_step(tokens, chunks, a + b * tokens + c * chunks)
+    return controller
+
+
+def test_single_stream_with_cheap_tokens_speculates_fully():
+    """CPU decode at batch 1 is bound by reading the weights: 4 more tokens cost ~nothing."""
+    controller = _trained(a=0.02, b=0.00005, c=0.0002)
+    assert controller.plan(["r"], [100]) == [5]
+
+
+def test_large_batch_with_expensive_tokens_turns_speculation_off():
+    """When a token costs as much as the whole fixed overhead, 64 requests do not gain from drafts."""
+    controller = _trained(a=0.005, b=0.002, c=0.001)
+    ids = [f"r{i}" for i in range(64)]
+    for request_id in ids:
+        controller.observe_acceptance(request_id, 4, 1)
+    assert controller.plan(ids, [100] * 64) == [0] * 64
+
+
+def test_proposed_length_follows_each_requests_acceptance():
+    controller = _trained(a=0.02, b=0.001, c=0.0)
+    for _ in range(5):
+        controller.observe_acceptance("good", 4, 4)
+        controller.observe_acceptance("bad", 4, 0)
+    good, bad = controller.plan(["good", "bad"], [100, 100])
+    assert good > bad and good >= 3
+    assert controller.plan(["good"], [2]) == [2]  # never more than the request's limit
+
+
+def test_forced_modes_ignore_costs():
+    always = AdaptiveController(max_tokens=4, mode="always")
+    never = AdaptiveController(max_tokens=4, mode="never")
+    for controller in (always, never):
+        for _ in range(WARMUP_STEPS + 5):
+            controller.observe_step(100, 10, 10.0)
+    assert always.plan(["a", "b"], [9, 2]) == [4, 2]
+    assert never.plan(["a", "b"], [9, 2]) == [0, 0]
