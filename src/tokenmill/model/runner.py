@@ -68,7 +68,7 @@ class ModelRunner:
             for chunk in chunks:
                 start, n = chunk.request.num_computed_tokens, chunk.num_tokens
                 full = block_tables[chunk.request.request_id][g]
-                first = 0 if window is None else max(0, start - window + 1) // bs
+                first = self._first_visible_block(start, window)
                 table = full[first:(start + n - 1) // bs + 1]
                 for pos in range(start, start + n):
                     tables.append(table)
@@ -81,6 +81,10 @@ class ModelRunner:
         self.fused.run(x, torch.tensor(positions), groups)
         return self.model.logits(x if len(logits_rows) == len(ids) else x[logits_rows])
 
+    def _first_visible_block(self, start: int, window: int | None) -> int:
+        """The first block a chunk starting at position `start` can see (0 without a sliding window)."""
+        return 0 if window is None else max(0, start - window + 1) // self.block_size
+
     def _group_metadata(self, group: int, window: int | None, chunks: Sequence[ScheduledChunk],
                         block_tables: dict[str, list[list[int]]], masks: dict) -> AttentionMetadata:
         bs = self.block_size
@@ -90,7 +94,7 @@ class ModelRunner:
         for chunk in chunks:
             start, n = chunk.request.num_computed_tokens, chunk.num_tokens
             end = start + n
-            first = 0 if window is None else max(0, start - window + 1) // bs  # first block the chunk can see
+            first = self._first_visible_block(start, window)
             table = torch.tensor(block_tables[chunk.request.request_id][group][first:-(-end // bs)], dtype=torch.long)
             pos = torch.arange(start, end)
             slots.append(table[pos // bs - first] * bs + pos % bs)
