@@ -9,7 +9,7 @@ import ctypes
 
 import torch
 
-from tokenmill.kernels.native import library, ptr
+from tokenmill.kernels.native import f16_flag, library, ptr
 from tokenmill.quant.weights import QuantizedWeight
 
 MAX_PARTS = 3
@@ -22,7 +22,7 @@ class QMatrix(ctypes.Structure):
     @classmethod
     def of(cls, w: QuantizedWeight) -> QMatrix:
         return cls(w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins), w.bits,
-                   int(w.scales.dtype == torch.float16), w.group_size, w.out_features, w.in_features)
+                   f16_flag(w.scales), w.group_size, w.out_features, w.in_features)
 
 
 class Linear(ctypes.Structure):

@@ -39,3 +39,8 @@ def enabled_for(x: torch.Tensor) -> bool:
 
 def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def f16_flag(scales: torch.Tensor) -> int:
+    """The kernels' `f16` argument: 1 when a packed weight's scales (and mins) are float16, 0 for float32."""
+    return int(scales.dtype == torch.float16)

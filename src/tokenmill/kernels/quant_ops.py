@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels.native import available, library, ptr
+from tokenmill.kernels.native import available, f16_flag, library, ptr
 from tokenmill.quant.weights import QuantizedWeight
 
 __all__ = ["available", "dequantize", "linear"]
@@ -19,7 +19,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     m, k = x.shape
     out = torch.empty(m, w.out_features, dtype=torch.float32)
     lib.tm_linear(x.data_ptr(), m, k, w.bits, w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins),
-                  int(w.scales.dtype == torch.float16), w.out_features, w.group_size, out.data_ptr())
+                  f16_flag(w.scales), w.out_features, w.group_size, out.data_ptr())
     return out
 
 
@@ -33,5 +33,5 @@ def dequantize(w: QuantizedWeight, rows: torch.Tensor | None = None) -> torch.Te
     n = w.out_features if rows is None else rows.numel()
     out = torch.empty(n, w.in_features, dtype=torch.float32)
     lib.tm_dequantize(w.bits, w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins),
-                      int(w.scales.dtype == torch.float16), w.in_features, w.group_size, ptr(rows), n, out.data_ptr())
+                      f16_flag(w.scales), w.in_features, w.group_size, ptr(rows), n, out.data_ptr())
     return out

@@ -125,8 +125,10 @@ inline void block_dot(const QMatrix& w, int64_t n, const int8_t* xq, int b, cons
 // Up to MT activation rows (from m0) against weight row n: r[i] = x_{m0+i} . W_n.
 // Blocks go 8 at a time: their weight scales times the activation scales are one vector multiply per row,
 // stored so that each block's factor is a broadcast load (no shuffle, no register held per row), and the
-// int4 mins' term (min * d_x * sum(q_x)) is one fused multiply-add per 8 blocks. One row alone alternates
-// two accumulators to hide the fused multiply-add latency.
+// int4 mins' term (min * d_x * sum(q_x)) is one multiply per 8 blocks. Even and odd blocks go to two
+// accumulators (hiding the fused multiply-add latency) for any MT: a row's result must not depend on how many
+// rows share its call, or greedy tokens would change with the batch (speculative verification must reproduce
+// plain decoding exactly; tests/test_fused_decode.py).
 template <int BITS, int MT>
 inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0, float* r) {
   const int K = w.K, nb = K / QK;
