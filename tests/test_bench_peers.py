@@ -170,6 +170,10 @@ def test_locate_peers_lists_every_missing_piece_at_once(monkeypatch, tmp_path):
     monkeypatch.setattr(peers, "SHARED_LLAMA_SERVER", tmp_path / "nowhere" / "llama-server")
     monkeypatch.setattr(peers, "DEFAULT_VLLM_VENV", tmp_path / "no-venv")
     monkeypatch.setattr(peers, "DEFAULT_HF_MODEL", tmp_path / "no-hf")
+    vllm_dir = tmp_path / "vllm-cpu"  # the project's scripts present (as next to any clone in ../shared), venv not
+    vllm_dir.mkdir()
+    (vllm_dir / "serve.sh").write_text("")
+    monkeypatch.setattr(peers, "VLLM_DIR", vllm_dir)
     config = CompareConfig(dataset=DatasetConfig("builtin", 4), concurrencies=[1], gguf=Path("m.gguf"),
                            output_dir=tmp_path, peers=["tokenmill", "llama.cpp", "vllm", "transformers"])
     with pytest.raises(BenchError) as info:
