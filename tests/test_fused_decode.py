@@ -95,14 +95,16 @@ def test_projection_with_parts_in_two_formats(tmp_path, tokenizer_dir):
     _assert_paths_agree(llm)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, 16), (4, 64)])
-def test_packed_kernel_rows_do_not_depend_on_the_batch(bits, group):
+@pytest.mark.parametrize("bits,group,tiled", [(4, 32, False), (8, 32, False), (8, 16, False), (4, 64, False),
+                                              (4, 32, True), (8, 32, True), (4, 64, True)])  # 16-groups: rows only
+def test_packed_kernel_rows_do_not_depend_on_the_batch(bits, group, tiled):
     """Bit-identical rows whatever the batch: speculative verification (several rows of one sequence) must
     reproduce plain decoding (one row) exactly, so greedy tokens cannot change with speculation."""
     from tokenmill.kernels import quant_ops
 
     torch.manual_seed(0)
     w = quantize_rtn(torch.randn(40, 576), bits, group)
+    w = w.tile() if tiled else w
     x = torch.randn(23, 576)
     alone = torch.cat([quant_ops.linear(x[i:i + 1].contiguous(), w) for i in range(len(x))])
     for m in (2, 3, 4, 5, 7, 16, 23):

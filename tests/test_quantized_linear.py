@@ -77,25 +77,56 @@ def test_cat_refuses_mixed_formats():
 
 
 @needs_kernels
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 96), (8, None), (8, 32), (8, 128)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 33])
-def test_kernel_matches_dequantized_reference(bits, group, rows):
+def test_kernel_matches_dequantized_reference(bits, group, rows, tiled):
     torch.manual_seed(rows)
-    weight = quantize_rtn(torch.randn(37, 384), bits, group)  # odd output count
+    out_features = 40 if tiled else 37  # the row layout takes any output count
+    weight = quantize_rtn(torch.randn(out_features, 384), bits, group)
     x = torch.randn(rows, 384)
     ref = x @ weight.dequantize().T
-    got = quant_ops.linear(x, weight)
-    assert got.shape == (rows, 37)
+    got = quant_ops.linear(x, weight.tile() if tiled else weight)
+    assert got.shape == (rows, out_features)
     assert (got - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
 
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
 def test_kernel_on_repacked_gguf_tensors(qtype):
-    weight = repack(_gguf_tensor(qtype, 64, 512, seed=3))
+    weight = quant_ops.kernel_layout(repack(_gguf_tensor(qtype, 64, 512, seed=3)))
+    assert weight.tiled == (qtype != Q.Q6_K)  # Q6_K's 16-element groups keep the row layout
     x = torch.randn(3, 512)
     ref = x @ weight.dequantize().T
     assert (quant_ops.linear(x, weight) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits,group,scale_dtype", [(4, 32, torch.float16), (4, 64, torch.float32),
+                                                    (8, None, torch.float32), (8, 32, torch.float16)])
+def test_tiled_layout_keeps_every_value(bits, group, scale_dtype):
+    """Tiling only moves bytes (and spreads a group's scale over its 32-blocks): the same floats come out of
+    PyTorch's and the native dequantization, whole or by rows, and untiling restores the codes."""
+    weight = quantize_rtn(torch.randn(24, 128), bits, group, scale_dtype=scale_dtype)
+    tiled = weight.tile()
+    assert tiled.tiled and tiled.shape == weight.shape and tiled.group_size == 32
+    assert not torch.equal(tiled.qweight, weight.qweight)
+    assert torch.equal(tiled.dequantize(), weight.dequantize())
+    assert torch.equal(tiled.untile().codes(), weight.codes())
+    rows = torch.tensor([23, 0, 9, 9])
+    assert torch.equal(tiled.dequantize(rows), weight.dequantize(rows))
+    if quant_ops.available():
+        assert torch.equal(quant_ops.dequantize(tiled), weight.dequantize())
+        assert torch.equal(quant_ops.dequantize(tiled, rows), weight.dequantize(rows))
+    both = QuantizedWeight.cat([tiled, quantize_rtn(torch.randn(8, 128), bits, group, scale_dtype=scale_dtype).tile()])
+    assert torch.equal(both.dequantize()[:24], weight.dequantize())
+
+
+def test_tiling_needs_whole_tiles_and_32_groups():
+    assert not quantize_rtn(torch.randn(12, 64), 4, 32).can_tile
+    with pytest.raises(ValueError, match="cannot tile"):
+        quantize_rtn(torch.randn(12, 64), 4, 32).tile()
+    with pytest.raises(ValueError, match="different formats"):
+        QuantizedWeight.cat([quantize_rtn(torch.randn(8, 64), 4, 32).tile(), quantize_rtn(torch.randn(8, 64), 4, 32)])
 
 
 @pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16])

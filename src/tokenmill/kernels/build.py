@@ -64,8 +64,8 @@ def load_library() -> ctypes.CDLL:
 
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # argument types of every exported kernel (see csrc/ for what each does)
-    "tm_linear": [_p, _i, _i, _i, _p, _p, _p, _i, _i, _i, _p],
-    "tm_dequantize": [_i, _p, _p, _p, _i, _i, _i, _p, _i64, _p],
+    "tm_linear": [_p, _i, _p, _p],
+    "tm_dequantize": [_p, _p, _i64, _p],
     "tm_rms_norm": [_p, _i64, _p, _f, _i, _i, _p],
     "tm_silu_and_mul": [_p, _i, _i, _p],
     "tm_rotary": [_p, _i64, _p, _i64, _p, _p, _p, _i, _i, _i, _i],

@@ -9,20 +9,12 @@ import ctypes
 
 import torch
 
-from tokenmill.kernels.native import f16_flag, library, ptr
+from tokenmill.kernels.native import library, ptr
+from tokenmill.kernels.quant_ops import QMatrix
 from tokenmill.quant.weights import QuantizedWeight
 
 MAX_PARTS = 3
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-
-
-class QMatrix(ctypes.Structure):
-    _fields_ = [("q", _p), ("scale", _p), ("min", _p), ("bits", _i), ("f16", _i), ("group", _i), ("N", _i), ("K", _i)]
-
-    @classmethod
-    def of(cls, w: QuantizedWeight) -> QMatrix:
-        return cls(w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins), w.bits,
-                   f16_flag(w.scales), w.group_size, w.out_features, w.in_features)
 
 
 class Linear(ctypes.Structure):

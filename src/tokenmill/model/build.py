@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from tokenmill.config import QuantConfig
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import quant_ops
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.gemma3 import Gemma3Model
 from tokenmill.model.layers.rotary import RotaryEmbedding, inverse_frequencies
@@ -59,7 +60,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
     for name in tqdm(sorted(wanted), desc="loading weights", disable=not progress, unit="tensor"):
         packed = _quantized(name, weights, ckpt.path, quant) if name in matrices else None
         if packed is not None:
-            quantized[name] = packed
+            quantized[name] = [quant_ops.kernel_layout(w) for w in packed]
         else:
             state[name] = _gather(name, weights, ckpt.path).to(dtype)
     extra = set(weights) - {p for name in wanted for p in _parts(name)}

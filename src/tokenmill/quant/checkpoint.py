@@ -37,6 +37,7 @@ def pack_tensors(weights: dict[str, torch.Tensor | QuantizedWeight]) -> dict[str
     for name, w in weights.items():
         if isinstance(w, QuantizedWeight):
             base = _file_name(name.removesuffix(".weight"))
+            w = w.untile()  # files hold the row layout
             for part in _PARTS:
                 if getattr(w, part) is not None:
                     tensors[f"{base}.{part}"] = getattr(w, part).contiguous()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 BLOCK = 32  # elements per nibble-packing block; group sizes are multiples of it
+TILE_ROWS = 8  # rows interleaved in the tiled layout
 
 
 @dataclass
@@ -22,6 +23,7 @@ class QuantizedWeight:
     scales: torch.Tensor  # float16 or float32 [out, in // group_size]
     mins: torch.Tensor | None  # int4 only: same shape and dtype as scales
     group_size: int
+    tiled: bool = False  # the native kernels' layout (see tile()); shapes are the same in both layouts
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -31,6 +33,8 @@ class QuantizedWeight:
                              f"{self.in_features}")
         if (self.mins is None) != (self.bits == 8):
             raise ValueError("int4 weights need mins; int8 weights have none")
+        if self.tiled and (self.group_size != BLOCK or self.out_features % TILE_ROWS):
+            raise ValueError(f"a tiled weight has group_size {BLOCK} and a multiple of {TILE_ROWS} rows")
 
     @property
     def out_features(self) -> int:
@@ -48,8 +52,49 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
 
+    @property
+    def can_tile(self) -> bool:
+        return self.out_features % TILE_ROWS == 0 and self.group_size % BLOCK == 0
+
+    def tile(self) -> QuantizedWeight:
+        """The native kernels' layout (kernels/csrc/quant_linear.cpp): rows interleaved 8 at a time in chunks of
+        4 elements per 32-block, and one scale (and min) per 32-block, the 8 rows' values side by side. The
+        values are unchanged: dequantize() gives the same floats in either layout."""
+        if self.tiled:
+            return self
+        if not self.can_tile:
+            raise ValueError(f"cannot tile a {self.shape} weight with group_size {self.group_size}")
+        n, k = self.shape
+        tiles, blocks, chunk_bytes = n // TILE_ROWS, k // BLOCK, 4
+        chunks = BLOCK * self.bits // 8 // chunk_bytes
+        q = self.qweight.view(tiles, TILE_ROWS, blocks, chunks, chunk_bytes).permute(0, 2, 3, 1, 4)
+
+        def per_block(t: torch.Tensor) -> torch.Tensor:
+            t = t.repeat_interleave(self.group_size // BLOCK, dim=1)
+            return t.view(tiles, TILE_ROWS, blocks).transpose(1, 2).reshape(n, blocks)
+
+        return QuantizedWeight(self.bits, q.reshape(self.qweight.shape), per_block(self.scales),
+                               None if self.mins is None else per_block(self.mins), BLOCK, tiled=True)
+
+    def untile(self) -> QuantizedWeight:
+        """The row layout (group size 32 when it was tiled)."""
+        if not self.tiled:
+            return self
+        n, k = self.shape
+        tiles, blocks, chunk_bytes = n // TILE_ROWS, k // BLOCK, 4
+        chunks = BLOCK * self.bits // 8 // chunk_bytes
+        q = self.qweight.view(tiles, blocks, chunks, TILE_ROWS, chunk_bytes).permute(0, 3, 1, 2, 4)
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:
+            return t.view(tiles, blocks, TILE_ROWS).transpose(1, 2).reshape(n, blocks)
+
+        return QuantizedWeight(self.bits, q.reshape(self.qweight.shape), per_row(self.scales),
+                               None if self.mins is None else per_row(self.mins), BLOCK)
+
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Integer values q as int16 [rows, in] (all rows when `rows` is None)."""
+        if self.tiled:
+            return self.untile().codes(rows)
         q = self.qweight if rows is None else self.qweight[rows]
         if self.bits == 8:
             return q.to(torch.int16)
@@ -58,6 +103,8 @@ class QuantizedWeight:
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 values, in plain PyTorch: the reference the native kernels are tested against."""
+        if self.tiled:
+            return self.untile().dequantize(rows)
         q = self.codes(rows).float().view(-1, self.in_features // self.group_size, self.group_size)
         scales = (self.scales if rows is None else self.scales[rows]).float()[..., None]
         w = scales * q
@@ -69,12 +116,12 @@ class QuantizedWeight:
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Stack along the output dim (fused QKV, gate/up); the parts must share one format."""
         first = parts[0]
-        if any((p.bits, p.group_size, p.scales.dtype, p.in_features) != (first.bits, first.group_size,
-               first.scales.dtype, first.in_features) for p in parts):
+        if any((p.bits, p.group_size, p.scales.dtype, p.in_features, p.tiled) != (first.bits, first.group_size,
+               first.scales.dtype, first.in_features, first.tiled) for p in parts):
             raise ValueError("cannot fuse quantized weights of different formats")
         mins = None if first.mins is None else torch.cat([p.mins for p in parts])
         return QuantizedWeight(first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-                               mins, first.group_size)
+                               mins, first.group_size, first.tiled)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

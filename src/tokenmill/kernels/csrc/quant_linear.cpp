@@ -7,6 +7,16 @@
 //         w = scale[n, k/group] * q + min[n, k/group], q in [0, 15]
 //   int8: qweight int8 [N, K]; w = scale[n, k/group] * q
 // Scales (and mins) are float16 or float32. group is a multiple of 32, or 16 for int8 (GGUF Q6_K).
+//
+// Tiled layout (QMatrix::tiled; what the model's layers use, see QuantizedWeight.tile): rows go in tiles of 8,
+// and a tile's 32-block b is stored as chunks of 4 elements, chunk c holding 4 bytes of each of the 8 rows:
+//   int4: 4 chunks of 32 bytes; chunk c, bytes 4r..4r+3 = row r's GGUF bytes 4c..4c+3 (low nibbles: elements
+//         4c..4c+3, high nibbles: elements 16+4c..16+4c+3); int8: 8 chunks, chunk c = row r's elements 4c..4c+3.
+//   scales (and mins): one per 32-block, the 8 rows' values of a block side by side.
+// Why: one activation chunk broadcast against a weight chunk gives products for 8 rows at once, so the integer
+// sums of a block come out as one vector of 8 rows: no horizontal sums per row, one scale multiply per 8
+// outputs, and the weights of a tile are unpacked once for every activation row. On SmolLM2's 576-wide rows
+// this runs 3.5-4.5x faster than the row layout (1 to 16 rows).
 #include "quant_linear.h"
 
 #include <immintrin.h>
@@ -206,6 +216,117 @@ void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, in
   }
 }
 
+// Integer block sums of tile t, 32-block b, against MT activation rows from m0: s[i] lane r = q_r . x_{m0+i}.
+template <int BITS, int MT>
+inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq, __m256i* s) {
+  const int K = w.K, nb = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 4) {  // int16 sums stay below 8 * 2 * 15 * 127 = 30480: one madd per block and row
+    const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i s16[MT];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 32));
+      const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* x = xq + static_cast<int64_t>(i) * K + b * QK + 4 * c;
+        int32_t xl, xh;
+        memcpy(&xl, x, 4);
+        memcpy(&xh, x + 16, 4);
+        const __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
+                                           _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+        s16[i] = c == 0 ? d : _mm256_add_epi16(s16[i], d);
+      }
+    }
+    for (int i = 0; i < MT; ++i) s[i] = _mm256_madd_epi16(s16[i], ones);
+  } else {  // signed x signed: maddubs(|w|, x * sign(w)); a pair reaches 2 * 127 * 127, so madd every chunk
+    const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
+    for (int c = 0; c < 8; ++c) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 32));
+      const __m256i pabs = _mm256_sign_epi8(p, p);
+      for (int i = 0; i < MT; ++i) {
+        int32_t xc;
+        memcpy(&xc, xq + static_cast<int64_t>(i) * K + b * QK + 4 * c, 4);
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(pabs, _mm256_sign_epi8(_mm256_set1_epi32(xc), p)), ones);
+        s[i] = c == 0 ? d : _mm256_add_epi32(s[i], d);
+      }
+    }
+  }
+}
+
+// Tile t (8 output rows) against MT activation rows from m0: r[i] lane j = x_{m0+i} . W_{8t+j}.
+// Each activation row's arithmetic is the same whatever MT is (batch invariance, see dot_rows).
+template <int BITS, int MT>
+inline void tile_rows(const QMatrix& w, int64_t t, const QActivations& a, int m0, __m256* r) {
+  const int K = w.K, nb = K / QK;
+  const int8_t* xq = a.q + static_cast<int64_t>(m0) * K;
+  const float* xd = a.d + static_cast<int64_t>(m0) * nb;
+  const float* xs = a.s + static_cast<int64_t>(m0) * nb;
+  for (int i = 0; i < MT; ++i) r[i] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; ++b) {
+    __m256i s[MT];
+    tile_block_sums<BITS, MT>(w, t, b, xq, s);
+    const __m256 ws = load_scales8(w.scale, (t * nb + b) * 8, w.f16);
+    const __m256 wm = BITS == 4 ? load_scales8(w.min, (t * nb + b) * 8, w.f16) : _mm256_setzero_ps();
+    for (int i = 0; i < MT; ++i) {
+      r[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_mul_ps(ws, _mm256_broadcast_ss(xd + i * nb + b)), r[i]);
+      if constexpr (BITS == 4) r[i] = _mm256_fmadd_ps(wm, _mm256_broadcast_ss(xs + i * nb + b), r[i]);
+    }
+  }
+}
+
+template <int BITS, int MT>
+inline void store_tile(const QMatrix& w, int64_t t, const QActivations& a, int m0, float* out, int64_t ldo,
+                       const float* bias, bool accumulate) {
+  __m256 r[MT];
+  tile_rows<BITS, MT>(w, t, a, m0, r);
+  const __m256 b = bias ? _mm256_loadu_ps(bias + t * 8) : _mm256_setzero_ps();
+  for (int i = 0; i < MT; ++i) {
+    float* o = out + static_cast<int64_t>(m0 + i) * ldo + t * 8;
+    const __m256 v = _mm256_add_ps(r[i], b);
+    _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), v) : v);
+  }
+}
+
+template <int BITS>
+void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                   bool accumulate) {
+  constexpr int MT = 4;
+#pragma omp for schedule(static)
+  for (int t = 0; t < w.N / 8; ++t) {
+    int m = 0;
+    for (; m + MT <= M; m += MT) store_tile<BITS, MT>(w, t, a, m, out, ldo, bias, accumulate);
+    switch (M - m) {
+      case 3: store_tile<BITS, 3>(w, t, a, m, out, ldo, bias, accumulate); break;
+      case 2: store_tile<BITS, 2>(w, t, a, m, out, ldo, bias, accumulate); break;
+      case 1: store_tile<BITS, 1>(w, t, a, m, out, ldo, bias, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+// The 32 codes of row n's block b as bytes (int4: 0..15 unsigned; int8: signed), in element order.
+inline __m256i block_codes(const QMatrix& w, int64_t n, int b) {
+  const int64_t K = w.K;
+  if (!w.tiled) {
+    if (w.bits == 4) return unpack_nibbles(static_cast<const uint8_t*>(w.q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.q) + n * K + b * QK));
+  }
+  const int64_t block = (n / 8) * (K / QK) + b;
+  const int32_t* words = reinterpret_cast<const int32_t*>(static_cast<const uint8_t*>(w.q) + block * 4 * w.bits * 8) + n % 8;
+  if (w.bits == 4) {  // chunk c's word r is row r's GGUF bytes 4c..4c+3
+    const __m128i g = _mm_setr_epi32(words[0], words[8], words[16], words[24]);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(g, 4), g), _mm256_set1_epi8(0x0F));
+  }
+  return _mm256_setr_epi32(words[0], words[8], words[16], words[24], words[32], words[40], words[48], words[56]);
+}
+
+// Index of the scale (and min) of row n's element k.
+inline int64_t scale_index(const QMatrix& w, int64_t n, int k) {
+  if (w.tiled) return ((n / 8) * (w.K / QK) + k / QK) * 8 + n % 8;
+  return n * (w.K / w.group) + k / w.group;
+}
+
 // The calling thread's activation buffers, sized for M rows of K.
 QActivations activation_buffers(int M, int K) {
   thread_local std::vector<int8_t> q;
@@ -230,7 +351,12 @@ void quantize_rows(const float* x, int64_t x_stride, int M, int K, const QActiva
 
 void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
              bool accumulate) {
-  if (w.bits == 4)
+  if (w.tiled) {
+    if (w.bits == 4)
+      qmatmul_tiled<4>(w, a, M, out, ldo, bias, accumulate);
+    else
+      qmatmul_tiled<8>(w, a, M, out, ldo, bias, accumulate);
+  } else if (w.bits == 4)
     qmatmul_bits<4>(w, a, M, out, ldo, bias, accumulate);
   else
     qmatmul_bits<8>(w, a, M, out, ldo, bias, accumulate);
@@ -243,44 +369,35 @@ extern "C" {
 using namespace tm;
 
 // y = x @ W^T: x float32 [M, K] contiguous, out float32 [M, N].
-void tm_linear(const float* x, int M, int K, int bits, const void* q, const void* scale, const void* min, int f16,
-               int N, int group, float* out) {
-  const tm::QMatrix w{q, scale, min, bits, f16, group, N, K};
-  const tm::QActivations a = tm::activation_buffers(M, K);
+void tm_linear(const float* x, int M, const QMatrix* w, float* out) {
+  const QActivations a = activation_buffers(M, w->K);
 #pragma omp parallel
   {
-    tm::quantize_rows(x, K, M, K, a);
-    tm::qmatmul(w, a, M, out, N, nullptr, false);
+    quantize_rows(x, w->K, M, w->K, a);
+    qmatmul(*w, a, M, out, w->N, nullptr, false);
   }
 }
 
 // Float32 rows of the weight: all N rows when rows == nullptr, else the listed ones (an embedding lookup).
-void tm_dequantize(int bits, const void* q, const void* scale, const void* min, int f16, int K, int group,
-                   const int64_t* rows, int64_t num_rows, float* out) {
-  const int group_blocks = group / QK;  // 0: 16-element groups
-  const int nb = K / QK, ng = group_blocks ? nb / group_blocks : 2 * nb;
+void tm_dequantize(const QMatrix* w, const int64_t* rows, int64_t num_rows, float* out) {
+  const int K = w->K, nb = K / QK;
 #pragma omp parallel for schedule(static) if (num_rows * K >= (1 << 16))
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t n = rows ? rows[r] : r;
     float* o = out + r * K;
     for (int b = 0; b < nb; ++b) {
-      const int64_t g = group_blocks ? n * ng + b / group_blocks : n * ng + 2 * b;
-      const __m256 ws0 = _mm256_set1_ps(load_scale(scale, g, f16));
-      const __m256 ws1 = group_blocks ? ws0 : _mm256_set1_ps(load_scale(scale, g + 1, f16));
-      __m256i v;  // 32 integer values of the block
-      if (bits == 4) {
-        v = unpack_nibbles(static_cast<const uint8_t*>(q) + (n * K + static_cast<int64_t>(b) * QK) / 2);
-      } else {
-        v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(q) + n * K + b * QK));
-      }
-      const __m256 wm = bits == 4 ? _mm256_set1_ps(load_scale(min, g, f16)) : _mm256_setzero_ps();
+      const int64_t g0 = scale_index(*w, n, b * QK), g1 = scale_index(*w, n, b * QK + QK / 2);
+      const __m256 ws0 = _mm256_set1_ps(load_scale(w->scale, g0, w->f16));
+      const __m256 ws1 = _mm256_set1_ps(load_scale(w->scale, g1, w->f16));
+      const __m256 wm = w->bits == 4 ? _mm256_set1_ps(load_scale(w->min, g0, w->f16)) : _mm256_setzero_ps();
+      const __m256i v = block_codes(*w, n, b);
       for (int j = 0; j < 4; ++j) {
         const __m128i bytes = j < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
         const __m128i part = (j & 1) ? _mm_srli_si128(bytes, 8) : bytes;
-        const __m256i ints = bits == 4 ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
+        const __m256i ints = w->bits == 4 ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
         // scale * q + min, rounded twice like the reference (no fused multiply-add): bit-exact dequantization
         const __m256 prod = _mm256_mul_ps(j < 2 ? ws0 : ws1, _mm256_cvtepi32_ps(ints));
-        _mm256_storeu_ps(o + b * QK + 8 * j, bits == 4 ? _mm256_add_ps(prod, wm) : prod);
+        _mm256_storeu_ps(o + b * QK + 8 * j, w->bits == 4 ? _mm256_add_ps(prod, wm) : prod);
       }
     }
   }

@@ -8,14 +8,17 @@ namespace tm {
 constexpr int QK = 32;  // activation / weight block length
 
 // A packed weight W [N, K] (tokenmill/quant/weights.py): int4 w = scale * q + min, or int8 w = scale * q.
+// Row layout: row n's bytes, then row n+1's. Tiled layout: rows interleaved 8 at a time (see quant_linear.cpp),
+// one scale (and min) per 32-block.
 struct QMatrix {
   const void* q;
   const void* scale;
   const void* min;  // int4 only
   int bits;
   int f16;    // scales (and mins) are float16, else float32
-  int group;  // elements per scale: a multiple of 32, or 16 (int8 only: GGUF Q6_K)
+  int group;  // elements per scale: a multiple of 32, or 16 (int8 only: GGUF Q6_K); 32 when tiled
   int N, K;
+  int tiled;
 };
 
 // Activation rows quantized to int8 per 32 values: row m at q + m * K, its block scales at d + m * K / 32, and
