@@ -57,7 +57,8 @@ class FusedDecoder:
                 layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), *linears,
                 k_cache.data_ptr(), v_cache.data_ptr(), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
                 kv.layout.group_of[i], window))
-        max_rows = min(layer.self_attn.qkv_proj.max_kernel_rows for layer in model.layers)
+        max_rows = min(m.max_kernel_rows for layer in model.layers for m in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
         return cls(model, kv, layers, max_rows) if max_rows > 0 else None
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:

@@ -15,26 +15,90 @@
 
 namespace tm {
 
+constexpr int kMaxHeadsPerPass = 16;  // query heads whose partial scores are held per pass over the keys
+
+// Lane j = the sum of v[j]'s lanes.
+inline __m256 hsum8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Calls f(t, row) for the keys t in [start, len) with row = t's offset into `cache` ([blocks, block_size, KV, D])
+// for KV head kvh: block by block, so the table lookup and the division happen once per block, and the next
+// block's rows are prefetched (blocks lie anywhere in memory: the hardware prefetcher cannot guess the jump).
+template <typename F>
+inline void for_each_key(const PagedKV& kv, const float* cache, const int64_t* table, int start, int len, int kvh,
+                         F f) {
+  const int bs = kv.block_size;
+  const int64_t row_stride = static_cast<int64_t>(kv.KV) * kv.D;
+  for (int t = start; t < len;) {
+    const int blk = t / bs, stop = std::min(len, (blk + 1) * bs);
+    if (stop < len) {
+      const float* next = cache + table[blk + 1] * bs * row_stride + static_cast<int64_t>(kvh) * kv.D;
+      for (int r = 0; r < bs; ++r)
+        for (int i = 0; i < kv.D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(next + r * row_stride + i), _MM_HINT_T0);
+    }
+    int64_t row = (table[blk] * bs + t % bs) * row_stride + static_cast<int64_t>(kvh) * kv.D;
+    for (; t < stop; ++t, row += row_stride) f(t, row);
+  }
+}
+
+// out[0 .. 8 * W) = sum over keys t of p[t] * V_t[d0 .. d0 + 8 * W).
+template <int W>
+inline void weighted_values(const PagedKV& kv, const int64_t* table, int start, int len, int kvh, const float* p,
+                            int d0, float* out) {
+  __m256 acc[W];
+  for (int j = 0; j < W; ++j) acc[j] = _mm256_setzero_ps();
+  for_each_key(kv, kv.v_cache, table, start, len, kvh, [&](int t, int64_t row) {
+    const float* vr = kv.v_cache + row + d0;
+    const __m256 pt = _mm256_broadcast_ss(p + t);
+    for (int j = 0; j < W; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+  });
+  for (int j = 0; j < W; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+}
+
 void decode_attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int G, float scale,
                            float* out_heads) {
-  const int D = kv.D, KV = kv.KV, bs = kv.block_size;
+  const int D = kv.D;
   const int len = static_cast<int>(kv.seq_lens[b]);
   const int start = kv.window > 0 ? std::max(0, len - kv.window) : 0;
   const int n = len - start;
   thread_local std::vector<float> scores;
   if (scores.size() < static_cast<size_t>(G) * n) scores.resize(static_cast<size_t>(G) * n);
+  float* sc = scores.data();
   const int64_t* table = kv.block_tables + static_cast<int64_t>(b) * kv.max_blocks;
-  const float* qh = q_heads;
-  for (int t = start; t < len; ++t) {
-    const float* kr = kv.k_cache + ((table[t / bs] * bs + t % bs) * KV + kvh) * D;
-    for (int g = 0; g < G; ++g) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + i), _mm256_loadu_ps(kr + i), acc);
-      scores[static_cast<size_t>(g) * n + (t - start)] = hsum(acc) * scale;
-    }
+  // scores: two accumulators per head halve the dependent multiply-add chain; the 8-lane partial sums of 8
+  // keys are reduced together (one vector of 8 scores from 9 shuffles and adds, not 8 horizontal sums)
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int g0 = 0; g0 < G; g0 += kMaxHeadsPerPass) {
+    const int heads = std::min(kMaxHeadsPerPass, G - g0);
+    __m256 part[kMaxHeadsPerPass * 8];
+    int pending = 0;
+    for_each_key(kv, kv.k_cache, table, start, len, kvh, [&](int t, int64_t row) {
+      const float* kr = kv.k_cache + row;
+      for (int g = 0; g < heads; ++g) {
+        const float* qg = q_heads + (g0 + g) * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= D; i += 16) {
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(kr + i), a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), _mm256_loadu_ps(kr + i + 8), a1);
+        }
+        if (i < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(kr + i), a0);
+        part[g * 8 + pending] = _mm256_add_ps(a0, a1);
+      }
+      if (++pending == 8) {
+        for (int g = 0; g < heads; ++g)
+          _mm256_storeu_ps(sc + static_cast<size_t>(g0 + g) * n + (t - 7 - start), _mm256_mul_ps(hsum8(part + g * 8), vscale));
+        pending = 0;
+      }
+    });
+    for (int j = 0; j < pending; ++j)
+      for (int g = 0; g < heads; ++g) sc[static_cast<size_t>(g0 + g) * n + (n - pending + j)] = hsum(part[g * 8 + j]) * scale;
   }
   for (int g = 0; g < G; ++g) {  // softmax in place
-    float* s = scores.data() + static_cast<size_t>(g) * n;
+    float* s = sc + static_cast<size_t>(g) * n;
     float m = -INFINITY;
     for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
     const __m256 vm = _mm256_set1_ps(m);
@@ -53,21 +117,13 @@ void decode_attention_task(const float* q_heads, const PagedKV& kv, int b, int k
     const float inv = 1.0f / sum;
     for (i = 0; i < n; ++i) s[i] *= inv;
   }
-  // out = p @ V, 64 output dims at a time held in 8 registers across the whole context
+  // out = p @ V: 64 output dims at a time held in registers (a compile-time width, or the accumulators spill),
+  // each value row read from cache once per head
   for (int g = 0; g < G; ++g) {
-    const float* p = scores.data() + static_cast<size_t>(g) * n;
-    float* o = out_heads + g * D;
-    for (int d0 = 0; d0 < D; d0 += 64) {
-      const int width = std::min(64, D - d0) / 8;
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int t = start; t < len; ++t) {
-        const float* vr = kv.v_cache + ((table[t / bs] * bs + t % bs) * KV + kvh) * D + d0;
-        const __m256 pt = _mm256_set1_ps(p[t - start]);
-        for (int j = 0; j < width; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vr + 8 * j), acc[j]);
-      }
-      for (int j = 0; j < width; ++j) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
-    }
+    const float* p = sc + static_cast<size_t>(g) * n - start;
+    int d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) weighted_values<8>(kv, table, start, len, kvh, p, d0, out_heads + g * D + d0);
+    for (; d0 < D; d0 += 8) weighted_values<1>(kv, table, start, len, kvh, p, d0, out_heads + g * D + d0);
   }
 }
 

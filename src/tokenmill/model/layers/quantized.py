@@ -5,11 +5,15 @@ QuantizedLinear picks its kernel per call from the number of rows: up to `max_ke
 int8-dot kernel streams the packed weight once (decode and small batches are bandwidth-bound); above it the
 weight is dequantized for one float GEMM, whose cost the many rows amortize (prefill). That GEMM runs in
 bfloat16 where the CPU has native bf16 (~4x float32's FLOP/s there) and in float32 elsewhere (emulated bf16
-is ~70x slower). The crossover (24 rows) was measured on SmolLM2's layers: at 16 rows the kernel is 1.2-1.3x
-faster than dequantize + GEMM, at 32 rows 1.2-1.5x slower (AVX2 machine, one thread). A matrix whose float copy
-would not fit in the caches (the vocabulary-sized LM head: 113 MB as float32) is another matter: writing that
-copy costs ~55 ms, more than the kernel takes for 64 rows, so such matrices keep the kernel up to
-LARGE_MATRIX_KERNEL_ROWS rows.
+is ~70x slower).
+Crossovers, measured on SmolLM2's layers (AVX2 machine, 2 threads): the tiled kernel (weights in the kernels'
+tiled layout) beats dequantize + float32 GEMM at every size tried, 4x at 16 rows and still 1.14-1.21x at 512,
+so against float32 it runs for every row count (TILED_KERNEL_ROWS bounds it only nominally: the scheduler's
+token budget is smaller). Against native bf16 GEMMs the crossover is not measured yet, so there, and for
+weights in the row layout (1.2-1.3x faster than the GEMM at 16 rows, 1.2-1.5x slower at 32), it stays at 24
+rows. A matrix whose float copy would not fit in the caches (the vocabulary-sized LM head: 113 MB as float32)
+keeps the kernel up to LARGE_MATRIX_KERNEL_ROWS rows: writing that copy costs ~55 ms, more than the kernel
+takes for 64 rows.
 A fused projection whose parts come in different formats (a GGUF Q4_K_M file stores v_proj as Q6_K next to
 Q4_K q/k) keeps one packed part per format and concatenates their outputs.
 """
@@ -26,6 +30,7 @@ from tokenmill.kernels import quant_ops
 from tokenmill.quant.weights import QuantizedWeight
 
 DEFAULT_MAX_KERNEL_ROWS = 24
+TILED_KERNEL_ROWS = 1 << 16
 LARGE_MATRIX_BYTES = 32 << 20  # float32 copy size beyond which dequantizing per call stops paying off
 LARGE_MATRIX_KERNEL_ROWS = 512
 GEMM_DTYPE = torch.bfloat16 if has_native_bf16() else torch.float32
@@ -44,8 +49,11 @@ class PackedMatrix(nn.Module):
 
 class QuantizedLinear(nn.Module):
     def __init__(self, weights: Sequence[QuantizedWeight], bias: torch.Tensor | None = None,
-                 max_kernel_rows: int = DEFAULT_MAX_KERNEL_ROWS) -> None:
+                 max_kernel_rows: int | None = None) -> None:
         super().__init__()
+        if max_kernel_rows is None:
+            tiled = all(w.tiled for w in weights) and GEMM_DTYPE == torch.float32
+            max_kernel_rows = TILED_KERNEL_ROWS if tiled else DEFAULT_MAX_KERNEL_ROWS
         self.parts = nn.ModuleList(PackedMatrix(w) for w in weights)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.in_features = weights[0].in_features
