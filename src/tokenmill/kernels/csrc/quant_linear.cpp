@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "vec_math.h"
@@ -142,9 +143,9 @@ inline void block_dot(const QMatrix& w, int64_t n, const int8_t* xq, int b, cons
 template <int BITS, int MT>
 inline void dot_rows(const QMatrix& w, int64_t n, const QActivations& a, int m0, float* r) {
   const int K = w.K, nb = K / QK;
-  const int8_t* xq = a.q + static_cast<int64_t>(m0) * K;
-  const float* xd = a.d + static_cast<int64_t>(m0) * nb;
-  const float* xs = a.s + static_cast<int64_t>(m0) * nb;
+  const QActivations x = a.from(m0, K);
+  const int8_t* xq = x.q;
+  const float *xd = x.d, *xs = x.s;
   __m256 acc0[MT], acc1[MT];
   float min_term[MT] = {};
   for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
@@ -192,12 +193,24 @@ inline void store_rows(const QMatrix& w, int64_t n, const QActivations& a, int m
   }
 }
 
+// Calls f(rows, m) over M activation rows in groups of up to 4 (rows: a compile-time count; m: the first row).
+template <typename F>
+inline void by_row_groups(int M, F f) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
 constexpr int kPrefetchRows = 4;
 
 template <int BITS>
 void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                   bool accumulate) {
-  constexpr int MT = 4;
   const int64_t row_bytes = static_cast<int64_t>(w.K) * BITS / 8;
 #pragma omp for schedule(static)
   for (int n = 0; n < w.N; ++n) {
@@ -205,14 +218,7 @@ void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, in
       const char* next = static_cast<const char*>(w.q) + (n + kPrefetchRows) * row_bytes;
       for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
     }
-    int m = 0;
-    for (; m + MT <= M; m += MT) store_rows<BITS, MT>(w, n, a, m, out, ldo, bias, accumulate);
-    switch (M - m) {
-      case 3: store_rows<BITS, 3>(w, n, a, m, out, ldo, bias, accumulate); break;
-      case 2: store_rows<BITS, 2>(w, n, a, m, out, ldo, bias, accumulate); break;
-      case 1: store_rows<BITS, 1>(w, n, a, m, out, ldo, bias, accumulate); break;
-      default: break;
-    }
+    by_row_groups(M, [&](auto rows, int m) { store_rows<BITS, decltype(rows)::value>(w, n, a, m, out, ldo, bias, accumulate); });
   }
 }
 
@@ -259,9 +265,9 @@ inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq
 template <int BITS, int MT>
 inline void tile_rows(const QMatrix& w, int64_t t, const QActivations& a, int m0, __m256* r) {
   const int K = w.K, nb = K / QK;
-  const int8_t* xq = a.q + static_cast<int64_t>(m0) * K;
-  const float* xd = a.d + static_cast<int64_t>(m0) * nb;
-  const float* xs = a.s + static_cast<int64_t>(m0) * nb;
+  const QActivations x = a.from(m0, K);
+  const int8_t* xq = x.q;
+  const float *xd = x.d, *xs = x.s;
   for (int i = 0; i < MT; ++i) r[i] = _mm256_setzero_ps();
   for (int b = 0; b < nb; ++b) {
     __m256i s[MT];
@@ -291,17 +297,9 @@ inline void store_tile(const QMatrix& w, int64_t t, const QActivations& a, int m
 template <int BITS>
 void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate) {
-  constexpr int MT = 4;
 #pragma omp for schedule(static)
   for (int t = 0; t < w.N / 8; ++t) {
-    int m = 0;
-    for (; m + MT <= M; m += MT) store_tile<BITS, MT>(w, t, a, m, out, ldo, bias, accumulate);
-    switch (M - m) {
-      case 3: store_tile<BITS, 3>(w, t, a, m, out, ldo, bias, accumulate); break;
-      case 2: store_tile<BITS, 2>(w, t, a, m, out, ldo, bias, accumulate); break;
-      case 1: store_tile<BITS, 1>(w, t, a, m, out, ldo, bias, accumulate); break;
-      default: break;
-    }
+    by_row_groups(M, [&](auto rows, int m) { store_tile<BITS, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
   }
 }
 

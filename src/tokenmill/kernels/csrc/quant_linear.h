@@ -27,6 +27,12 @@ struct QActivations {
   int8_t* q;
   float* d;
   float* s;
+
+  // The rows from m0 on (of length K).
+  QActivations from(int m0, int K) const {
+    const int64_t first = static_cast<int64_t>(m0) * K;
+    return QActivations{q + first, d + first / QK, s + first / QK};
+  }
 };
 
 // Quantize M rows of x (`x_stride` floats apart) of length K into a.
