@@ -63,11 +63,17 @@ def _assert_paths_agree(llm: LLM) -> None:
                 assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-4)
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
-def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization):
+@pytest.mark.parametrize("quantization,kv_cache_dtype,want", [("int4", "auto", torch.float16),
+                                                             ("int8", "auto", torch.float16),
+                                                             ("int4", "float32", torch.float32)])
+def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization, kv_cache_dtype, want):
+    """Packed weights get a float16 KV cache by default; both cache types take the fused step."""
     torch.manual_seed(0)
     folder = _checkpoint(tmp_path, tokenizer_dir, Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval())
-    _assert_paths_agree(LLM(folder, quantization=quantization, block_size=4, enable_prefix_caching=False))
+    llm = LLM(folder, quantization=quantization, block_size=4, enable_prefix_caching=False,
+              kv_cache_dtype=kv_cache_dtype)
+    assert llm.engine.kv_cache.dtype == want
+    _assert_paths_agree(llm)
 
 
 def test_sliding_window_across_blocks(tmp_path, tokenizer_dir):

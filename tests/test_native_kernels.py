@@ -41,18 +41,20 @@ def test_rotary_in_place_is_bit_exact_with_the_reference():
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_decode_attention_matches_sdpa(window):
+def test_paged_decode_attention_matches_sdpa(window, cache_dtype):
+    """A float16 cache is read exactly (widened to float32), so both dtypes meet the same float32 bound."""
     torch.manual_seed(0)
     blocks, bs, kv, heads, d = 12, 4, 2, 6, 16
-    k_cache, v_cache = torch.randn(blocks, bs, kv, d), torch.randn(blocks, bs, kv, d)
+    k_cache, v_cache = torch.randn(blocks, bs, kv, d).to(cache_dtype), torch.randn(blocks, bs, kv, d).to(cache_dtype)
     tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11], [8, 0, 0, 0]])
     lens = torch.tensor([10, 16, 1])
     q = torch.randn(3, heads + 4, d)[:, :heads]  # strided token rows
     out = layer_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window)
     for b in range(3):
-        keys = k_cache[tables[b]].reshape(-1, kv, d)[: lens[b]]
-        values = v_cache[tables[b]].reshape(-1, kv, d)[: lens[b]]
+        keys = k_cache[tables[b]].reshape(-1, kv, d)[: lens[b]].float()
+        values = v_cache[tables[b]].reshape(-1, kv, d)[: lens[b]].float()
         if window:
             keys, values = keys[-window:], values[-window:]
         ref = F.scaled_dot_product_attention(q[b][:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=0.25,
@@ -60,9 +62,13 @@ def test_paged_decode_attention_matches_sdpa(window):
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_write_kv_stores_rows_in_their_slots():
-    k_cache, v_cache = torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_write_kv_stores_rows_in_their_slots(cache_dtype):
+    """Rows land in their slots, rounded to nearest as PyTorch's own conversion rounds them."""
+    k_cache, v_cache = torch.zeros(4, 2, 1, 8, dtype=cache_dtype), torch.zeros(4, 2, 1, 8, dtype=cache_dtype)
     kv = torch.randn(3, 2, 1, 8)  # [T, k|v, KV, D]: k and v strided views of one tensor
     slots = torch.tensor([5, 0, 3])
     layer_ops.write_kv(kv[:, 0], kv[:, 1], slots, k_cache, v_cache)
-    assert torch.equal(k_cache.view(8, 1, 8)[slots], kv[:, 0]) and torch.equal(v_cache.view(8, 1, 8)[slots], kv[:, 1])
+    assert torch.equal(k_cache.view(8, 1, 8)[slots], kv[:, 0].to(cache_dtype))
+    assert torch.equal(v_cache.view(8, 1, 8)[slots], kv[:, 1].to(cache_dtype))
+    assert k_cache.view(8, 1, 8)[[1, 2, 4, 6, 7]].abs().sum() == 0  # other slots untouched

@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, QUANTIZATION_METHODS
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.errors import TokenmillError
 
 
@@ -26,6 +26,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in bytes, or a fraction (<= 1) of available memory; per model: `serve` "
                         "with several models gives each engine a budget of this size (as vLLM: one per engine)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache element type; auto: float16 when packed weights run natively, else the compute "
+                        "dtype (as vLLM's --kv-cache-dtype auto, with llama.cpp's f16 cache as the native default)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -47,6 +50,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype, quantization=args.quantization, group_size=args.group_size, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
         speculative_config=args.speculative_config,
     )
 

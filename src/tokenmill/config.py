@@ -104,6 +104,7 @@ class QuantConfig:
             raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
 
 
@@ -114,10 +115,13 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; see cache/kv_cache.py resolve_kv_dtype
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes or a fraction in (0, 1], got {self.kv_cache_memory}")
 

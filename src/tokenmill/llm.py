@@ -32,7 +32,8 @@ def _quant_config(quantization: str | None, group_size: int, dtype: str, ckpt: C
 
 class LLM:
     """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=..., quantization=...)`
-    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig).
+    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig). kv_cache_dtype: "auto" (float16
+    under packed weights, else the compute dtype), "float32", "float16" or "bfloat16".
     speculative_config: as vLLM's, a dict (or its JSON text), e.g. {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", "model": PATH,
     "num_speculative_tokens": 4}; see spec_decode/config.py. None: no speculation."""
@@ -40,11 +41,12 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
                  group_size: int = 32,
                  kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, speculative_config: dict[str, Any] | str | None = None,
                  progress: bool = False) -> None:
         started = time.perf_counter()
-        cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching)
+        cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching, kv_cache_dtype)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
         self.speculative_config = SpeculativeConfig.parse(speculative_config)  # before loading: fail fast
         self.checkpoint: Checkpoint = load_checkpoint(model)

@@ -13,13 +13,14 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from tokenmill.cache.kv_cache import KVCache, bytes_per_block
+from tokenmill.cache.kv_cache import KVCache, bytes_per_block, resolve_kv_dtype
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerStats
+from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
 from tokenmill.model.sampler import sample
@@ -43,11 +44,13 @@ class LLMEngine:
         context = model.config.max_position_embeddings
         self.max_model_len = min(self.scheduler_config.max_model_len or context, context)
         block_size = self.cache_config.block_size
-        num_blocks = self.cache_config.budget_bytes() // bytes_per_block(model.config, block_size, dtype)
+        packed = any(isinstance(m, QuantizedLinear) for m in model.modules())
+        kv_dtype = resolve_kv_dtype(self.cache_config.kv_cache_dtype, dtype, packed)
+        num_blocks = self.cache_config.budget_bytes() // bytes_per_block(model.config, block_size, kv_dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
-                             f"{bytes_per_block(model.config, block_size, dtype)} bytes")
-        self.kv_cache = KVCache(model.config, num_blocks, block_size, dtype)
+                             f"{bytes_per_block(model.config, block_size, kv_dtype)} bytes")
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         # A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).

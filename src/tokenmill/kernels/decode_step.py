@@ -40,7 +40,7 @@ class KVGroup(ctypes.Structure):
 
 class Dims(ctypes.Structure):
     _fields_ = [("hidden", _i), ("heads", _i), ("kv_heads", _i), ("head_dim", _i), ("intermediate", _i),
-                ("block_size", _i), ("eps", _f), ("scale", _f)]
+                ("block_size", _i), ("eps", _f), ("scale", _f), ("kv_f16", _i)]
 
 
 def decode_layers(layers: ctypes.Array, groups: ctypes.Array, dims: Dims, positions: torch.Tensor,

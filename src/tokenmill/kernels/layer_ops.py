@@ -34,21 +34,32 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
                         sin.data_ptr(), t, h, k.shape[1], d)
 
 
+CACHE_DTYPES = (torch.float32, torch.float16)  # what the native cache kernels read and write
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor) -> None:
-    """k, v: [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous."""
+    """k, v: float32 [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous,
+    float32 or float16 (rounded to nearest)."""
     t, kv, d = k.shape
     library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv * d,
-                          k_cache.data_ptr(), v_cache.data_ptr())
+                          k_cache.data_ptr(), v_cache.data_ptr(), _f16(k_cache))
+
+
+def _f16(cache: torch.Tensor) -> int:
+    if cache.dtype not in CACHE_DTYPES:
+        raise TypeError(f"native KV-cache kernels take float32 or float16 caches, not {cache.dtype}")
+    return int(cache.dtype == torch.float16)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
-    """q: [B, H, D] (token rows strided); block_tables int64 [B, max_blocks]; seq_lens int64 [B] -> [B, H, D]."""
+    """q: float32 [B, H, D] (token rows strided); caches float32 or float16; block_tables int64 [B, max_blocks];
+    seq_lens int64 [B] -> float32 [B, H, D]."""
     b, h, d = q.shape
     _, block_size, kv, _ = k_cache.shape
     out = torch.empty(b, h, d, dtype=torch.float32)
     library().tm_paged_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                         block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), b, h, kv,
-                                        d, block_size, scale, window, out.data_ptr())
+                                        d, block_size, scale, window, _f16(k_cache), out.data_ptr())
     return out

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from tokenmill.cache.kv_cache import KVCache
-from tokenmill.kernels import decode_step, native
+from tokenmill.kernels import decode_step, layer_ops, native
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import DecoderLayer, LlamaModel
 
@@ -35,13 +35,13 @@ class FusedDecoder:
         c = model.config
         attn = model.layers[0].self_attn
         self.dims = decode_step.Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                                     kv.block_size, c.rms_norm_eps, attn.scale)
+                                     kv.block_size, c.rms_norm_eps, attn.scale, int(kv.dtype == torch.float16))
 
     @classmethod
     def build(cls, model: LlamaModel, kv: KVCache) -> FusedDecoder | None:
         """None when the model has something the native step does not do."""
         c = model.config
-        if (os.environ.get("TOKENMILL_FUSED_DECODE", "1") == "0" or not native.available() or kv.dtype != torch.float32 or c.hidden_act != "silu" or c.qk_norm
+        if (os.environ.get("TOKENMILL_FUSED_DECODE", "1") == "0" or not native.available() or kv.dtype not in layer_ops.CACHE_DTYPES or c.hidden_act != "silu" or c.qk_norm
                 or c.head_dim % 8 or any(type(layer) is not DecoderLayer for layer in model.layers)):
             return None
         layers = []

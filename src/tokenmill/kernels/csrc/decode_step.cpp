@@ -10,7 +10,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "paged_attention.h"
@@ -31,8 +30,8 @@ struct Layer {
   const float* input_norm;
   const float* post_attention_norm;
   Linear qkv, o, gate_up, down;
-  float* k_cache;  // [blocks, block_size, KV, D] of this layer
-  float* v_cache;
+  void* k_cache;  // [blocks, block_size, KV, D] of this layer, float32 or float16 (Dims::kv_f16)
+  void* v_cache;
   const float* cos;  // [positions, D] this layer's RoPE tables
   const float* sin;
   int group;   // its KV group (cache/kv_layout.py): which block tables it reads
@@ -49,6 +48,7 @@ struct Group {  // one KV group's view of the step
 struct Dims {
   int hidden, heads, kv_heads, head_dim, intermediate, block_size;
   float eps, scale;
+  int kv_f16;
 };
 
 int width(const Linear& lin) {
@@ -108,11 +108,10 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
       const float* c = ly.cos + positions[m] * D;
       const float* s = ly.sin + positions[m] * D;
       for (int head = 0; head < d.heads + d.kv_heads; ++head) tm::rotate_half_row(row + head * D, c, s, D);
-      std::memcpy(ly.k_cache + grp.slots[m] * kv_width, row + q_width, kv_width * sizeof(float));
-      std::memcpy(ly.v_cache + grp.slots[m] * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+      tm::write_kv_row(row + q_width, row + q_width + kv_width, grp.slots[m], kv_width, ly.k_cache, ly.v_cache, d.kv_f16);
     }
     const tm::PagedKV kv{ly.k_cache, ly.v_cache, grp.block_tables, grp.max_blocks, grp.seq_lens,
-                         d.kv_heads, D, d.block_size, ly.window};
+                         d.kv_heads, D, d.block_size, ly.window, d.kv_f16};
     // One task per (sequence, KV head) reads each key once for its query heads; with fewer tasks than
     // threads can balance (batch 1: 3 KV heads on 2 threads), one task per query head instead.
     const int per_task = M * d.kv_heads >= 4 * omp_get_num_threads() ? G : 1;

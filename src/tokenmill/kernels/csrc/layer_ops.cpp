@@ -1,9 +1,8 @@
-// Per-token float32 layer ops that PyTorch runs as several small ops each (RMSNorm, SiLU-and-mul, rotary,
-// KV-cache write): one pass over the data each, so a decode step's time goes to the weights, not to dispatch.
+// Per-token float32 layer ops that PyTorch runs as several small ops each (RMSNorm, SiLU-and-mul, rotary): one
+// pass over the data each, so a decode step's time goes to the weights, not to dispatch. (The KV-cache write is
+// in paged_attention.cpp, next to the reads of the cache format it writes.)
 #include <omp.h>
 #include <stdint.h>
-
-#include <cstring>
 
 #include "row_ops.h"
 
@@ -33,15 +32,6 @@ void tm_rotary(float* q, int64_t q_stride, float* k, int64_t k_stride, const int
     const float* s = sin + positions[t] * D;
     for (int h = 0; h < H + KV; ++h)
       tm::rotate_half_row(h < H ? q + t * q_stride + h * D : k + t * k_stride + (h - H) * D, c, s, D);
-  }
-}
-
-// Store k and v rows ([T, width] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :] (row width).
-void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int width,
-                 float* k_cache, float* v_cache) {
-  for (int t = 0; t < T; ++t) {
-    std::memcpy(k_cache + slot_mapping[t] * width, k + t * stride, width * sizeof(float));
-    std::memcpy(v_cache + slot_mapping[t] * width, v + t * stride, width * sizeof(float));
   }
 }
 

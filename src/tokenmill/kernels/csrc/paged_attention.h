@@ -6,14 +6,18 @@
 namespace tm {
 
 struct PagedKV {
-  const float* k_cache;  // [blocks, block_size, KV, D]
-  const float* v_cache;
+  const void* k_cache;  // [blocks, block_size, KV, D], float32 or float16 (f16)
+  const void* v_cache;
   const int64_t* block_tables;  // [B, max_blocks]
   int max_blocks;
   const int64_t* seq_lens;  // [B] keys to attend, counted from the table's first block, incl. the new token
   int KV, D, block_size;
   int window;  // > 0: only the last `window` keys
+  int f16;     // the caches hold float16 (half the bytes to stream; F16C converts 8 values per instruction)
 };
+
+// Store one token's k and v rows (`width` floats each) into cache slot `slot`, as float32 or float16.
+void write_kv_row(const float* k, const float* v, int64_t slot, int width, void* k_cache, void* v_cache, int f16);
 
 // G query heads of sequence b that read KV head kvh (all H / KV of them, or fewer to split the work finer):
 // their rows at q_heads[g * D] in, out_heads[g * D] out.

@@ -1,8 +1,10 @@
 """Attention over the paged KV cache, in plain PyTorch ops (a swappable backend: same inputs, same output).
 
 Token layout of a step: single-token chunks (decodes) first, then prefill chunks, all flattened into one
-[T, heads, dim] tensor with no padding between sequences. Decodes run in the native paged kernel, which
-reads each sequence's blocks in place (float32), or else as one batched SDPA call: each sequence's blocks
+[T, heads, dim] tensor with no padding between sequences. The cache may hold a narrower dtype than the
+activations (a float16 KV cache under float32 compute, see CacheConfig.kv_cache_dtype): values are rounded on
+the way in and widened on the way out. Decodes run in the native paged kernel, which
+reads each sequence's blocks in place (float32 or float16), or else as one batched SDPA call: each sequence's blocks
 are gathered and keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
 Sliding-window layers get their KV group's metadata with `window` set: block tables start at the block of
@@ -46,13 +48,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KV, D]; k_cache, v_cache: [blocks, block_size, KV, D] of this layer."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    use_native = native.enabled_for(q) and k.stride(0) == v.stride(0)
+    use_native = native.enabled_for(q) and k.stride(0) == v.stride(0) and k_cache.dtype in layer_ops.CACHE_DTYPES
     if meta.slot_mapping is not None:
         if use_native:
             layer_ops.write_kv(k, v, meta.slot_mapping, k_cache, v_cache)
         else:
-            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd and use_native:
@@ -70,8 +72,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     """All single-token queries at once. The heads sharing a KV head act as that head's query rows."""
     b, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    keys = _gather(k_cache, meta.decode_block_tables)  # [B, KV, L, D]
-    values = _gather(v_cache, meta.decode_block_tables)
+    keys = _gather(k_cache, meta.decode_block_tables).to(q.dtype)  # [B, KV, L, D]
+    values = _gather(v_cache, meta.decode_block_tables).to(q.dtype)
     query = q.view(b, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, scale=scale)
     return out.reshape(b, heads, dim)
@@ -93,8 +95,8 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
     else:
         kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
         num_keys = span.context_len - span.key_start
-        keys = k_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys]
-        values = v_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys]
+        keys = k_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys].to(q.dtype)
+        values = v_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys].to(q.dtype)
         key_start = span.key_start
     if cached == 0 and (window is None or t <= window):
         mask, causal = None, True

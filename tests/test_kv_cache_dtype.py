@@ -1,0 +1,63 @@
+"""The KV cache's element type (CacheConfig.kv_cache_dtype): float16 by default under packed weights on the
+native kernels (half the bytes a decode step streams at high concurrency), the compute dtype on the exact float
+paths, and any of them on request; a float16 cache only rounds what it stores."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.cache.kv_cache import resolve_kv_dtype
+from tokenmill.config import CacheConfig
+from tokenmill.kernels import native
+from tokenmill.model.loader import load_checkpoint
+
+from tinymodel import write_tiny_llama
+
+PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]} for j, n in enumerate((5, 21, 40))]
+
+
+def test_unknown_kv_cache_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        CacheConfig(kv_cache_dtype="int3")
+
+
+def test_auto_picks_float16_only_for_packed_weights_on_native_kernels():
+    assert resolve_kv_dtype("auto", torch.float32, packed_weights=False) == torch.float32
+    assert resolve_kv_dtype("auto", torch.bfloat16, packed_weights=True) == torch.bfloat16
+    want = torch.float16 if native.available() else torch.float32
+    assert resolve_kv_dtype("auto", torch.float32, packed_weights=True) == want
+    assert resolve_kv_dtype("float32", torch.float32, packed_weights=True) == torch.float32
+    assert resolve_kv_dtype("bfloat16", torch.float32, packed_weights=False) == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    write_tiny_llama(folder, load_checkpoint().tokenizer)
+    return str(folder)
+
+
+@pytest.mark.parametrize("native_kernels", ["1", "0"])
+def test_float16_cache_on_a_float_model_keeps_greedy_tokens_close(tiny_dir, monkeypatch, native_kernels):
+    """Float weights, float32 compute, a float16 cache: the cache holds half the bytes per block, and greedy
+    decoding gives the float32 cache's tokens up to near-ties (random tiny model: logits are close together, so
+    the check is on logprobs of the float32 run's own tokens), on the native kernels and on plain PyTorch."""
+    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", native_kernels)
+    native.library.cache_clear()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+        exact = LLM(tiny_dir, dtype="float32", kv_cache_memory=2**22)
+        half = LLM(tiny_dir, dtype="float32", kv_cache_memory=2**22, kv_cache_dtype="float16")
+        assert exact.engine.kv_cache.dtype == torch.float32 and half.engine.kv_cache.dtype == torch.float16
+        assert half.engine.kv_cache.num_blocks == 2 * exact.engine.kv_cache.num_blocks
+        a, b = exact.generate(PROMPTS, params), half.generate(PROMPTS, params)
+        for x, y in zip(a, b):
+            first = x.outputs[0].logprobs[0]
+            token = x.outputs[0].token_ids[0]
+            assert y.outputs[0].token_ids[0] == token  # the first token comes from the prompt's own K/V pass
+            assert y.outputs[0].logprobs[0][token].logprob == pytest.approx(first[token].logprob, abs=1e-3)
+            same = next((i for i, (s, t) in enumerate(zip(x.outputs[0].token_ids, y.outputs[0].token_ids)) if s != t), 12)
+            assert same >= 4
+    finally:
+        native.library.cache_clear()
