@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels.native import library
+from tokenmill.kernels.native import f16_flag, library
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,7 +49,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cac
 def _f16(cache: torch.Tensor) -> int:
     if cache.dtype not in CACHE_DTYPES:
         raise TypeError(f"native KV-cache kernels take float32 or float16 caches, not {cache.dtype}")
-    return int(cache.dtype == torch.float16)
+    return f16_flag(cache)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -41,6 +41,6 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def f16_flag(scales: torch.Tensor) -> int:
-    """The kernels' `f16` argument: 1 when a packed weight's scales (and mins) are float16, 0 for float32."""
-    return int(scales.dtype == torch.float16)
+def f16_flag(t: torch.Tensor) -> int:
+    """The kernels' `f16` argument: 1 when t (a packed weight's scales, a KV cache) is float16, 0 for float32."""
+    return int(t.dtype == torch.float16)

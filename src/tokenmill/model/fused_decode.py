@@ -35,7 +35,7 @@ class FusedDecoder:
         c = model.config
         attn = model.layers[0].self_attn
         self.dims = decode_step.Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                                     kv.block_size, c.rms_norm_eps, attn.scale, int(kv.dtype == torch.float16))
+                                     kv.block_size, c.rms_norm_eps, attn.scale, native.f16_flag(kv.k))
 
     @classmethod
     def build(cls, model: LlamaModel, kv: KVCache) -> FusedDecoder | None:
@@ -44,12 +44,14 @@ class FusedDecoder:
         if (os.environ.get("TOKENMILL_FUSED_DECODE", "1") == "0" or not native.available() or kv.dtype not in layer_ops.CACHE_DTYPES or c.hidden_act != "silu" or c.qk_norm
                 or c.head_dim % 8 or any(type(layer) is not DecoderLayer for layer in model.layers)):
             return None
-        layers = []
+        layers, max_rows = [], float("inf")
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            linears = [_linear(m) for m in projections]
             if any(lin is None for lin in linears):
                 return None
+            max_rows = min(max_rows, *(m.max_kernel_rows for m in projections))
             k_cache, v_cache = kv.layer(i)
             rotary = model.layer_rotary[i]
             window = c.layer_window(i) or 0
@@ -57,9 +59,7 @@ class FusedDecoder:
                 layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), *linears,
                 k_cache.data_ptr(), v_cache.data_ptr(), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
                 kv.layout.group_of[i], window))
-        max_rows = min(m.max_kernel_rows for layer in model.layers for m in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
-        return cls(model, kv, layers, max_rows) if max_rows > 0 else None
+        return cls(model, kv, layers, int(max_rows)) if max_rows > 0 else None
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """x [M, hidden] float32 in place; groups[g] = (block tables [M, max_blocks], seq_lens [M], slots [M]),

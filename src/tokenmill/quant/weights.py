@@ -14,6 +14,7 @@ import torch
 
 BLOCK = 32  # elements per nibble-packing block; group sizes are multiples of it
 TILE_ROWS = 8  # rows interleaved in the tiled layout
+CHUNK_BYTES = 4  # bytes of one row that sit together in the tiled layout
 
 
 @dataclass
@@ -64,10 +65,8 @@ class QuantizedWeight:
             return self
         if not self.can_tile:
             raise ValueError(f"cannot tile a {self.shape} weight with group_size {self.group_size}")
-        n, k = self.shape
-        tiles, blocks, chunk_bytes = n // TILE_ROWS, k // BLOCK, 4
-        chunks = BLOCK * self.bits // 8 // chunk_bytes
-        q = self.qweight.view(tiles, TILE_ROWS, blocks, chunks, chunk_bytes).permute(0, 2, 3, 1, 4)
+        n, tiles, blocks, chunks = self._tile_shape()
+        q = self.qweight.view(tiles, TILE_ROWS, blocks, chunks, CHUNK_BYTES).permute(0, 2, 3, 1, 4)
 
         def per_block(t: torch.Tensor) -> torch.Tensor:
             t = t.repeat_interleave(self.group_size // BLOCK, dim=1)
@@ -80,16 +79,19 @@ class QuantizedWeight:
         """The row layout (group size 32 when it was tiled)."""
         if not self.tiled:
             return self
-        n, k = self.shape
-        tiles, blocks, chunk_bytes = n // TILE_ROWS, k // BLOCK, 4
-        chunks = BLOCK * self.bits // 8 // chunk_bytes
-        q = self.qweight.view(tiles, blocks, chunks, TILE_ROWS, chunk_bytes).permute(0, 3, 1, 2, 4)
+        n, tiles, blocks, chunks = self._tile_shape()
+        q = self.qweight.view(tiles, blocks, chunks, TILE_ROWS, CHUNK_BYTES).permute(0, 3, 1, 2, 4)
 
         def per_row(t: torch.Tensor) -> torch.Tensor:
             return t.view(tiles, blocks, TILE_ROWS).transpose(1, 2).reshape(n, blocks)
 
         return QuantizedWeight(self.bits, q.reshape(self.qweight.shape), per_row(self.scales),
                                None if self.mins is None else per_row(self.mins), BLOCK)
+
+    def _tile_shape(self) -> tuple[int, int, int, int]:
+        """Rows, tiles of 8 rows, 32-blocks per row, and 4-byte chunks per row's 32-block."""
+        n, k = self.shape
+        return n, n // TILE_ROWS, k // BLOCK, BLOCK * self.bits // 8 // CHUNK_BYTES
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Integer values q as int16 [rows, in] (all rows when `rows` is None)."""

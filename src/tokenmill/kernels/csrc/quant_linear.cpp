@@ -15,8 +15,8 @@
 //   scales (and mins): one per 32-block, the 8 rows' values of a block side by side.
 // Why: one activation chunk broadcast against a weight chunk gives products for 8 rows at once, so the integer
 // sums of a block come out as one vector of 8 rows: no horizontal sums per row, one scale multiply per 8
-// outputs, and the weights of a tile are unpacked once for every activation row. On SmolLM2's 576-wide rows
-// this runs 3.5-4.5x faster than the row layout (1 to 16 rows).
+// outputs, and the weights of a tile are unpacked once for up to 4 activation rows. On SmolLM2's shapes this
+// runs 2.1-3.2x faster than the row layout (1 and 16 rows; BENCHMARKS.md).
 #include "quant_linear.h"
 
 #include <immintrin.h>
