@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenmill import SamplingParams
-from tokenmill.model.sampler import apply_penalties, filter_logits, sample
+from tokenmill.model.sampler import StepLogits, apply_penalties, filter_logits, sample
 
 NEG_INF = float("-inf")
 
@@ -105,11 +105,11 @@ def test_no_penalty_means_logits_unchanged():
 
 def test_greedy_choice_follows_penalties():
     logits = torch.tensor([3.0, 2.5, 1.0])
-    assert sample(logits, SamplingParams(temperature=0), [5], [], None).token_id == 0
-    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=1.5), [0], [], None).token_id == 1
-    assert sample(logits, SamplingParams(temperature=0, presence_penalty=1.0), [], [0], None).token_id == 1
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0), [5], [], None).token_id == 0
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, repetition_penalty=1.5), [0], [], None).token_id == 1
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, presence_penalty=1.0), [], [0], None).token_id == 1
     # presence/frequency penalties ignore the prompt
-    assert sample(logits, SamplingParams(temperature=0, presence_penalty=1.0), [0], [], None).token_id == 0
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, presence_penalty=1.0), [0], [], None).token_id == 0
 
 
 # ---------------------------------------------------------------------------------------------- unit: logprobs
@@ -119,7 +119,7 @@ def test_logprobs_report_raw_distribution_rank_and_top_n_in_order():
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, 1.5])
     raw = logits.log_softmax(-1)
     # the repetition penalty pushes token 0 down to 0.3, so greedy picks token 1 (2nd most likely in the raw model)
-    got = sample(logits, SamplingParams(temperature=0, repetition_penalty=10.0, logprobs=3), [0], [], None)
+    got = sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, repetition_penalty=10.0, logprobs=3), [0], [], None)
     assert got.token_id == 1
     assert got.logprob == pytest.approx(float(raw[1]), abs=1e-6)
     assert got.rank == 2
@@ -132,7 +132,7 @@ def test_logprobs_are_not_temperature_scaled_and_rank_counts_better_tokens():
     raw = logits.log_softmax(-1)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        got = sample(logits, SamplingParams(temperature=2.0, logprobs=1), [], [], gen)
+        got = sample(StepLogits(logits[None]), 0, SamplingParams(temperature=2.0, logprobs=1), [], [], gen)
         assert got.logprob == pytest.approx(float(raw[got.token_id]), abs=1e-6)
         assert got.rank == 1 + int((raw > raw[got.token_id]).sum())
         assert got.top == [(3, pytest.approx(float(raw[3]), abs=1e-6))]
@@ -140,11 +140,27 @@ def test_logprobs_are_not_temperature_scaled_and_rank_counts_better_tokens():
 
 def test_logprobs_zero_gives_chosen_only_and_none_gives_no_alternatives():
     logits = torch.tensor([0.0, 2.0, 1.0])
-    zero = sample(logits, SamplingParams(temperature=0, logprobs=0), [], [], None)
+    zero = sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, logprobs=0), [], [], None)
     assert (zero.token_id, zero.rank, zero.top) == (1, 1, [])
-    none = sample(logits, SamplingParams(temperature=0), [], [], None)
+    none = sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0), [], [], None)
     assert none.top == []
     assert none.logprob == pytest.approx(float(logits.log_softmax(-1)[1]), abs=1e-6)
+
+
+def test_each_row_of_a_step_samples_as_if_alone():
+    """StepLogits reduces all rows at once; every row's token and logprobs must be what that row alone gives."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50) * 3
+    step = StepLogits(logits)
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=2),
+                   SamplingParams(temperature=0, presence_penalty=2.0)):
+        for row in range(5):
+            alone = sample(StepLogits(logits[row][None]), 0, params, [], [3], None)
+            together = sample(step, row, params, [], [3], None)
+            raw = logits[row].log_softmax(-1)
+            assert together.token_id == alone.token_id
+            assert together.logprob == pytest.approx(float(raw[together.token_id]), abs=1e-5)
+            assert together.top == [(t, pytest.approx(float(raw[t]), abs=1e-5)) for t, _ in alone.top]
 
 
 # ---------------------------------------------------------------------------------------------- unit: sampling
@@ -152,7 +168,7 @@ def test_logprobs_zero_gives_chosen_only_and_none_gives_no_alternatives():
 
 def _draw(logits: torch.Tensor, params: SamplingParams, n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    ids = [sample(logits, params, [], [], gen).token_id for _ in range(n)]
+    ids = [sample(StepLogits(logits[None]), 0, params, [], [], gen).token_id for _ in range(n)]
     return torch.bincount(torch.tensor(ids), minlength=logits.numel()).double() / n
 
 

@@ -23,7 +23,7 @@ from tokenmill.engine.scheduler import Scheduler, SchedulerStats
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
-from tokenmill.model.sampler import sample
+from tokenmill.model.sampler import StepLogits, sample
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -155,15 +155,15 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
-        logits = self.runner.execute(scheduled.chunks, self.kv_manager.block_tables)
+        logits = StepLogits(self.runner.execute(scheduled.chunks, self.kv_manager.block_tables))
         sampling = [c for c in scheduled.chunks if c.samples]
         row = 0
         for chunk in sampling:
             request, drafts = chunk.request, chunk.draft_token_ids
             if drafts:
-                tokens = self.speculator.verify(request, drafts, logits[row:row + len(drafts) + 1])
+                tokens = self.speculator.verify(request, drafts, logits, row)
             else:
-                tokens = [sample(logits[row], request.params, request.prompt_token_ids, request.output_ids,
+                tokens = [sample(logits, row, request.params, request.prompt_token_ids, request.output_ids,
                                  request.generator)]
             row += len(drafts) + 1
             for emitted, token in enumerate(tokens, 1):

@@ -48,20 +48,45 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    prompt_ids: list[int],
-    output_ids: list[int],
-    generator: torch.Generator | None,
-) -> SampledToken:
-    """logits: float32 [vocab] for one sequence."""
-    processed = process_logits(logits, params, prompt_ids, output_ids)
-    if params.greedy:
-        token = int(processed.argmax())
+class StepLogits:
+    """One step's logits [rows, vocab] with the whole-vocabulary reductions that every row needs (the argmax,
+    the log-normalizer for the chosen token's logprob) done once for all rows. Why: per-row calls cost
+    ~0.2-0.3 ms each, ~15-20 ms of a ~110 ms step at 64 sequences (AVX-512 machine, 49k vocabulary)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.log_normalizer = logits.logsumexp(-1)
+        self.argmax = logits.argmax(-1).tolist()
+
+    def logprobs(self, row: int) -> torch.Tensor:
+        """Raw log-probabilities of one row."""
+        return self.logits[row] - self.log_normalizer[row]
+
+    def sampled(self, row: int, token: int, top_n: int | None) -> SampledToken:
+        """token as drawn from `row`, with its raw logprob (and rank and the top-N alternatives if asked)."""
+        if top_n is None:
+            return SampledToken(token, float(self.logits[row, token] - self.log_normalizer[row]), 0, [])
+        logprobs = self.logprobs(row)
+        rank = int((logprobs > logprobs[token]).sum()) + 1
+        top = torch.topk(logprobs, top_n) if top_n else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return SampledToken(token, float(logprobs[token]), rank, pairs)
+
+
+def sample(step: StepLogits, row: int, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+           generator: torch.Generator | None) -> SampledToken:
+    """The next token from row `row` of the step's logits."""
+    if params.greedy and not has_penalties(params):
+        token = step.argmax[row]
     else:
-        token = int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
-    return with_logprobs(token, logits.log_softmax(-1), params.logprobs)
+        processed = process_logits(step.logits[row], params, prompt_ids, output_ids)
+        token = int(processed.argmax()) if params.greedy else \
+            int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
+    return step.sampled(row, token, params.logprobs)
+
+
+def has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
@@ -72,13 +97,3 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: lis
     if params.greedy:
         return processed
     return filter_logits(processed / params.temperature, params)
-
-
-def with_logprobs(token: int, logprobs: torch.Tensor, top_n: int | None) -> SampledToken:
-    chosen = float(logprobs[token])
-    if top_n is None:
-        return SampledToken(token, chosen, 0, [])
-    rank = int((logprobs > logprobs[token]).sum()) + 1
-    top = torch.topk(logprobs, top_n) if top_n else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return SampledToken(token, chosen, rank, pairs)

@@ -9,7 +9,7 @@ import torch
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledChunk
 from tokenmill.model.llama import LlamaModel
-from tokenmill.model.sampler import SampledToken, process_logits, with_logprobs
+from tokenmill.model.sampler import SampledToken, StepLogits, process_logits
 from tokenmill.spec_decode.adaptive import AdaptiveController
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.draft_model import DraftModelProposer
@@ -47,9 +47,10 @@ class Speculator:
             request.draft_token_ids = draft.token_ids
             self.drafts[request.request_id] = draft
 
-    def verify(self, request: Request, draft_ids: list[int], logits: torch.Tensor) -> list[SampledToken]:
-        """The tokens to append: accepted drafts, then the target's own. logits: [len(draft_ids) + 1, vocab],
-        row i computed after draft token i - 1 (the scheduler may have cut the draft short)."""
+    def verify(self, request: Request, draft_ids: list[int], step: StepLogits, first_row: int) -> list[SampledToken]:
+        """The tokens to append: accepted drafts, then the target's own. The step's rows first_row + i, for
+        i <= len(draft_ids), were computed after draft token i - 1 (the scheduler may have cut the draft short)."""
+        logits = step.logits[first_row:first_row + len(draft_ids) + 1]
         draft = self.drafts[request.request_id]
         params, output = request.params, request.output_ids
         processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i])
@@ -61,8 +62,7 @@ class Speculator:
             tokens = rejection_sample(processed.softmax(-1), draft_ids, q, request.generator)
         self.stats.observe(len(draft_ids), len(tokens) - 1)
         self.controller.observe_acceptance(request.request_id, len(draft_ids), len(tokens) - 1)
-        raw = logits.log_softmax(-1)
-        return [with_logprobs(token, raw[i], params.logprobs) for i, token in enumerate(tokens)]
+        return [step.sampled(first_row + i, token, params.logprobs) for i, token in enumerate(tokens)]
 
     def observe_step(self, chunks: Sequence[ScheduledChunk], seconds: float) -> None:
         """Time of a step (schedule, forward, sampling, bookkeeping; not proposing) for the cost model."""

@@ -6,12 +6,13 @@ int8-dot kernel streams the packed weight once (decode and small batches are ban
 weight is dequantized for one float GEMM, whose cost the many rows amortize (prefill). That GEMM runs in
 bfloat16 where the CPU has native bf16 (~4x float32's FLOP/s there) and in float32 elsewhere (emulated bf16
 is ~70x slower).
-Crossovers, measured on SmolLM2's layers (AVX2 machine, 2 threads): the tiled kernel (weights in the kernels'
-tiled layout) beats dequantize + float32 GEMM at every size tried, 4x at 16 rows and still 1.14-1.21x at 512,
-so against float32 it runs for every row count (TILED_KERNEL_ROWS bounds it only nominally: the scheduler's
-token budget is smaller). Against native bf16 GEMMs the crossover is not measured yet, so there, and for
-weights in the row layout (1.2-1.3x faster than the GEMM at 16 rows, 1.2-1.5x slower at 32), it stays at 24
-rows. A matrix whose float copy would not fit in the caches (the vocabulary-sized LM head: 113 MB as float32)
+Crossovers, measured on SmolLM2's layers (2 threads; benchmarks/kernel_crossover.py): the tiled kernel (weights
+in the kernels' tiled layout) beats dequantize + GEMM at every size tried on both machine kinds: against float32
+on an AVX2 machine 4x at 16 rows and still 1.14-1.21x at 512; against bfloat16 on an AVX-512 machine (Zen 4,
+VNNI build) 1.3-5x from 16 to 512 rows, since dequantizing per call costs more than the GEMM saves. So it runs
+for every row count (TILED_KERNEL_ROWS bounds it only nominally: the scheduler's token budget is smaller). For
+weights in the row layout (1.2-1.3x faster than the GEMM at 16 rows, 1.2-1.5x slower at 32) it stays at 24 rows.
+A matrix whose float copy would not fit in the caches (the vocabulary-sized LM head: 113 MB as float32)
 keeps the kernel up to LARGE_MATRIX_KERNEL_ROWS rows: writing that copy costs ~55 ms, more than the kernel
 takes for 64 rows.
 A fused projection whose parts come in different formats (a GGUF Q4_K_M file stores v_proj as Q6_K next to
@@ -52,8 +53,7 @@ class QuantizedLinear(nn.Module):
                  max_kernel_rows: int | None = None) -> None:
         super().__init__()
         if max_kernel_rows is None:
-            tiled = all(w.tiled for w in weights) and GEMM_DTYPE == torch.float32
-            max_kernel_rows = TILED_KERNEL_ROWS if tiled else DEFAULT_MAX_KERNEL_ROWS
+            max_kernel_rows = TILED_KERNEL_ROWS if all(w.tiled for w in weights) else DEFAULT_MAX_KERNEL_ROWS
         self.parts = nn.ModuleList(PackedMatrix(w) for w in weights)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.in_features = weights[0].in_features
