@@ -84,6 +84,9 @@ void attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int
     int pending = 0;
     for_each_key(kv, keys, table, start, len, kvh, [&](int t, int64_t row) {
       const T* kr = keys + row;
+      if (g0 == 0)  // the value row (same offset in the V cache) starts moving to L2 for the pass after softmax
+        for (size_t i = 0; i < D * sizeof(T); i += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(kv.v_cache) + row) + i, _MM_HINT_T1);
       for (int g = 0; g < heads; ++g) {
         const float* qg = q_heads + (g0 + g) * D;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
