@@ -7,9 +7,10 @@ Two workloads, greedy, 64 new tokens per request, chat template applied:
   copies much of its input: where prompt lookup should shine);
 - chat: the first prompts of the built-in English set (open questions: little to copy).
 For each batch size B the first B prompts of the workload (cycled) are submitted at once to `LLM.generate`;
-output tok/s = generated tokens / wall time. Each cell runs once untimed (so every timed run finds its prompts
-in the prefix cache alike and decoding dominates) and then `--repeats` times; the median run is reported (single
-runs varied by 20-30% on these shared machines). Greedy output is identical with and without speculation (tested), so
+output tok/s = generated tokens / wall time. All configurations are loaded in one process; each cell runs once
+untimed (so every timed run finds its prompts in the prefix cache alike and decoding dominates) and then
+`--repeats` times, the configurations taking turns run by run; the median run is reported (single runs varied by
+20-30% on these shared machines, and drift over minutes must not pass for a configuration's effect). Greedy output is identical with and without speculation (tested), so
 every configuration generates the same tokens. llama.cpp's single-stream decode (`llama-bench -n 64`) is the
 batch-1 reference; it has no speculation in these builds.
 """
@@ -65,10 +66,18 @@ def chat_prompts() -> list[str]:
     return [p["prompt"] for p in builtin_prompts()[:64]]
 
 
-def measure_median(llm: LLM, prompts: list[str], batch: int, repeats: int) -> dict:
-    measure(llm, prompts, batch)  # warm-up: fills the prefix cache with these prompts
-    runs = sorted((measure(llm, prompts, batch) for _ in range(repeats)), key=lambda r: r["tok_s"])
-    return {**runs[len(runs) // 2], "all_tok_s": [r["tok_s"] for r in runs]}
+def measure_interleaved(llms: dict[str, LLM], prompts: list[str], batch: int, repeats: int) -> dict[str, dict]:
+    """Per configuration, the median of `repeats` runs, the configurations taking turns run by run: this machine's
+    speed drifts by up to 2x within an hour, and measured one after another, drift passed for a configuration
+    effect (a draft model that never drafted measured 0.78x of no speculation; interleaved, the two are even)."""
+    for llm in llms.values():
+        measure(llm, prompts, batch)  # warm-up: fills the prefix cache with these prompts
+    runs: dict[str, list[dict]] = {name: [] for name in llms}
+    for _ in range(repeats):
+        for name, llm in llms.items():
+            runs[name].append(measure(llm, prompts, batch))
+    return {name: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2], "all_tok_s": [r["tok_s"] for r in rs]}
+            for name, rs in runs.items()}
 
 
 def measure(llm: LLM, prompts: list[str], batch: int) -> dict:
@@ -96,15 +105,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     workloads = {"grounded": grounded_prompts(), "chat": chat_prompts()}
     results: dict = {}
-    for name, spec in CONFIGS.items():
-        llm = LLM(speculative_config=spec)
+    llms = {name: LLM(speculative_config=spec) for name, spec in CONFIGS.items()}  # all loaded: runs interleave
+    for llm in llms.values():
         llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-        for workload, prompts in workloads.items():
-            for batch in map(int, args.batches.split(",")):
-                r = measure_median(llm, prompts, batch, args.repeats)
+    for workload, prompts in workloads.items():
+        for batch in map(int, args.batches.split(",")):
+            for name, r in measure_interleaved(llms, prompts, batch, args.repeats).items():
                 results[f"{name}|{workload}|{batch}"] = r
                 print(name, workload, batch, json.dumps(r), flush=True)
-        del llm
     peer = llama_bench(default_model_path(), args.out / "llama-bench.json") if (PEERS / "llama-bench").exists() else None
     (args.out / "spec_decode.json").write_text(json.dumps({"cpu": describe(), "results": results, "llama_bench": peer}))
     lines = [f"CPU: {json.dumps(describe())}", "",

@@ -105,10 +105,10 @@ def test_kernel_on_repacked_gguf_tensors(qtype):
 
 
 @pytest.mark.skipif(not (quant_ops.available() and build.VNNI_CPU_FLAGS <= cpu_flags()), reason="CPU lacks AVX512-VNNI")
-@pytest.mark.parametrize("rows", [7, 19])
+@pytest.mark.parametrize("rows", [3, 7, 19])
 @pytest.mark.parametrize("qtype,tiled", [(Q.Q4_1, True), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q8_0, False), (Q.Q6_K, False)])
 def test_vnni_build_gives_bit_identical_outputs(qtype, tiled, rows):
-    """The VNNI build only changes how the integer dots are formed (and from 8 rows on runs int4 tiles in zmm
+    """The VNNI build only changes how the integer dots are formed (and above 4 rows runs int4 tiles in zmm
     pairs; 72 rows leave an odd tile for the ymm path), never their values."""
     weight = repack(_gguf_tensor(qtype, 72, 512, seed=5))
     weight = weight.tile() if tiled else weight

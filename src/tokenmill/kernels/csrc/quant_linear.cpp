@@ -399,14 +399,15 @@ void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, i
   }
 }
 
-// zmm pairs of tiles for int4 from Tile16::kRows activation rows up (1.3-1.45x faster on Zen 4 at 16-512 rows);
-// below that, decode-sized calls stream the weights and one tile per ymm was faster (batch-1 decode 1.1x).
+// zmm pairs of tiles for int4 above Tile8::kRows activation rows: one pass over the weights where ymm needs two
+// (5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows. Up to
+// 4 rows, decode-sized calls that stream the weights, one tile per ymm was faster (batch-1 decode 1.1x).
 // int8 stays on ymm: it needs vpsignb, which AVX-512 lacks, and emulated, zmm was no faster.
 template <int BITS>
 void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate) {
 #ifdef TM_HAS_TILE16
-  if (BITS == 4 && M >= Tile16::kRows) {
+  if (BITS == 4 && M > Tile8::kRows) {
     qmatmul_tiles<Tile16, BITS>(w, a, M, out, ldo, bias, accumulate);
     if ((w.N / 8) % 2 == 0) return;
     // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
