@@ -1,6 +1,6 @@
-// Quantized linear kernels for x86 AVX2 (also used on AVX-512 machines): y = x @ W^T with W kept in
+// Quantized linear kernels for x86 AVX2, with AVX512-VNNI where the build has it: y = x @ W^T with W kept in
 // 4- or 8-bit blocks of 32 along K and x quantized on the fly to int8 per 32-block (as llama.cpp's Q8_1),
-// so every inner product is an integer dot (maddubs) and the weights are streamed once per call.
+// so every inner product is an integer dot (maddubs, or vpdpbusd) and the weights are streamed once per call.
 //
 // Weight layouts (see tokenmill/quant/weights.py):
 //   int4: qweight uint8 [N, K/2]; in each 32-block byte j holds q[j] (low nibble) and q[j+16] (high nibble);
