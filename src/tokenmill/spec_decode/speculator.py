@@ -9,7 +9,7 @@ import torch
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledChunk
 from tokenmill.model.llama import LlamaModel
-from tokenmill.model.sampler import SampledToken, StepLogits, process_logits
+from tokenmill.model.sampler import SampledToken, StepLogits, has_penalties, process_logits
 from tokenmill.spec_decode.adaptive import AdaptiveController
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.draft_model import DraftModelProposer
@@ -50,16 +50,19 @@ class Speculator:
     def verify(self, request: Request, draft_ids: list[int], step: StepLogits, first_row: int) -> list[SampledToken]:
         """The tokens to append: accepted drafts, then the target's own. The step's rows first_row + i, for
         i <= len(draft_ids), were computed after draft token i - 1 (the scheduler may have cut the draft short)."""
-        logits = step.logits[first_row:first_row + len(draft_ids) + 1]
+        rows = slice(first_row, first_row + len(draft_ids) + 1)
         draft = self.drafts[request.request_id]
         params, output = request.params, request.output_ids
-        processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i])
-                                 for i, row in enumerate(logits)])
-        if params.greedy:
-            tokens = greedy_verify(processed.argmax(-1).tolist(), draft_ids)
+        if params.greedy and not has_penalties(params):  # the raw argmax, already taken for the whole step
+            tokens = greedy_verify(step.argmax[rows], draft_ids)
         else:
-            q = draft.probs[:len(draft_ids)] if draft.probs is not None else None
-            tokens = rejection_sample(processed.softmax(-1), draft_ids, q, request.generator)
+            processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i])
+                                     for i, row in enumerate(step.logits[rows])])
+            if params.greedy:
+                tokens = greedy_verify(processed.argmax(-1).tolist(), draft_ids)
+            else:
+                q = draft.probs[:len(draft_ids)] if draft.probs is not None else None
+                tokens = rejection_sample(processed.softmax(-1), draft_ids, q, request.generator)
         self.stats.observe(len(draft_ids), len(tokens) - 1)
         self.controller.observe_acceptance(request.request_id, len(draft_ids), len(tokens) - 1)
         return [step.sampled(first_row + i, token, params.logprobs) for i, token in enumerate(tokens)]
