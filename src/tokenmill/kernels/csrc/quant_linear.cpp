@@ -289,11 +289,6 @@ struct Tile16 {
   static I set1(int32_t v) { return _mm512_set1_epi32(v); }
   static I zero() { return _mm512_setzero_si512(); }
   static I nibbles(I p, int shift) { return _mm512_and_si512(_mm512_srli_epi16(p, shift), _mm512_set1_epi8(0x0F)); }
-  static I sign8(I x, I p) {  // x where p > 0, -x where p < 0, 0 where p == 0 (AVX-512 has no vpsignb)
-    const I neg = _mm512_sub_epi8(_mm512_setzero_si512(), x);
-    const I r = _mm512_mask_mov_epi8(x, _mm512_movepi8_mask(p), neg);
-    return _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(p, p), r);
-  }
   static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
   static F scales(const void* p, int64_t i, int64_t stride, int f16) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(load_scales8(p, i, f16))),
@@ -402,18 +397,20 @@ void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, i
 // zmm pairs of tiles for int4 above Tile8::kRows activation rows: one pass over the weights where ymm needs two
 // (5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows. Up to
 // 4 rows, decode-sized calls that stream the weights, one tile per ymm was faster (batch-1 decode 1.1x).
-// int8 stays on ymm: it needs vpsignb, which AVX-512 lacks, and emulated, zmm was no faster.
+// int8 stays on ymm: it needs vpsignb, which AVX-512 lacks (emulated with masks, zmm was no faster).
 template <int BITS>
 void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate) {
 #ifdef TM_HAS_TILE16
-  if (BITS == 4 && M > Tile8::kRows) {
-    qmatmul_tiles<Tile16, BITS>(w, a, M, out, ldo, bias, accumulate);
-    if ((w.N / 8) % 2 == 0) return;
-    // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
+  if constexpr (BITS == 4) {
+    if (M > Tile8::kRows) {
+      qmatmul_tiles<Tile16, BITS>(w, a, M, out, ldo, bias, accumulate);
+      if ((w.N / 8) % 2 == 0) return;
+      // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
 #pragma omp single
-    by_row_groups<Tile8::kRows>(M, [&](auto rows, int m) { store_tile<Tile8, BITS, decltype(rows)::value>(w, w.N / 8 - 1, a, m, out, ldo, bias, accumulate); });
-    return;
+      by_row_groups<Tile8::kRows>(M, [&](auto rows, int m) { store_tile<Tile8, BITS, decltype(rows)::value>(w, w.N / 8 - 1, a, m, out, ldo, bias, accumulate); });
+      return;
+    }
   }
 #endif
   qmatmul_tiles<Tile8, BITS>(w, a, M, out, ldo, bias, accumulate);
