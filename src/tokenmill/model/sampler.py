@@ -49,24 +49,20 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class StepLogits:
-    """One step's logits [rows, vocab] with the whole-vocabulary reductions that every row needs (the argmax,
-    the log-normalizer for the chosen token's logprob) done once for all rows. Why: per-row calls cost
-    ~0.2-0.3 ms each, ~15-20 ms of a ~110 ms step at 64 sequences (AVX-512 machine, 49k vocabulary)."""
+    """One step's logits [rows, vocab] with the whole-vocabulary work every row needs (the argmax, the raw
+    log-probabilities) done once for all rows, in two batched ops instead of ~3 per row. (A batched logsumexp
+    would write less but took 2x log_softmax's time here.)"""
 
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
-        self.log_normalizer = logits.logsumexp(-1)
+        self.raw_logprobs = logits.log_softmax(-1)
         self.argmax = logits.argmax(-1).tolist()
-
-    def logprobs(self, row: int) -> torch.Tensor:
-        """Raw log-probabilities of one row."""
-        return self.logits[row] - self.log_normalizer[row]
 
     def sampled(self, row: int, token: int, top_n: int | None) -> SampledToken:
         """token as drawn from `row`, with its raw logprob (and rank and the top-N alternatives if asked)."""
+        logprobs = self.raw_logprobs[row]
         if top_n is None:
-            return SampledToken(token, float(self.logits[row, token] - self.log_normalizer[row]), 0, [])
-        logprobs = self.logprobs(row)
+            return SampledToken(token, float(logprobs[token]), 0, [])
         rank = int((logprobs > logprobs[token]).sum()) + 1
         top = torch.topk(logprobs, top_n) if top_n else None
         pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
