@@ -71,7 +71,8 @@ def main() -> None:
     facts = describe()
     lines = [f"CPU flags: `{facts['flags']}`; torch {facts['torch']}, {facts['threads']} threads, GEMM dtype "
              f"{str(GEMM_DTYPE).removeprefix('torch.')}", "",
-             "| projection | rows | kernel | dequant+gemm | bf16 cached | fp32 cached | fastest |", "|---|" * 1 + "---:|" * 6]
+             "| projection | rows | kernel | dequant+gemm | bf16 cached | fp32 cached | fastest |",
+             "|---|" + "---:|" * 6]
     for name, layers in projections(llm).items():
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, layers[0].in_features)

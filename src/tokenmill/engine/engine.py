@@ -155,15 +155,15 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
-        logits = StepLogits(self.runner.execute(scheduled.chunks, self.kv_manager.block_tables))
+        step_logits = StepLogits(self.runner.execute(scheduled.chunks, self.kv_manager.block_tables))
         sampling = [c for c in scheduled.chunks if c.samples]
         row = 0
         for chunk in sampling:
             request, drafts = chunk.request, chunk.draft_token_ids
             if drafts:
-                tokens = self.speculator.verify(request, drafts, logits, row)
+                tokens = self.speculator.verify(request, drafts, step_logits, row)
             else:
-                tokens = [sample(logits, row, request.params, request.prompt_token_ids, request.output_ids,
+                tokens = [sample(step_logits, row, request.params, request.prompt_token_ids, request.output_ids,
                                  request.generator)]
             row += len(drafts) + 1
             for emitted, token in enumerate(tokens, 1):

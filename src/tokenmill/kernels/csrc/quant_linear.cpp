@@ -383,15 +383,20 @@ inline void store_tile(const QMatrix& w, int64_t t, const QActivations& a, int m
   }
 }
 
+// The tile(s) from t against all M activation rows, V::kRows rows per pass over their weights.
+template <typename V, int BITS>
+inline void store_tile_all_rows(const QMatrix& w, int64_t t, const QActivations& a, int M, float* out, int64_t ldo,
+                                const float* bias, bool accumulate) {
+  by_row_groups<V::kRows>(M, [&](auto rows, int m) { store_tile<V, BITS, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
+}
+
 template <typename V, int BITS>
 void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate) {
   const int groups = w.N / 8 / V::kTiles;
 #pragma omp for schedule(static)
-  for (int g = 0; g < groups; ++g) {
-    const int64_t t = static_cast<int64_t>(g) * V::kTiles;
-    by_row_groups<V::kRows>(M, [&](auto rows, int m) { store_tile<V, BITS, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
-  }
+  for (int g = 0; g < groups; ++g)
+    store_tile_all_rows<V, BITS>(w, static_cast<int64_t>(g) * V::kTiles, a, M, out, ldo, bias, accumulate);
 }
 
 // zmm pairs of tiles for int4 above Tile8::kRows activation rows: one pass over the weights where ymm needs two
@@ -408,7 +413,7 @@ void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, i
       if ((w.N / 8) % 2 == 0) return;
       // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
 #pragma omp single
-      by_row_groups<Tile8::kRows>(M, [&](auto rows, int m) { store_tile<Tile8, BITS, decltype(rows)::value>(w, w.N / 8 - 1, a, m, out, ldo, bias, accumulate); });
+      store_tile_all_rows<Tile8, BITS>(w, w.N / 8 - 1, a, M, out, ldo, bias, accumulate);
       return;
     }
   }
