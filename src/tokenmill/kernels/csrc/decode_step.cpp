@@ -85,13 +85,15 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   const int k_max = std::max({H, q_width, I});
   thread_local std::vector<float> h_buf, qkv_buf, attn_buf, gu_buf, act_buf, ad_buf, as_buf;
   thread_local std::vector<int8_t> aq_buf;
+  thread_local std::vector<uint8_t> au_buf;
   float* h = grow(h_buf, static_cast<size_t>(M) * H);
   float* qkv = grow(qkv_buf, static_cast<size_t>(M) * qkv_width);
   float* attn = grow(attn_buf, static_cast<size_t>(M) * q_width);
   float* gu = grow(gu_buf, static_cast<size_t>(M) * 2 * I);
   float* act = grow(act_buf, static_cast<size_t>(M) * I);
   const tm::QActivations qa{grow(aq_buf, static_cast<size_t>(M) * k_max), grow(ad_buf, static_cast<size_t>(M) * k_max / tm::QK),
-                            grow(as_buf, static_cast<size_t>(M) * k_max / tm::QK)};
+                            grow(as_buf, static_cast<size_t>(M) * k_max / tm::QK),
+                            grow(au_buf, static_cast<size_t>(M) * k_max)};
   constexpr int kChunk = 64;  // SiLU-and-mul work unit, so one row still spreads over the threads
   const int chunks = (I + kChunk - 1) / kChunk;
 #pragma omp parallel

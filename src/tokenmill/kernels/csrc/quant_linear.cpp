@@ -73,8 +73,9 @@ inline __m256 dot_u8s8(__m256i a, __m256i b) {
   return _mm256_cvtepi32_ps(dot_accumulate(_mm256_setzero_si256(), a, b));
 }
 
-// One activation row: q int8 [K], d = per-block scale, s = d * sum(q) per block (for the weight mins).
-void quantize_row(const float* x, int K, int8_t* q, float* d, float* s) {
+// One activation row: q int8 [K], d = per-block scale, s = d * sum(q) per block (for the weight mins), and with
+// VNNI u = q + 128 (see QActivations).
+void quantize_row(const float* x, int K, int8_t* q, float* d, float* s, uint8_t* u) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int b = 0; b < K / QK; ++b) {
@@ -93,7 +94,10 @@ void quantize_row(const float* x, int K, int8_t* q, float* d, float* s) {
       i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
     const int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
     __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), _mm256_permutevar8x32_epi32(packed, perm));
+    packed = _mm256_permutevar8x32_epi32(packed, perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), packed);
+    if constexpr (kVnni)  // q + 128 == q ^ 0x80 on two's complement bytes
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + b * QK), _mm256_xor_si256(packed, _mm256_set1_epi8(-128)));
     d[b] = scale;
     s[b] = scale * static_cast<float>(sum);
   }
@@ -263,6 +267,7 @@ struct Tile8 {
   static I dot(I acc, I a, I b) { return dot_accumulate(acc, a, b); }
   static I maddubs(I a, I b) { return _mm256_maddubs_epi16(a, b); }
   static I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+  static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
   static I widen16(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
   static F scales(const void* p, int64_t i, int64_t, int f16) { return load_scales8(p, i, f16); }
   static F zerof() { return _mm256_setzero_ps(); }
@@ -290,6 +295,7 @@ struct Tile16 {
   static I zero() { return _mm512_setzero_si512(); }
   static I nibbles(I p, int shift) { return _mm512_and_si512(_mm512_srli_epi16(p, shift), _mm512_set1_epi8(0x0F)); }
   static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
   static F scales(const void* p, int64_t i, int64_t stride, int f16) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(load_scales8(p, i, f16))),
                                                _mm256_castps_pd(load_scales8(p, i + stride, f16)), 1));
@@ -308,7 +314,7 @@ struct Tile16 {
 
 // Integer block sums of the tile(s) from t, 32-block b, against MT activation rows: s[i] lane r = q_r . x_i.
 template <typename V, int BITS, int MT>
-inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq, typename V::I* s) {
+inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq, const uint8_t* xu, typename V::I* s) {
   using I = typename V::I;
   const int K = w.K, nb = K / QK;
   const int64_t tile_bytes = static_cast<int64_t>(nb) * 4 * BITS * 8;  // one tile's weights, all blocks
@@ -333,6 +339,20 @@ inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq
     }
     if constexpr (!kVnni)
       for (int i = 0; i < MT; ++i) s[i] = V::widen16(s16[i]);
+  } else if constexpr (kVnni) {  // (x + 128) . w - 128 * sum(w): one vpdpbusd per row and chunk, x broadcast from memory
+    const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
+    I offset = V::zero();  // 128 * sum(w) per output row
+    for (int i = 0; i < MT; ++i) s[i] = V::zero();
+    for (int c = 0; c < 8; ++c) {
+      const I p = V::load(q + c * 32, tile_bytes);
+      offset = V::dot(offset, V::set1(static_cast<int32_t>(0x80808080u)), p);
+      for (int i = 0; i < MT; ++i) {
+        int32_t xc;
+        memcpy(&xc, xu + static_cast<int64_t>(i) * K + b * QK + 4 * c, 4);
+        s[i] = V::dot(s[i], V::set1(xc), p);
+      }
+    }
+    for (int i = 0; i < MT; ++i) s[i] = V::sub32(s[i], offset);
   } else {  // signed x signed: |w| . (x * sign(w)); a pair reaches 2 * 127 * 127 < 2^15
     const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
     for (int i = 0; i < MT; ++i) s[i] = V::zero();
@@ -360,7 +380,7 @@ inline void tile_rows(const QMatrix& w, int64_t t, const QActivations& a, int m0
   for (int i = 0; i < MT; ++i) r[i] = V::zerof();
   for (int b = 0; b < nb; ++b) {
     typename V::I s[MT];
-    tile_block_sums<V, BITS, MT>(w, t, b, xq, s);
+    tile_block_sums<V, BITS, MT>(w, t, b, xq, x.u, s);
     const typename V::F ws = V::scales(w.scale, (t * nb + b) * 8, tile_scales, w.f16);
     const typename V::F wm = BITS == 4 ? V::scales(w.min, (t * nb + b) * 8, tile_scales, w.f16) : V::zerof();
     for (int i = 0; i < MT; ++i) {
@@ -399,23 +419,21 @@ void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, i
     store_tile_all_rows<V, BITS>(w, static_cast<int64_t>(g) * V::kTiles, a, M, out, ldo, bias, accumulate);
 }
 
-// zmm pairs of tiles for int4 above Tile8::kRows activation rows: one pass over the weights where ymm needs two
-// (5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows. Up to
-// 4 rows, decode-sized calls that stream the weights, one tile per ymm was faster (batch-1 decode 1.1x).
-// int8 stays on ymm: it needs vpsignb, which AVX-512 lacks (emulated with masks, zmm was no faster).
+// zmm pairs of tiles above Tile8::kRows activation rows: one pass over the weights where ymm needs two
+// (int4, 5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows;
+// int8 (SmolLM2's 49k x 576 output layer), 16-64 rows: 1.25x over ymm with the same offset trick. Up to 4 rows,
+// decode-sized calls that stream the weights, one tile per ymm was faster (batch-1 decode 1.1x; int8 1.4x).
 template <int BITS>
 void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate) {
 #ifdef TM_HAS_TILE16
-  if constexpr (BITS == 4) {
-    if (M > Tile8::kRows) {
-      qmatmul_tiles<Tile16, BITS>(w, a, M, out, ldo, bias, accumulate);
-      if ((w.N / 8) % 2 == 0) return;
-      // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
+  if (M > Tile8::kRows) {
+    qmatmul_tiles<Tile16, BITS>(w, a, M, out, ldo, bias, accumulate);
+    if ((w.N / 8) % 2 == 0) return;
+    // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
 #pragma omp single
-      store_tile_all_rows<Tile8, BITS>(w, w.N / 8 - 1, a, M, out, ldo, bias, accumulate);
-      return;
-    }
+    store_tile_all_rows<Tile8, BITS>(w, w.N / 8 - 1, a, M, out, ldo, bias, accumulate);
+    return;
   }
 #endif
   qmatmul_tiles<Tile8, BITS>(w, a, M, out, ldo, bias, accumulate);
@@ -447,13 +465,15 @@ inline int64_t scale_index(const QMatrix& w, int64_t n, int k) {
 QActivations activation_buffers(int M, int K) {
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> d, s;
+  thread_local std::vector<uint8_t> u;
   const size_t n = static_cast<size_t>(M) * K;
   if (q.size() < n) {
     q.resize(n);
     d.resize(n / QK);
     s.resize(n / QK);
+    u.resize(n);
   }
-  return QActivations{q.data(), d.data(), s.data()};
+  return QActivations{q.data(), d.data(), s.data(), u.data()};
 }
 
 }  // namespace
@@ -462,7 +482,8 @@ void quantize_rows(const float* x, int64_t x_stride, int M, int K, const QActiva
   const int nb = K / QK;
 #pragma omp for schedule(static)
   for (int m = 0; m < M; ++m)
-    quantize_row(x + m * x_stride, K, a.q + static_cast<int64_t>(m) * K, a.d + m * nb, a.s + m * nb);
+    quantize_row(x + m * x_stride, K, a.q + static_cast<int64_t>(m) * K, a.d + m * nb, a.s + m * nb,
+                 a.u + static_cast<int64_t>(m) * K);
 }
 
 void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,

@@ -22,16 +22,18 @@ struct QMatrix {
 };
 
 // Activation rows quantized to int8 per 32 values: row m at q + m * K, its block scales at d + m * K / 32, and
-// s = d * sum(q) per block (what the weight mins multiply).
+// s = d * sum(q) per block (what the weight mins multiply). u = q + 128 as unsigned bytes (VNNI builds only):
+// vpdpbusd multiplies unsigned by signed bytes, so against int8 weights the activations go in offset by 128.
 struct QActivations {
   int8_t* q;
   float* d;
   float* s;
+  uint8_t* u;
 
   // The rows from m0 on (of length K).
   QActivations from(int m0, int K) const {
     const int64_t first = static_cast<int64_t>(m0) * K;
-    return QActivations{q + first, d + first / QK, s + first / QK};
+    return QActivations{q + first, d + first / QK, s + first / QK, u + first};
   }
 };
 
