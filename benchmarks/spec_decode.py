@@ -2,12 +2,14 @@
 
 Run:  python benchmarks/spec_decode.py --out benchmarks/results/spec_decode   (quiet machine; ~20 min on 2 cores)
 
-Two workloads, greedy, 64 new tokens per request, chat template applied:
+Three workloads, greedy, chat template applied:
 - grounded: rewrite / repeat / extract from a paragraph of the shipped held-out text, and a code edit (the answer
-  copies much of its input: where prompt lookup should shine);
-- chat: the first prompts of the built-in English set (open questions: little to copy).
-For each batch size B the first B prompts of the workload (cycled) are submitted at once to `LLM.generate`;
-output tok/s = generated tokens / wall time. All configurations are loaded in one process; each cell runs once
+  copies much of its input: where prompt lookup should shine), up to 64 new tokens;
+- grounded-long: the same prompts, up to 256 new tokens (whole rewrites instead of their first lines);
+- chat: the first 16 prompts of the built-in English set (open questions: little to copy), up to 64 new tokens.
+For each batch size B, the workload's prompts (cycled to a multiple of B, at least all of them) go to `LLM.chat`
+B at a time, one group after another: batch 1 is single-stream over every prompt, not just the first one.
+Output tok/s = generated tokens / wall time. All configurations are loaded in one process; each cell runs once
 untimed (so every timed run finds its prompts in the prefix cache alike and decoding dominates) and then
 `--repeats` times, the configurations taking turns run by run; the median run is reported (single runs varied by
 20-30% on these shared machines, and drift over minutes must not pass for a configuration's effect). Greedy output is identical with and without speculation (tested), so
@@ -63,29 +65,31 @@ def grounded_prompts() -> list[str]:
 
 
 def chat_prompts() -> list[str]:
-    return [p["prompt"] for p in builtin_prompts()[:64]]
+    return [p["prompt"] for p in builtin_prompts()[:16]]
 
 
-def measure_interleaved(llms: dict[str, LLM], prompts: list[str], batch: int, repeats: int) -> dict[str, dict]:
+def measure_interleaved(llms: dict[str, LLM], prompts: list[str], max_tokens: int, batch: int,
+                        repeats: int) -> dict[str, dict]:
     """Per configuration, the median of `repeats` runs, the configurations taking turns run by run: this machine's
     speed drifts by up to 2x within an hour, and measured one after another, drift passed for a configuration
     effect (a draft model that never drafted measured 0.78x of no speculation; interleaved, the two are even)."""
     for llm in llms.values():
-        measure(llm, prompts, batch)  # warm-up: fills the prefix cache with these prompts
+        measure(llm, prompts, max_tokens, batch)  # warm-up: fills the prefix cache with these prompts
     runs: dict[str, list[dict]] = {name: [] for name in llms}
     for _ in range(repeats):
         for name, llm in llms.items():
-            runs[name].append(measure(llm, prompts, batch))
+            runs[name].append(measure(llm, prompts, max_tokens, batch))
     return {name: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2], "all_tok_s": [r["tok_s"] for r in rs]}
             for name, rs in runs.items()}
 
 
-def measure(llm: LLM, prompts: list[str], batch: int) -> dict:
-    convs = [[{"role": "user", "content": p}] for p in islice(cycle(prompts), batch)]
-    params = SamplingParams(temperature=0, max_tokens=64)
+def measure(llm: LLM, prompts: list[str], max_tokens: int, batch: int) -> dict:
+    count = -(-max(batch, len(prompts)) // batch) * batch
+    convs = [[{"role": "user", "content": p}] for p in islice(cycle(prompts), count)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
     before = llm.engine.stats()
     start = time.perf_counter()
-    outs = llm.chat(convs, params, use_tqdm=False)
+    outs = [out for i in range(0, count, batch) for out in llm.chat(convs[i:i + batch], params, use_tqdm=False)]
     wall = time.perf_counter() - start
     after = llm.engine.stats()
     drafts = after.spec_num_drafts - before.spec_num_drafts
@@ -101,16 +105,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/spec_decode"))
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default="grounded,grounded-long,chat")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    workloads = {"grounded": grounded_prompts(), "chat": chat_prompts()}
+    workloads = {"grounded": (grounded_prompts(), 64), "grounded-long": (grounded_prompts(), 256),
+                 "chat": (chat_prompts(), 64)}
+    workloads = {name: workloads[name] for name in args.workloads.split(",")}
     results: dict = {}
     llms = {name: LLM(speculative_config=spec) for name, spec in CONFIGS.items()}  # all loaded: runs interleave
     for llm in llms.values():
         llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-    for workload, prompts in workloads.items():
+    for workload, (prompts, max_tokens) in workloads.items():
         for batch in map(int, args.batches.split(",")):
-            for name, r in measure_interleaved(llms, prompts, batch, args.repeats).items():
+            for name, r in measure_interleaved(llms, prompts, max_tokens, batch, args.repeats).items():
                 results[f"{name}|{workload}|{batch}"] = r
                 print(name, workload, batch, json.dumps(r), flush=True)
     peer = llama_bench(default_model_path(), args.out / "llama-bench.json") if (PEERS / "llama-bench").exists() else None
