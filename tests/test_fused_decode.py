@@ -115,3 +115,42 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(bits, group, tiled):
     alone = torch.cat([quant_ops.linear(x[i:i + 1].contiguous(), w) for i in range(len(x))])
     for m in (2, 3, 4, 5, 7, 16, 23):
         assert torch.equal(quant_ops.linear(x[:m].contiguous(), w), alone[:m])
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_verify_rows_attend_exactly_as_decode_rows(tmp_path, tokenizer_dir, sliding_window):
+    """A verify chunk's rows share one attention task per KV head (each key read once for all of them); every
+    row must still come out bit for bit as it does computed alone, or speculation would change greedy tokens."""
+    torch.manual_seed(3)
+    model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=sliding_window)).eval()
+    llm = LLM(_checkpoint(tmp_path, tokenizer_dir, model), quantization="int4", block_size=4,
+              enable_prefix_caching=False)
+    fused, kv = llm.engine.runner.fused, llm.engine.kv_cache
+    bs, hidden = kv.block_size, llm.model.config.hidden_size
+    kv.k.normal_()  # earlier context: random keys and values
+    kv.v.normal_()
+    saved = kv.k.clone(), kv.v.clone()
+    seq_a, seq_b, seq_c = list(range(0, 12)), list(range(12, 20)), list(range(20, 24))  # block tables
+    rows = [(seq_a, p) for p in range(37, 42)] + [(seq_b, 20)] + [(seq_c, 9), (seq_c, 10)]
+
+    def run(rows: list, x: torch.Tensor) -> None:
+        tables = torch.tensor([table + [0] * (12 - len(table)) for table, _ in rows])
+        lens = torch.tensor([p + 1 for _, p in rows])
+        slots = torch.tensor([table[p // bs] * bs + p % bs for table, p in rows])
+        fused.run(x, torch.tensor([p for _, p in rows]), [(tables, lens, slots)] * len(kv.layout.windows))
+
+    def restore() -> None:
+        kv.k.copy_(saved[0])
+        kv.v.copy_(saved[1])
+
+    x = torch.randn(len(rows), hidden)
+    together = x.clone()
+    run(rows, together)
+    alone = x.clone()
+    for i in range(len(rows)):  # row i alone, after the rows before it (one at a time) wrote their keys
+        restore()
+        for j in range(i):
+            run(rows[j:j + 1], x[j:j + 1].clone())
+        run(rows[i:i + 1], alone[i:i + 1])
+    assert torch.equal(together, alone)
+    assert not torch.equal(together, x)

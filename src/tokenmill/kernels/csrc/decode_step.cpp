@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "paged_attention.h"
@@ -66,6 +67,23 @@ void linear(const Linear& lin, const tm::QActivations& a, int M, float* out, int
   }
 }
 
+// Runs of rows that attend to the same block table from consecutive positions (the rows of a verify chunk) as
+// (first row, count) pairs: attention reads each key of a run once for all its rows.
+std::vector<std::pair<int, int>> table_runs(const Group& g, int M, int block_size) {
+  std::vector<std::pair<int, int>> runs;
+  for (int m = 0; m < M;) {
+    const int64_t* table = g.block_tables + static_cast<int64_t>(m) * g.max_blocks;
+    int r = 1;
+    for (; m + r < M && g.seq_lens[m + r] == g.seq_lens[m + r - 1] + 1; ++r) {
+      const int64_t* next = g.block_tables + static_cast<int64_t>(m + r) * g.max_blocks;
+      if (!std::equal(table, table + (g.seq_lens[m + r] - 1) / block_size + 1, next)) break;
+    }
+    runs.emplace_back(m, r);
+    m += r;
+  }
+  return runs;
+}
+
 template <typename T>
 T* grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -94,6 +112,10 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   const tm::QActivations qa{grow(aq_buf, static_cast<size_t>(M) * k_max), grow(ad_buf, static_cast<size_t>(M) * k_max / tm::QK),
                             grow(as_buf, static_cast<size_t>(M) * k_max / tm::QK),
                             grow(au_buf, static_cast<size_t>(M) * k_max)};
+  int num_groups = 0;
+  for (int l = 0; l < num_layers; ++l) num_groups = std::max(num_groups, layers[l].group + 1);
+  std::vector<std::vector<std::pair<int, int>>> runs;
+  for (int g = 0; g < num_groups; ++g) runs.push_back(table_runs(groups[g], M, d.block_size));
   constexpr int kChunk = 64;  // SiLU-and-mul work unit, so one row still spreads over the threads
   const int chunks = (I + kChunk - 1) / kChunk;
 #pragma omp parallel
@@ -114,16 +136,19 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
     }
     const tm::PagedKV kv{ly.k_cache, ly.v_cache, grp.block_tables, grp.max_blocks, grp.seq_lens,
                          d.kv_heads, D, d.block_size, ly.window, d.kv_f16};
-    // One task per (sequence, KV head) reads each key once for its query heads; with fewer tasks than
+    // One task per (run of rows, KV head) reads each key once for its query heads; with fewer tasks than
     // threads can balance (batch 1: 3 KV heads on 2 threads), one task per query head instead.
-    const int per_task = M * d.kv_heads >= 4 * omp_get_num_threads() ? G : 1;
-    const int tasks_per_row = d.heads / per_task;
+    const std::vector<std::pair<int, int>>& layer_runs = runs[ly.group];
+    const int num_runs = static_cast<int>(layer_runs.size());
+    const int per_task = num_runs * d.kv_heads >= 4 * omp_get_num_threads() ? G : 1;
+    const int tasks_per_run = d.heads / per_task;
 #pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int m = 0; m < M; ++m)
-      for (int t = 0; t < tasks_per_row; ++t) {
+    for (int i = 0; i < num_runs; ++i)
+      for (int t = 0; t < tasks_per_run; ++t) {
+        const auto [m, rows] = layer_runs[i];
         const int head = t * per_task;
-        tm::decode_attention_task(qkv + static_cast<int64_t>(m) * qkv_width + head * D, kv, m, head / G, per_task,
-                                  d.scale, attn + static_cast<int64_t>(m) * q_width + head * D);
+        tm::decode_attention_task(kv, m, rows, head / G, per_task, qkv + static_cast<int64_t>(m) * qkv_width + head * D,
+                                  qkv_width, d.scale, attn + static_cast<int64_t>(m) * q_width + head * D, q_width);
       }
     tm::quantize_rows(attn, q_width, M, q_width, qa);
     linear(ly.o, qa, M, x, H, true);

@@ -1,8 +1,10 @@
-// Decode attention over the paged KV cache: one query token per sequence, read straight from the sequence's
-// blocks (no gather into a padded copy, no mask). One task per (sequence, KV head): the query heads that share
-// a KV head read each key and value once. Two passes: scores for the whole context, then softmax and the
-// weighted sum of values. The cache holds float32 or float16 (converted to float32 as it is read); head_dim a
-// multiple of 8.
+// Decode attention over the paged KV cache: query rows read straight from their sequence's blocks (no gather into
+// a padded copy, no mask). One task per (run of rows, KV head): the query heads that share a KV head, in every row
+// of the run (one decode token, or a verify chunk's tokens), read each key and value once, converted to float32
+// once for all of them. Two passes: scores for the whole context, then softmax and the weighted sum of values.
+// The cache holds float32 or float16; head_dim a multiple of 8. Each query's arithmetic is the same whichever
+// queries share its task, so a verify row gives exactly the logits a plain decode row would (greedy speculative
+// decoding must reproduce plain decoding token for token).
 #include "paged_attention.h"
 
 #include <immintrin.h>
@@ -13,11 +15,10 @@
 #include <cstring>
 #include <vector>
 
+#include "static_count.h"
 #include "vec_math.h"
 
 namespace tm {
-
-constexpr int kMaxHeadsPerPass = 16;  // query heads whose partial scores are held per pass over the keys
 
 // Lane j = the sum of v[j]'s lanes.
 inline __m256 hsum8(const __m256* v) {
@@ -49,100 +50,151 @@ inline void for_each_key(const PagedKV& kv, const T* cache, const int64_t* table
   }
 }
 
-// out[0 .. 8 * W) = sum over keys t of p[t] * V_t[d0 .. d0 + 8 * W).
-template <typename T, int W>
-inline void weighted_values(const PagedKV& kv, const int64_t* table, int start, int len, int kvh, const float* p,
-                            int d0, float* out) {
-  const T* values = static_cast<const T*>(kv.v_cache);
-  __m256 acc[W];
-  for (int j = 0; j < W; ++j) acc[j] = _mm256_setzero_ps();
-  for_each_key(kv, values, table, start, len, kvh, [&](int t, int64_t row) {
-    const T* vr = values + row + d0;
-    const __m256 pt = _mm256_broadcast_ss(p + t);
-    for (int j = 0; j < W; ++j) acc[j] = _mm256_fmadd_ps(pt, load8(vr + 8 * j), acc[j]);
+#if defined(__AVX512VL__)
+constexpr int kQueriesPerPass = 12;  // two accumulators per query: AVX-512VL gives ymm code 32 registers
+#else
+constexpr int kQueriesPerPass = 6;  // of 16 ymm registers
+#endif
+
+// scores[j][t - start] = scale * q_j . K_t for the NQ queries over keys [start, end), each key row converted once
+// for all of them. Keys go in groups of 8 whose 8-lane partial sums are reduced together (one vector of 8 scores
+// from 9 shuffles and adds, not 8 horizontal sums); the last group is padded with zeros, so a key's score is the
+// same wherever it falls, and a query's scores do not depend on which other queries share the pass.
+template <typename T, int NQ>
+void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* qs,
+                float scale, float* const* scores, bool prefetch_values) {
+  const int D = kv.D;
+  const T* keys = static_cast<const T*>(kv.k_cache);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  __m256 part[NQ][8];
+  int pending = 0;
+  auto flush = [&](int first) {
+    for (int j = 0; j < NQ; ++j) {
+      for (int p = pending; p < 8; ++p) part[j][p] = _mm256_setzero_ps();
+      alignas(32) float reduced[8];
+      _mm256_store_ps(reduced, _mm256_mul_ps(hsum8(part[j]), vscale));
+      std::memcpy(scores[j] + first, reduced, pending * sizeof(float));
+    }
+    pending = 0;
+  };
+  for_each_key(kv, keys, table, start, end, kvh, [&](int t, int64_t row) {
+    const T* kr = keys + row;
+    if (prefetch_values)  // the value row (same offset in the V cache) starts moving to L2 for the value pass
+      for (size_t i = 0; i < D * sizeof(T); i += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(kv.v_cache) + row) + i, _MM_HINT_T1);
+    __m256 a0[NQ], a1[NQ];  // two accumulators per query halve the dependent multiply-add chain
+    for (int j = 0; j < NQ; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= D; i += 16) {
+      const __m256 k0 = load8(kr + i), k1 = load8(kr + i + 8);
+      for (int j = 0; j < NQ; ++j) {
+        a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
+        a1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i + 8), k1, a1[j]);
+      }
+    }
+    if (i < D) {
+      const __m256 k0 = load8(kr + i);
+      for (int j = 0; j < NQ; ++j) a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
+    }
+    for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_add_ps(a0[j], a1[j]);
+    if (++pending == 8) flush(t - 7 - start);
   });
-  for (int j = 0; j < W; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+  if (pending) flush(end - pending - start);
+}
+
+// outs[j][0 .. D) = sum over keys t in [start, end) of probs[j][t - start] * V_t, 16 dims at a time, each value
+// row converted once per 16 dims for all NQ queries. A query's sum runs over t in order whatever NQ is.
+template <typename T, int NQ>
+void value_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* probs,
+                float* const* outs) {
+  const T* values = static_cast<const T*>(kv.v_cache);
+  for (int d0 = 0; d0 < kv.D; d0 += 16) {
+    const bool two = d0 + 16 <= kv.D;  // head_dim is a multiple of 8: the last piece may be 8 wide
+    __m256 acc[NQ][2];
+    for (int j = 0; j < NQ; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for_each_key(kv, values, table, start, end, kvh, [&](int t, int64_t row) {
+      const T* vr = values + row + d0;
+      const __m256 v0 = load8(vr), v1 = two ? load8(vr + 8) : _mm256_setzero_ps();
+      for (int j = 0; j < NQ; ++j) {
+        const __m256 p = _mm256_broadcast_ss(probs[j] + (t - start));
+        acc[j][0] = _mm256_fmadd_ps(p, v0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(p, v1, acc[j][1]);
+      }
+    });
+    for (int j = 0; j < NQ; ++j) {
+      _mm256_storeu_ps(outs[j] + d0, acc[j][0]);
+      if (two) _mm256_storeu_ps(outs[j] + d0 + 8, acc[j][1]);
+    }
+  }
+}
+
+// Softmax of s[0 .. n) in place, then zeros up to `padded` (keys this query does not see contribute 0 * V).
+inline void softmax_row(float* s, int n, int padded) {
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vsum = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = tm::exp(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+    _mm256_storeu_ps(s + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - m);
+    sum += s[i];
+  }
+  const float inv = 1.0f / sum;
+  for (i = 0; i < n; ++i) s[i] *= inv;
+  for (; i < padded; ++i) s[i] = 0.0f;
 }
 
 template <typename T>
-void attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int G, float scale, float* out_heads) {
+void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride, float scale,
+                    float* out, int64_t out_stride) {
   const int D = kv.D;
-  const T* keys = static_cast<const T*>(kv.k_cache);
-  const int len = static_cast<int>(kv.seq_lens[b]);
-  const int start = kv.window > 0 ? std::max(0, len - kv.window) : 0;
-  const int n = len - start;
-  thread_local std::vector<float> scores;
-  if (scores.size() < static_cast<size_t>(G) * n) scores.resize(static_cast<size_t>(G) * n);
-  float* sc = scores.data();
+  if (kv.window > 0 && rows > 1) {  // each row has its own window start: one row at a time
+    for (int r = 0; r < rows; ++r)
+      attention_task<T>(kv, b + r, 1, kvh, G, q + r * q_stride, q_stride, scale, out + r * out_stride, out_stride);
+    return;
+  }
+  const int end = static_cast<int>(kv.seq_lens[b + rows - 1]);  // the last row sees the most keys
+  const int start = kv.window > 0 ? std::max(0, end - kv.window) : 0;
+  const int n = end - start, nq = rows * G;
+  thread_local std::vector<float> score_buf;
+  thread_local std::vector<const float*> query_buf;
+  thread_local std::vector<float*> out_buf, row_buf;
+  if (score_buf.size() < static_cast<size_t>(nq) * n) score_buf.resize(static_cast<size_t>(nq) * n);
+  if (query_buf.size() < static_cast<size_t>(nq)) {
+    query_buf.resize(nq);
+    out_buf.resize(nq);
+    row_buf.resize(nq);
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int g = 0; g < G; ++g) {
+      const int j = r * G + g;
+      query_buf[j] = q + r * q_stride + g * D;
+      out_buf[j] = out + r * out_stride + g * D;
+      row_buf[j] = score_buf.data() + static_cast<size_t>(j) * n;
+    }
   const int64_t* table = kv.block_tables + static_cast<int64_t>(b) * kv.max_blocks;
-  // scores: two accumulators per head halve the dependent multiply-add chain; the 8-lane partial sums of 8
-  // keys are reduced together (one vector of 8 scores from 9 shuffles and adds, not 8 horizontal sums)
-  const __m256 vscale = _mm256_set1_ps(scale);
-  for (int g0 = 0; g0 < G; g0 += kMaxHeadsPerPass) {
-    const int heads = std::min(kMaxHeadsPerPass, G - g0);
-    __m256 part[kMaxHeadsPerPass * 8];
-    int pending = 0;
-    for_each_key(kv, keys, table, start, len, kvh, [&](int t, int64_t row) {
-      const T* kr = keys + row;
-      if (g0 == 0)  // the value row (same offset in the V cache) starts moving to L2 for the pass after softmax
-        for (size_t i = 0; i < D * sizeof(T); i += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(kv.v_cache) + row) + i, _MM_HINT_T1);
-      for (int g = 0; g < heads; ++g) {
-        const float* qg = q_heads + (g0 + g) * D;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 16 <= D; i += 16) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), load8(kr + i), a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), load8(kr + i + 8), a1);
-        }
-        if (i < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), load8(kr + i), a0);
-        part[g * 8 + pending] = _mm256_add_ps(a0, a1);
-      }
-      if (++pending == 8) {
-        for (int g = 0; g < heads; ++g)
-          _mm256_storeu_ps(sc + static_cast<size_t>(g0 + g) * n + (t - 7 - start), _mm256_mul_ps(hsum8(part + g * 8), vscale));
-        pending = 0;
-      }
-    });
-    for (int j = 0; j < pending; ++j)
-      for (int g = 0; g < heads; ++g) sc[static_cast<size_t>(g0 + g) * n + (n - pending + j)] = hsum(part[g * 8 + j]) * scale;
-  }
-  for (int g = 0; g < G; ++g) {  // softmax in place
-    float* s = sc + static_cast<size_t>(g) * n;
-    float m = -INFINITY;
-    for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 vsum = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-      __m256 e = tm::exp(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-      _mm256_storeu_ps(s + i, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    float sum = hsum(vsum);
-    for (; i < n; ++i) {
-      s[i] = std::exp(s[i] - m);
-      sum += s[i];
-    }
-    const float inv = 1.0f / sum;
-    for (i = 0; i < n; ++i) s[i] *= inv;
-  }
-  // out = p @ V: 64 output dims at a time held in registers (a compile-time width, or the accumulators spill),
-  // each value row read from cache once per head
-  for (int g = 0; g < G; ++g) {
-    const float* p = sc + static_cast<size_t>(g) * n - start;
-    int d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64) weighted_values<T, 8>(kv, table, start, len, kvh, p, d0, out_heads + g * D + d0);
-    for (; d0 < D; d0 += 8) weighted_values<T, 1>(kv, table, start, len, kvh, p, d0, out_heads + g * D + d0);
-  }
+  by_groups<kQueriesPerPass>(nq, [&](auto count, int j0) {
+    score_pass<T, decltype(count)::value>(kv, table, start, end, kvh, query_buf.data() + j0, scale, row_buf.data() + j0,
+                                           j0 == 0);
+  });
+  for (int j = 0; j < nq; ++j) softmax_row(row_buf[j], static_cast<int>(kv.seq_lens[b + j / G]) - start, n);
+  by_groups<kQueriesPerPass>(nq, [&](auto count, int j0) {
+    value_pass<T, decltype(count)::value>(kv, table, start, end, kvh, row_buf.data() + j0, out_buf.data() + j0);
+  });
 }
 
-void decode_attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int G, float scale,
-                           float* out_heads) {
+void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
+                           float scale, float* out, int64_t out_stride) {
   if (kv.f16)
-    attention_task<uint16_t>(q_heads, kv, b, kvh, G, scale, out_heads);
+    attention_task<uint16_t>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
   else
-    attention_task<float>(q_heads, kv, b, kvh, G, scale, out_heads);
+    attention_task<float>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
 }
 
 void write_kv_row(const float* k, const float* v, int64_t slot, int width, void* k_cache, void* v_cache, int f16) {
@@ -173,8 +225,8 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, const void* k_c
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
     for (int kvh = 0; kvh < KV; ++kvh)
-      tm::decode_attention_task(q + b * q_stride + kvh * (H / KV) * D, kv, b, kvh, H / KV, scale,
-                                out + (static_cast<int64_t>(b) * H + kvh * (H / KV)) * D);
+      tm::decode_attention_task(kv, b, 1, kvh, H / KV, q + b * q_stride + kvh * (H / KV) * D, q_stride, scale,
+                                out + (static_cast<int64_t>(b) * H + kvh * (H / KV)) * D, static_cast<int64_t>(H) * D);
 }
 
 // Store k and v rows ([T, width] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :] (row width),

@@ -19,9 +19,11 @@ struct PagedKV {
 // Store one token's k and v rows (`width` floats each) into cache slot `slot`, as float32 or float16.
 void write_kv_row(const float* k, const float* v, int64_t slot, int width, void* k_cache, void* v_cache, int f16);
 
-// G query heads of sequence b that read KV head kvh (all H / KV of them, or fewer to split the work finer):
-// their rows at q_heads[g * D] in, out_heads[g * D] out.
-void decode_attention_task(const float* q_heads, const PagedKV& kv, int b, int kvh, int G, float scale,
-                           float* out_heads);
+// The query heads that read KV head kvh in `rows` consecutive rows from row b, which share row b's block table
+// (one decode row, or a verify chunk's positions: each key and value row is then read once for all of them).
+// Row b + r attends seq_lens[b + r] keys; its G heads are at q + r * q_stride + g * D (all H / KV of them, or
+// fewer to split the work finer), written to out + r * out_stride + g * D.
+void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
+                           float scale, float* out, int64_t out_stride);
 
 }  // namespace tm

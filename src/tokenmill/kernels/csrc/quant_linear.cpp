@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "static_count.h"
 #include "vec_math.h"
 
 namespace tm {
@@ -213,26 +214,6 @@ inline void store_rows(const QMatrix& w, int64_t n, const QActivations& a, int m
   }
 }
 
-// f(integral_constant<int, n>) for a run-time n in 1..N.
-template <int N, typename F>
-inline void with_row_count(int n, F f) {
-  if constexpr (N >= 1) {
-    if (n == N)
-      f(std::integral_constant<int, N>{});
-    else
-      with_row_count<N - 1>(n, f);
-  }
-}
-
-// Calls f(rows, m) over M activation rows in groups of up to G (rows: a compile-time count; m: the first row);
-// a remainder is one smaller group, so the weights are read ceil(M / G) times.
-template <int G, typename F>
-inline void by_row_groups(int M, F f) {
-  int m = 0;
-  for (; m + G <= M; m += G) f(std::integral_constant<int, G>{}, m);
-  if (m < M) with_row_count<G - 1>(M - m, [&](auto rows) { f(rows, m); });
-}
-
 constexpr int kPrefetchRows = 4;
 
 template <int BITS>
@@ -245,7 +226,7 @@ void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, in
       const char* next = static_cast<const char*>(w.q) + (n + kPrefetchRows) * row_bytes;
       for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
     }
-    by_row_groups<4>(M, [&](auto rows, int m) { store_rows<BITS, decltype(rows)::value>(w, n, a, m, out, ldo, bias, accumulate); });
+    by_groups<4>(M, [&](auto rows, int m) { store_rows<BITS, decltype(rows)::value>(w, n, a, m, out, ldo, bias, accumulate); });
   }
 }
 
@@ -407,7 +388,7 @@ inline void store_tile(const QMatrix& w, int64_t t, const QActivations& a, int m
 template <typename V, int BITS>
 inline void store_tile_all_rows(const QMatrix& w, int64_t t, const QActivations& a, int M, float* out, int64_t ldo,
                                 const float* bias, bool accumulate) {
-  by_row_groups<V::kRows>(M, [&](auto rows, int m) { store_tile<V, BITS, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
+  by_groups<V::kRows>(M, [&](auto rows, int m) { store_tile<V, BITS, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
 }
 
 template <typename V, int BITS>
