@@ -1,6 +1,6 @@
-"""The fused native decode step (model/fused_decode.py) against the module path it replaces: same kernels and
-the same order of float operations, so greedy tokens and logprobs must agree, on batched decodes of sequences
-of different lengths, with Q/K/V biases (Qwen2), a sliding window crossing block boundaries (Mistral) and a
+"""The fused native step (model/fused_decode.py) against the module path it replaces: same kernels and the same
+order of float operations, so greedy tokens and logprobs must agree, on a batched prefill and batched decodes of
+sequences of different lengths, with Q/K/V biases (Qwen2), a sliding window crossing block boundaries (Mistral) and a
 projection whose parts come in two formats. Prefix caching is off: a cache hit on the second run would shrink
 its prefill below the packed kernels' row limit and so change which kernel computes the prompt."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.kernels import native
+from tokenmill.kernels import build, native
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.quant.weights import quantize_rtn
 
@@ -53,7 +53,10 @@ def _assert_paths_agree(llm: LLM) -> None:
     llm.engine.runner.fused.run = lambda *args: (calls.append(args[0].shape[0]), run(*args))
     fused = _run(llm, fused=True)
     del llm.engine.runner.fused.run
-    assert max(calls) == len(PROMPTS) and len(calls) >= 19  # batched decodes went through it
+    prefill_fused = llm.engine.runner.fused.max_rows >= sum(map(len, PROMPTS))
+    if prefill_fused:
+        assert calls[0] == sum(map(len, PROMPTS))  # the prompts' prefill went through it
+    assert calls.count(len(PROMPTS)) >= 2 and len(calls) >= 19 + prefill_fused  # and the batched decodes
     modules = _run(llm, fused=False)
     for a, b in zip(fused, modules):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -117,8 +120,22 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(bits, group, tiled):
         assert torch.equal(quant_ops.linear(x[:m].contiguous(), w), alone[:m])
 
 
+@pytest.fixture(params=["native", "avx2"])
+def kernel_build(request, monkeypatch):
+    """The kernels as built for this CPU, and (where that build is wider) the AVX2 build, whose attention holds
+    fewer queries per pass in its 16 registers."""
+    if request.param == "avx2":
+        if not build.isa_flags():
+            pytest.skip("this CPU's build is the AVX2 build")
+        monkeypatch.setattr(native, "load_library", lambda: build.load_library(()))
+    native.library.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    native.library.cache_clear()
+
+
 @pytest.mark.parametrize("sliding_window", [None, 8])
-def test_verify_rows_attend_exactly_as_decode_rows(tmp_path, tokenizer_dir, sliding_window):
+def test_verify_rows_attend_exactly_as_decode_rows(tmp_path, tokenizer_dir, sliding_window, kernel_build):
     """A verify chunk's rows share one attention task per KV head (each key read once for all of them); every
     row must still come out bit for bit as it does computed alone, or speculation would change greedy tokens."""
     torch.manual_seed(3)
@@ -130,8 +147,10 @@ def test_verify_rows_attend_exactly_as_decode_rows(tmp_path, tokenizer_dir, slid
     kv.k.normal_()  # earlier context: random keys and values
     kv.v.normal_()
     saved = kv.k.clone(), kv.v.clone()
-    seq_a, seq_b, seq_c = list(range(0, 12)), list(range(12, 20)), list(range(20, 24))  # block tables
-    rows = [(seq_a, p) for p in range(37, 42)] + [(seq_b, 20)] + [(seq_c, 9), (seq_c, 10)]
+    seq_a, seq_b, seq_c, seq_d = list(range(0, 12)), list(range(12, 20)), list(range(20, 24)), list(range(24, 28))
+    # four runs of rows: a task per KV head holds all heads of a run, and seq_a's 7 rows x 2 heads take two
+    # passes over the keys (12 queries per pass with AVX-512, 6 with AVX2)
+    rows = [(seq_a, p) for p in range(37, 44)] + [(seq_b, 20)] + [(seq_c, 9), (seq_c, 10)] + [(seq_d, 5)]
 
     def run(rows: list, x: torch.Tensor) -> None:
         tables = torch.tensor([table + [0] * (12 - len(table)) for table, _ in rows])

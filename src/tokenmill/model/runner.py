@@ -32,9 +32,8 @@ class ModelRunner:
         (a verify chunk of d drafts gives d + 1 rows, in order): [sum over sampling chunks of 1 + drafts, vocab].
 
         `block_tables[request_id][group]`: the request's table in each KV group."""
-        if (self.fused is not None and sum(c.num_tokens for c in chunks) <= self.fused.max_rows
-                and all(c.num_tokens == 1 or c.draft_token_ids for c in chunks)):
-            return self._fused_decode(chunks, block_tables)
+        if self.fused is not None and sum(c.num_tokens for c in chunks) <= self.fused.max_rows:
+            return self._fused_step(chunks, block_tables)
         ids, positions, logits_rows = [], [], []
         row = 0
         for chunk in chunks:
@@ -50,10 +49,10 @@ class ModelRunner:
         return self.model(torch.tensor(ids), torch.cat(positions), self.kv_cache, meta,
                           torch.tensor(logits_rows, dtype=torch.long))
 
-    def _fused_decode(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
-        """A step of decodes and verify chunks through the native decoder stack: every token is one row that
-        attends to its own prefix (a verify chunk's rows see the rows before them, written first). Metadata is
-        built from plain lists (no masks)."""
+    def _fused_step(self, chunks: Sequence[ScheduledChunk], block_tables: dict[str, list[list[int]]]) -> torch.Tensor:
+        """A step through the native decoder stack: every token is one row that attends to its own prefix (the
+        rows of a prefill or verify chunk see the rows before them, written first; they attend as one run, see
+        kernels/csrc/paged_attention.cpp). Metadata is built from plain lists (no masks)."""
         bs = self.block_size
         ids, positions, logits_rows = [], [], []
         for chunk in chunks:

@@ -161,31 +161,27 @@ void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const fl
   }
   const int end = static_cast<int>(kv.seq_lens[b + rows - 1]);  // the last row sees the most keys
   const int start = kv.window > 0 ? std::max(0, end - kv.window) : 0;
-  const int n = end - start, nq = rows * G;
-  thread_local std::vector<float> score_buf;
-  thread_local std::vector<const float*> query_buf;
-  thread_local std::vector<float*> out_buf, row_buf;
-  if (score_buf.size() < static_cast<size_t>(nq) * n) score_buf.resize(static_cast<size_t>(nq) * n);
-  if (query_buf.size() < static_cast<size_t>(nq)) {
-    query_buf.resize(nq);
-    out_buf.resize(nq);
-    row_buf.resize(nq);
-  }
-  for (int r = 0; r < rows; ++r)
-    for (int g = 0; g < G; ++g) {
-      const int j = r * G + g;
-      query_buf[j] = q + r * q_stride + g * D;
-      out_buf[j] = out + r * out_stride + g * D;
-      row_buf[j] = score_buf.data() + static_cast<size_t>(j) * n;
-    }
+  const int n = end - start;
+  thread_local std::vector<float> score_buf;  // one pass's queries at a time: a prefill chunk has thousands
+  if (score_buf.size() < static_cast<size_t>(kQueriesPerPass) * n) score_buf.resize(static_cast<size_t>(kQueriesPerPass) * n);
   const int64_t* table = kv.block_tables + static_cast<int64_t>(b) * kv.max_blocks;
-  by_groups<kQueriesPerPass>(nq, [&](auto count, int j0) {
-    score_pass<T, decltype(count)::value>(kv, table, start, end, kvh, query_buf.data() + j0, scale, row_buf.data() + j0,
-                                           j0 == 0);
-  });
-  for (int j = 0; j < nq; ++j) softmax_row(row_buf[j], static_cast<int>(kv.seq_lens[b + j / G]) - start, n);
-  by_groups<kQueriesPerPass>(nq, [&](auto count, int j0) {
-    value_pass<T, decltype(count)::value>(kv, table, start, end, kvh, row_buf.data() + j0, out_buf.data() + j0);
+  by_groups<kQueriesPerPass>(rows * G, [&](auto count, int j0) {
+    constexpr int NQ = decltype(count)::value;
+    const float* queries[NQ];
+    float* outs[NQ];
+    float* scores[NQ];
+    for (int j = 0; j < NQ; ++j) {
+      const int r = (j0 + j) / G, g = (j0 + j) % G;
+      queries[j] = q + r * q_stride + g * D;
+      outs[j] = out + r * out_stride + g * D;
+      scores[j] = score_buf.data() + static_cast<size_t>(j) * n;
+    }
+    // keys up to the pass's last row: a prefill chunk's early rows skip the rest of the chunk
+    const int pass_end = static_cast<int>(kv.seq_lens[b + (j0 + NQ - 1) / G]);
+    score_pass<T, NQ>(kv, table, start, pass_end, kvh, queries, scale, scores, j0 == 0);
+    for (int j = 0; j < NQ; ++j)
+      softmax_row(scores[j], static_cast<int>(kv.seq_lens[b + (j0 + j) / G]) - start, pass_end - start);
+    value_pass<T, NQ>(kv, table, start, pass_end, kvh, scores, outs);
   });
 }
 

@@ -90,8 +90,9 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
              span: PrefillSpan, window: int | None, scale: float) -> torch.Tensor:
     t = span.num_tokens
     cached = span.context_len - t
-    if cached == 0:  # nothing before this chunk: attend within it
-        keys, values, key_start = k, v, 0
+    if cached == 0:  # nothing before this chunk: attend within it, to its keys as the cache holds them (as decoding
+        # and the fused step read them: a prompt gives the same result whether it was cached or not)
+        keys, values, key_start = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype), 0
     else:
         kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
         num_keys = span.context_len - span.key_start
