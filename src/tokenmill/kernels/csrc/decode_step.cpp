@@ -1,5 +1,5 @@
-// The whole decoder stack of a Llama-family model for a decode step (one new token per sequence), in one call
-// and one OpenMP parallel region: per layer RMSNorm -> fused QKV (+bias) -> RoPE -> KV write -> paged attention
+// The whole decoder stack of a Llama-family model for a step's token rows (decode tokens, and the rows of verify
+// and prefill chunks, each attending to its own prefix), in one call and one OpenMP parallel region: per layer RMSNorm -> fused QKV (+bias) -> RoPE -> KV write -> paged attention
 // -> o_proj (+residual) -> RMSNorm -> gate/up -> SiLU-and-mul -> down (+residual), with barriers between the
 // stages instead of a Python call, a tensor allocation and a thread-team start per op. At batch 1 those per-op
 // costs, not the weights, dominated the step (about 300 ops of 5-50 us each).
