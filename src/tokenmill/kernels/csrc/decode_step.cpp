@@ -1,8 +1,9 @@
 // The whole decoder stack of a Llama-family model for a step's token rows (decode tokens, and the rows of verify
-// and prefill chunks, each attending to its own prefix), in one call and one OpenMP parallel region: per layer RMSNorm -> fused QKV (+bias) -> RoPE -> KV write -> paged attention
-// -> o_proj (+residual) -> RMSNorm -> gate/up -> SiLU-and-mul -> down (+residual), with barriers between the
-// stages instead of a Python call, a tensor allocation and a thread-team start per op. At batch 1 those per-op
-// costs, not the weights, dominated the step (about 300 ops of 5-50 us each).
+// and prefill chunks, each attending to its own prefix), in one call and one OpenMP parallel region: per layer
+// RMSNorm -> fused QKV (+bias) -> RoPE -> KV write -> paged attention -> o_proj (+residual) -> RMSNorm ->
+// gate/up -> SiLU-and-mul -> down (+residual), with barriers between the stages instead of a Python call, a
+// tensor allocation and a thread-team start per op. At batch 1 those per-op costs, not the weights, dominated
+// the step (about 300 ops of 5-50 us each).
 // Weights are tokenmill's packed int4/int8 matrices (a projection may come in parts of different formats);
 // activations float32, quantized to int8 per 32 values for the integer dot products.
 #include <immintrin.h>
@@ -67,8 +68,8 @@ void linear(const Linear& lin, const tm::QActivations& a, int M, float* out, int
   }
 }
 
-// Runs of rows that attend to the same block table from consecutive positions (the rows of a verify chunk) as
-// (first row, count) pairs: attention reads each key of a run once for all its rows.
+// Runs of rows that attend to the same block table from consecutive positions (the rows of a verify or prefill
+// chunk) as (first row, count) pairs: attention reads each key of a run once for all its rows.
 std::vector<std::pair<int, int>> table_runs(const Group& g, int M, int block_size) {
   std::vector<std::pair<int, int>> runs;
   for (int m = 0; m < M;) {

@@ -1,7 +1,8 @@
 // Decode attention over the paged KV cache: query rows read straight from their sequence's blocks (no gather into
 // a padded copy, no mask). One task per (run of rows, KV head): the query heads that share a KV head, in every row
-// of the run (one decode token, or a verify chunk's tokens), read each key and value once, converted to float32
-// once for all of them. Two passes: scores for the whole context, then softmax and the weighted sum of values.
+// of the run (one decode token, or a verify or prefill chunk's tokens), read each key and value once, converted
+// to float32 once for all of them. Per pass of up to kQueriesPerPass queries: scores over the keys up to the
+// pass's last row, softmax, then the weighted sum of values. With a sliding window the rows go one at a time.
 // The cache holds float32 or float16; head_dim a multiple of 8. Each query's arithmetic is the same whichever
 // queries share its task, so a verify row gives exactly the logits a plain decode row would (greedy speculative
 // decoding must reproduce plain decoding token for token).

@@ -20,7 +20,7 @@ struct PagedKV {
 void write_kv_row(const float* k, const float* v, int64_t slot, int width, void* k_cache, void* v_cache, int f16);
 
 // The query heads that read KV head kvh in `rows` consecutive rows from row b, which share row b's block table
-// (one decode row, or a verify chunk's positions: each key and value row is then read once for all of them).
+// (one decode row, or a verify or prefill chunk's positions: each key and value row is then read once for all).
 // Row b + r attends seq_lens[b + r] keys; its G heads are at q + r * q_stride + g * D (all H / KV of them, or
 // fewer to split the work finer), written to out + r * out_stride + g * D.
 void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
