@@ -181,3 +181,32 @@ def test_oversized_requests_get_clear_errors(llm_f32, corpus_ids):
     engine.add_request("fits", corpus_ids[:100], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
     out = _run(engine)["fits"]
     assert len(out) == 128 - 100  # capped by the cache, finishes instead of preempting itself forever
+
+
+def test_a_failing_row_fails_only_its_own_request(llm_f32, corpus_ids, monkeypatch):
+    """One request whose sampling raises ends with an error; the others in the same steps finish unchanged."""
+    import tokenmill.engine.engine as engine_module
+
+    prompts = _lengths_prompts(corpus_ids, [5, 9, 13])
+    expected = _alone(llm_f32, prompts)
+    engine = _engine(llm_f32, kv_cache_memory=256 * 2**20)
+    real_sample = engine_module.sample
+
+    def sample(step, row, params, prompt_ids, output_ids, generator):
+        if params.seed == 666 and len(output_ids) == 2:
+            raise RuntimeError("poisoned row")
+        return real_sample(step, row, params, prompt_ids, output_ids, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine.add_request("poison", prompts[0], SamplingParams(temperature=0.5, seed=666, max_tokens=32, n=2))
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, GREEDY)
+    done, errors = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+                errors[out.request_id] = out.error
+    assert "poisoned row" in errors["poison"] and len(done["poison"]) == 2
+    assert [done[str(i)] for i in range(3)] == expected and not any(errors[str(i)] for i in range(3))
+    assert engine.kv_manager.num_used_blocks() == 0 and not engine.parents

@@ -39,3 +39,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # set when the engine ended the request on an internal failure (finish "abort")

@@ -1,7 +1,11 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's names and meanings)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this a temperature is greedy, as in vLLM (_SAMPLING_EPS): dividing logits by 1e-300 overflows to inf.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -33,6 +37,9 @@ class SamplingParams:
         self._check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
         self._check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                     "max_tokens", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            self._check(isinstance(value, (int, float)) and math.isfinite(value), name, "must be a finite number")
         self._check(self.temperature >= 0, "temperature", "must be >= 0")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self._check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1 (disabled) or >= 0")
@@ -49,4 +56,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -206,7 +206,7 @@ class EngineCore:
 
     def _step(self) -> tuple[list[RequestOutput], list[RequestError]]:
         try:
-            return self.engine.step(), []
+            outputs = self.engine.step()
         except Exception as exc:  # a failed step: abort what was in flight, keep serving
             logger.exception("engine step failed; aborting %d requests", len(self.engine.parents))
             message = f"engine step failed: {type(exc).__name__}: {exc}"
@@ -215,6 +215,11 @@ class EngineCore:
                 self.engine.abort(request_id)
                 self._sent.pop(request_id, None)
             return [], errors
+        for out in outputs:  # a request the engine ended on its own failure: an error, not a finish
+            if out.error is not None:
+                self._sent.pop(out.request_id, None)
+        return ([out for out in outputs if out.error is None],
+                [(out.request_id, "step", out.error) for out in outputs if out.error is not None])
 
     def _send(self, outputs: list[RequestOutput], errors: list[RequestError]) -> None:
         message: CoreOutputs = ([self._delta(out) for out in outputs], errors,

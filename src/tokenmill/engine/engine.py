@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import time
 from collections.abc import Sequence as Seq
 
@@ -23,12 +24,14 @@ from tokenmill.engine.scheduler import Scheduler, SchedulerStats
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
-from tokenmill.model.sampler import StepLogits, sample
+from tokenmill.model.sampler import SampledToken, StepLogits, sample
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.speculator import Speculator, make_speculator
+
+logger = logging.getLogger("tokenmill.engine")
 
 
 class LLMEngine:
@@ -157,21 +160,32 @@ class LLMEngine:
             return []
         step_logits = StepLogits(self.runner.execute(scheduled.chunks, self.kv_manager.block_tables))
         sampling = [c for c in scheduled.chunks if c.samples]
+        failed: list[ParentRequest] = []
         row = 0
         for chunk in sampling:
             request, drafts = chunk.request, chunk.draft_token_ids
-            if drafts:
-                tokens = self.speculator.verify(request, drafts, step_logits, row)
-            else:
-                tokens = [sample(step_logits, row, request.params, request.prompt_token_ids, request.output_ids,
-                                 request.generator)]
+            try:
+                tokens = self._next_tokens(request, drafts, step_logits, row)
+            except Exception as exc:  # one row's failure ends its own request; the batch goes on
+                logger.exception("sampling failed for request %s", request.parent_id)
+                failed.append(self.parents[request.parent_id])
+                failed[-1].error = f"sampling failed: {type(exc).__name__}: {exc}"
+                tokens = []
             row += len(drafts) + 1
+            emitted = 0
             for emitted, token in enumerate(tokens, 1):
                 request.record(token, self._token_text)
                 if request.finished:
                     break
-            chunk.num_accepted = emitted - 1 if drafts else 0
+            chunk.num_accepted = max(emitted - 1, 0) if drafts else 0
+        for parent in failed:
+            for child in parent.children:
+                if not child.finished:
+                    child.finish(time.monotonic(), "abort")
         self.scheduler.update(scheduled)
+        for parent in failed:
+            for child in parent.children:
+                self.scheduler.finish(child)
         if self.speculator is not None:
             self.speculator.observe_step(scheduled.chunks, time.perf_counter() - started)
             self._retain_speculation()
@@ -182,6 +196,13 @@ class LLMEngine:
             if parent.finished:
                 del self.parents[parent_id]
         return outputs
+
+    def _next_tokens(self, request: Request, drafts: list[int], step_logits: StepLogits, row: int) -> list[SampledToken]:
+        """The tokens a sampling chunk emits: the accepted drafts plus one, or one sampled token."""
+        if drafts:
+            return self.speculator.verify(request, drafts, step_logits, row)
+        return [sample(step_logits, row, request.params, request.prompt_token_ids, request.output_ids,
+                       request.generator)]
 
     def _retain_speculation(self) -> None:
         """Proposer state (draft KV blocks) lives only as long as its request runs."""

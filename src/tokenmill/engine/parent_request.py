@@ -16,6 +16,7 @@ class ParentRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    error: str | None = None  # why the engine ended it early (a failed row), reported instead of output
 
     @property
     def finished(self) -> bool:
@@ -36,4 +37,5 @@ class ParentRequest:
             finished=self.finished,
             num_cached_tokens=first.num_cached_prompt_tokens,
             metrics=metrics,
+            error=self.error,
         )

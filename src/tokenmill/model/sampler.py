@@ -88,8 +88,18 @@ def has_penalties(params: SamplingParams) -> bool:
 def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                    output_ids: list[int]) -> torch.Tensor:
     """The logits a token is drawn from (a new tensor): penalties, then, unless greedy, temperature and
-    top-k/top-p/min-p. Shared by plain sampling and speculative verification, so both draw from the same p."""
-    processed = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
-    if params.greedy:
-        return processed
-    return filter_logits(processed / params.temperature, params)
+    top-k/top-p/min-p. Shared by plain sampling and speculative verification, so both draw from the same p.
+
+    Always a valid distribution: extreme (finite) penalties or temperatures overflow to +-inf, which becomes the
+    largest finite float (so softmax never sees inf - inf), and if nothing is left the raw logits decide."""
+    processed = _finite(apply_penalties(logits.clone(), params, prompt_ids, output_ids))
+    if not params.greedy:
+        processed = filter_logits(_finite(processed / params.temperature), params)
+    if bool(torch.isneginf(processed).all()):
+        return logits.clone()
+    return processed
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """+inf -> the largest finite value, NaN -> -inf (excluded); -inf stays: masked tokens."""
+    return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
