@@ -3,7 +3,7 @@
 The step loop runs in a forked engine core process, so a fault is patched into the LLMEngine *before* the
 AsyncEngine starts (the child inherits it) and fires only for prompts carrying a marker: requests without it
 show the server going on. A failed step is a 500 (or an error event once streaming) and the next request is
-served; a dead engine loop or a killed core process turns /health red and every generation into a 500, while
+served; a dead engine loop or a killed core process turns /health red and every generation into a 503, while
 the server itself stays up.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _check_dead_but_answering(url: str, async_engine: AsyncEngine) -> None:
     health = httpx.get(f"{url}/health")
     assert health.status_code == 503 and health.json()["error"]["code"] == 503
     response = _post(url, "Hi", max_tokens=2)
-    assert response.status_code == 500 and "not running" in response.json()["error"]["message"]
+    assert response.status_code == 503 and "not running" in response.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/models").status_code == 200
 
 
@@ -137,5 +137,5 @@ def test_killed_engine_core_ends_streams_and_turns_health_red(llm_f32):
         events = [line[6:] for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
-        assert error["code"] == 500 and "engine core process exited" in error["message"]
+        assert error["code"] == 503 and "engine core process exited" in error["message"]
         _check_dead_but_answering(url, async_engine)

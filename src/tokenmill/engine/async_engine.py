@@ -13,17 +13,31 @@ import logging
 import pickle
 import threading
 import time
-from multiprocessing.util import Finalize
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.util import Finalize
 
-from tokenmill.engine.core_proc import ABORT, AddRequest, CoreOutputs, RequestDelta, start_engine_core, stop_engine_core
+from tokenmill.engine.core_proc import (
+    ABORT,
+    HEARTBEAT_INTERVAL,
+    LOOP_BEAT,
+    PROCESS_BEAT,
+    AddRequest,
+    CoreOutputs,
+    RequestDelta,
+    start_engine_core,
+    stop_engine_core,
+)
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.scheduler import SchedulerStats
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.engine")
+# /health turns 503 when the core process missed this many seconds of beats (stopped, frozen), or when its
+# step loop has been inside one step this long (stuck: no real step on a CPU takes minutes).
+PROCESS_STALL_SECONDS = 6 * HEARTBEAT_INTERVAL
+LOOP_STALL_SECONDS = 120.0
 
 
 class QueueFullError(Exception):
@@ -72,15 +86,18 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
+                 on_dead: Callable[[str], None] | None = None) -> None:
+        """on_dead(reason) runs once, in the event loop, when the core process exits or its loop dies."""
         self.engine = engine  # this process's copy: tokenizer and validation only; the core process steps
         self.max_waiting = max_waiting
+        self.on_dead = on_dead
         self.stats: SchedulerStats = engine.stats()
         self._streams: dict[str, _Stream] = {}
         self._fatal: str | None = None
         self._stopping = False
-        self._adds_sent = 0
-        self._adds_applied = 0
+        self._sequences_sent = 0  # sequences (n per request) sent to the core; it reports how many it applied
+        self._sequences_applied = 0
         self._send_lock = threading.Lock()  # shutdown() may run in another thread than the handlers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._core = start_engine_core(engine)
@@ -93,6 +110,17 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._fatal is None and self._core.process.is_alive()
 
+    def health_problem(self) -> str | None:
+        """Why this engine cannot serve now (dead, stopped, stuck), or None."""
+        if not self.is_alive:
+            return self._dead_message()
+        beat = self._core.heartbeat
+        if (age := beat.age(PROCESS_BEAT)) > PROCESS_STALL_SECONDS:
+            return f"the engine core process has not answered for {age:.1f} s (stopped or frozen)"
+        if (age := beat.age(LOOP_BEAT)) > LOOP_STALL_SECONDS:
+            return f"the engine step loop has been stuck for {age:.1f} s"
+        return None
+
     @property
     def core_pid(self) -> int:
         return self._core.process.pid
@@ -104,12 +132,8 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step; leaving the iterator early aborts the request."""
-        self._attach()
-        if not self.is_alive:
-            raise EngineDeadError(self._dead_message())
-        waiting = self.stats.num_waiting + self._adds_sent - self._adds_applied
-        if self.max_waiting is not None and waiting >= self.max_waiting:
-            raise QueueFullError(f"{waiting} requests are already waiting (max_waiting={self.max_waiting})")
+        self.attach()
+        self.check_capacity(params.n)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         parent = self.engine.process_request(request_id, prompt, params, priority)  # raises ValueError on bad input
@@ -119,7 +143,7 @@ class AsyncEngine:
         try:
             self._send(AddRequest(request_id, parent.prompt_token_ids, params, priority,
                                   parent.children[0].arrival_time))
-            self._adds_sent += 1
+            self._sequences_sent += params.n
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -132,6 +156,21 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def check_capacity(self, num_sequences: int) -> None:
+        """Raise unless `num_sequences` new sequences may queue now: each sequence counts against max_waiting, so
+        one request with a large n cannot fill the queue that every other client shares."""
+        if not self.is_alive:
+            raise EngineDeadError(self._dead_message())
+        if self.max_waiting is None:
+            return
+        if num_sequences > self.max_waiting:
+            raise ValueError(f"n asks for {num_sequences} sequences in one request, more than the server ever queues "
+                             f"(max_waiting={self.max_waiting})")
+        waiting = self.stats.num_waiting + self._sequences_sent - self._sequences_applied
+        if waiting + num_sequences > self.max_waiting:
+            raise QueueFullError(f"{waiting} sequences are already waiting and this request adds {num_sequences} "
+                                 f"(max_waiting={self.max_waiting})")
 
     def abort(self, request_id: str) -> None:
         if self.is_alive:
@@ -166,8 +205,9 @@ class AsyncEngine:
             except OSError as exc:  # the core is gone; the output reader reports why
                 raise EngineDeadError(self._dead_message()) from exc
 
-    def _attach(self) -> None:
-        """Read the core's outputs on the running event loop (the one that serves the streams)."""
+    def attach(self) -> None:
+        """Read the core's outputs on the running event loop (the one that serves the streams); the server calls
+        it at startup, so a core that dies before any request is noticed too."""
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
@@ -189,12 +229,12 @@ class AsyncEngine:
                 self._core.process.join(1.0)  # it closed its pipe: it is exiting, reap it for the exit code
                 self._fatal = f"the engine core process exited (code {self._core.process.exitcode})"
                 logger.error(self._fatal)
-            self._fail_all()
+            self._died()
             return
         self._dispatch(pickle.loads(message))
 
     def _dispatch(self, message: CoreOutputs) -> None:
-        deltas, errors, stats, self._adds_applied, fatal = message
+        deltas, errors, stats, self._sequences_applied, fatal = message
         self.stats = SchedulerStats(*stats)
         for delta in deltas:
             if (stream := self._streams.get(delta[0])) is not None:
@@ -204,11 +244,15 @@ class AsyncEngine:
                 stream.queue.put_nowait(ValueError(text) if kind == "invalid" else EngineStepError(text))
         if fatal is not None:
             self._fatal = f"engine loop died: {fatal}"
-            self._fail_all()
+            self._died()
 
-    def _fail_all(self) -> None:
+    def _died(self) -> None:
+        """Fail every stream; tell the owner once (the server exits so that a supervisor restarts it)."""
         for stream in self._streams.values():
             stream.queue.put_nowait(EngineDeadError(self._dead_message()))
+        if self.on_dead is not None and not self._stopping:
+            on_dead, self.on_dead = self.on_dead, None
+            on_dead(self._dead_message())
 
     def _dead_message(self) -> str:
         return f"the engine loop is not running ({self._fatal})" if self._fatal else "the engine loop is not running"

@@ -18,7 +18,7 @@ pages copy-on-write (neither side writes them: one copy in memory). Two GNU Open
 
 In: `AddRequest`, (ABORT, request_id) and (SHUTDOWN,). Out, once per step: one `CoreOutputs` with a
 `RequestDelta` per request that advanced (only what is new, so a message stays small however long the
-sequences grow), per-request errors, the scheduler stats and how many adds were applied (for backpressure).
+sequences grow), per-request errors, the scheduler stats and how many sequences were added (for backpressure).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -65,7 +66,26 @@ SequenceDelta = tuple[int, list[int], str, list[TokenLogprobs] | None, float | N
 RequestDelta = tuple[str, bool, int, dict[str, float], list[SequenceDelta]]
 #   (request id, finished, cached prompt tokens, metrics, sequences that advanced)
 CoreOutputs = tuple[list[RequestDelta], list[RequestError], tuple, int, str | None]
-#   (deltas, errors, SchedulerStats' fields, adds applied so far, why the step loop died or None)
+#   (deltas, errors, SchedulerStats' fields, sequences added so far, why the step loop died or None)
+
+
+HEARTBEAT_INTERVAL = 0.5  # seconds between the core's beats; /health allows a few missed ones
+PROCESS_BEAT, LOOP_BEAT = 0, 1
+
+
+@dataclass
+class Heartbeat:
+    """Two CLOCK_MONOTONIC times the core writes into shared memory: the process beat (a thread of its own,
+    stale when the process is stopped or frozen) and the loop beat (each pass of the step loop, and every
+    interval while idle; stale when the loop is stuck inside one step)."""
+
+    beats: ctypes.Array
+
+    def beat(self, which: int) -> None:
+        self.beats[which] = time.monotonic()
+
+    def age(self, which: int) -> float:
+        return time.monotonic() - self.beats[which]
 
 
 @dataclass
@@ -75,20 +95,22 @@ class EngineCoreHandle:
     process: BaseProcess
     commands: Connection  # send AddRequest / (ABORT, id) / (SHUTDOWN,)
     outputs: Connection  # recv_bytes -> pickled CoreOutputs
+    heartbeat: Heartbeat
 
 
 def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
     ctx = multiprocessing.get_context("fork")
     cmd_recv, cmd_send = ctx.Pipe(duplex=False)
     out_recv, out_send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_core_main, args=(engine, cmd_recv, out_send, (cmd_send, out_recv)),
+    heartbeat = Heartbeat(ctx.RawArray(ctypes.c_double, [time.monotonic()] * 2))
+    process = ctx.Process(target=_core_main, args=(engine, cmd_recv, out_send, heartbeat, (cmd_send, out_recv)),
                           name="tokenmill-engine-core", daemon=True)
     gc.freeze()  # the child's collector would otherwise write to every inherited object, copying their pages
     _release_openmp_team()
     process.start()
     cmd_recv.close()  # the child's ends: if this process kept them, the child would never see EOF
     out_send.close()
-    return EngineCoreHandle(process, cmd_send, out_recv)
+    return EngineCoreHandle(process, cmd_send, out_recv, heartbeat)
 
 
 def _release_openmp_team() -> None:
@@ -119,7 +141,8 @@ def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
         handle.process.join()
 
 
-def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, parent_ends: tuple) -> None:
+def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, heartbeat: Heartbeat,
+               parent_ends: tuple) -> None:
     for conn in parent_ends:
         conn.close()
     # The API process decides when the engine stops: Ctrl-C (or a service manager's SIGTERM) reaches the whole
@@ -127,14 +150,21 @@ def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, par
     # through the pipe, also at its exit (AsyncEngine registers that), and a vanished parent is an EOF.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    core = EngineCore(engine, outputs)
+    core = EngineCore(engine, outputs, heartbeat)
     threading.Thread(target=_read_commands, args=(commands, core.inbox), name="tokenmill-commands",
                      daemon=True).start()
+    threading.Thread(target=_beat_forever, args=(heartbeat,), name="tokenmill-heartbeat", daemon=True).start()
     loop = threading.Thread(target=core.run, name="tokenmill-engine")
     loop.start()
     loop.join()
     if core.fatal is not None:
         sys.exit(1)
+
+
+def _beat_forever(heartbeat: Heartbeat) -> None:
+    while True:
+        heartbeat.beat(PROCESS_BEAT)
+        time.sleep(HEARTBEAT_INTERVAL)
 
 
 def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
@@ -153,14 +183,16 @@ def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
 class EngineCore:
     engine: LLMEngine
     outputs: Connection
+    heartbeat: Heartbeat
     inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    adds_applied: int = 0
+    sequences_applied: int = 0  # sequences of the AddRequests applied so far (the API process counts them)
     fatal: str | None = None
     _sent: dict[str, dict[int, int]] = field(default_factory=dict)  # request id -> index -> tokens sent
 
     def run(self) -> None:
         try:
             while self._apply_commands(block=not self.engine.has_unfinished()):
+                self.heartbeat.beat(LOOP_BEAT)
                 if self.engine.has_unfinished():
                     self._send(*self._step())
         except BaseException as exc:  # the loop itself broke: the API process fails every stream, /health 503
@@ -178,12 +210,15 @@ class EngineCore:
         applied = 0
         while True:
             try:
-                command = self.inbox.get(block=block and not applied)
+                command = self.inbox.get(block=block and not applied, timeout=HEARTBEAT_INTERVAL)
             except queue.Empty:
+                if block and not applied:  # idle: beat, then keep waiting
+                    self.heartbeat.beat(LOOP_BEAT)
+                    continue
                 break
             applied += 1
             if isinstance(command, AddRequest):
-                self.adds_applied += 1
+                self.sequences_applied += command.params.n
                 try:
                     self._add(command)
                 except ValueError as exc:  # e.g. a request id already in use
@@ -223,7 +258,7 @@ class EngineCore:
 
     def _send(self, outputs: list[RequestOutput], errors: list[RequestError]) -> None:
         message: CoreOutputs = ([self._delta(out) for out in outputs], errors,
-                                tuple(vars(self.engine.stats()).values()), self.adds_applied, self.fatal)
+                                tuple(vars(self.engine.stats()).values()), self.sequences_applied, self.fatal)
         self.outputs.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _delta(self, out: RequestOutput) -> RequestDelta:

@@ -21,6 +21,7 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerStats
+from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
@@ -91,6 +92,7 @@ class LLMEngine:
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
+        stop_strings = StopStrings(params.stop)  # one automaton for the n sequences
         children = []
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
@@ -100,7 +102,7 @@ class LLMEngine:
                 params=params,
                 max_tokens=max_tokens,
                 stop_token_ids=stop_ids,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, ids, stop_strings, params.skip_special_tokens,
                                                    params.include_stop_str_in_output),
                 generator=torch.Generator().manual_seed(params.seed + index) if params.seed is not None else None,
                 priority=priority,

@@ -15,12 +15,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tokenmill.server.auth import APIKeyMiddleware
+from tokenmill.server.auth import AllowedHostsMiddleware, APIKeyMiddleware
+from tokenmill.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from tokenmill.server.chat import create_chat_completion, render_messages
 from tokenmill.server.completions import create_completion
 from tokenmill.server.metrics import MODEL_NAME_KEY, ErrorCountingMiddleware
 from tokenmill.server.models import ModelRegistry
-from tokenmill.server.openai_errors import RequestError, error_response, install_error_handlers
+from tokenmill.server.openai_errors import (
+    RequestError,
+    error_response,
+    install_error_handlers,
+)
+from tokenmill.server.openapi import install_openapi
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,17 +41,22 @@ from tokenmill.server.protocol import (
 from tokenmill.server.state import ServerState
 
 
-def build_app(models: ModelRegistry, api_key: str | None = None) -> FastAPI:
+def build_app(models: ModelRegistry, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              allowed_hosts: list[str] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        models.attach()
         yield
         await asyncio.to_thread(models.shutdown)
 
     app = FastAPI(title="tokenmill", lifespan=lifespan)
     app.state.models = models
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)  # innermost: after the key check
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    if allowed_hosts:
+        app.add_middleware(AllowedHostsMiddleware, hosts=allowed_hosts)
     app.add_middleware(ErrorCountingMiddleware, metrics_for=models.metrics_for)  # outermost: sees the 401s too
 
     def route(body: OpenAIRequest, model: str | None, request: Request) -> ServerState:
@@ -90,9 +101,14 @@ def build_app(models: ModelRegistry, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if not (dead := models.dead()):
+        if not (problems := models.health_problems()):
             return Response(status_code=200)
-        return error_response(503, f"the engine loop is not running (model {', '.join(dead)})")
+        return error_response(503, "; ".join(problems))
+
+    install_openapi(app, {
+        "/health": {"description": "The engine serves (no body)", "content": {}},
+        "/metrics": {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST: {}}},
+    })
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -38,7 +38,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     names = FieldNames(prompt="messages", max_tokens=max_param, logprobs="top_logprobs")
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names)
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names,
+                                limits=state.limits)
     prompt = render_messages(body.messages, state)
     check_max_tokens(max_tokens, len(prompt.ids), state.max_model_len, max_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -12,7 +12,13 @@ from tokenmill.server.formatting import token_logprobs
 from tokenmill.server.generation import ChoiceDelta, Generation, Prompt
 from tokenmill.server.openai_errors import RequestError
 from tokenmill.server.params import FieldNames, check_max_tokens, to_sampling_params
-from tokenmill.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
+from tokenmill.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
 from tokenmill.server.state import ServerState
 from tokenmill.server.streaming import respond
 
@@ -22,7 +28,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
         raise RequestError("echo with logprobs needs prompt logprobs, which tokenmill does not compute; "
                            "drop one of the two", "logprobs")
     names = FieldNames()
-    params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names=names)
+    params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names=names,
+                                limits=state.limits)
     prompts = _prompts(body.prompt, state)
     for prompt in prompts:
         check_max_tokens(body.max_tokens, len(prompt.ids), state.max_model_len, "max_tokens")
@@ -41,6 +48,9 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]], state: Serve
         raise RequestError("prompt must not be an empty list", "prompt")
     if isinstance(prompt[0], int):
         return [Prompt(list(prompt))]
+    if len(prompt) > state.limits.max_prompts:
+        raise RequestError(f"prompt may hold at most {state.limits.max_prompts} prompts (the server's --max-prompts), "
+                           f"got {len(prompt)}", "prompt")
     return [Prompt(state.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p)) for p in prompt]
 
 

@@ -58,19 +58,26 @@ class Generation:
         self._first: list[RequestOutput] = []
         self._pumps: list[asyncio.Task] = []
         self._closed = False
+        self._refused = False  # start() failed: an error response, not an aborted request
 
     async def start(self) -> None:
         """Submit every prompt and wait for each one's first output, so that anything that fails before the
         first token (bad input, full queue, a failed prefill) still becomes an HTTP status, not a broken stream."""
         ae = self.state.async_engine
+        try:
+            ae.check_capacity(len(self.prompts) * self.params.n)  # the whole request, before any prompt queues
+        except ValueError as exc:
+            raise self.names.error(exc) from None
         self._streams = [ae.generate(rid, p.ids, self.params, self.priority)
                          for rid, p in zip(self.engine_ids, self.prompts)]
         try:
             self._first = await _first_outputs(self._streams)
         except ValueError as exc:
+            self._refused = True
             await self.aclose()
             raise self.names.error(exc) from None
-        except BaseException:
+        except BaseException as exc:
+            self._refused = not isinstance(exc, asyncio.CancelledError)  # cancelled: the client left while waiting
             await self.aclose()
             raise
         self.outputs = list(self._first)
@@ -112,8 +119,13 @@ class Generation:
         for stream in self._streams:
             await stream.aclose()
         for p, out in enumerate(self.outputs):
-            if out is not None and not self._finished[p]:
-                self._record(p, out)
+            if not self._finished[p] and not self._refused:
+                self._record(p, out or self._unstarted(p))
+
+    def _unstarted(self, p: int) -> RequestOutput:
+        """What a prompt cut before its first token produced: nothing, in each of its n sequences."""
+        return RequestOutput(self.engine_ids[p], self.prompts[p].text, self.prompts[p].ids,
+                             [CompletionOutput(i, "", [], None, None) for i in range(self.params.n)], finished=False)
 
     def _record(self, p: int, out: RequestOutput) -> None:
         """Metrics and the log line, once per prompt: finished, or aborted as of its last output."""

@@ -1,6 +1,10 @@
 """Run the app over one or more models under uvicorn with a graceful shutdown: on SIGTERM/SIGINT stop accepting
 connections, let in-flight requests finish for up to `shutdown_timeout` seconds, abort the rest (their streams end
 with finish_reason "abort"), stop the engines (app lifespan), and return normally so the process exits 0.
+
+An engine core that dies (killed, out of memory, its loop broken) cannot be revived in place: its KV cache and
+requests are gone. As vLLM's API server, this one then shuts down and exits with status 1, so that a
+supervisor (systemd, Kubernetes) restarts it, instead of living on as a server that answers only 503s.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.llm import LLM
 from tokenmill.server.app import build_app
 from tokenmill.server.models import ModelRegistry
+from tokenmill.server.params import RequestLimits
 from tokenmill.server.state import ServerState
 
 logger = logging.getLogger("tokenmill.server")
@@ -30,6 +35,14 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.models = models
         self.shutdown_timeout = shutdown_timeout
+        self.engine_death: str | None = None
+        for m in models.models:
+            m.async_engine.on_dead = self.engine_died
+
+    def engine_died(self, reason: str) -> None:
+        logger.error("shutting down: %s", reason)
+        self.engine_death = reason
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
@@ -40,6 +53,15 @@ class _DrainingServer(uvicorn.Server):
         if aborted:
             logger.warning("aborted %d requests still running after %.1f s", aborted, self.shutdown_timeout)
         await super().shutdown(sockets)
+
+
+def _without_query_strings(record: logging.LogRecord) -> bool:
+    """uvicorn's access line shows the full path; a client may put a key in the query string (`?api_key=...`),
+    and none of this server's routes reads one, so the access log shows `?...` instead."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        record.args = (*args[:2], args[2].partition("?")[0] + "?...", *args[3:])
+    return True
 
 
 def short_model_name(path: Path) -> str:
@@ -58,12 +80,14 @@ class ModelToServe:
 
 
 def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str | None, max_waiting: int | None,
-          shutdown_timeout: float, log_prompts: bool) -> None:
+          shutdown_timeout: float, log_prompts: bool, limits: RequestLimits, max_body_bytes: int,
+          allowed_hosts: list[str] | None) -> None:
     """Each model gets its own engine core process (started here, after every model has loaded, so each core
     shares all weights copy-on-write) and its own `max_waiting` queue limit."""
-    registry = ModelRegistry([_start(m, max_waiting, log_prompts) for m in models])
-    app = build_app(registry, api_key)
+    registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits) for m in models])
+    app = build_app(registry, api_key, max_body_bytes, allowed_hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
+    logging.getLogger("uvicorn.access").addFilter(_without_query_strings)  # after Config set up uvicorn's logging
     server = _DrainingServer(config, registry, shutdown_timeout)
     for m in registry.models:
         logger.info("serving %s as %r", m.model_root, m.served_model_name)
@@ -73,11 +97,14 @@ def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     server.run()
+    if server.engine_death is not None:
+        logger.error("exiting with status 1 because an engine core died: %s", server.engine_death)
+        raise SystemExit(1)
 
 
-def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool) -> ServerState:
+def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool, limits: RequestLimits) -> ServerState:
     path = model.llm.checkpoint.path
     name = model.served_model_name or short_model_name(path)
     aliases = {str(path), *([model.model_arg] if model.model_arg else [])} - {name}
     return ServerState.create(AsyncEngine(model.llm.engine, max_waiting=max_waiting), name, model_root=str(path),
-                              accepted_model_names=frozenset(aliases), log_prompts=log_prompts)
+                              accepted_model_names=frozenset(aliases), log_prompts=log_prompts, limits=limits)

@@ -52,12 +52,19 @@ class ModelRegistry:
             raise RequestError(f"The model `{model}` does not exist. Available models: {', '.join(self.names)}",
                                "model", status=404)
         if ignored := request.ignored_fields():
-            logger.warning("ignoring request fields tokenmill does not support: %s", ", ".join(ignored))
+            # repr: a field name is client text, and a newline in it must not start a forged log line
+            logger.warning("ignoring request fields tokenmill does not support: %s", ", ".join(map(repr, ignored)))
         return state
 
-    def dead(self) -> list[str]:
-        """The models whose engine loop has stopped."""
-        return [m.served_model_name for m in self.models if not m.async_engine.is_alive]
+    def health_problems(self) -> list[str]:
+        """Why each model that cannot serve now cannot (dead, stopped or stuck engine core)."""
+        return [f"model {m.served_model_name}: {problem}" for m in self.models
+                if (problem := m.async_engine.health_problem()) is not None]
+
+    def attach(self) -> None:
+        """Start reading every engine's outputs on the running event loop (see AsyncEngine.attach)."""
+        for m in self.models:
+            m.async_engine.attach()
 
     @property
     def num_in_flight(self) -> int:

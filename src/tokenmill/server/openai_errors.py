@@ -2,7 +2,7 @@
 
 OpenAI clients read `error.message` and map the status to an exception class, so a bad field is a 400 that
 names it (never FastAPI's 422 with its own body), a full queue is a 429 with Retry-After, and an engine
-failure is a 500 that leaves the server running.
+failure is a 500 that leaves the server running, and a dead engine a 503 (the server then exits).
 """
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from tokenmill.engine.async_engine import EngineDeadError, EngineStepError, QueueFullError
+from tokenmill.engine.async_engine import (
+    EngineDeadError,
+    EngineStepError,
+    QueueFullError,
+)
 
 # The class names the openai package raises for each status; vLLM uses the same names as `type`.
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
@@ -33,8 +37,14 @@ class RequestError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """Message and param escaped to valid UTF-8 (they may quote client text), so the error itself always encodes."""
     error_type = _TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
-    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    return {"error": {"message": _utf8(message), "type": error_type, "param": _utf8(param) if param else param,
+                      "code": status}}
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -79,6 +89,11 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, str(exc))
 
 
+async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+    """The server cannot serve until it is restarted (it exits on its own for that): 503, as vLLM."""
+    return error_response(503, str(exc))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug: Starlette re-raises it after sending this, so uvicorn logs the traceback."""
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -90,5 +105,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(EngineStepError, _engine_error)
-    app.add_exception_handler(EngineDeadError, _engine_error)
+    app.add_exception_handler(EngineDeadError, _engine_dead)
     app.add_exception_handler(Exception, _unexpected)

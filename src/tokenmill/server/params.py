@@ -6,6 +6,8 @@ a field of the request.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.openai_errors import RequestError
 from tokenmill.server.protocol import SamplingRequest
@@ -13,6 +15,22 @@ from tokenmill.server.protocol import SamplingRequest
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows 20 too
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "ignore_eos")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, checked before anything is allocated for it (`serve` flags set the first two).
+    Stop strings are matched by one automaton whatever their number, but each costs memory per sequence."""
+
+    max_n: int = 128  # OpenAI's own cap on n
+    max_prompts: int = 256  # prompts in one completions request
+    max_stop: int = 128
+    max_stop_chars: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_n", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 class FieldNames:
@@ -33,14 +51,21 @@ class FieldNames:
 
 
 def to_sampling_params(request: SamplingRequest, *, max_tokens: int | None, logprobs: int | None,
-                       names: FieldNames) -> SamplingParams:
+                       names: FieldNames, limits: RequestLimits) -> SamplingParams:
     """`max_tokens` None fills the context; `logprobs` is the number of alternatives per token (None: off)."""
+    if request.n > limits.max_n:
+        raise RequestError(f"n must be <= {limits.max_n} (the server's --max-n), got {request.n}", "n")
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise RequestError(f"{names['logprobs']} must be <= {MAX_LOGPROBS}, got {logprobs}", names["logprobs"])
     if request.stream_options is not None and not request.stream:
         raise RequestError("stream_options is only allowed with stream: true", "stream_options")
     given = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stop) > limits.max_stop:
+        raise RequestError(f"stop may hold at most {limits.max_stop} strings, got {len(stop)}", "stop")
+    if too_long := [i for i, s in enumerate(stop) if len(s) > limits.max_stop_chars]:
+        raise RequestError(f"stop strings may be at most {limits.max_stop_chars} characters long; stop[{too_long[0]}] "
+                           f"has {len(stop[too_long[0]])}", "stop")
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=stop, **given)
     except ValueError as exc:

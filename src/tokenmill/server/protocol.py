@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tokenmill.server.openai_errors import RequestError
 
 _INT64 = dict(ge=-(2**63), le=2**63 - 1)
 
@@ -17,8 +19,39 @@ _INT64 = dict(ge=-(2**63), le=2**63 - 1)
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """JSON may carry lone UTF-16 surrogates ("\\ud800", or raw bytes ED A0 80, which Python's JSON decoder
+        lets through); no tokenizer or response can encode them, so they are a 400 naming the field here, before
+        anything else reads the text. RequestError (not ValueError) so the error keeps the field's path."""
+        if (path := _lone_surrogate_at(data, "")) is not None:
+            raise RequestError(f"{path or 'the request body'} contains a lone UTF-16 surrogate, which is not valid "
+                               "Unicode text", path or None)
+        return data
+
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The path ("messages[0].content") of the first string holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if _lone_surrogate_at(key, path) is not None:
+                return path
+            if (found := _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _lone_surrogate_at(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -26,18 +59,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _bounds(default: Any = None, **bounds: float) -> Any:
+    """Bounds the OpenAPI document states; SamplingParams enforces them (one rule, one message naming the field)."""
+    return Field(default, json_schema_extra=bounds)
+
+
 class SamplingRequest(OpenAIRequest):
     """Fields completions and chat share; `to_sampling_params` turns them into SamplingParams."""
 
     model: str | None = None  # None: the served model, as vLLM allows
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    n: int = _bounds(1, minimum=1)  # at most the server's --max-n
+    temperature: float | None = _bounds(minimum=0)
+    top_p: float | None = _bounds(exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _bounds(minimum=-1)
+    min_p: float | None = _bounds(minimum=0, maximum=1)
+    presence_penalty: float | None = _bounds(minimum=-2, maximum=2)
+    frequency_penalty: float | None = _bounds(minimum=-2, maximum=2)
+    repetition_penalty: float | None = _bounds(exclusiveMinimum=0)
     seed: Annotated[int, Field(**_INT64)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -52,9 +90,9 @@ class SamplingRequest(OpenAIRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's and vLLM's default for completions; null fills the context
+    max_tokens: int | None = _bounds(16, minimum=1)  # OpenAI's and vLLM's default; null fills the context
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = _bounds(minimum=0, maximum=20)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -97,10 +135,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _bounds(minimum=1)  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = _bounds(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _bounds(minimum=0, maximum=20)
 
 
 class TokenizeRequest(OpenAIRequest):

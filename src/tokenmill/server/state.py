@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.params import RequestLimits
 
 
 @dataclass
@@ -16,12 +17,15 @@ class ServerState:
     metrics: ServerMetrics
     accepted_model_names: frozenset[str] = field(default_factory=frozenset)  # besides served_model_name
     log_prompts: bool = False
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     @classmethod
     def create(cls, async_engine: AsyncEngine, served_model_name: str, *, model_root: str = "",
-               accepted_model_names: frozenset[str] = frozenset(), log_prompts: bool = False) -> ServerState:
+               accepted_model_names: frozenset[str] = frozenset(), log_prompts: bool = False,
+               limits: RequestLimits | None = None) -> ServerState:
         return cls(async_engine, served_model_name, model_root or served_model_name,
-                   ServerMetrics(async_engine, served_model_name), accepted_model_names, log_prompts)
+                   ServerMetrics(async_engine, served_model_name), accepted_model_names, log_prompts,
+                   limits or RequestLimits())
 
     @property
     def tokenizer(self) -> Tokenizer:

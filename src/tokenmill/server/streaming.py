@@ -103,7 +103,8 @@ async def _events(generation: Generation, formatter: Formatter, include_usage: b
         if include_usage:
             yield _sse(formatter.usage_chunk(usage(generation.outputs)))
     except (EngineStepError, EngineDeadError) as exc:
-        yield f"data: {json.dumps(error_body(500, str(exc)))}\n\n"
+        status = 503 if isinstance(exc, EngineDeadError) else 500
+        yield f"data: {json.dumps(error_body(status, str(exc)))}\n\n"
     except Exception as exc:  # a bug mid-stream: the status is already sent, so report it in the stream
         logger.exception("stream %s failed", generation.request_id)
         yield f"data: {json.dumps(error_body(500, f'internal error: {type(exc).__name__}: {exc}'))}\n\n"
