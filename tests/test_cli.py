@@ -1,13 +1,17 @@
 """The `tokenmill` command, run as a user runs it: a separate process, output read from its stdout/stderr."""
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from gguf_files import write_small_gguf
+from tokenmill.cli import parse_memory
 
 
 def _tokenmill(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -69,3 +73,62 @@ def test_info_resolves_short_name():
     proc = _tokenmill("info", "smollm2-135m")
     assert proc.returncode == 0, proc.stderr
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stdout
+
+
+def test_help_and_parser_do_not_import_torch():
+    """Importing torch takes seconds: `tokenmill --help` must not wait for it."""
+    code = ("import sys; from tokenmill.cli import build_parser; build_parser().parse_args(['serve', '--port', '1']); "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    assert _tokenmill("serve", "--help", timeout=60).returncode == 0
+
+
+def test_version():
+    proc = _tokenmill("--version", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"tokenmill {importlib.metadata.version('tokenmill')}"
+
+
+@pytest.mark.parametrize("text,expected", [("4GiB", 4 * 2**30), ("4gb", 4 * 10**9), ("4G", 4 * 10**9),
+                                           ("512 MiB", 512 * 2**20), ("1.5GiB", 3 * 2**29), ("1073741824", 2**30),
+                                           ("2e9", 2 * 10**9), ("0.5", 0.5), ("1", 1.0), ("64KB", 64000)])
+def test_kv_cache_memory_units_and_fractions(text, expected):
+    value = parse_memory(text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["1.5", "0", "-1", "4XB", "abc", "nan", "1e400"])
+def test_kv_cache_memory_rejects_ambiguous_or_invalid(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_memory(text)
+
+
+def test_kv_cache_memory_fraction_above_one_is_a_clean_error():
+    proc = _tokenmill("generate", "hello", "--kv-cache-memory", "1.5", "--model", "/never/opened.gguf", timeout=60)
+    assert proc.returncode == 2
+    assert "--kv-cache-memory" in proc.stderr and "'1.5' is neither a fraction" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_port_in_use_is_reported_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _tokenmill("serve", "--port", str(port), "--model", "/never/opened.gguf", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "never/opened" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cxx,message", [("/nonexistent/g++", "CXX=/nonexistent/g++ is not an executable"),
+                                         ("false", "`false --version` failed")])
+def test_broken_cxx_is_a_kernel_build_error(monkeypatch, cxx, message):
+    """Callers fall back to plain PyTorch on KernelBuildError; anything else would be a traceback at load."""
+    from tokenmill.kernels.build import KernelBuildError, _compiler
+
+    monkeypatch.setenv("CXX", cxx)
+    with pytest.raises(KernelBuildError, match=re.escape(message)):
+        _compiler()

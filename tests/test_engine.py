@@ -30,7 +30,8 @@ def corpus_ids(llm_f32) -> list[int]:
 def _engine(llm, **kw) -> LLMEngine:
     """A fresh engine (own KV cache and scheduler) sharing the already-loaded weights."""
     cache = CacheConfig(**{k: v for k, v in kw.items() if k in ("block_size", "kv_cache_memory", "enable_prefix_caching")})
-    sched = SchedulerConfig(**{k: v for k, v in kw.items() if k in ("max_num_seqs", "max_num_batched_tokens")})
+    sched = SchedulerConfig(**{k: v for k, v in kw.items()
+                               if k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len")})
     return LLMEngine(llm.model, llm.tokenizer, llm.dtype, cache, sched)
 
 
@@ -174,7 +175,8 @@ def test_chunked_prefill_never_exceeds_budget_and_decodes_keep_flowing(llm_f32, 
 
 def test_oversized_requests_get_clear_errors(llm_f32, corpus_ids):
     engine = _engine(llm_f32, kv_cache_memory=8 * 2 * 30 * 16 * 3 * 64 * 4)  # 8 blocks = 128 tokens
-    with pytest.raises(ValueError, match="whole KV cache"):
+    assert engine.max_model_len == 128  # lowered to what the cache holds, not left at the model's 8192
+    with pytest.raises(ValueError, match="max_model_len is 128"):
         engine.add_request("big", corpus_ids[:200], GREEDY)
     with pytest.raises(ValueError, match="max_model_len"):
         _engine(llm_f32).add_request("long", corpus_ids * 8, GREEDY)
@@ -210,3 +212,8 @@ def test_a_failing_row_fails_only_its_own_request(llm_f32, corpus_ids, monkeypat
     assert "poisoned row" in errors["poison"] and len(done["poison"]) == 2
     assert [done[str(i)] for i in range(3)] == expected and not any(errors[str(i)] for i in range(3))
     assert engine.kv_manager.num_used_blocks() == 0 and not engine.parents
+
+
+def test_an_explicit_max_model_len_the_cache_cannot_hold_is_refused(llm_f32):
+    with pytest.raises(ValueError, match="max_model_len=1024 does not fit in the KV cache.*at most 128 tokens"):
+        _engine(llm_f32, kv_cache_memory=8 * 2 * 30 * 16 * 3 * 64 * 4, max_model_len=1024)

@@ -2,14 +2,43 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import logging
+import math
 import os
+import re
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
 
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.errors import TokenmillError
+
+
+_UNIT_BYTES = {"": 1, "b": 1, **{f"{u}{b}": 1000 ** (i + 1) for i, u in enumerate("kmgt") for b in ("", "b")},
+               **{f"{u}ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")}}
+
+
+def parse_memory(text: str) -> int | float:
+    """--kv-cache-memory: whole bytes with an optional unit (B; K/KB = 10^3 ... T/TB = 10^12; KiB = 2^10 ...
+    TiB = 2^40; any case), or a fraction of available memory in (0, 1]. A bare number above 1 must be whole:
+    "1.5" is neither (type=float used to read it as 1 byte)."""
+    match = re.fullmatch(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)", text.strip().lower())
+    if match is None or match.group(2) not in _UNIT_BYTES or not math.isfinite(float(match.group(1))):
+        raise argparse.ArgumentTypeError(f"expected bytes (e.g. 4GiB, 512MB, 1073741824) or a fraction of memory "
+                                         f"in (0, 1] (e.g. 0.5), got {text!r}")
+    value, unit = float(match.group(1)), match.group(2)
+    if not unit and 0 < value <= 1:
+        return value
+    size = value * _UNIT_BYTES[unit]
+    if _UNIT_BYTES[unit] == 1 and not size.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of memory in (0, 1] nor a whole number "
+                                         "of bytes; give a unit for a size (e.g. 1.5GiB)")
+    if not 1 <= size < math.inf:
+        raise argparse.ArgumentTypeError(f"a KV cache size is at least 1 byte and finite, got {text!r}")
+    return int(size)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -22,9 +51,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                    help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
-    p.add_argument("--kv-cache-memory", type=float, default=DEFAULT_KV_CACHE_MEMORY,
-                   help="KV cache size in bytes, or a fraction (<= 1) of available memory; per model: `serve` "
-                        "with several models gives each engine a budget of this size (as vLLM: one per engine)")
+    p.add_argument("--kv-cache-memory", type=parse_memory, default=DEFAULT_KV_CACHE_MEMORY, metavar="SIZE",
+                   help="KV cache size: bytes with an optional unit (4GiB = 4*2^30, 4GB = 4G = 4*10^9; also K, M, T, "
+                        "KiB, MiB, TiB) or a fraction in (0, 1] of available memory (default 4GiB); per model: "
+                        "`serve` with several models gives each engine a budget of this size (as vLLM: one per "
+                        "engine)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="KV cache element type; auto: float16 when packed weights run natively, else the compute "
@@ -36,6 +67,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
                         '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (default: off)')
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="compute threads (default: $OMP_NUM_THREADS if set, else the CPUs this process may use: "
+                        "affinity and cgroup quota); use 1 when other processes keep the cores busy, as every "
+                        "decode step waits for its slowest thread")
 
 
 def _add_models_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -45,13 +80,13 @@ def _add_models_dir_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    memory = args.kv_cache_memory
     return dict(
-        dtype=args.dtype, quantization=args.quantization, group_size=args.group_size, kv_cache_memory=memory if memory <= 1 else int(memory), block_size=args.block_size,
+        dtype=args.dtype, quantization=args.quantization, group_size=args.group_size,
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_dtype=args.kv_cache_dtype,
-        speculative_config=args.speculative_config,
+        speculative_config=args.speculative_config, threads=args.threads,
     )
 
 
@@ -134,14 +169,42 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    _check_can_listen(args.host, args.port)
     from tokenmill import LLM  # after the checks: a bad option fails at once, not after torch imports
     from tokenmill.server.launch import ModelToServe, serve
+    from tokenmill.server.params import RequestLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     to_serve = [ModelToServe(LLM(model, progress=True, **_engine_kwargs(args)), model, name)
                 for model, name in zip(models, names)]
     serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-          shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts)
+          shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
+          limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts), max_body_bytes=args.max_body_bytes,
+          allowed_hosts=args.allowed_hosts)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind host:port once (as uvicorn will: SO_REUSEADDR) before the models load, so a port in use is an error
+    at once rather than after seconds or minutes of loading."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on --host {host!r}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            hint = "; another process is listening there: stop it or choose --port" if exc.errno == errno.EADDRINUSE else ""
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
 
 
 def _served_models(args: argparse.Namespace) -> list[str | None]:
@@ -209,6 +272,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="Fast LLM inference on PyTorch")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
@@ -230,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=10.0,
                      help="seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted")
     srv.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log lines")
+    srv.add_argument("--max-n", type=_positive_int, default=128,
+                     help="largest `n` (completions per prompt) one request may ask for (default: 128, OpenAI's cap)")
+    srv.add_argument("--max-prompts", type=_positive_int, default=256,
+                     help="most prompts one /v1/completions request may carry (default: 256)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=16 * 2**20,
+                     help="largest request body accepted; larger ones get 413 before they are parsed "
+                          "(default: 16 MiB)")
+    srv.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                     help="answer only requests whose Host header names one of these (e.g. localhost 127.0.0.1): "
+                          "guards a server without --api-key against DNS rebinding from web pages (default: any)")
     _add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -261,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_quant_parsers(sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenmill")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed as a package: `pip install -e .` records its version)"
 
 
 def main(argv: list[str] | None = None) -> int:

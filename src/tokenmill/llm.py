@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, QuantConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.hardware import resolve_dtype
+from tokenmill.hardware import resolve_dtype, resolve_threads
 from tokenmill.model.build import build_model
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.outputs import RequestOutput
@@ -36,7 +36,10 @@ class LLM:
     under packed weights, else the compute dtype), "float32", "float16" or "bfloat16".
     speculative_config: as vLLM's, a dict (or its JSON text), e.g. {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", "model": PATH,
-    "num_speculative_tokens": 4}; see spec_decode/config.py. None: no speculation."""
+    "num_speculative_tokens": 4}; see spec_decode/config.py. None: no speculation.
+    threads: compute threads for this process (torch and the native kernels share one OpenMP pool); None: the
+    OMP_NUM_THREADS environment variable if set, else the CPUs this process really has (affinity, cgroup quota).
+    Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread."""
 
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
                  group_size: int = 32,
@@ -44,8 +47,9 @@ class LLM:
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, speculative_config: dict[str, Any] | str | None = None,
-                 progress: bool = False) -> None:
+                 threads: int | None = None, progress: bool = False) -> None:
         started = time.perf_counter()
+        torch.set_num_threads(resolve_threads(threads))  # before the model builds: repacking runs on these threads
         cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching, kv_cache_dtype)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
         self.speculative_config = SpeculativeConfig.parse(speculative_config)  # before loading: fail fast

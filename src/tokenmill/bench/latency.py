@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from tqdm import tqdm
+
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import corpus_tokens
 from tokenmill.bench.metrics import distribution
@@ -49,7 +51,8 @@ def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int
     rng = random.Random(seed)
     starts = rng.sample(range(len(corpus)), min(len(corpus), num_warmups + num_iters))
     iterations = []
-    for i in range(num_warmups + num_iters):
+    # the bar redraws between requests, outside the timed part
+    for i in tqdm(range(num_warmups + num_iters), desc="requests (warm-up first)", unit="request"):
         if i == num_warmups:
             stats_before = llm.engine.stats()
         start = starts[i % len(starts)]

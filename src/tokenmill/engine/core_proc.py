@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+import torch
+
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
@@ -190,6 +192,7 @@ class EngineCore:
     _sent: dict[str, dict[int, int]] = field(default_factory=dict)  # request id -> index -> tokens sent
 
     def run(self) -> None:
+        torch.set_num_threads(torch.get_num_threads())  # this new thread's OpenMP team: the engine's --threads
         try:
             while self._apply_commands(block=not self.engine.has_unfinished()):
                 self.heartbeat.beat(LOOP_BEAT)

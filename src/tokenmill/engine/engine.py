@@ -57,9 +57,7 @@ class LLMEngine:
         self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
-        # A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).
-        self.max_request_tokens = self.kv_manager.max_request_tokens(self.scheduler_config.max_num_batched_tokens,
-                                                                     self.max_model_len)
+        self._fit_max_model_len()
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
@@ -70,6 +68,22 @@ class LLMEngine:
         # The model's many long-lived objects would otherwise be rescanned by every collection the steps' small
         # allocations trigger (~5% of a batch-1 step); as vLLM does, move them out of the collector's sight.
         gc.freeze()
+
+    def _fit_max_model_len(self) -> None:
+        """A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).
+        A cache too small for one max_model_len request would cut requests short with finish_reason "length"
+        while clients are told the full context: as vLLM, an explicit max_model_len that does not fit is an
+        error; the model's own context is lowered to what fits, and the log says so."""
+        fits = self.kv_manager.max_request_tokens(self.scheduler_config.max_num_batched_tokens, self.max_model_len)
+        if fits >= self.max_model_len:
+            return
+        advice = f"raise kv_cache_memory (now {self.cache_config.budget_bytes()} bytes) or lower max_model_len"
+        if self.scheduler_config.max_model_len is not None:
+            raise ValueError(f"max_model_len={self.max_model_len} does not fit in the KV cache, which holds one "
+                             f"request of at most {fits} tokens: {advice}")
+        logger.warning("the KV cache holds one request of at most %d tokens, less than the model's context of %d: "
+                       "serving max_model_len=%d (%s)", fits, self.max_model_len, fits, advice)
+        self.max_model_len = fits
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams, priority: int = 0) -> None:
         self.submit(self.process_request(request_id, prompt, params, priority))
@@ -113,7 +127,7 @@ class LLMEngine:
         return ParentRequest(request_id, text, ids, children)
 
     def _check_prompt(self, ids: list[int]) -> int:
-        """Validate a prompt; returns how many tokens may follow it (context and whole-cache limits)."""
+        """Validate a prompt; returns how many tokens may follow it."""
         if not ids:
             raise ValueError("prompt is empty: it must contain at least one token")
         vocab = self.model.config.vocab_size
@@ -123,10 +137,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
                              "at least one token must fit after it")
-        if len(ids) >= self.max_request_tokens:
-            raise ValueError(f"prompt has {len(ids)} tokens, but the whole KV cache holds {self.max_request_tokens}: "
-                             "raise kv_cache_memory")
-        return self.max_request_tokens - len(ids)
+        return self.max_model_len - len(ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown or finished)."""

@@ -45,11 +45,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill")
 
 
-def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+INSTALL_HINT = "install g++ (`apt-get install g++` on Debian/Ubuntu, `dnf install gcc-c++` on Fedora/RHEL)"
+
+
+def _compiler() -> tuple[str, str]:
+    """The C++ compiler to build with ($CXX, else g++ or c++ on PATH) and its `--version` text, which keys the
+    build cache. One that is missing or does not run is a KernelBuildError, so callers fall back."""
+    cxx = os.environ.get("CXX")
+    if cxx and not shutil.which(cxx):
+        raise KernelBuildError(f"CXX={cxx} is not an executable file; unset CXX or point it at a C++ compiler")
+    cxx = cxx or shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        raise KernelBuildError("no C++ compiler (g++) found")
-    return cxx
+        raise KernelBuildError(f"no C++ compiler found (g++ or c++ on PATH, or $CXX); {INSTALL_HINT}")
+    try:
+        result = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"the C++ compiler {cxx} does not run: {exc}") from None
+    if result.returncode != 0:
+        raise KernelBuildError(f"`{cxx} --version` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    return cxx, result.stdout
 
 
 @functools.cache
@@ -61,8 +75,7 @@ def load_library(extra_flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
         raise KernelBuildError(f"CPU lacks {' '.join(sorted(missing))}")
     src_dir = Path(__file__).parent / "csrc"
     flags = (*CXXFLAGS, *(isa_flags() if extra_flags is None else extra_flags))
-    cxx = _compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    cxx, version = _compiler()
     digest = hashlib.sha256("\0".join([version, *flags]).encode())
     for path in sorted(src_dir.iterdir()):  # sources and headers
         digest.update(path.name.encode() + path.read_bytes())
@@ -97,8 +110,12 @@ def _compile(cxx: str, flags: tuple[str, ...], sources: list[Path], target: Path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     cmd = [cxx, *flags, *map(str, sources), "-o", tmp]
-    logger.info("building native kernels: %s", " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    logger.info("building native kernels (once per CPU kind and compiler): %s", " ".join(cmd))
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise KernelBuildError(f"the C++ compiler {cxx} does not run: {exc}") from None
     if result.returncode != 0:
         os.unlink(tmp)
         raise KernelBuildError(f"kernel build failed:\n{result.stderr[-2000:]}")

@@ -57,6 +57,9 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
     matrices = _matrix_names(model) & wanted
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, list[QuantizedWeight]] = {}
+    # Load the native kernels before the bar starts: a first start's build logs, a fallback warns, and either
+    # printed under an active bar would break it.
+    quant_ops.available()
     for name in tqdm(sorted(wanted), desc="loading weights", disable=not progress, unit="tensor"):
         packed = _quantized(name, weights, ckpt.path, quant) if name in matrices else None
         if packed is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.config import ModelConfig
@@ -110,7 +111,7 @@ def quantize_weights(ckpt: Checkpoint, options: QuantizeOptions, calibration_ids
         else:
             quantized = gptq(floats, ckpt.config, inputs, options.grid, progress=progress)
     out: dict[str, Weight] = {}
-    for name, w in floats.items():
+    for name, w in tqdm(floats.items(), desc="quantizing", total=len(floats), unit="tensor", disable=not progress):
         if name in quantized:
             out[name] = quantized[name]
         elif w.dim() == 2:
