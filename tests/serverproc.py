@@ -43,7 +43,7 @@ def start_server(tmp_dir: Path, *extra: str) -> Server:
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), "--dtype", "float32",
-             "--kv-cache-memory", "268435456", *extra],
+             "--kv-cache-memory", "512MiB", *extra],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return Server(proc, f"http://127.0.0.1:{port}", log_path)
 

@@ -4,7 +4,7 @@ The step loop runs in a forked engine core process, so a fault is patched into t
 AsyncEngine starts (the child inherits it) and fires only for prompts carrying a marker: requests without it
 show the server going on. A failed step is a 500 (or an error event once streaming) and the next request is
 served; a dead engine loop or a killed core process turns /health red and every generation into a 503, while
-the server itself stays up.
+the server itself stays up (these tests set no on_dead hook; `tokenmill serve` exits instead: test_server_faults.py).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_dead_engine_loop_turns_health_red_but_the_server_answers(llm_f32, monke
     with app_server(engine) as (url, async_engine):
         assert _post(url, "Hi").status_code == 200
         response = _post(url, f"Hi {MARK}")
-        assert response.status_code == 500 and "loop broke" in response.json()["error"]["message"]
+        assert response.status_code == 503 and "loop broke" in response.json()["error"]["message"]
         _check_dead_but_answering(url, async_engine)
 
 

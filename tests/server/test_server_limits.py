@@ -47,6 +47,20 @@ def test_missing_or_wrong_key_is_401(limited, method, path, headers):
     assert response.json()["error"]["type"] == "AuthenticationError"
 
 
+def test_bearer_scheme_in_any_case_and_www_authenticate(limited):
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        r = httpx.get(f"{limited.url}/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert r.status_code == 200, scheme
+    refused = httpx.get(f"{limited.url}/v1/models", headers={"Authorization": f"Basic {KEY}"})
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_key_in_the_query_string_never_reaches_the_access_log(limited):
+    httpx.get(f"{limited.url}/v1/models?api_key=sk-secret-in-url", headers=AUTH)
+    log = limited.log()
+    assert "GET /v1/models?... HTTP" in log and "sk-secret-in-url" not in log
+
+
 def test_right_key_is_served_and_health_metrics_stay_open(limited):
     assert httpx.get(f"{limited.url}/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL_NAME
     client = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=KEY, max_retries=0)

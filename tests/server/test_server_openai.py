@@ -177,7 +177,14 @@ def test_unknown_fields_are_ignored(server):
             "whatever": [1]}
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
-    assert "ignoring request fields tokenmill does not support: best_of, logit_bias, whatever" in server.log()
+    assert "ignoring request fields tokenmill does not support: 'best_of', 'logit_bias', 'whatever'" in server.log()
+
+
+def test_ignored_field_names_cannot_forge_log_lines(server):
+    body = {"prompt": "Hi", "max_tokens": 1, "x\n2026-01-01 00:00:00 INFO forged": 1}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert "'x\\n2026-01-01 00:00:00 INFO forged'" in server.log()
+    assert "\n2026-01-01 00:00:00 INFO forged" not in server.log()
 
 
 def test_tokenize_and_detokenize(server, llm_f32):
@@ -251,16 +258,19 @@ def test_client_that_hangs_up_aborts_its_request_and_frees_kv(server, stream):
             lines = r.iter_lines()
             for _ in range(5):
                 next(line for line in lines if line.startswith("data: "))
-    else:  # give up waiting for the whole body
+    else:  # give up waiting for the whole body (whether or not its first token came: both are an abort)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
-    time.sleep(0.3)
+    aborts = 'tokenmill:request_success_total{finished_reason="abort"}'
+    deadline = time.monotonic() + 30
+    while server.metrics().get(aborts, 0) < before.get(aborts, 0) + 1:  # the server noticed the hang-up
+        assert time.monotonic() < deadline, "the abort was never counted"
+        time.sleep(0.05)
     generated = server.metrics()["tokenmill:generation_tokens_total"]
     time.sleep(0.5)
     after = server.metrics()
     assert after["tokenmill:generation_tokens_total"] == generated < before["tokenmill:generation_tokens_total"] + 100
-    assert after['tokenmill:request_success_total{finished_reason="abort"}'] == \
-        before.get('tokenmill:request_success_total{finished_reason="abort"}', 0) + 1
+    assert after[aborts] == before.get(aborts, 0) + 1
     # engine gauges are as of the loop's last step, so step once more, then every KV block must be free
     httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
     after = server.metrics()
@@ -331,6 +341,22 @@ BAD = [
     ("chat/completions", {"messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages", "max_model_len"),
     ("detokenize", {"tokens": [-1]}, 400, "tokens", "tokens"),
     ("tokenize", {}, 400, "prompt", "prompt"),
+    # issue 17: text that is not Unicode, unbounded requests, non-finite numbers
+    ("tokenize", '{"prompt": "a\\ud800"}', 400, "prompt", "surrogate"),
+    ("completions", '{"prompt": "a\\udfff b", "max_tokens": 2}', 400, "prompt", "surrogate"),
+    ("completions", '{"prompt": ["ok", "a\\ud800"]}', 400, "prompt[1]", "surrogate"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "a\xed\xa0\x80"}]}', 400,
+     "messages[0].content", "surrogate"),
+    ("completions", '{"prompt": "x", "stop": ["\\ud800"]}', 400, "stop[0]", "surrogate"),
+    ("completions", {"prompt": "x", "n": 1000}, 400, "n", "--max-n"),
+    ("completions", {"prompt": ["x"] * 300}, 400, "prompt", "--max-prompts"),
+    ("completions", {"prompt": "x", "stop": [f"s{i}" for i in range(200)]}, 400, "stop", "at most 128"),
+    ("completions", {"prompt": "x", "stop": ["y" * 600]}, 400, "stop", "512 characters"),
+    ("completions", '{"prompt": "x", "temperature": Infinity}', 400, "temperature", "finite"),
+    ("completions", '{"prompt": "x", "top_p": NaN}', 400, "top_p", "finite"),
+    ("completions", '{"prompt": "x", "presence_penalty": -Infinity}', 400, "presence_penalty", "finite"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1e999}', 400,
+     "repetition_penalty", "finite"),
 ]
 
 
@@ -338,17 +364,19 @@ BAD = [
                          ids=[f"{e}:{p}:{i}" for i, (e, _, _, p, _) in enumerate(BAD)])
 def test_bad_input_is_an_openai_error_naming_the_field(server, endpoint, body, status, param, words):
     path = f"/v1/{endpoint}" if "completions" in endpoint else f"/{endpoint}"
-    content = body if isinstance(body, str) else json.dumps(body)
-    response = httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"},
-                          timeout=60)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param and error["code"] == status
-    assert words in error["message"], error["message"]
-    # and the server still serves the next good request
-    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
-    assert ok.status_code == 200
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    with httpx.Client(timeout=60) as http:
+        response = http.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == param and error["code"] == status
+        assert words in error["message"], error["message"]
+        # the connection stays open, and the next good request on it is served
+        assert response.headers.get("connection") != "close"
+        ok = http.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+        assert ok.status_code == 200
+    assert "Traceback" not in server.log()
 
 
 def test_unknown_route_and_method_are_openai_errors(server):
