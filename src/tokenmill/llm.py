@@ -9,14 +9,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, CacheConfig, QuantConfig, SchedulerConfig
+from tokenmill.config import (
+    DEFAULT_KV_CACHE_MEMORY,
+    CacheConfig,
+    QuantConfig,
+    SchedulerConfig,
+)
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.hardware import resolve_dtype, resolve_threads
 from tokenmill.model.build import build_model
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.spec_decode.config import SpeculativeConfig
 
 PromptInput = str | dict[str, Any]
 Message = dict[str, Any]
@@ -36,14 +41,14 @@ class LLM:
     under packed weights, else the compute dtype), "float32", "float16" or "bfloat16".
     speculative_config: as vLLM's, a dict (or its JSON text), e.g. {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", "model": PATH,
-    "num_speculative_tokens": 4}; see spec_decode/config.py. None: no speculation.
+    "num_speculative_tokens": 4}; see engine/spec_decode/config.py. None: no speculation.
     threads: compute threads for this process (torch and the native kernels share one OpenMP pool); None: the
     OMP_NUM_THREADS environment variable if set, else the CPUs this process really has (affinity, cgroup quota).
     Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread."""
 
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
                  group_size: int = 32,
-                 kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
+                 kv_cache_memory: float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, speculative_config: dict[str, Any] | str | None = None,
@@ -61,7 +66,7 @@ class LLM:
         self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
         draft_model, draft_dtype = None, None
         if self.speculative_config is not None and self.speculative_config.method == "draft_model":
-            from tokenmill.spec_decode.draft_model import load_draft_model
+            from tokenmill.engine.spec_decode.draft_model import load_draft_model
 
             draft_model, draft_dtype = load_draft_model(self.speculative_config, model, self.dtype,
                                                         self.checkpoint.config.vocab_size)

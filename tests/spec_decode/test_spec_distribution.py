@@ -9,8 +9,8 @@ import torch
 from spec_cases import ALPHA, NGRAM, all_free, chi_square_pvalue, random_prompts
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.engine.spec_decode import speculator as speculator_module
 from tokenmill.model.sampler import process_logits
-from tokenmill.spec_decode import speculator as speculator_module
 
 SAMPLED = {"temperature": 0.5, "top_k": 3, "max_tokens": 4, "ignore_eos": True}
 NUM_SAMPLES = 1500

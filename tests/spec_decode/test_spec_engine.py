@@ -11,10 +11,10 @@ from spec_cases import NGRAM, VOCAB, all_free, check_pools, random_prompts
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
+from tokenmill.engine.spec_decode.proposer import Draft
+from tokenmill.engine.spec_decode.speculator import Speculator
 from tokenmill.model.loader import load_checkpoint
-from tokenmill.spec_decode.config import SpeculativeConfig
-from tokenmill.spec_decode.proposer import Draft
-from tokenmill.spec_decode.speculator import Speculator
 
 
 def _greedy_mix(plain: LLM, prompts: list[list[int]]) -> list[SamplingParams]:

@@ -7,7 +7,7 @@ from spec_cases import all_free
 from tokenmill import SamplingParams
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
 
 REWRITE = ("Rewrite the following text, keeping its wording:\n\nThe history of computing is a story of abstraction "
            "layered on abstraction. Early machines were programmed by rewiring panels; then came stored programs, "
@@ -21,7 +21,7 @@ REWRITE = ("Rewrite the following text, keeping its wording:\n\nThe history of c
 ], ids=["ngram", "draft-10-layers"])
 def test_default_model_greedy_identical_with_speculation(llm_f32, spec):
     """The real default model (float32), input-grounded and open prompts batched: the same greedy tokens."""
-    from tokenmill.spec_decode.draft_model import load_draft_model
+    from tokenmill.engine.spec_decode.draft_model import load_draft_model
 
     config = SpeculativeConfig.parse(spec)
     draft, draft_dtype = (load_draft_model(config, None, llm_f32.dtype, llm_f32.config.vocab_size)

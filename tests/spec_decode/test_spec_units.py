@@ -9,10 +9,10 @@ import pytest
 import torch
 from spec_cases import ALPHA, chi_square_pvalue
 
-from tokenmill.spec_decode.adaptive import WARMUP_STEPS, AdaptiveController
-from tokenmill.spec_decode.config import SpeculativeConfig
-from tokenmill.spec_decode.ngram import ngram_lookup
-from tokenmill.spec_decode.rejection import greedy_verify, rejection_sample
+from tokenmill.engine.spec_decode.adaptive import WARMUP_STEPS, AdaptiveController
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
+from tokenmill.engine.spec_decode.ngram import ngram_lookup
+from tokenmill.engine.spec_decode.rejection import greedy_verify, rejection_sample
 
 
 @pytest.mark.parametrize("value,field", [

@@ -17,12 +17,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tokenmill.cache.block_pool import BlockPool
 from tokenmill.cache.prefix_cache import extend_block_hashes
-from tokenmill.engine.request import Request
 
 NULL_BLOCK = -1  # a table entry whose block left the sliding window and was freed
+
+
+class CachedSequence(Protocol):
+    """What the manager reads of a sequence (the engine's Request, a draft model's sequence); it never writes
+    more than its prefix-cache hash chain."""
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_hashes: list[bytes]
+
+    @property
+    def num_tokens(self) -> int: ...
 
 
 @dataclass
@@ -66,7 +79,7 @@ class KVCacheManager:
             low, high = (mid, high) if peak(mid) <= self.pool.num_blocks else (low, mid - 1)
         return low
 
-    def lookup_prefix(self, request: Request) -> int:
+    def lookup_prefix(self, request: CachedSequence) -> int:
         """Claim cached blocks matching the request's leading full blocks; returns tokens covered.
 
         At least the last token is always left to compute, since its logits are needed.
@@ -93,7 +106,7 @@ class KVCacheManager:
         self.prefix_stats.queries += num_tokens
         self.prefix_stats.hits += num_hit_tokens
 
-    def allocate(self, request: Request, num_new_tokens: int) -> bool:
+    def allocate(self, request: CachedSequence, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more computed tokens; False (no new blocks) if blocks run out.
 
         Sliding groups first give back the blocks no query of the request can see any more (after a prefix
@@ -110,7 +123,7 @@ class KVCacheManager:
                 table.extend(self.pool.allocate(count))
         return True
 
-    def _free_out_of_window(self, request: Request) -> None:
+    def _free_out_of_window(self, request: CachedSequence) -> None:
         """In sliding groups, give back the blocks before the window of the next query (at position
         num_computed_tokens, seeing keys from num_computed_tokens - window + 1 on)."""
         for table, window in zip(self.block_tables[request.request_id], self.windows):
@@ -125,14 +138,14 @@ class KVCacheManager:
                 table[i] = NULL_BLOCK
             self.pool.free(freed)
 
-    def commit(self, request: Request) -> None:
+    def commit(self, request: CachedSequence) -> None:
         """After a step: publish the request's blocks that are now full and computed, so later requests can
         share them, then give back the sliding-window blocks it no longer needs (published ones stay cached)."""
         if self.enable_prefix_caching:
             self._publish(request)
         self._free_out_of_window(request)
 
-    def _publish(self, request: Request) -> None:
+    def _publish(self, request: CachedSequence) -> None:
         tables = self.block_tables[request.request_id]
         full = request.num_computed_tokens // self.block_size
         done = self.num_cached_blocks.get(request.request_id, 0)
@@ -144,7 +157,7 @@ class KVCacheManager:
                 self.pool.mark_cached(table[i], _group_key(g, request.block_hashes[i]))
         self.num_cached_blocks[request.request_id] = full
 
-    def trim(self, request: Request) -> None:
+    def trim(self, request: CachedSequence) -> None:
         """Give back the blocks past the request's computed tokens (the KV of rejected speculated tokens).
         They were never published: only blocks of computed, final tokens are."""
         keep = self.blocks_needed(request.num_computed_tokens)
@@ -152,7 +165,7 @@ class KVCacheManager:
             self.pool.free(list(reversed(table[keep:])))
             del table[keep:]
 
-    def free(self, request: Request) -> None:
+    def free(self, request: CachedSequence) -> None:
         """Release every block of the request; tail blocks first into the free queue, so they are evicted first."""
         tables = self.block_tables.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
@@ -163,7 +176,7 @@ class KVCacheManager:
         """Blocks the request holds now, per group."""
         return [sum(b != NULL_BLOCK for b in table) for table in self.block_tables.get(request_id, [])]
 
-    def utilization(self, requests: Sequence[Request]) -> float:
+    def utilization(self, requests: Sequence[CachedSequence]) -> float:
         """Tokens stored / slots in the blocks the requests hold, over all groups."""
         stored = slots = 0
         for request in requests:

@@ -21,6 +21,8 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerStats
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
+from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
@@ -29,8 +31,6 @@ from tokenmill.model.sampler import SampledToken, StepLogits, sample
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.spec_decode.config import SpeculativeConfig
-from tokenmill.spec_decode.speculator import Speculator, make_speculator
 
 logger = logging.getLogger("tokenmill.engine")
 
@@ -171,11 +171,10 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
-        step_logits = StepLogits(self.runner.execute(scheduled.chunks, self.kv_manager.block_tables))
-        sampling = [c for c in scheduled.chunks if c.samples]
+        step_logits = StepLogits(self.runner.execute(scheduled.batch))
+        sampling = [(c, row) for c, row in zip(scheduled.chunks, scheduled.batch.first_logit_row) if row is not None]
         failed: list[ParentRequest] = []
-        row = 0
-        for chunk in sampling:
+        for chunk, row in sampling:
             request, drafts = chunk.request, chunk.draft_token_ids
             try:
                 tokens = self._next_tokens(request, drafts, step_logits, row)
@@ -184,7 +183,6 @@ class LLMEngine:
                 failed.append(self.parents[request.parent_id])
                 failed[-1].error = f"sampling failed: {type(exc).__name__}: {exc}"
                 tokens = []
-            row += len(drafts) + 1
             emitted = 0
             for emitted, token in enumerate(tokens, 1):
                 request.record(token, self._token_text)
@@ -203,7 +201,7 @@ class LLMEngine:
             self.speculator.observe_step(scheduled.chunks, time.perf_counter() - started)
             self._retain_speculation()
         outputs = []
-        for parent_id in dict.fromkeys(c.request.parent_id for c in sampling):
+        for parent_id in dict.fromkeys(c.request.parent_id for c, _ in sampling):
             parent = self.parents[parent_id]
             outputs.append(parent.make_output())
             if parent.finished:

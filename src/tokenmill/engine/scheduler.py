@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.model.batch import BatchChunk, StepBatch
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (1 token or verify) first, then prefills
     preempted: list[Request] = field(default_factory=list)
+    batch: StepBatch = field(default_factory=lambda: StepBatch([]))  # the chunks as the runner reads them
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +113,9 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, n))
             budget -= n
         out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1 and not c.draft_token_ids)  # decodes first
+        out.batch = StepBatch([BatchChunk(c.input_ids(), c.request.num_computed_tokens,
+                                          self.kv.block_tables[c.request.request_id], len(c.draft_token_ids),
+                                          c.samples) for c in out.chunks])
         return out
 
     def _admit(self, request: Request) -> None:

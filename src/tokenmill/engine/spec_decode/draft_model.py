@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,24 +19,25 @@ from tokenmill.cache.kv_cache import KVCache
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import QuantConfig
 from tokenmill.engine.request import Request
-from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
+from tokenmill.engine.spec_decode.proposer import Draft
+from tokenmill.model.batch import BatchChunk, StepBatch
 from tokenmill.model.build import build_model
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.model.runner import ModelRunner
 from tokenmill.model.sampler import process_logits
-from tokenmill.spec_decode.config import SpeculativeConfig
-from tokenmill.spec_decode.proposer import Draft
 
 
 @dataclass
 class DraftSequence:
-    """The draft model's view of a request: the tokens its cache was filled from (what ModelRunner reads)."""
+    """The draft model's view of a request: the tokens its cache was filled from."""
 
     request_id: str
     token_ids: list[int]
     num_computed_tokens: int = 0
     num_known: int = 0  # leading tokens known to equal the request's (its length at the last sync)
+    block_hashes: list[bytes] = field(default_factory=list)  # unused: the draft's cache shares no prefixes
 
     @property
     def num_tokens(self) -> int:
@@ -62,9 +63,10 @@ class DraftModelProposer:
                 active.append((i, request, seq, k))  # out of draft blocks: this request gets no draft
         while active:
             active.sort(key=lambda e: e[2].num_tokens - e[2].num_computed_tokens != 1)  # the runner's order
-            chunks = [ScheduledChunk(seq, seq.num_tokens - seq.num_computed_tokens) for _, _, seq, _ in active]
-            logits = self.runner.execute(chunks, self.kv.block_tables)
-            for (i, request, seq, _), chunk, row in zip(active, chunks, logits):
+            batch = StepBatch([BatchChunk(seq.token_ids[seq.num_computed_tokens:], seq.num_computed_tokens,
+                                          self.kv.block_tables[seq.request_id]) for _, _, seq, _ in active])
+            logits = self.runner.execute(batch)
+            for (i, request, seq, _), chunk, row in zip(active, batch.chunks, logits):
                 seq.num_computed_tokens += chunk.num_tokens
                 token, q = _draw(row, request, drafts[i].token_ids)
                 seq.token_ids.append(token)

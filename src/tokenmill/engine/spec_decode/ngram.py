@@ -6,7 +6,7 @@ from array import array
 from collections.abc import Sequence
 
 from tokenmill.engine.request import Request
-from tokenmill.spec_decode.proposer import Draft
+from tokenmill.engine.spec_decode.proposer import Draft
 
 _ITEM = array("i").itemsize
 

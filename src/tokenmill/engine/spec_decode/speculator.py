@@ -8,15 +8,20 @@ import torch
 
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.engine.spec_decode.adaptive import AdaptiveController
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
+from tokenmill.engine.spec_decode.draft_model import DraftModelProposer
+from tokenmill.engine.spec_decode.metrics import SpecDecodeStats
+from tokenmill.engine.spec_decode.ngram import NgramProposer
+from tokenmill.engine.spec_decode.proposer import Draft, Proposer
+from tokenmill.engine.spec_decode.rejection import greedy_verify, rejection_sample
 from tokenmill.model.llama import LlamaModel
-from tokenmill.model.sampler import SampledToken, StepLogits, has_penalties, process_logits
-from tokenmill.spec_decode.adaptive import AdaptiveController
-from tokenmill.spec_decode.config import SpeculativeConfig
-from tokenmill.spec_decode.draft_model import DraftModelProposer
-from tokenmill.spec_decode.metrics import SpecDecodeStats
-from tokenmill.spec_decode.ngram import NgramProposer
-from tokenmill.spec_decode.proposer import Draft, Proposer
-from tokenmill.spec_decode.rejection import greedy_verify, rejection_sample
+from tokenmill.model.sampler import (
+    SampledToken,
+    StepLogits,
+    has_penalties,
+    process_logits,
+)
 
 
 class Speculator:
