@@ -1,10 +1,10 @@
 """AsyncEngine: the API process's view of the engine core process, with an asyncio stream per request.
 
-The step loop runs in its own process (engine/core_proc.py says why). Here, in the event loop's thread,
-handlers tokenize and validate (`LLMEngine.process_request`), commands go down a pipe, and the core's
+The step loop runs in its own process (engine/core_proc.py says why). Here, in the event loop's thread, the
+input processor tokenizes and validates (this process holds no model), commands go down a pipe, and the core's
 per-step message is read as soon as the pipe is readable (`loop.add_reader`: no extra thread, so nothing
-here competes for this process's GIL either). Each request's deltas are folded back into the cumulative
-RequestOutputs the server code reads, exactly as the in-process engine returns them.
+here competes for this process's GIL either). Each request's stream yields delta outputs, as the core sends
+them: only what is new (vLLM's DELTA output kind); the consumer keeps what it needs of the whole.
 """
 from __future__ import annotations
 
@@ -18,19 +18,16 @@ from dataclasses import dataclass, field
 from multiprocessing.util import Finalize
 
 from tokenmill.engine.core_proc import (
-    ABORT,
     HEARTBEAT_INTERVAL,
     LOOP_BEAT,
     PROCESS_BEAT,
-    AddRequest,
-    CoreOutputs,
-    RequestDelta,
     start_engine_core,
     stop_engine_core,
 )
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.messages import Abort, CoreOutputs, RequestDelta
 from tokenmill.engine.scheduler import SchedulerStats
-from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.engine")
@@ -53,43 +50,26 @@ class EngineStepError(Exception):
 
 
 @dataclass
-class _Sequence:
-    """Replaced, never extended, so each RequestOutput handed out keeps its own lists."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] | None = None
-    text: str = ""
-
-
-@dataclass
 class _Stream:
-    """One request's queue of outputs, and the cumulative state its deltas add up to."""
+    """One request's queue of delta outputs."""
 
     prompt: str | None
     prompt_token_ids: list[int]
-    sequences: list[_Sequence]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
-    def apply(self, delta: RequestDelta) -> RequestOutput:
-        request_id, finished, num_cached_tokens, metrics, sequences = delta
-        completions = []
-        for index, token_ids, delta_text, logprobs, cumulative_logprob, finish_reason, stop_reason, text in sequences:
-            seq = self.sequences[index]
-            seq.token_ids = seq.token_ids + token_ids
-            if logprobs is not None:
-                seq.logprobs = (seq.logprobs or []) + logprobs
-            seq.text = text if text is not None else seq.text + delta_text
-            completions.append(CompletionOutput(index, seq.text, seq.token_ids, cumulative_logprob, seq.logprobs,
-                                                finish_reason, stop_reason, delta_text))
-        return RequestOutput(request_id, self.prompt, self.prompt_token_ids, completions, finished, num_cached_tokens,
-                             metrics)
+    def output(self, delta: RequestDelta) -> RequestOutput:
+        return RequestOutput(delta.request_id, self.prompt, self.prompt_token_ids,
+                             [s.completion() for s in delta.sequences], delta.finished, delta.num_cached_tokens,
+                             delta.metrics)
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
                  on_dead: Callable[[str], None] | None = None) -> None:
-        """on_dead(reason) runs once, in the event loop, when the core process exits or its loop dies."""
-        self.engine = engine  # this process's copy: tokenizer and validation only; the core process steps
+        """Starts the engine core process from `engine` and keeps only its input processor: the caller may drop
+        the engine (the server does, so its model's memory is the core's alone). on_dead(reason) runs once, in
+        the event loop, when the core process exits or its loop dies."""
+        self.input_processor = engine.input_processor
         self.max_waiting = max_waiting
         self.on_dead = on_dead
         self.stats: SchedulerStats = engine.stats()
@@ -131,18 +111,17 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs step by step; leaving the iterator early aborts the request."""
+        """Yield the request's delta outputs step by step; leaving the iterator early aborts the request."""
         self.attach()
         self.check_capacity(params.n)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        parent = self.engine.process_request(request_id, prompt, params, priority)  # raises ValueError on bad input
-        stream = _Stream(parent.prompt, parent.prompt_token_ids, [_Sequence() for _ in parent.children])
+        request = self.input_processor.process(request_id, prompt, params, priority)  # ValueError on bad input
+        stream = _Stream(request.prompt, request.prompt_token_ids)
         self._streams[request_id] = stream
         finished = False
         try:
-            self._send(AddRequest(request_id, parent.prompt_token_ids, params, priority,
-                                  parent.children[0].arrival_time))
+            self._send(request)
             self._sequences_sent += params.n
             while True:
                 item = await stream.queue.get()
@@ -175,7 +154,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         if self.is_alive:
             try:
-                self._send((ABORT, request_id))
+                self._send(Abort(request_id))
             except EngineDeadError:  # nothing left to abort
                 pass
 
@@ -234,16 +213,16 @@ class AsyncEngine:
         self._dispatch(pickle.loads(message))
 
     def _dispatch(self, message: CoreOutputs) -> None:
-        deltas, errors, stats, self._sequences_applied, fatal = message
-        self.stats = SchedulerStats(*stats)
-        for delta in deltas:
-            if (stream := self._streams.get(delta[0])) is not None:
-                stream.queue.put_nowait(stream.apply(delta))
-        for request_id, kind, text in errors:
+        self.stats = SchedulerStats(*message.stats)
+        self._sequences_applied = message.sequences_applied
+        for delta in message.deltas:
+            if (stream := self._streams.get(delta.request_id)) is not None:
+                stream.queue.put_nowait(stream.output(delta))
+        for request_id, kind, text in message.failures:
             if (stream := self._streams.get(request_id)) is not None:
                 stream.queue.put_nowait(ValueError(text) if kind == "invalid" else EngineStepError(text))
-        if fatal is not None:
-            self._fatal = f"engine loop died: {fatal}"
+        if message.fatal is not None:
+            self._fatal = f"engine loop died: {message.fatal}"
             self._died()
 
     def _died(self) -> None:

@@ -16,9 +16,8 @@ pages copy-on-write (neither side writes them: one copy in memory). Two GNU Open
   worker wake-ups per decode token of an 8-layer model, against 0.3 in the offline engine), so that team is
   released before the fork. The core then waits like `LLM.generate` does.
 
-In: `AddRequest`, (ABORT, request_id) and (SHUTDOWN,). Out, once per step: one `CoreOutputs` with a
-`RequestDelta` per request that advanced (only what is new, so a message stays small however long the
-sequences grow), per-request errors, the scheduler stats and how many sequences were added (for backpressure).
+The messages, one way each, are in engine/messages.py. The engine here emits delta outputs (only what is new
+each step), which go to the API process as they are.
 """
 from __future__ import annotations
 
@@ -39,37 +38,17 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.outputs import RequestOutput, TokenLogprobs
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.engine.input_processor import EngineCoreRequest
+from tokenmill.engine.messages import (
+    Abort,
+    CoreOutputs,
+    RequestDelta,
+    RequestFailure,
+    Shutdown,
+)
+from tokenmill.outputs import RequestOutput
 
 logger = logging.getLogger("tokenmill.engine")
-
-ABORT, SHUTDOWN = "abort", "shutdown"
-RequestError = tuple[str, str, str]  # (request_id, "invalid" | "step", message)
-
-
-@dataclass
-class AddRequest:
-    """A request the API process has already tokenized and validated."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    arrival_time: float  # when the API process took it (CLOCK_MONOTONIC is the same in both processes)
-
-
-# What the core sends, once per step, as plain tuples: pickling these costs ~10x less than dataclasses, and
-# with fast steps that is a visible share of a token's time.
-SequenceDelta = tuple[int, list[int], str, list[TokenLogprobs] | None, float | None, str | None, int | str | None,
-                      str | None]
-#   (index, new token ids, delta text, new logprobs (when asked for), cumulative logprob, finish reason,
-#    stop reason, the whole text once finished: a stop string may have cut what was streamed)
-RequestDelta = tuple[str, bool, int, dict[str, float], list[SequenceDelta]]
-#   (request id, finished, cached prompt tokens, metrics, sequences that advanced)
-CoreOutputs = tuple[list[RequestDelta], list[RequestError], tuple, int, str | None]
-#   (deltas, errors, SchedulerStats' fields, sequences added so far, why the step loop died or None)
-
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between the core's beats; /health allows a few missed ones
 PROCESS_BEAT, LOOP_BEAT = 0, 1
@@ -95,7 +74,7 @@ class EngineCoreHandle:
     """The API process's side of a running engine core."""
 
     process: BaseProcess
-    commands: Connection  # send AddRequest / (ABORT, id) / (SHUTDOWN,)
+    commands: Connection  # send EngineCoreRequest / Abort / Shutdown
     outputs: Connection  # recv_bytes -> pickled CoreOutputs
     heartbeat: Heartbeat
 
@@ -110,6 +89,7 @@ def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
     gc.freeze()  # the child's collector would otherwise write to every inherited object, copying their pages
     _release_openmp_team()
     process.start()
+    process._args = ()  # the child has its copy; this process must not keep the engine (and its model) alive
     cmd_recv.close()  # the child's ends: if this process kept them, the child would never see EOF
     out_send.close()
     return EngineCoreHandle(process, cmd_send, out_recv, heartbeat)
@@ -133,7 +113,7 @@ def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
     """Ask the core to stop (it aborts what is left), wait up to `timeout` s, then kill it. Idempotent."""
     if handle.process.is_alive():
         try:
-            handle.commands.send((SHUTDOWN,))
+            handle.commands.send(Shutdown())
         except OSError:  # already going away
             pass
         handle.process.join(timeout)
@@ -152,6 +132,7 @@ def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, hea
     # through the pipe, also at its exit (AsyncEngine registers that), and a vanished parent is an EOF.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    engine.delta_outputs = True
     core = EngineCore(engine, outputs, heartbeat)
     threading.Thread(target=_read_commands, args=(commands, core.inbox), name="tokenmill-commands",
                      daemon=True).start()
@@ -175,9 +156,9 @@ def _read_commands(commands: Connection, inbox: queue.SimpleQueue) -> None:
         try:
             command = commands.recv()
         except (EOFError, OSError):  # the API process is gone
-            command = (SHUTDOWN,)
+            command = Shutdown()
         inbox.put(command)
-        if command == (SHUTDOWN,):
+        if isinstance(command, Shutdown):
             return
 
 
@@ -187,9 +168,8 @@ class EngineCore:
     outputs: Connection
     heartbeat: Heartbeat
     inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    sequences_applied: int = 0  # sequences of the AddRequests applied so far (the API process counts them)
+    sequences_applied: int = 0  # sequences of the requests added so far (the API process counts them)
     fatal: str | None = None
-    _sent: dict[str, dict[int, int]] = field(default_factory=dict)  # request id -> index -> tokens sent
 
     def run(self) -> None:
         torch.set_num_threads(torch.get_num_threads())  # this new thread's OpenMP team: the engine's --threads
@@ -209,7 +189,7 @@ class EngineCore:
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command, waiting for one when idle; False once shutdown was asked."""
         outputs: list[RequestOutput] = []
-        errors: list[RequestError] = []
+        failures: list[RequestFailure] = []
         applied = 0
         while True:
             try:
@@ -220,57 +200,36 @@ class EngineCore:
                     continue
                 break
             applied += 1
-            if isinstance(command, AddRequest):
+            if isinstance(command, EngineCoreRequest):
                 self.sequences_applied += command.params.n
                 try:
-                    self._add(command)
+                    self.engine.submit(command)
                 except ValueError as exc:  # e.g. a request id already in use
-                    errors.append((command.request_id, "invalid", str(exc)))
-            elif command[0] == ABORT:
-                if (final := self.engine.abort(command[1])) is not None:
+                    failures.append(RequestFailure(command.request_id, "invalid", str(exc)))
+            elif isinstance(command, Abort):
+                if (final := self.engine.abort(command.request_id)) is not None:
                     outputs.append(final)
             else:
                 return False
-        if outputs or errors or (applied and not self.engine.has_unfinished()):  # no step follows to send stats
-            self._send(outputs, errors)
+        if outputs or failures or (applied and not self.engine.has_unfinished()):  # no step follows to send stats
+            self._send(outputs, failures)
         return True
 
-    def _add(self, command: AddRequest) -> None:
-        parent = self.engine.process_request(command.request_id, command.prompt_token_ids, command.params,
-                                             command.priority)
-        for child in parent.children:
-            child.arrival_time = command.arrival_time
-        self.engine.submit(parent)
-
-    def _step(self) -> tuple[list[RequestOutput], list[RequestError]]:
+    def _step(self) -> tuple[list[RequestOutput], list[RequestFailure]]:
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a failed step: abort what was in flight, keep serving
             logger.exception("engine step failed; aborting %d requests", len(self.engine.parents))
             message = f"engine step failed: {type(exc).__name__}: {exc}"
-            errors = [(request_id, "step", message) for request_id in self.engine.parents]
+            failures = [RequestFailure(request_id, "step", message) for request_id in self.engine.parents]
             for request_id in list(self.engine.parents):
                 self.engine.abort(request_id)
-                self._sent.pop(request_id, None)
-            return [], errors
-        for out in outputs:  # a request the engine ended on its own failure: an error, not a finish
-            if out.error is not None:
-                self._sent.pop(out.request_id, None)
+            return [], failures
+        # a request the engine ended on its own failure: an error, not a finish
         return ([out for out in outputs if out.error is None],
-                [(out.request_id, "step", out.error) for out in outputs if out.error is not None])
+                [RequestFailure(out.request_id, "step", out.error) for out in outputs if out.error is not None])
 
-    def _send(self, outputs: list[RequestOutput], errors: list[RequestError]) -> None:
-        message: CoreOutputs = ([self._delta(out) for out in outputs], errors,
-                                tuple(vars(self.engine.stats()).values()), self.sequences_applied, self.fatal)
+    def _send(self, outputs: list[RequestOutput], failures: list[RequestFailure]) -> None:
+        message = CoreOutputs([RequestDelta.of(out) for out in outputs], failures,
+                              tuple(vars(self.engine.stats()).values()), self.sequences_applied, self.fatal)
         self.outputs.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def _delta(self, out: RequestOutput) -> RequestDelta:
-        sent = self._sent.pop(out.request_id, {}) if out.finished else self._sent.setdefault(out.request_id, {})
-        sequences = []
-        for c in out.outputs:
-            start = sent.get(c.index, 0)
-            sequences.append((c.index, c.token_ids[start:], c.delta_text,
-                              c.logprobs[start:] if c.logprobs is not None else None, c.cumulative_logprob,
-                              c.finish_reason, c.stop_reason, c.text if c.finish_reason is not None else None))
-            sent[c.index] = len(c.token_ids)
-        return out.request_id, out.finished, out.num_cached_tokens, out.metrics, sequences

@@ -18,6 +18,7 @@ from tokenmill.cache.kv_cache import KVCache, bytes_per_block, resolve_kv_dtype
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.input_processor import EngineCoreRequest, InputProcessor
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerStats
@@ -58,9 +59,11 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()
+        self.input_processor = InputProcessor(tokenizer, self.max_model_len, model.config.vocab_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
+        self.delta_outputs = False  # outputs carry only what is new (the engine core streams them); else all so far
         self.speculator: Speculator | None = None
         if speculative_config is not None:
             self.speculator = make_speculator(speculative_config, draft_model, draft_dtype or dtype, block_size,
@@ -86,58 +89,32 @@ class LLMEngine:
         self.max_model_len = fits
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams, priority: int = 0) -> None:
-        self.submit(self.process_request(request_id, prompt, params, priority))
+        self.submit(self.input_processor.process(request_id, prompt, params, priority))
 
-    def submit(self, parent: ParentRequest) -> None:
-        """Queue an already validated request (see process_request)."""
-        if parent.request_id in self.parents:
-            raise ValueError(f"request_id {parent.request_id!r} is already in use")
-        self.parents[parent.request_id] = parent
-        for child in parent.children:
-            self.scheduler.add(child)
-
-    def process_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
-                        priority: int = 0) -> ParentRequest:
-        """Tokenize and validate without touching engine state, so a server can do it outside the step loop."""
-        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        max_tokens = self._check_prompt(ids)
-        if params.logprobs is not None and params.logprobs > self.model.config.vocab_size:
-            raise ValueError(f"logprobs must be <= the vocabulary size {self.model.config.vocab_size}, got {params.logprobs}")
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+    def submit(self, request: EngineCoreRequest) -> None:
+        """Queue a request the input processor validated: its n sequences are built here, once."""
+        if request.request_id in self.parents:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        params, ids = request.params, request.prompt_token_ids
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
         stop_strings = StopStrings(params.stop)  # one automaton for the n sequences
-        children = []
-        for index in range(params.n):
-            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
-            child = Request(
-                request_id=child_id,
-                prompt_token_ids=ids,
-                params=params,
-                max_tokens=max_tokens,
-                stop_token_ids=stop_ids,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, ids, stop_strings, params.skip_special_tokens,
-                                                   params.include_stop_str_in_output),
-                generator=torch.Generator().manual_seed(params.seed + index) if params.seed is not None else None,
-                priority=priority,
-                index=index,
-                parent_id=request_id,
-            )
-            children.append(child)
-        return ParentRequest(request_id, text, ids, children)
-
-    def _check_prompt(self, ids: list[int]) -> int:
-        """Validate a prompt; returns how many tokens may follow it."""
-        if not ids:
-            raise ValueError("prompt is empty: it must contain at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
-                             "at least one token must fit after it")
-        return self.max_model_len - len(ids)
+        children = [Request(
+            request_id=request.request_id if params.n == 1 else f"{index}_{request.request_id}",
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=request.max_tokens,
+            stop_token_ids=stop_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, ids, stop_strings, params.skip_special_tokens,
+                                               params.include_stop_str_in_output),
+            generator=torch.Generator().manual_seed(params.seed + index) if params.seed is not None else None,
+            priority=request.priority,
+            index=index,
+            parent_id=request.request_id,
+            arrival_time=request.arrival_time,
+        ) for index in range(params.n)]
+        self.parents[request.request_id] = ParentRequest(request.request_id, request.prompt, ids, children)
+        for child in children:
+            self.scheduler.add(child)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown or finished)."""
@@ -149,7 +126,7 @@ class LLMEngine:
                 child.finish(time.monotonic(), "abort")
                 self.scheduler.finish(child)
         self._retain_speculation()
-        return parent.make_output()
+        return parent.make_output(self.delta_outputs)
 
     def has_unfinished(self) -> bool:
         return bool(self.parents)
@@ -203,7 +180,7 @@ class LLMEngine:
         outputs = []
         for parent_id in dict.fromkeys(c.request.parent_id for c, _ in sampling):
             parent = self.parents[parent_id]
-            outputs.append(parent.make_output())
+            outputs.append(parent.make_output(self.delta_outputs))
             if parent.finished:
                 del self.parents[parent_id]
         return outputs

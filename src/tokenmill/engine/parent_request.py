@@ -22,7 +22,8 @@ class ParentRequest:
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
 
-    def make_output(self) -> RequestOutput:
+    def make_output(self, delta: bool = False) -> RequestOutput:
+        """delta: each completion holds only what is new since the last output (see Request.completion)."""
         first = self.children[0]
         metrics = {"arrival_time": first.arrival_time}
         for name in ("first_scheduled_time", "first_token_time", "finished_time"):
@@ -33,7 +34,7 @@ class ParentRequest:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[c.completion() for c in self.children],
+            outputs=[c.completion(delta) for c in self.children],
             finished=self.finished,
             num_cached_tokens=first.num_cached_prompt_tokens,
             metrics=metrics,

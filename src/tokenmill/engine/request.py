@@ -1,6 +1,6 @@
 """Request state as the engine tracks it: token ids, how many are computed, stop decisions, timestamps.
 
-One Request is one sequence; `n > 1` fans out into several Requests (engine/parallel_sampling.py).
+One Request is one sequence; `n > 1` fans out into several Requests (engine/parent_request.py).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    _num_emitted: int = 0  # output tokens handed out in completions so far
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -99,16 +100,21 @@ class Request:
         self.finish_reason, self.stop_reason, self.finished_time = reason, stop_reason, now
         self.status = RequestStatus.FINISHED
 
-    def completion(self) -> CompletionOutput:
-        """This step's view of the completion; `delta_text` advances, so call it once per step."""
+    def completion(self, delta: bool) -> CompletionOutput:
+        """This step's view of the completion; `delta_text` advances, so call it once per step. delta: only what
+        is new since the last call (token_ids, logprobs, and text = delta_text: vLLM's DELTA output kind), which
+        keeps each step's output O(new tokens) however long the sequence grows; else all of it so far."""
         with_logprobs = self.params.logprobs is not None
+        start = self._num_emitted if delta else 0
+        self._num_emitted = self.num_tokens - self.num_prompt_tokens
+        delta_text = self.detokenizer.stream_delta(self.finished)
         return CompletionOutput(
             index=self.index,
-            text=self.detokenizer.text,
-            token_ids=self.output_ids,
+            text=delta_text if delta else self.detokenizer.text,
+            token_ids=self.token_ids[self.num_prompt_tokens + start:],
             cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
-            logprobs=list(self.logprobs) if with_logprobs else None,
+            logprobs=self.logprobs[start:] if with_logprobs else None,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
-            delta_text=self.detokenizer.stream_delta(self.finished),
+            delta_text=delta_text,
         )

@@ -1,5 +1,8 @@
 """One HTTP request's engine work: a request per prompt, started together, read as per-choice deltas, closed together.
 
+The engine streams delta outputs; a Generation passes them on as they come (ChoiceDelta) and keeps each prompt's
+whole output (`outputs`), which non-streaming responses, usage, metrics and the request log read.
+
 Completions and chat both run through here, so streaming and non-streaming responses see the same deltas,
 and metrics, request logs and aborts happen in one place. Closing a Generation before it finishes aborts
 its engine requests at once, which frees their KV blocks (a client that hung up costs nothing more).
@@ -48,11 +51,13 @@ class Generation:
         self.names = names
         self.user = user
         self.engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        self.outputs: list[RequestOutput | None] = [None] * len(prompts)  # each prompt's latest output
-        self._finished = [False] * len(prompts)
+        # each prompt's whole output so far, the sum of its delta outputs (empty until the first arrives)
+        self.outputs = [RequestOutput(rid, p.text, p.ids, [CompletionOutput(i, "", [], None, None)
+                                                           for i in range(params.n)], finished=False)
+                        for rid, p in zip(self.engine_ids, prompts)]
+        self._finished = [False] * len(prompts)  # metrics recorded and the log line written
         num_choices = len(prompts) * params.n
-        self._sent_tokens = [0] * num_choices
-        self._last_token_time = [0.0] * num_choices
+        self._last_token_time = [0.0] * num_choices  # 0.0: no token yet
         self._done = [False] * num_choices
         self._streams: list[AsyncIterator[RequestOutput]] = []
         self._first: list[RequestOutput] = []
@@ -80,7 +85,6 @@ class Generation:
             self._refused = not isinstance(exc, asyncio.CancelledError)  # cancelled: the client left while waiting
             await self.aclose()
             raise
-        self.outputs = list(self._first)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Per-choice deltas in arrival order; a choice's last delta carries its finish_reason."""
@@ -88,10 +92,10 @@ class Generation:
         async with aclosing(self._merged()) as merged:
             async for p, out in merged:
                 now = time.monotonic()
-                self.outputs[p] = out
+                self._add(self.outputs[p], out)
                 deltas = [d for c in out.outputs if (d := self._delta(p * n + c.index, c, now)) is not None]
                 if out.finished:
-                    self._record(p, out)
+                    self._record(p, self.outputs[p])
                 for delta in deltas:
                     yield delta
 
@@ -112,20 +116,27 @@ class Generation:
         self._closed = True
         for task in self._pumps:
             task.cancel()
-        unfinished = [p for p, out in enumerate(self.outputs) if out is not None and not out.finished]
-        for p in unfinished:  # synchronous: done even if the awaits below get cancelled
-            self.state.async_engine.abort(self.engine_ids[p])
+        for p, out in enumerate(self.outputs):  # synchronous: done even if the awaits below get cancelled
+            if self._streams and not out.finished:
+                self.state.async_engine.abort(self.engine_ids[p])
         await asyncio.gather(*self._pumps, return_exceptions=True)
         for stream in self._streams:
             await stream.aclose()
-        for p, out in enumerate(self.outputs):
+        for p, out in enumerate(self.outputs):  # aborted, possibly before its first token
             if not self._finished[p] and not self._refused:
-                self._record(p, out or self._unstarted(p))
+                self._record(p, out)
 
-    def _unstarted(self, p: int) -> RequestOutput:
-        """What a prompt cut before its first token produced: nothing, in each of its n sequences."""
-        return RequestOutput(self.engine_ids[p], self.prompts[p].text, self.prompts[p].ids,
-                             [CompletionOutput(i, "", [], None, None) for i in range(self.params.n)], finished=False)
+    @staticmethod
+    def _add(whole: RequestOutput, delta: RequestOutput) -> None:
+        """Fold a delta output into the prompt's whole output."""
+        for c in delta.outputs:
+            w = whole.outputs[c.index]
+            w.text += c.text
+            w.token_ids += c.token_ids
+            if c.logprobs is not None:
+                w.logprobs = (w.logprobs or []) + c.logprobs
+            w.cumulative_logprob, w.finish_reason, w.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
+        whole.finished, whole.num_cached_tokens, whole.metrics = delta.finished, delta.num_cached_tokens, delta.metrics
 
     def _record(self, p: int, out: RequestOutput) -> None:
         """Metrics and the log line, once per prompt: finished, or aborted as of its last output."""
@@ -138,21 +149,18 @@ class Generation:
         log_request(out, prompt_text=self.prompts[p].text, log_prompts=self.state.log_prompts, user=self.user)
 
     def _delta(self, index: int, completion: CompletionOutput, now: float) -> ChoiceDelta | None:
+        """`completion` is a delta: what choice `index` gained this step."""
         if self._done[index]:
             return None
-        sent = self._sent_tokens[index]
-        new_ids = completion.token_ids[sent:]
-        if not new_ids and not completion.delta_text and completion.finish_reason is None:
+        if not completion.token_ids and not completion.text and completion.finish_reason is None:
             return None
-        if new_ids:
-            if sent:
+        if completion.token_ids:
+            if self._last_token_time[index]:
                 self.state.metrics.itl.observe(now - self._last_token_time[index])
             self._last_token_time[index] = now
-        self._sent_tokens[index] = len(completion.token_ids)
         self._done[index] = completion.finish_reason is not None
-        logprobs = completion.logprobs[sent:] if completion.logprobs is not None else None
-        return ChoiceDelta(index, completion.delta_text, new_ids, logprobs, completion.finish_reason,
-                           completion.stop_reason)
+        return ChoiceDelta(index, completion.text, completion.token_ids, completion.logprobs,
+                           completion.finish_reason, completion.stop_reason)
 
     async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) from all engine streams; one prompt needs no tasks or queue."""

@@ -8,6 +8,7 @@ supervisor (systemd, Kubernetes) restarts it, instead of living on as a server t
 """
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import signal
@@ -74,7 +75,7 @@ def short_model_name(path: Path) -> str:
 class ModelToServe:
     """A loaded model, the name or path it was asked for by, and the id clients should send (None: its short name)."""
 
-    llm: LLM
+    llm: LLM | None  # dropped once its engine core runs
     model_arg: str | None = None
     served_model_name: str | None = None
 
@@ -85,6 +86,10 @@ def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str 
     """Each model gets its own engine core process (started here, after every model has loaded, so each core
     shares all weights copy-on-write) and its own `max_waiting` queue limit."""
     registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits) for m in models])
+    for m in models:  # each engine core holds its model now; this process keeps tokenizers only
+        m.llm = None
+    gc.unfreeze()  # the engines froze their objects out of the collector's sight; let it free what is dropped
+    gc.collect()
     app = build_app(registry, api_key, max_body_bytes, allowed_hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
     logging.getLogger("uvicorn.access").addFilter(_without_query_strings)  # after Config set up uvicorn's logging

@@ -29,8 +29,8 @@ class ServerState:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.async_engine.engine.tokenizer
+        return self.async_engine.input_processor.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.async_engine.engine.max_model_len
+        return self.async_engine.input_processor.max_model_len

@@ -1,0 +1,55 @@
+"""InputProcessor: a request's prompt and options -> a validated EngineCoreRequest, before the engine sees it.
+
+Shared by the offline engine (LLM) and the server's API process, which holds this and the tokenizer only, not
+the model: it tokenizes and validates while the engine core process steps, and every error is the caller's
+(a 400) before anything reaches the core. The core builds each Request from the EngineCoreRequest, once.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineCoreRequest:
+    """What crosses into the engine core: a validated request, its prompt already tokenized."""
+
+    request_id: str
+    prompt: str | None  # the text, when the client sent text
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens capped by the context
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: the same in both processes
+
+
+@dataclass(frozen=True)
+class InputProcessor:
+    tokenizer: Tokenizer
+    max_model_len: int  # the engine's (possibly lowered to what its KV cache holds)
+    vocab_size: int
+
+    def process(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
+                priority: int = 0) -> EngineCoreRequest:
+        """Tokenize and validate; raises ValueError whose message starts with the bad field's name."""
+        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        self._check_prompt(ids)
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs must be <= the vocabulary size {self.vocab_size}, got {params.logprobs}")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(room, params.max_tokens)
+        return EngineCoreRequest(request_id, text, ids, params, max_tokens, priority)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                             "at least one token must fit after it")
