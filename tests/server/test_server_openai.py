@@ -341,6 +341,10 @@ BAD = [
     ("chat/completions", {"messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages", "max_model_len"),
     ("detokenize", {"tokens": [-1]}, 400, "tokens", "tokens"),
     ("tokenize", {}, 400, "prompt", "prompt"),
+    ("completions", "", 400, None, "body is missing"),
+    ("completions", {"prompt": "word " * 9000, "max_tokens": 1}, 400, "prompt", "max_model_len"),
+    ("chat/completions", {"messages": YES_NO, "max_completion_tokens": 0}, 400, "max_completion_tokens",
+     "max_completion_tokens must be"),
     # issue 17: text that is not Unicode, unbounded requests, non-finite numbers
     ("tokenize", '{"prompt": "a\\ud800"}', 400, "prompt", "surrogate"),
     ("completions", '{"prompt": "a\\udfff b", "max_tokens": 2}', 400, "prompt", "surrogate"),

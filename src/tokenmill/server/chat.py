@@ -41,7 +41,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names,
                                 limits=state.limits)
     prompt = render_messages(body.messages, state)
-    check_max_tokens(max_tokens, len(prompt.ids), state.max_model_len, max_param)
+    check_max_tokens(max_tokens, len(prompt.ids), state.max_model_len, max_param, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(state, request_id, [prompt], params, body.priority, names, body.user)
     formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs)

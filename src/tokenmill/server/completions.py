@@ -32,7 +32,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
                                 limits=state.limits)
     prompts = _prompts(body.prompt, state)
     for prompt in prompts:
-        check_max_tokens(body.max_tokens, len(prompt.ids), state.max_model_len, "max_tokens")
+        check_max_tokens(body.max_tokens, len(prompt.ids), state.max_model_len, "max_tokens", "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generation = Generation(state, request_id, prompts, params, body.priority, names, body.user)
     echo = [p.text if p.text is not None else state.tokenizer.decode(p.ids, skip_special_tokens=False)

@@ -66,6 +66,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return error_response(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return error_response(400, "the request body is missing: send a JSON object with the request's fields")
     param = validation_error_param(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     return error_response(400, f"{param}: {message}" if param else message, param)

@@ -45,9 +45,12 @@ class FieldNames:
         return self._renames.get(field, field)
 
     def error(self, exc: ValueError) -> RequestError:
-        """SamplingParams and the engine start their messages with the field's name ("temperature must be ...")."""
-        first = str(exc).split(" ", 1)[0]
-        return RequestError(str(exc), self[first] if first in self._KNOWN else None)
+        """SamplingParams and the engine start their messages with the field's name ("temperature must be ..."):
+        the message and `param` name the request's own field (chat's "max_completion_tokens must be ...")."""
+        first, _, rest = str(exc).partition(" ")
+        if first not in self._KNOWN:
+            return RequestError(str(exc), None)
+        return RequestError(f"{self[first]} {rest}", self[first])
 
 
 def to_sampling_params(request: SamplingRequest, *, max_tokens: int | None, logprobs: int | None,
@@ -72,8 +75,13 @@ def to_sampling_params(request: SamplingRequest, *, max_tokens: int | None, logp
         raise names.error(exc) from None
 
 
-def check_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, param: str) -> None:
-    """As vLLM and OpenAI: asking for more tokens than fit after the prompt is an error, not a silent cap."""
+def check_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, param: str,
+                     prompt_param: str) -> None:
+    """As vLLM and OpenAI: asking for more tokens than fit after the prompt is an error, not a silent cap; a
+    prompt that alone fills the context is the prompt's fault, whatever max_tokens says."""
+    if prompt_len >= max_model_len:
+        raise RequestError(f"{prompt_param} has {prompt_len} tokens, but max_model_len is {max_model_len}: at least "
+                           "one token must fit after it", prompt_param)
     if max_tokens is not None and prompt_len + max_tokens > max_model_len:
         raise RequestError(
             f"{param} is too large: {max_tokens}. This model's maximum context length is {max_model_len} tokens "
