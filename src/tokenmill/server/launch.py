@@ -8,6 +8,7 @@ supervisor (systemd, Kubernetes) restarts it, instead of living on as a server t
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import re
@@ -88,8 +89,7 @@ def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str 
     registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits) for m in models])
     for m in models:  # each engine core holds its model now; this process keeps tokenizers only
         m.llm = None
-    gc.unfreeze()  # the engines froze their objects out of the collector's sight; let it free what is dropped
-    gc.collect()
+    _release_memory()
     app = build_app(registry, api_key, max_body_bytes, allowed_hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
     logging.getLogger("uvicorn.access").addFilter(_without_query_strings)  # after Config set up uvicorn's logging
@@ -105,6 +105,17 @@ def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str 
     if server.engine_death is not None:
         logger.error("exiting with status 1 because an engine core died: %s", server.engine_death)
         raise SystemExit(1)
+
+
+def _release_memory() -> None:
+    """Free the dropped models now and give their pages back to the OS: the engines froze their objects out of
+    the collector's sight, and glibc keeps freed heap pages (weights were allocated there) until trimmed."""
+    gc.unfreeze()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        logger.debug("malloc_trim is not available")
 
 
 def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool, limits: RequestLimits) -> ServerState:
