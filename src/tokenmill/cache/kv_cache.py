@@ -13,8 +13,8 @@ from tokenmill.kernels.native import available as kernels_available
 
 def resolve_kv_dtype(name: str, compute_dtype: torch.dtype, packed_weights: bool) -> torch.dtype:
     """The cache's element type for CacheConfig.kv_cache_dtype `name`. "auto": float16 when packed weights run
-    on the native kernels in float32 (the native-quantized default), else the compute dtype. Why: at 64
-    sequences of ~180 tokens a float32 cache streams ~5x more bytes per step than the weights; float16 halves
+    on the native kernels in float32 (the native-quantized default), else the compute dtype. Why: at high
+    concurrency a float32 cache streams several times more bytes per step than the weights; float16 halves
     that (F16C converts on load), as llama.cpp's f16 and vLLM's bf16 caches do. The exact float paths (an
     explicit float dtype, unquantized weights) keep the compute dtype, so reference tests see no rounding."""
     if name == "auto":

@@ -12,9 +12,9 @@ pages copy-on-write (neither side writes them: one copy in memory). Two GNU Open
   threads were not copied: it hangs); a new thread gets a fresh team, so the step loop runs in a new thread.
 - libgomp lets idle workers spin between parallel regions only while it manages no more threads than there are
   CPUs; above that they sleep after ~100 spins and every parallel op pays a futex wake-up. The team that built
-  the model would still be counted in the child and push the core's own team over that limit (measured: 17
-  worker wake-ups per decode token of an 8-layer model, against 0.3 in the offline engine), so that team is
-  released before the fork. The core then waits like `LLM.generate` does.
+  the model would still be counted in the child and push the core's own team over that limit (dozens of
+  worker wake-ups per decode token; tests/test_async_engine.py checks it), so that team is released before
+  the fork. The core then waits like `LLM.generate` does.
 
 The messages, one way each, are in engine/messages.py. The engine here emits delta outputs (only what is new
 each step), which go to the API process as they are.

@@ -69,7 +69,8 @@ class LLMEngine:
             self.speculator = make_speculator(speculative_config, draft_model, draft_dtype or dtype, block_size,
                                               num_blocks, self.scheduler_config.max_num_seqs)
         # The model's many long-lived objects would otherwise be rescanned by every collection the steps' small
-        # allocations trigger (~5% of a batch-1 step); as vLLM does, move them out of the collector's sight.
+        # allocations trigger (a visible share of a batch-1 step); as vLLM does, move them out of the collector's
+        # sight.
         gc.freeze()
 
     def _fit_max_model_len(self) -> None:

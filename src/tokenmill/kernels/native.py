@@ -24,7 +24,7 @@ def library() -> ctypes.CDLL | None:
     try:
         return load_library()
     except KernelBuildError as exc:
-        # measured with SmolLM2-135M Q4_1 on 2 AVX-512 cores: 8 tokens in 3.05 s instead of 0.039 s
+        # BENCHMARKS.md, "Threads on a loaded machine": 8 tokens took ~80x longer without the kernels
         logger.warning("native kernels unavailable: using plain PyTorch, which decodes ~80x slower or worse: %s",
                        exc)
         return None

@@ -1,12 +1,13 @@
 """The fused step: a whole Llama-family decoder stack in one native call, for decode, verify and prefill rows.
 
-Why: at batch 1 the packed weights of SmolLM2-135M take ~15 ms to stream, yet a step took ~23 ms, since
-each of its ~300 small ops costs a Python call, an allocation and an OpenMP team start. The native step
+Why: at batch 1 a step of small ops spent about as long in per-op costs (a Python call, an allocation and an
+OpenMP team start for each of ~300 ops) as in streaming the weights (BENCHMARKS.md, "fused decode step"). The
+native step
 (kernels/csrc/decode_step.cpp) runs the same math per layer with barriers instead. It covers what the Llama
 family needs (packed weights, SwiGLU, optional Q/K/V and output biases, sliding windows); models or steps it
 does not cover (float weights, Gemma 3's layer, more rows than the kernels' limit) take the module path, which
-stays the reference. Prefill chunks take the native step too: a chunk's rows attend as one run, and it was
-1.3-2.7x faster than the module path (PyTorch SDPA) from 4 to 512 new tokens on 0-2048 cached ones.
+stays the reference. Prefill chunks take the native step too: a chunk's rows attend as one run, faster than the
+module path's PyTorch SDPA at every measured size (BENCHMARKS.md, prefill paths).
 `TOKENMILL_FUSED_DECODE=0` turns it off (A/B measurements, tests).
 """
 from __future__ import annotations

@@ -50,8 +50,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 class StepLogits:
     """One step's logits [rows, vocab] with the whole-vocabulary work every row needs (the argmax, the raw
-    log-probabilities) done once for all rows, in two batched ops instead of ~3 per row. (A batched logsumexp
-    would write less but took 2x log_softmax's time here.)"""
+    log-probabilities) done once for all rows, in two batched ops instead of ~3 per row. (log_softmax rather than
+    a batched logsumexp, which writes less but measured slower: BENCHMARKS.md.)"""
 
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
