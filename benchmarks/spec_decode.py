@@ -54,7 +54,7 @@ CODE = '''def average(values):
 
 
 def grounded_prompts() -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "src/tokenmill/quant/data/eval_en.txt").read_text()
+    text = (Path(__file__).resolve().parents[1] / "src/tokenmill/compress/data/eval_en.txt").read_text()
     passages = [p for p in text.split("\n\n") if len(p) > 300]
     prompts = []
     for i, passage in enumerate(passages[:8]):

@@ -15,9 +15,9 @@ import subprocess
 import pytest
 import torch
 import transformers
-from serverproc import MODEL_NAME, start_server, stop, wait_healthy
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from serverproc import MODEL_NAME, start_server, stop, wait_healthy
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.load_generator import ServeConfig, run

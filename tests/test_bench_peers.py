@@ -17,8 +17,16 @@ from tokenmill.bench import BenchError, peers
 from tokenmill.bench.compare import CompareConfig, locate_peers, markdown, requests_for
 from tokenmill.bench.datasets import DatasetConfig, SampleRequest
 from tokenmill.bench.metrics import RequestRecord, compute_metrics
-from tokenmill.bench.peers import (ServerProcess, find_hf_model, find_llama_server, find_vllm, free_port,
-                                   transformers_cb_blocks, transformers_server, vllm_server)
+from tokenmill.bench.peers import (
+    ServerProcess,
+    find_hf_model,
+    find_llama_server,
+    find_vllm,
+    free_port,
+    transformers_cb_blocks,
+    transformers_server,
+    vllm_server,
+)
 from tokenmill.bench.report import result_document
 
 HEALTHY = """

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from serverproc import start_server, stop, wait_healthy
 
+from serverproc import start_server, stop, wait_healthy
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.load_generator import ServeConfig, arrival_offsets, request_body, run

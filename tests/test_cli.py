@@ -11,11 +11,13 @@ import sys
 import pytest
 
 from gguf_files import write_small_gguf
-from tokenmill.cli import parse_memory
+from tokenmill.cli import build_parser
+from tokenmill.engine_args import EngineArgs, parse_memory
 
 
 def _tokenmill(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_info_default_model():
@@ -31,7 +33,8 @@ def test_info_default_model():
 
 
 def test_generate_greedy():
-    proc = _tokenmill("generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0", "--dtype", "float32")
+    proc = _tokenmill("generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0",
+                      "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -48,7 +51,8 @@ def test_unknown_model_path_is_a_clean_error(tmp_path, command):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("option,value,field", [("--temperature", "-1", "temperature"), ("--max-tokens", "0", "max_tokens")])
+@pytest.mark.parametrize("option,value,field",
+                         [("--temperature", "-1", "temperature"), ("--max-tokens", "0", "max_tokens")])
 def test_bad_sampling_option_is_a_clean_error_before_loading(option, value, field):
     """Checked before the model loads: the message comes at once (a load takes seconds), without a traceback."""
     proc = _tokenmill("generate", "hello", option, value, "--model", "/model/that/is/never/opened.gguf", timeout=60)
@@ -89,6 +93,20 @@ def test_version():
     proc = _tokenmill("--version", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"tokenmill {importlib.metadata.version('tokenmill')}"
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "hi"], ["chat"], ["bench", "offline"],
+                                     ["bench", "latency"]])
+def test_engine_flags_default_to_engine_args_defaults(command):
+    """Each command's engine flags are EngineArgs' fields with its defaults, so `LLM()` and the CLI agree."""
+    assert EngineArgs.from_cli_args(build_parser().parse_args(command)) == EngineArgs()
+
+
+def test_engine_flags_reach_engine_args():
+    args = build_parser().parse_args(["serve", "--model", "m.gguf", "--kv-cache-memory", "1GiB", "-q", "int4",
+                                      "--no-enable-prefix-caching", "--threads", "1"])
+    assert EngineArgs.from_cli_args(args, model="other.gguf") == EngineArgs(
+        model="other.gguf", quantization="int4", kv_cache_memory=2**30, enable_prefix_caching=False, threads=1)
 
 
 @pytest.mark.parametrize("text,expected", [("4GiB", 4 * 2**30), ("4gb", 4 * 10**9), ("4G", 4 * 10**9),

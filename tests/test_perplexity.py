@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tinymodel import write_tiny_llama
 
+from tinymodel import write_tiny_llama
 from tokenmill import LLM
 from tokenmill.cli import main
+from tokenmill.compress.perplexity import perplexity, shipped_text, sliding_windows
 from tokenmill.model.loader import load_checkpoint
-from tokenmill.quant.perplexity import perplexity, shipped_text, sliding_windows
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tinymodel import write_tiny_llama
 
+from tinymodel import write_tiny_llama
 from tokenmill import LLM
 from tokenmill.cli import main
+from tokenmill.compress.awq import awq
+from tokenmill.compress.calibration import LinearInputs
+from tokenmill.compress.gptq import gptq_quantize
+from tokenmill.compress.perplexity import shipped_text
+from tokenmill.compress.quantize import QuantizeOptions, calibrate, float_weights, model_scorer, quantize_weights
 from tokenmill.config import CacheConfig, QuantConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import UnsupportedModelError
@@ -20,13 +25,8 @@ from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.model.tokenizer import Tokenizer
-from tokenmill.quant.awq import awq
-from tokenmill.quant.calibration import LinearInputs
-from tokenmill.quant.gptq import gptq_quantize
-from tokenmill.quant.grid import Grid
-from tokenmill.quant.perplexity import shipped_text
 from tokenmill.quant.checkpoint import save_checkpoint
-from tokenmill.quant.quantize import QuantizeOptions, calibrate, float_weights, model_scorer, quantize_weights
+from tokenmill.quant.grid import Grid
 from tokenmill.quant.weights import QuantizedWeight
 from tokenmill.sampling_params import SamplingParams
 
@@ -125,8 +125,8 @@ def test_quantize_save_load_generate(tmp_path, tokenizer, calibration_ids, heldo
                       "algorithm": algorithm, "embedding_bits": 8}
 
     ids = heldout_ids[:24]
-    generated = llm.generate({"prompt_token_ids": ids},
-                             SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))[0].outputs[0].token_ids
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    generated = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
     model = build_model(_with_weights(ckpt, weights), torch.float32, QuantConfig("native"))
     assert generated == _greedy(model, tokenizer, ids)
     assert len(generated) == NEW_TOKENS

@@ -13,8 +13,8 @@ from tokenmill.hardware import cpu_flags
 from tokenmill.kernels import build, quant_ops
 from tokenmill.model.layers import quantized
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
-from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.quant.gguf_blocks import repack
+from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import QuantizedWeight, quantize_rtn
 
 needs_kernels = pytest.mark.skipif(not quant_ops.available(), reason="native kernels need an AVX2 CPU and g++")
@@ -106,7 +106,8 @@ def test_kernel_on_repacked_gguf_tensors(qtype):
 
 @pytest.mark.skipif(not (quant_ops.available() and build.VNNI_CPU_FLAGS <= cpu_flags()), reason="CPU lacks AVX512-VNNI")
 @pytest.mark.parametrize("rows", [3, 7, 19])
-@pytest.mark.parametrize("qtype,tiled", [(Q.Q4_1, True), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q8_0, False), (Q.Q6_K, False)])
+@pytest.mark.parametrize("qtype,tiled",
+                         [(Q.Q4_1, True), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q8_0, False), (Q.Q6_K, False)])
 def test_vnni_build_gives_bit_identical_outputs(qtype, tiled, rows):
     """The VNNI build only changes how the integer dots are formed (and above 4 rows runs int4 tiles in zmm
     pairs; 72 rows leave an odd tile for the ymm path), never their values."""
@@ -116,7 +117,8 @@ def test_vnni_build_gives_bit_identical_outputs(qtype, tiled, rows):
     outs = []
     for flags in ((), build.VNNI_CXXFLAGS):
         out = torch.empty(rows, 72)
-        build.load_library(flags).tm_linear(x.data_ptr(), rows, ctypes.byref(quant_ops.QMatrix.of(weight)), out.data_ptr())
+        matrix = ctypes.byref(quant_ops.QMatrix.of(weight))
+        build.load_library(flags).tm_linear(x.data_ptr(), rows, matrix, out.data_ptr())
         outs.append(out)
     assert torch.equal(*outs)
 

@@ -5,89 +5,14 @@ import argparse
 import errno
 import importlib.metadata
 import logging
-import math
 import os
-import re
 import socket
 import sys
 import uuid
 from collections.abc import Iterator
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY, KV_CACHE_DTYPES, QUANTIZATION_METHODS
+from tokenmill.engine_args import EngineArgs, add_models_dir_arg
 from tokenmill.errors import TokenmillError
-
-
-_UNIT_BYTES = {"": 1, "b": 1, **{f"{u}{b}": 1000 ** (i + 1) for i, u in enumerate("kmgt") for b in ("", "b")},
-               **{f"{u}ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")}}
-
-
-def parse_memory(text: str) -> int | float:
-    """--kv-cache-memory: whole bytes with an optional unit (B; K/KB = 10^3 ... T/TB = 10^12; KiB = 2^10 ...
-    TiB = 2^40; any case), or a fraction of available memory in (0, 1]. A bare number above 1 must be whole:
-    "1.5" is neither (type=float used to read it as 1 byte)."""
-    match = re.fullmatch(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)", text.strip().lower())
-    if match is None or match.group(2) not in _UNIT_BYTES or not math.isfinite(float(match.group(1))):
-        raise argparse.ArgumentTypeError(f"expected bytes (e.g. 4GiB, 512MB, 1073741824) or a fraction of memory "
-                                         f"in (0, 1] (e.g. 0.5), got {text!r}")
-    value, unit = float(match.group(1)), match.group(2)
-    if not unit and 0 < value <= 1:
-        return value
-    size = value * _UNIT_BYTES[unit]
-    if _UNIT_BYTES[unit] == 1 and not size.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of memory in (0, 1] nor a whole number "
-                                         "of bytes; give a unit for a size (e.g. 1.5GiB)")
-    if not 1 <= size < math.inf:
-        raise argparse.ArgumentTypeError(f"a KV cache size is at least 1 byte and finite, got {text!r}")
-    return int(size)
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine knobs, named as vLLM's CLI names them."""
-    p.add_argument("--model", default=None,
-                   help="a .gguf file, HF model directory or model name from `tokenmill models` "
-                        "(default: embedded SmolLM2-135M-Instruct)")
-    _add_models_dir_arg(p)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
-                   help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
-    p.add_argument("--kv-cache-memory", type=parse_memory, default=DEFAULT_KV_CACHE_MEMORY, metavar="SIZE",
-                   help="KV cache size: bytes with an optional unit (4GiB = 4*2^30, 4GB = 4G = 4*10^9; also K, M, T, "
-                        "KiB, MiB, TiB) or a fraction in (0, 1] of available memory (default 4GiB); per model: "
-                        "`serve` with several models gives each engine a budget of this size (as vLLM: one per "
-                        "engine)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV cache element type; auto: float16 when packed weights run natively, else the compute "
-                        "dtype (as vLLM's --kv-cache-dtype auto, with llama.cpp's f16 cache as the native default)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
-                        '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (default: off)')
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="compute threads (default: $OMP_NUM_THREADS if set, else the CPUs this process may use: "
-                        "affinity and cgroup quota); use 1 when other processes keep the cores busy, as every "
-                        "decode step waits for its slowest thread")
-
-
-def _add_models_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models-dir", default=None,
-                   help="folder of local GGUF files / HF model folders that model names resolve to "
-                        "(default: $TOKENMILL_MODELS_DIR, else ~/.cache/tokenmill/models)")
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        dtype=args.dtype, quantization=args.quantization, group_size=args.group_size,
-        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
-        kv_cache_dtype=args.kv_cache_dtype,
-        speculative_config=args.speculative_config, threads=args.threads,
-    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -122,10 +47,8 @@ def _stream(llm, prompt: str | list[int], params) -> Iterator[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tokenmill import LLM
-
     params = _sampling_params(args)  # before loading: a bad option fails at once, not after the model loads
-    llm = LLM(args.model, progress=True, **_engine_kwargs(args))
+    llm = EngineArgs.from_cli_args(args).create_llm(progress=True)
     prompt: str | list[int] = args.prompt
     if args.chat_template:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
@@ -135,10 +58,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from tokenmill import LLM
-
     params = _sampling_params(args)
-    llm = LLM(args.model, progress=True, **_engine_kwargs(args))
+    llm = EngineArgs.from_cli_args(args).create_llm(progress=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", llm.config.name or llm.checkpoint.path.name, "- empty line or Ctrl-D to quit.")
     while True:
@@ -170,12 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     _check_can_listen(args.host, args.port)
-    from tokenmill import LLM  # after the checks: a bad option fails at once, not after torch imports
-    from tokenmill.server.launch import ModelToServe, serve
+    from tokenmill.server.launch import ModelToServe, serve  # after the checks: a bad option fails at once
     from tokenmill.server.params import RequestLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_serve = [ModelToServe(LLM(model, progress=True, **_engine_kwargs(args)), model, name)
+    to_serve = [ModelToServe(EngineArgs.from_cli_args(args, model=model).create_llm(progress=True), model, name)
                 for model, name in zip(models, names)]
     serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
           shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
@@ -203,7 +123,8 @@ def _check_can_listen(host: str, port: int) -> None:
         try:
             sock.bind(address)
         except OSError as exc:
-            hint = "; another process is listening there: stop it or choose --port" if exc.errno == errno.EADDRINUSE else ""
+            in_use = exc.errno == errno.EADDRINUSE
+            hint = "; another process is listening there: stop it or choose --port" if in_use else ""
             raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
 
 
@@ -245,8 +166,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _native_rows(ckpt) -> dict[str, str]:
     """Which quantized tensor types the default (native) path keeps packed, and which it dequantizes."""
-    from tokenmill.model.loader.gguf import PackedTensor
     from tokenmill.quant.gguf_blocks import NATIVE_TYPES
+    from tokenmill.quant.packed import PackedTensor
 
     quantized = [w for w in ckpt.weights.values() if isinstance(w, PackedTensor) and w.is_quantized]
     if not quantized:
@@ -304,36 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                      help="answer only requests whose Host header names one of these (e.g. localhost 127.0.0.1): "
                           "guards a server without --api-key against DNS rebinding from web pages (default: any)")
-    _add_engine_args(srv)
+    EngineArgs.add_cli_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate a completion and stream it to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
-    _add_engine_args(gen)
+    EngineArgs.add_cli_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
     chat.add_argument("--system", default=None, help="system prompt")
-    _add_engine_args(chat)
+    EngineArgs.add_cli_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="print a model's metadata and size")
     info.add_argument("model", nargs="?", default=None, help="a .gguf file, HF model directory or model name")
-    _add_models_dir_arg(info)
+    add_models_dir_arg(info)
     info.set_defaults(func=cmd_info)
 
     models = sub.add_parser("models", help="list the models installed here and the names that load them")
-    _add_models_dir_arg(models)
+    add_models_dir_arg(models)
     models.set_defaults(func=cmd_models)
 
     from tokenmill.bench.cli import add_bench_parser
-    from tokenmill.quant.cli import add_quant_parsers
+    from tokenmill.compress.cli import add_compress_parsers
 
     add_bench_parser(sub)
-    add_quant_parsers(sub)
+    add_compress_parsers(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """LLM: the offline Python API (vLLM-shaped): load once, then generate or chat over many prompts."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,58 +10,40 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenmill.config import (
-    DEFAULT_KV_CACHE_MEMORY,
-    CacheConfig,
-    QuantConfig,
-    SchedulerConfig,
-)
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
+from tokenmill.engine_args import EngineArgs
 from tokenmill.hardware import resolve_dtype, resolve_threads
+from tokenmill.kernels import build as kernel_build
+from tokenmill.kernels import native
 from tokenmill.model.build import build_model
+from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill")
 
 PromptInput = str | dict[str, Any]
 Message = dict[str, Any]
 
 
-def _quant_config(quantization: str | None, group_size: int, dtype: str, ckpt: Checkpoint) -> QuantConfig | None:
-    """No quantization asked: a quantized checkpoint runs natively unless a float dtype is named explicitly
-    (the exact float path the reference tests use)."""
-    if quantization is not None:
-        return QuantConfig(quantization, group_size)
-    return QuantConfig("native") if dtype == "auto" and ckpt.is_quantized else None
-
-
 class LLM:
     """`LLM()` serves the embedded default model; `LLM(model="x.gguf" | "hf_dir", dtype=..., quantization=...)`
-    any other. quantization: None, "native", "int8" or "int4" (see QuantConfig). kv_cache_dtype: "auto" (float16
-    under packed weights, else the compute dtype), "float32", "float16" or "bfloat16".
-    speculative_config: as vLLM's, a dict (or its JSON text), e.g. {"method": "ngram", "num_speculative_tokens": 4,
-    "prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft_model", "model": PATH,
-    "num_speculative_tokens": 4}; see engine/spec_decode/config.py. None: no speculation.
-    threads: compute threads for this process (torch and the native kernels share one OpenMP pool); None: the
-    OMP_NUM_THREADS environment variable if set, else the CPUs this process really has (affinity, cgroup quota).
-    Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread."""
+    any other. Every keyword argument is a field of EngineArgs (group_size, kv_cache_memory, block_size,
+    kv_cache_dtype, max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching,
+    speculative_config, threads), documented there; `EngineArgs(...).create_llm()` builds the same engine."""
 
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", quantization: str | None = None, *,
-                 group_size: int = 32,
-                 kv_cache_memory: float = DEFAULT_KV_CACHE_MEMORY, block_size: int = 16,
-                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, speculative_config: dict[str, Any] | str | None = None,
-                 threads: int | None = None, progress: bool = False) -> None:
+                 progress: bool = False, **kwargs: Any) -> None:
         started = time.perf_counter()
-        torch.set_num_threads(resolve_threads(threads))  # before the model builds: repacking runs on these threads
-        cache_config = CacheConfig(block_size, kv_cache_memory, enable_prefix_caching, kv_cache_dtype)
-        scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
-        self.speculative_config = SpeculativeConfig.parse(speculative_config)  # before loading: fail fast
-        self.checkpoint: Checkpoint = load_checkpoint(model)
+        self.engine_args = args = EngineArgs(model, dtype, quantization, **kwargs)
+        torch.set_num_threads(resolve_threads(args.threads))  # before the model builds: repacking runs on these
+        cache_config, scheduler_config = args.cache_config(), args.scheduler_config()  # bad settings fail fast
+        self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
+        self.checkpoint: Checkpoint = load_checkpoint(args.model)
         self.tokenizer = self.checkpoint.tokenizer
-        self.quant_config = _quant_config(quantization, group_size, dtype, self.checkpoint)
+        self.quant_config = args.quant_config(self.checkpoint)
         # packed kernels take float32 activations; "auto" keeps bfloat16 for float weights on native-bf16 CPUs
         self.dtype = torch.float32 if self.quant_config and dtype == "auto" else resolve_dtype(dtype)
         self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
@@ -68,12 +51,28 @@ class LLM:
         if self.speculative_config is not None and self.speculative_config.method == "draft_model":
             from tokenmill.engine.spec_decode.draft_model import load_draft_model
 
-            draft_model, draft_dtype = load_draft_model(self.speculative_config, model, self.dtype,
+            draft_model, draft_dtype = load_draft_model(self.speculative_config, args.model, self.dtype,
                                                         self.checkpoint.config.vocab_size)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
                                 self.speculative_config, draft_model, draft_dtype)
         self.load_seconds = time.perf_counter() - started
         self._next_id = 0
+        logger.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """What the build resolved, in one line: the kernel switches ($TOKENMILL_NATIVE_KERNELS,
+        $TOKENMILL_FUSED_DECODE) and the KV dtype are decided deep in the stack, so read back from the result."""
+        packed = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
+        weights = "packed" if packed else str(self.dtype).removeprefix("torch.")
+        if native.available() and self.dtype == torch.float32:  # the native kernels take float32 activations
+            kernels = f"native kernels ({'AVX-512 VNNI' if kernel_build.isa_flags() else 'AVX2'})"
+        else:
+            kernels = "PyTorch kernels"
+        step = "fused decode step" if self.engine.runner.fused is not None else "module decode step"
+        kv = str(self.engine.kv_cache.dtype).removeprefix("torch.")
+        spec = f", speculative {self.speculative_config.method}" if self.speculative_config else ""
+        name = self.config.name or self.checkpoint.path.name
+        return f"{name}: {weights} weights on {kernels}, {step}, KV {kv}, {torch.get_num_threads()} threads{spec}"
 
     @property
     def config(self):
@@ -87,7 +86,10 @@ class LLM:
             prompts = [prompts]
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt")
-        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params or SamplingParams()] * len(prompts)
+        if isinstance(sampling_params, Sequence):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         ids: list[str] = []
@@ -106,8 +108,8 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not conversations:
             raise ValueError("messages is empty: pass at least one message")
-        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)}
-                   for c in conversations]
+        template = self.tokenizer.apply_chat_template
+        prompts = [{"prompt_token_ids": template(c, add_generation_prompt=True, tokenize=True)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _submit(self, prompt: PromptInput, params: SamplingParams) -> str:

@@ -12,6 +12,7 @@ from tokenmill.bench.backends import BACKENDS
 from tokenmill.bench.datasets import DATASETS, DatasetConfig, parse_range
 from tokenmill.bench.peers import PEERS
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
+from tokenmill.engine_args import EngineArgs
 
 
 def _length_range(text: str) -> tuple[int, int]:
@@ -67,14 +68,13 @@ def cmd_offline(args: argparse.Namespace) -> None:
     from tokenmill.bench.datasets import build_requests
     from tokenmill.bench.offline import offline_table, run_offline
     from tokenmill.bench.report import result_document, save_result
-    from tokenmill.cli import _engine_kwargs
 
     dataset = _dataset_config(args, args.model)
-    engine = _engine_kwargs(args)
-    summary = run_offline(build_requests(dataset), engine, args.model, args.ignore_eos)
+    engine = EngineArgs.from_cli_args(args)
+    summary = run_offline(build_requests(dataset), engine, args.ignore_eos)
     print(offline_table(summary))
     if args.save_result:
-        config = {"model": args.model, "ignore_eos": args.ignore_eos, "engine": engine,
+        config = {"model": args.model, "ignore_eos": args.ignore_eos, "engine": engine.as_kwargs(),
                   "dataset": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(dataset).items()}}
         save_result(args.save_result, result_document("offline", config, summary))
         print(f"results saved to {args.save_result}")
@@ -83,15 +83,15 @@ def cmd_offline(args: argparse.Namespace) -> None:
 def cmd_latency(args: argparse.Namespace) -> None:
     from tokenmill.bench.latency import latency_table, run_latency
     from tokenmill.bench.report import result_document, save_result
-    from tokenmill.cli import _engine_kwargs
 
-    engine = _engine_kwargs(args)
-    summary = run_latency(engine, args.model, args.input_len, args.output_len, args.num_iters,
+    engine = EngineArgs.from_cli_args(args)
+    summary = run_latency(engine, args.input_len, args.output_len, args.num_iters,
                           args.num_iters_warmup, args.seed)
     print(latency_table(summary))
     if args.save_result:
-        config = {"model": args.model, "engine": engine, "input_len": args.input_len, "output_len": args.output_len,
-                  "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup, "seed": args.seed}
+        config = {"model": args.model, "engine": engine.as_kwargs(), "input_len": args.input_len,
+                  "output_len": args.output_len, "num_iters": args.num_iters,
+                  "num_iters_warmup": args.num_iters_warmup, "seed": args.seed}
         save_result(args.save_result, result_document("latency", config, summary))
         print(f"results saved to {args.save_result}")
 
@@ -129,8 +129,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Register `tokenmill bench ...` on the main parser's subcommands."""
-    from tokenmill.cli import _add_engine_args
-
     bench = sub.add_parser("bench", help="benchmark a server (serve, compare) or the engine (offline, latency)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -159,13 +157,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
     offline = kinds.add_parser("offline", help="throughput of LLM.generate over a dataset, all queued at once")
     _add_dataset_args(offline, tokenizer_flag=False)
-    _add_engine_args(offline)
+    EngineArgs.add_cli_args(offline)
     offline.add_argument("--ignore-eos", action="store_true")
     offline.add_argument("--save-result", type=Path, default=None, metavar="FILE.json")
     offline.set_defaults(func=cmd_offline)
 
     latency = kinds.add_parser("latency", help="one request at a time: TTFT, prefill and decode tokens/s")
-    _add_engine_args(latency)
+    EngineArgs.add_cli_args(latency)
     latency.add_argument("--input-len", type=int, default=128)
     latency.add_argument("--output-len", type=int, default=64)
     latency.add_argument("--num-iters", type=int, default=5)

@@ -13,16 +13,27 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import DEFAULT_OUTPUT_LEN, DatasetConfig, SampleRequest, build_requests
 from tokenmill.bench.load_generator import ServeConfig
-from tokenmill.bench.peers import (PEERS, ServerProcess, check_transformers_serve, find_hf_model, find_llama_server,
-                                   find_vllm, free_port, llama_server, tokenmill_server, transformers_server,
-                                   vllm_server)
+from tokenmill.bench.peers import (
+    PEERS,
+    ServerProcess,
+    check_transformers_serve,
+    find_hf_model,
+    find_llama_server,
+    find_vllm,
+    free_port,
+    llama_server,
+    tokenmill_server,
+    transformers_server,
+    vllm_server,
+)
 from tokenmill.bench.report import save_result
 from tokenmill.bench.serve import serve_benchmark
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY

@@ -12,7 +12,7 @@ import resource
 import statistics
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -21,6 +21,9 @@ from tokenmill.bench.datasets import corpus_tokens
 from tokenmill.bench.metrics import distribution
 from tokenmill.bench.report import Row, table
 from tokenmill.bench.spec_stats import spec_decode_rows, spec_decode_summary
+
+if TYPE_CHECKING:
+    from tokenmill.engine_args import EngineArgs
 
 
 def time_one(engine: Any, request_id: str, prompt_ids: list[int], output_len: int) -> dict[str, float]:
@@ -37,16 +40,15 @@ def time_one(engine: Any, request_id: str, prompt_ids: list[int], output_len: in
     return {"ttft_s": first if first is not None else float("nan"), "e2e_s": time.perf_counter() - started}
 
 
-def run_latency(engine_kwargs: dict[str, Any], model: str | None, input_len: int, output_len: int, num_iters: int,
-                num_warmups: int, seed: int) -> dict[str, Any]:
-    from tokenmill import LLM
+def run_latency(engine_args: EngineArgs, input_len: int, output_len: int, num_iters: int, num_warmups: int,
+                seed: int) -> dict[str, Any]:
     from tokenmill.hardware import memory_read_bandwidth
     from tokenmill.model.build import weight_bytes_per_token
 
     if input_len < 1 or output_len < 2 or num_iters < 1:
         raise BenchError("bench latency needs --input-len >= 1, --output-len >= 2 (decode speed needs a second "
                          "token) and --num-iters >= 1")
-    llm = LLM(model, progress=True, **engine_kwargs)
+    llm = engine_args.create_llm(progress=True)
     corpus = corpus_tokens(llm.tokenizer)
     rng = random.Random(seed)
     starts = rng.sample(range(len(corpus)), min(len(corpus), num_warmups + num_iters))

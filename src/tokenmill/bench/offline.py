@@ -6,18 +6,20 @@ Token counts are what the engine actually processed and produced.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.report import Row, table
 from tokenmill.bench.spec_stats import spec_decode_rows, spec_decode_summary
 
+if TYPE_CHECKING:
+    from tokenmill.engine_args import EngineArgs
 
-def run_offline(requests: list[SampleRequest], engine_kwargs: dict[str, Any], model: str | None,
-                ignore_eos: bool) -> dict[str, Any]:
-    from tokenmill import LLM, SamplingParams
 
-    llm = LLM(model, progress=True, **engine_kwargs)
+def run_offline(requests: list[SampleRequest], engine_args: EngineArgs, ignore_eos: bool) -> dict[str, Any]:
+    from tokenmill import SamplingParams
+
+    llm = engine_args.create_llm(progress=True)
     llm.generate("Warm-up.", SamplingParams(temperature=0, max_tokens=4))  # first-call allocations, not timed
     prompts = [f"{r.system}\n\n{r.prompt}" if r.system else r.prompt for r in requests]
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in requests]

@@ -210,7 +210,8 @@ def transformers_server(hf_model: Path, dtype: str, kv_cache_memory: int, port: 
                         log_path: Path) -> ServerProcess:
     blocks = transformers_cb_blocks(hf_model, dtype, kv_cache_memory)
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_model),
-               "--continuous-batching", "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(CB_MAX_BATCH_TOKENS),
+               "--continuous-batching", "--cb-num-blocks", str(blocks),
+               "--cb-max-batch-tokens", str(CB_MAX_BATCH_TOKENS),
                "--device", "cpu", "--dtype", dtype,
                "--host", HOST, "--port", str(port)]
     return ServerProcess("transformers", command, port, log_path, env=OFFLINE, backend="transformers")

@@ -11,13 +11,13 @@ from tqdm import tqdm
 from tokenmill.config import QuantConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_ops
-from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.gemma3 import Gemma3Model
+from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.layers.rotary import RotaryEmbedding, inverse_frequencies
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader import Checkpoint, Weight
-from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.quant.gguf_blocks import NATIVE_TYPES, repack
+from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import QuantizedWeight, quantize_rtn
 
 _FUSED = {  # fused parameter -> the checkpoint tensors concatenated along the output dim

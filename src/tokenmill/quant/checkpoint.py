@@ -95,7 +95,8 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, quantization: dict) -> 
     if scaling is not None:
         raw["rope_scaling"] = {"rope_type": scaling.kind, "factor": scaling.factor}
         if scaling.kind == "llama3":
-            raw["rope_scaling"].update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+            raw["rope_scaling"].update(low_freq_factor=scaling.low_freq_factor,
+                                       high_freq_factor=scaling.high_freq_factor,
                                        original_max_position_embeddings=scaling.original_max_position_embeddings)
     return raw
 

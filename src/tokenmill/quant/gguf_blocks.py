@@ -18,8 +18,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import Q4_K
 
-from tokenmill.model.loader.gguf import PackedTensor
+from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import BLOCK, QuantizedWeight, pack_nibbles
+
 
 def repack(t: PackedTensor) -> QuantizedWeight:
     if t.qtype not in NATIVE_TYPES or len(t.shape) != 2:

@@ -3,8 +3,8 @@ quantized path shares (GGUF repacking, round-to-nearest and calibrated quantizat
 
 int4: w = scale * q + min with q in [0, 15] (asymmetric; symmetric int4 is min = -8 * scale). The nibbles of
 each 32-block are ordered as in GGUF's Q4_0/Q4_1 (byte j holds q[j] low, q[j + 16] high), so those GGUF
-types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32; Q6_K's 16-groups are the one group
-size below 32).
+types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32; Q6_K's
+16-groups are the one group size below 32).
 """
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ from tokenmill.model.loader import gguf as gguf_loader
 from tokenmill.model.loader import safetensors_dir
 from tokenmill.model.loader.catalog import resolve_model
 from tokenmill.model.loader.default_model import default_model_path
-from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.model.loader.gguf_header import read_gguf_header
 from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import QuantizedWeight
 
 Weight = torch.Tensor | PackedTensor | QuantizedWeight

@@ -6,18 +6,16 @@ linear layer can consume the raw blocks directly.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
-from gguf.quants import dequantize
 
 from tokenmill.config import ModelConfig, RopeScaling
 from tokenmill.errors import ModelLoadError, UnsupportedModelError
 from tokenmill.model.loader.gguf_header import GGUFHeader, read_gguf_header
+from tokenmill.quant.packed import PackedTensor
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 _FLOAT_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
@@ -49,32 +47,6 @@ _GEMMA3_LAYER_NAMES = {  # sandwich norms: GGUF's ffn_norm is the pre-MLP norm, 
 }
 _ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-
-
-@dataclass
-class PackedTensor:
-    """A GGUF tensor as stored: `data` holds one row of ggml blocks per output row (or plain floats)."""
-
-    data: np.ndarray
-    qtype: GGMLQuantizationType
-    shape: tuple[int, ...]
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
-
-    def dequantize(self) -> torch.Tensor:
-        """Exact float32 values of the stored blocks."""
-        values = np.require(dequantize(self.data, self.qtype), np.float32, ["C", "W"])  # copies only mmap views
-        return torch.from_numpy(values).reshape(self.shape)
-
-    def permute_rows(self, order: np.ndarray) -> PackedTensor:
-        """Reorder output rows; ggml blocks run along a row, so this is exact on packed data too."""
-        return PackedTensor(np.ascontiguousarray(self.data[order]), self.qtype, self.shape)
 
 
 def open_gguf(path: Path) -> GGUFHeader:
@@ -112,7 +84,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
 
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads)
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                   or hidden // heads)
     vocab = int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
     num_layers = int(key("block_count"))
     fields: dict[str, Any] = dict(

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from tokenmill.compress.awq import scale_groups
+from tokenmill.compress.calibration import LinearInputs
 from tokenmill.config import ModelConfig
-from tokenmill.quant.awq import scale_groups
-from tokenmill.quant.calibration import LinearInputs
 from tokenmill.quant.grid import Grid
 from tokenmill.quant.weights import QuantizedWeight, encode, fit_grid, pack_nibbles
 

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenmill.config import QUANTIZATION_METHODS
+from tokenmill.engine_args import EngineArgs
 
 EVAL_TEXT = "eval_en.txt"
 CALIBRATION_TEXT = "calibration_en.txt"
@@ -21,16 +22,15 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from tokenmill import LLM
+    from tokenmill.compress.perplexity import perplexity, read_text, sliding_windows
     from tokenmill.hardware import describe
-    from tokenmill.quant.perplexity import perplexity, read_text, sliding_windows
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     sliding_windows(2, args.context_len, args.stride)  # a bad window fails before the model loads
     text = read_text(args.dataset, EVAL_TEXT)
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, group_size=args.group_size,
-              kv_cache_memory=16 * 2**20, progress=True)
+    llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size,
+                     kv_cache_memory=16 * 2**20).create_llm(progress=True)
     if args.context_len > llm.engine.max_model_len:
         raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
     ids = llm.tokenizer.encode(text)[: args.max_tokens]
@@ -38,8 +38,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     quant = llm.quant_config
     print(f"model         {llm.checkpoint.path}")
     print(f"dataset       {args.dataset or f'builtin ({EVAL_TEXT})'}, {len(ids)} tokens")
-    print(f"weights       dtype {str(llm.dtype).removeprefix('torch.')}, "
-          f"quantization {quant.method + (f' g{quant.group_size}' if quant.method == 'int4' else '') if quant else 'none'}")
+    method = (quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")) if quant else "none"
+    print(f"weights       dtype {str(llm.dtype).removeprefix('torch.')}, quantization {method}")
     print(f"perplexity    {result.perplexity:.4f}  (mean NLL {result.nll:.5f} nats)")
     print(f"scored        {result.num_tokens} tokens in {result.num_windows} windows "
           f"(context {result.context_len}, stride {result.stride})")
@@ -53,9 +53,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from tokenmill.compress.perplexity import read_text
+    from tokenmill.compress.quantize import QuantizeOptions, check_output_dir, quantize_checkpoint
     from tokenmill.model.loader import load_checkpoint
-    from tokenmill.quant.perplexity import read_text
-    from tokenmill.quant.quantize import QuantizeOptions, check_output_dir, quantize_checkpoint
 
     options = QuantizeOptions(args.method, args.group_size, args.algorithm)  # bad options fail before loading
     if args.calibration is not None and options.algorithm == "rtn":
@@ -70,7 +70,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"{report.size_bytes / 2**20:.1f} MiB, in {report.seconds:.1f} s")
 
 
-def add_quant_parsers(sub: argparse._SubParsersAction) -> None:
+def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate model quality")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity over a text with a sliding window")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tokenmill.quant.perplexity import Scorer
+from tokenmill.compress.perplexity import Scorer
 
 
 @dataclass

@@ -15,17 +15,17 @@ import torch
 from tqdm import tqdm
 
 from tokenmill.cache.kv_cache import KVCache
+from tokenmill.compress.awq import awq
+from tokenmill.compress.calibration import LinearInputs, record_linear_inputs
+from tokenmill.compress.gptq import gptq
+from tokenmill.compress.perplexity import Scorer
 from tokenmill.config import ModelConfig
 from tokenmill.model.build import build_model
 from tokenmill.model.loader import Checkpoint, Weight
-from tokenmill.model.loader.gguf import PackedTensor
 from tokenmill.model.runner import ModelRunner
-from tokenmill.quant.awq import awq
-from tokenmill.quant.calibration import LinearInputs, record_linear_inputs
 from tokenmill.quant.checkpoint import save_checkpoint
-from tokenmill.quant.gptq import gptq
 from tokenmill.quant.grid import Grid
-from tokenmill.quant.perplexity import Scorer
+from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import QuantizedWeight
 
 METHODS = ("int8", "int4")

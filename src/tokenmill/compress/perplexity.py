@@ -22,7 +22,7 @@ Scorer = Callable[[Sequence[int]], torch.Tensor]  # token ids -> logits [len, vo
 
 def shipped_text(name: str) -> str:
     """A text shipped with tokenmill: "eval_en.txt" (held out) or "calibration_en.txt"."""
-    return resources.files("tokenmill.quant").joinpath("data", name).read_text(encoding="utf-8")
+    return resources.files("tokenmill.compress").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def read_text(path: str | Path | None, default: str) -> str:

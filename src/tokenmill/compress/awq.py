@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from tokenmill.compress.calibration import LinearInputs
 from tokenmill.config import ModelConfig
-from tokenmill.quant.calibration import LinearInputs
 from tokenmill.quant.grid import Grid
 
 ALPHA_GRID = 20  # alphas 0, 0.05, ..., 0.95

@@ -1,0 +1,143 @@
+"""EngineArgs: every engine setting once (vLLM's pattern). The CLI flags, `LLM(...)`'s keyword arguments and the
+`serve`, `generate`, `chat` and `bench` commands all read this one dataclass, so a new setting is added here only."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.config import (
+    DEFAULT_KV_CACHE_MEMORY,
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    CacheConfig,
+    QuantConfig,
+    SchedulerConfig,
+)
+
+if TYPE_CHECKING:
+    from tokenmill.llm import LLM
+    from tokenmill.model.loader import Checkpoint
+
+_UNIT_BYTES = {"": 1, "b": 1, **{f"{u}{b}": 1000 ** (i + 1) for i, u in enumerate("kmgt") for b in ("", "b")},
+               **{f"{u}ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")}}
+
+
+def parse_memory(text: str) -> int | float:
+    """--kv-cache-memory: whole bytes with an optional unit (B; K/KB = 10^3 ... T/TB = 10^12; KiB = 2^10 ...
+    TiB = 2^40; any case), or a fraction of available memory in (0, 1]. A bare number above 1 must be whole:
+    "1.5" is neither (type=float used to read it as 1 byte)."""
+    match = re.fullmatch(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)", text.strip().lower())
+    if match is None or match.group(2) not in _UNIT_BYTES or not math.isfinite(float(match.group(1))):
+        raise argparse.ArgumentTypeError(f"expected bytes (e.g. 4GiB, 512MB, 1073741824) or a fraction of memory "
+                                         f"in (0, 1] (e.g. 0.5), got {text!r}")
+    value, unit = float(match.group(1)), match.group(2)
+    if not unit and 0 < value <= 1:
+        return value
+    size = value * _UNIT_BYTES[unit]
+    if _UNIT_BYTES[unit] == 1 and not size.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of memory in (0, 1] nor a whole number "
+                                         "of bytes; give a unit for a size (e.g. 1.5GiB)")
+    if not 1 <= size < math.inf:
+        raise argparse.ArgumentTypeError(f"a KV cache size is at least 1 byte and finite, got {text!r}")
+    return int(size)
+
+
+def add_models_dir_arg(parser: argparse.ArgumentParser) -> None:
+    """--models-dir: not an engine field; `tokenmill` puts it in $TOKENMILL_MODELS_DIR, which every name lookup
+    reads (also `info` and `models`, which load no engine)."""
+    parser.add_argument("--models-dir", default=None,
+                        help="folder of local GGUF files / HF model folders that model names resolve to "
+                             "(default: $TOKENMILL_MODELS_DIR, else ~/.cache/tokenmill/models)")
+
+
+@dataclass
+class EngineArgs:
+    """The settings of one engine. model: a .gguf file, HF model directory or model name (None: the embedded
+    default). quantization: None, "native", "int8" or "int4" (see QuantConfig). kv_cache_memory: bytes, or a
+    fraction in (0, 1] of available memory. kv_cache_dtype: "auto" (float16 under packed weights, else the
+    compute dtype), "float32", "float16" or "bfloat16". speculative_config: as vLLM's, a dict (or its JSON
+    text), e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
+    None: no speculation. threads: compute threads for this process (torch and the native kernels share one
+    OpenMP pool); None: $OMP_NUM_THREADS if set, else the CPUs this process really has (affinity, cgroup quota).
+    Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread."""
+
+    model: str | Path | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    group_size: int = 32
+    kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY
+    block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    speculative_config: dict[str, Any] | str | None = None
+    threads: int | None = None
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """One flag per field, named as vLLM's CLI names them, plus --models-dir."""
+        p = parser
+        p.add_argument("--model", default=None,
+                       help="a .gguf file, HF model directory or model name from `tokenmill models` "
+                            "(default: embedded SmolLM2-135M-Instruct)")
+        add_models_dir_arg(p)
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+        p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                       help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
+        p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
+        p.add_argument("--kv-cache-memory", type=parse_memory, default=DEFAULT_KV_CACHE_MEMORY, metavar="SIZE",
+                       help="KV cache size: bytes with an optional unit (4GiB = 4*2^30, 4GB = 4G = 4*10^9; also K, M, "
+                            "T, KiB, MiB, TiB) or a fraction in (0, 1] of available memory (default 4GiB); per model: "
+                            "`serve` with several models gives each engine a budget of this size (as vLLM: one per "
+                            "engine)")
+        p.add_argument("--block-size", type=int, default=16)
+        p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                       help="KV cache element type; auto: float16 when packed weights run natively, else the "
+                            "compute dtype (as vLLM's --kv-cache-dtype auto, with llama.cpp's f16 cache as the "
+                            "native default)")
+        p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--max-num-batched-tokens", type=int, default=512)
+        p.add_argument("--max-model-len", type=int, default=None)
+        p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+        p.add_argument("--speculative-config", default=None, metavar="JSON",
+                       help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
+                            '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (default: off)')
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="compute threads (default: $OMP_NUM_THREADS if set, else the CPUs this process may use: "
+                            "affinity and cgroup quota); use 1 when other processes keep the cores busy, as every "
+                            "decode step waits for its slowest thread")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineArgs:
+        """The fields from parsed flags; overrides (e.g. one of several `serve` models) win."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)} | overrides)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields as `LLM(**kwargs)` takes them (a shallow copy: asdict would deep-copy a config dict)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def create_llm(self, progress: bool = False) -> LLM:
+        from tokenmill.llm import LLM
+
+        return LLM(**self.as_kwargs(), progress=progress)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(self.block_size, self.kv_cache_memory, self.enable_prefix_caching, self.kv_cache_dtype)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+
+    def quant_config(self, ckpt: Checkpoint) -> QuantConfig | None:
+        """No quantization asked: a quantized checkpoint runs natively unless a float dtype is named explicitly
+        (the exact float path the reference tests use)."""
+        if self.quantization is not None:
+            return QuantConfig(self.quantization, self.group_size)
+        return QuantConfig("native") if self.dtype == "auto" and ckpt.is_quantized else None
