@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from hf_reference import greedy, hf_greedy, hf_logits
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
 
+from hf_reference import greedy, hf_greedy, hf_logits
 from tokenmill import LLM
 from tokenmill.errors import UnsupportedModelError
 
@@ -47,7 +47,7 @@ def test_qwen2_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
     cfg = llm.config
     assert cfg.architecture == "qwen2" and cfg.attention_bias and not cfg.attention_out_bias
     assert not cfg.tie_word_embeddings and cfg.layer_types == ("full_attention",) * 2
-    torch.testing.assert_close(llm.engine.runner.score(PROMPT), hf_logits(model, PROMPT), atol=ATOL, rtol=0)
+    torch.testing.assert_close(llm.score(PROMPT), hf_logits(model, PROMPT), atol=ATOL, rtol=0)
     out = llm.generate({"prompt_token_ids": PROMPT}, greedy(12))[0].outputs[0].token_ids
     assert out == hf_greedy(model, PROMPT, 12)
 
@@ -71,7 +71,7 @@ def test_gemma3_checkpoint_matches_transformers(gemma):
     assert cfg.architecture == "gemma3" and cfg.qk_norm and cfg.hidden_act == "gelu_pytorch_tanh"
     assert cfg.sliding_window == WINDOW and cfg.rope_local_theta == 10000.0 and cfg.rope_theta == 1e6
     assert cfg.layer_types.count("full_attention") == 2 and llm.engine.kv_cache.layout.slots == 2
-    ours, theirs = llm.engine.runner.score(PROMPT), hf_logits(model, PROMPT)
+    ours, theirs = llm.score(PROMPT), hf_logits(model, PROMPT)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     assert theirs.abs().max() < GEMMA["final_logit_softcapping"]  # the cap is in play
 

@@ -34,7 +34,7 @@ def _write_checkpoint(folder, tokenizer_dir, seed: int, **overrides) -> LlamaFor
 
 
 def _our_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    return llm.engine.runner.score(ids)
+    return llm.score(ids)
 
 
 def _hf_logits(model, ids: list[int]) -> torch.Tensor:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinymodel import write_tiny_llama
 from tokenmill import LLM, SamplingParams
 from tokenmill.cache.kv_cache import resolve_kv_dtype
 from tokenmill.config import CacheConfig
 from tokenmill.kernels import native
 from tokenmill.model.loader import load_checkpoint
-
-from tinymodel import write_tiny_llama
 
 PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]} for j, n in enumerate((5, 21, 40))]
 

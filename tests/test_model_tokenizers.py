@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 
+from tokenizer_texts import CONVERSATIONS, DIGITS_AFTER_WHITESPACE, SENTENCEPIECE_TEXTS, TEXTS
 from tokenmill.errors import ChatTemplateError
 from tokenmill.model.chat_template import render_chat_template
 from tokenmill.model.loader import load_tokenizer, resolve_model_path
 from tokenmill.model.loader.catalog import packaged_model
 from tokenmill.model.loader.gguf_header import read_gguf_header
 from tokenmill.model.tokenizer import Tokenizer
-
-from tokenizer_texts import CONVERSATIONS, DIGITS_AFTER_WHITESPACE, SENTENCEPIECE_TEXTS, TEXTS
 
 transformers = pytest.importorskip("transformers")
 

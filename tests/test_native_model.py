@@ -2,8 +2,6 @@
 greedy output close to the exact float32 path (the agreement is reported, not assumed)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

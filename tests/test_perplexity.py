@@ -60,7 +60,7 @@ def _hf_token_nlls(model, ids: list[int]) -> torch.Tensor:
 
 def test_one_window_equals_exp_mean_nll_of_a_plain_forward(tiny):
     _, model, llm, ids = tiny
-    result = perplexity(llm.engine.runner.score, ids, context_len=128, stride=64)
+    result = perplexity(llm.score, ids, context_len=128, stride=64)
     expected = _hf_token_nlls(model, ids)
     assert result.num_tokens == len(ids) - 1 and result.num_windows == 1
     assert math.isclose(result.nll, expected.mean().item(), rel_tol=1e-5)
@@ -70,7 +70,7 @@ def test_one_window_equals_exp_mean_nll_of_a_plain_forward(tiny):
 def test_sliding_windows_equal_a_plain_forward_over_each_windows_tokens(tiny):
     _, model, llm, ids = tiny
     context, stride = 16, 6
-    result = perplexity(llm.engine.runner.score, ids, context, stride)
+    result = perplexity(llm.score, ids, context, stride)
     by_hand = []
     for w in sliding_windows(len(ids), context, stride):  # token t is predicted from ids[w.begin:t] alone
         by_hand.append(_hf_token_nlls(model, ids[w.begin:w.end])[w.first_target - w.begin - 1:])
@@ -91,7 +91,7 @@ def test_eval_ppl_cli_prints_and_saves(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     ids = llm.tokenizer.encode(dataset.read_text())[:64]
-    expected = perplexity(llm.engine.runner.score, ids, 32, 16)
+    expected = perplexity(llm.score, ids, 32, 16)
     assert saved["num_tokens"] == 63 and saved["num_windows"] == expected.num_windows
     assert math.isclose(saved["perplexity"], expected.perplexity, rel_tol=1e-6)
     assert f"{expected.perplexity:.4f}" in printed and "63 tokens" in printed
@@ -121,7 +121,7 @@ def test_native_gguf_perplexity_within_2_percent_of_float32(llm_f32):
     assert native.quant_config is not None and native.quant_config.method == "native"
     ids = llm_f32.tokenizer.encode(shipped_text("eval_en.txt"))[:1024]
     for tokens, context, stride in ((1024, 512, 256), (256, 32, 16)):
-        reference = perplexity(llm_f32.engine.runner.score, ids[:tokens], context, stride)
-        ours = perplexity(native.engine.runner.score, ids[:tokens], context, stride)
+        reference = perplexity(llm_f32.score, ids[:tokens], context, stride)
+        ours = perplexity(native.score, ids[:tokens], context, stride)
         assert ours.num_tokens == reference.num_tokens == tokens - 1
         assert abs(ours.perplexity / reference.perplexity - 1) < 0.02, (context, ours.perplexity, reference.perplexity)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import greedy, hf_gguf_model, hf_greedy, hf_logits
 
+from hf_reference import greedy, hf_gguf_model, hf_greedy, hf_logits
 from tokenmill import LLM
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_first_step_logits_match(gemma):
     """Tolerance as in test_reference_greedy.py: summation order only (measured ~4e-5 on logits of ~30)."""
     model, llm = gemma
     ids = llm.tokenizer.encode(PROMPTS[0])
-    torch.testing.assert_close(llm.engine.runner.score(ids), hf_logits(model, ids), atol=1e-3, rtol=0)
+    torch.testing.assert_close(llm.score(ids), hf_logits(model, ids), atol=1e-3, rtol=0)
 
 
 def test_prompt_longer_than_the_window(gemma):

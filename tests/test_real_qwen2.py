@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import greedy, hf_gguf_model, hf_greedy, hf_logits
 
+from hf_reference import greedy, hf_gguf_model, hf_greedy, hf_logits
 from tokenmill import LLM
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def outputs(tmp_path_factory):
                                                "string."}], add_generation_prompt=True, tokenize=True)
     prompts = [chat, llm.tokenizer.encode("def fibonacci(n):")]
     ours = [llm.generate({"prompt_token_ids": ids}, greedy(NUM_TOKENS))[0].outputs[0].token_ids for ids in prompts]
-    our_logits = llm.engine.runner.score(prompts[1])
+    our_logits = llm.score(prompts[1])
     del llm
     gc.collect()
     model = hf_gguf_model(path)

@@ -64,7 +64,7 @@ def test_first_step_logits_match(llm_f32, reference, prompt, chat):
     a real error (wrong RoPE permutation, norm, scaling) moves logits by 0.1-10."""
     model, _ = reference
     ids = _prompt_ids(llm_f32, prompt, chat)
-    ours = llm_f32.engine.runner.score(ids)
+    ours = llm_f32.score(ids)
     with torch.inference_mode():
         theirs = model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)

@@ -355,7 +355,7 @@ def test_logprobs(llm_f32, greedy):
     assert len(out.logprobs) == num
     # reference: the model's own log-softmax at each generated position
     ids = llm_f32.tokenizer.encode(PROMPT) + out.token_ids
-    logits = llm_f32.engine.runner.score(ids)
+    logits = llm_f32.score(ids)
     ref = logits[-num - 1:-1].log_softmax(-1)
     total = 0.0
     for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from tokenmill.model.tokenizer import Tokenizer
-
 from tokenizer_texts import DIGITS_AFTER_WHITESPACE, SENTENCEPIECE_TEXTS, TEXTS
+from tokenmill.model.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,11 +20,10 @@ import pytest
 import tokenizers
 from tokenizers import pre_tokenizers, processors
 
+from tokenizer_texts import CONVERSATIONS, DIGITS_AFTER_WHITESPACE, TEXTS
 from tokenmill.errors import ChatTemplateError, ModelLoadError, UnsupportedModelError
 from tokenmill.model.chat_template import render_chat_template
 from tokenmill.model.tokenizer import Tokenizer
-
-from tokenizer_texts import CONVERSATIONS, DIGITS_AFTER_WHITESPACE, TEXTS
 
 transformers = pytest.importorskip("transformers")
 

@@ -95,8 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tokenmill.server.params import RequestLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_serve = [ModelToServe(EngineArgs.from_cli_args(args, model=model).create_llm(progress=True), model, name)
-                for model, name in zip(models, names)]
+    def load(model: str | None, name: str | None) -> ModelToServe:  # the LLM goes; its engine is served
+        llm = EngineArgs.from_cli_args(args, model=model).create_llm(progress=True)
+        return ModelToServe(llm.engine, llm.checkpoint.path, model, name)
+
+    to_serve = [load(model, name) for model, name in zip(models, names)]
     serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
           shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
           limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts), max_body_bytes=args.max_body_bytes,

@@ -102,6 +102,12 @@ class LLM:
                 self.engine.abort(request_id)
             raise
 
+    def score(self, prompt: str | Sequence[int]) -> torch.Tensor:
+        """Logits [tokens, vocab] at every position of one prompt, in one uncached pass: the public way to score
+        text (log-likelihoods, perplexity). Text is tokenized as `generate` tokenizes it."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.engine.runner.score(ids)
+
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Render each conversation with the model's chat template, then generate the assistant turn."""

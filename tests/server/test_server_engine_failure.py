@@ -17,14 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
-import pytest
 import uvicorn
 
+from serverproc import free_port
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.server import ModelRegistry, ServerState, build_app
-
-from serverproc import free_port
 
 MARK = "Xylophone-fault"
 

@@ -12,11 +12,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenmill import LLM, SamplingParams
-from tokenmill.server import ModelRegistry
-
 from serverproc import MODEL_NAME, Server, start_server, stop, wait_healthy
 from tinymodel import write_tiny_llama
+from tokenmill import LLM, SamplingParams
+from tokenmill.server import ModelRegistry
 
 TINY_NAME = "tiny-llama"  # the folder's name: the served name by default
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]

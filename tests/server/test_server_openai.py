@@ -14,9 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tokenmill import SamplingParams
-
 from serverproc import MODEL_NAME
+from tokenmill import SamplingParams
 
 YES_NO = [{"role": "user", "content": "Reply with one word: yes or no. Is water wet?"}]  # greedy: "No." + EOS
 

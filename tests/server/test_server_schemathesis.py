@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from serverproc import start_server, stop, wait_healthy
 
 pytest.importorskip("schemathesis")

@@ -3,9 +3,9 @@ decoding tests run on, and its plain (no speculation) LLM."""
 from __future__ import annotations
 
 import pytest
+
 from spec_cases import VOCAB
 from tinymodel import write_tiny_llama
-
 from tokenmill import LLM
 from tokenmill.model.loader import load_checkpoint
 

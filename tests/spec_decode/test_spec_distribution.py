@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-from spec_cases import ALPHA, NGRAM, all_free, chi_square_pvalue, random_prompts
 
+from spec_cases import ALPHA, NGRAM, all_free, chi_square_pvalue, random_prompts
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.spec_decode import speculator as speculator_module
 from tokenmill.model.sampler import process_logits
@@ -29,7 +29,7 @@ def loop_prompt(plain) -> list[int]:
                 candidates.append(prompt + out[:i + 3])
                 break
     assert candidates, "no greedy loop found"
-    return max(candidates, key=lambda p: float(plain.engine.runner.score(p)[-1].softmax(-1).max()))
+    return max(candidates, key=lambda p: float(plain.score(p)[-1].softmax(-1).max()))
 
 
 def _exact_joint(llm: LLM, prompt: list[int], length: int) -> dict[tuple[int, ...], float]:
@@ -39,7 +39,7 @@ def _exact_joint(llm: LLM, prompt: list[int], length: int) -> dict[tuple[int, ..
     for _ in range(length):
         nxt = {}
         for prefix, prob in joint.items():
-            logits = llm.engine.runner.score(prompt + list(prefix))[-1]
+            logits = llm.score(prompt + list(prefix))[-1]
             probs = process_logits(logits, params, prompt, list(prefix)).softmax(-1)
             for token in torch.nonzero(probs).flatten().tolist():
                 nxt[prefix + (token,)] = prob * float(probs[token])

@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-from spec_cases import NGRAM, VOCAB, all_free, check_pools, random_prompts
 
+from spec_cases import NGRAM, VOCAB, all_free, check_pools, random_prompts
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine

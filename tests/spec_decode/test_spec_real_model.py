@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from spec_cases import all_free
 
+from spec_cases import all_free
 from tokenmill import SamplingParams
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from tinymodel import write_tiny_llama
-
 from tokenmill.model.loader import load_checkpoint
 
 

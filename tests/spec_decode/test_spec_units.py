@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from spec_cases import ALPHA, chi_square_pvalue
 
+from spec_cases import ALPHA, chi_square_pvalue
 from tokenmill.engine.spec_decode.adaptive import WARMUP_STEPS, AdaptiveController
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.ngram import ngram_lookup

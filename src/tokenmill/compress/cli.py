@@ -34,7 +34,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if args.context_len > llm.engine.max_model_len:
         raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
     ids = llm.tokenizer.encode(text)[: args.max_tokens]
-    result = perplexity(llm.engine.runner.score, ids, args.context_len, args.stride, progress=True)
+    result = perplexity(llm.score, ids, args.context_len, args.stride, progress=True)
     quant = llm.quant_config
     print(f"model         {llm.checkpoint.path}")
     print(f"dataset       {args.dataset or f'builtin ({EVAL_TEXT})'}, {len(ids)} tokens")

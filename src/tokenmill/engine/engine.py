@@ -162,8 +162,9 @@ class LLMEngine:
                 failed[-1].error = f"sampling failed: {type(exc).__name__}: {exc}"
                 tokens = []
             emitted = 0
-            for emitted, token in enumerate(tokens, 1):
+            for token in tokens:
                 request.record(token, self._token_text)
+                emitted += 1
                 if request.finished:
                     break
             chunk.num_accepted = max(emitted - 1, 0) if drafts else 0
@@ -186,7 +187,8 @@ class LLMEngine:
                 del self.parents[parent_id]
         return outputs
 
-    def _next_tokens(self, request: Request, drafts: list[int], step_logits: StepLogits, row: int) -> list[SampledToken]:
+    def _next_tokens(self, request: Request, drafts: list[int], step_logits: StepLogits,
+                     row: int) -> list[SampledToken]:
         """The tokens a sampling chunk emits: the accepted drafts plus one, or one sampled token."""
         if drafts:
             return self.speculator.verify(request, drafts, step_logits, row)

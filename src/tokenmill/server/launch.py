@@ -21,7 +21,7 @@ from pathlib import Path
 import uvicorn
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.llm import LLM
+from tokenmill.engine.engine import LLMEngine
 from tokenmill.server.app import build_app
 from tokenmill.server.models import ModelRegistry
 from tokenmill.server.params import RequestLimits
@@ -74,9 +74,11 @@ def short_model_name(path: Path) -> str:
 
 @dataclass
 class ModelToServe:
-    """A loaded model, the name or path it was asked for by, and the id clients should send (None: its short name)."""
+    """A built engine, its checkpoint's path, the name or path it was asked for by, and the id clients should send
+    (None: the checkpoint's short name)."""
 
-    llm: LLM | None  # dropped once its engine core runs
+    engine: LLMEngine | None  # dropped once its engine core runs
+    path: Path
     model_arg: str | None = None
     served_model_name: str | None = None
 
@@ -88,7 +90,7 @@ def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str 
     shares all weights copy-on-write) and its own `max_waiting` queue limit."""
     registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits) for m in models])
     for m in models:  # each engine core holds its model now; this process keeps tokenizers only
-        m.llm = None
+        m.engine = None
     _release_memory()
     app = build_app(registry, api_key, max_body_bytes, allowed_hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
@@ -119,8 +121,8 @@ def _release_memory() -> None:
 
 
 def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool, limits: RequestLimits) -> ServerState:
-    path = model.llm.checkpoint.path
+    path = model.path
     name = model.served_model_name or short_model_name(path)
     aliases = {str(path), *([model.model_arg] if model.model_arg else [])} - {name}
-    return ServerState.create(AsyncEngine(model.llm.engine, max_waiting=max_waiting), name, model_root=str(path),
+    return ServerState.create(AsyncEngine(model.engine, max_waiting=max_waiting), name, model_root=str(path),
                               accepted_model_names=frozenset(aliases), log_prompts=log_prompts, limits=limits)

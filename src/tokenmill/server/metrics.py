@@ -3,8 +3,8 @@
 Each served model has its own CollectorRegistry (two servers in one process, or tests, never share counts), all
 labelled `model_name` as vLLM does; /metrics merges a server's models into one exposition. Latencies
 are observed once per finished request from the engine's own timestamps; engine state (running, waiting, KV
-use, prefix cache, preemptions, speculative decoding counters) is read at scrape time from AsyncEngine.stats, which every message from the
-engine core process refreshes.
+use, prefix cache, preemptions, speculative decoding counters) is read at scrape time from AsyncEngine.stats,
+which every message from the engine core process refreshes.
 """
 from __future__ import annotations
 
