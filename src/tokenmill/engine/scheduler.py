@@ -93,7 +93,7 @@ class Scheduler:
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
             drafts = request.draft_token_ids[:budget - 1] if remaining == 1 else []
-            if drafts and not self.kv.allocate(request, 1 + len(drafts)):
+            if drafts and not self._allocate_drafts(request, len(drafts), later=len(self.running) - i - 1):
                 drafts = []  # speculation never preempts anyone
             n = min(remaining + len(drafts), budget)
             if not self._make_room(request, n, out):
@@ -117,6 +117,17 @@ class Scheduler:
                                           self.kv.block_tables[c.request.request_id], len(c.draft_token_ids),
                                           c.samples) for c in out.chunks])
         return out
+
+    def _allocate_drafts(self, request: Request, num_drafts: int, later: int) -> bool:
+        """Blocks for the request's next token and its drafts, only if as many blocks stay free as the `later`
+        running requests may need for their own next token (one per KV group each): a draft must never take the
+        block a plain decode after it needs, or that request would be preempted for it."""
+        if not self.kv.allocate(request, 1 + num_drafts):
+            return False
+        if self.kv.pool.num_free >= later * len(self.kv.windows):
+            return True
+        self.kv.trim(request)  # back to the blocks of its computed tokens; its decode allocates as usual
+        return False
 
     def _admit(self, request: Request) -> None:
         self.waiting.pop(0)
