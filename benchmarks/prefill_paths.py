@@ -41,7 +41,8 @@ def main() -> None:
                     llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
                     times.setdefault((cached, new, path), []).append(time.perf_counter() - start)
     runner.fused = fused
-    print(f"CPU: {describe()}\n\n| cached | new | module path ms | fused step ms | speedup |\n|---:|---:|---:|---:|---:|")
+    print(f"CPU: {describe()}\n\n| cached | new | module path ms | fused step ms | speedup |\n"
+          "|---:|---:|---:|---:|---:|")
     for cached, new, path in times:
         if path == "fused":
             module = statistics.median(times[(cached, new, "module")]) * 1e3

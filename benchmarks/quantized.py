@@ -34,7 +34,8 @@ PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers" / "llama.cpp" /
 def run(cmd: list[str], out: Path) -> None:
     print("$", " ".join(cmd), flush=True)
     with out.open("w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
 def tokenmill_latency(flags: list[str], out: Path) -> dict:
@@ -53,7 +54,8 @@ def tokenmill_throughput(batch: int, out: Path) -> float:
 
 
 def llama_bench(model: Path, out: Path) -> dict[str, float]:
-    run([str(PEERS / "llama-bench"), "-m", str(model), "-t", "2", "-p", "128", "-n", "64", "-r", "3", "-o", "json"], out)
+    run([str(PEERS / "llama-bench"), "-m", str(model), "-t", "2", "-p", "128", "-n", "64", "-r", "3", "-o", "json"],
+        out)
     rows = json.loads(out.read_text()[out.read_text().index("["):])
     return {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
 
@@ -88,10 +90,12 @@ def main() -> None:
         peer = llama_bench(model, args.out / "llama-bench.json")
         lines.append(f"| llama.cpp Q4_1 (llama-bench) | | | {peer['prefill']:.0f} | {peer['decode']:.1f} | "
                      f"{1000 / peer['decode']:.1f} | |")
-    lines += ["", "| concurrent requests | tokenmill native out tok/s | llama.cpp out tok/s | ratio |", "|---:|---:|---:|---:|"]
+    lines += ["", "| concurrent requests | tokenmill native out tok/s | llama.cpp out tok/s | ratio |",
+              "|---:|---:|---:|---:|"]
     for batch in map(int, args.batches.split(",")):
         ours = tokenmill_throughput(batch, args.out / f"offline_b{batch}")
-        peer = llama_batched(model, batch, args.out / f"llama-batched_b{batch}.jsonl") if PEERS.exists() else float("nan")
+        peer = (llama_batched(model, batch, args.out / f"llama-batched_b{batch}.jsonl") if PEERS.exists()
+                else float("nan"))
         lines.append(f"| {batch} | {ours:.0f} | {peer:.0f} | {ours / peer:.2f}x |")
     report = "\n".join(lines)
     (args.out / "quantized.md").write_text(report + "\n")

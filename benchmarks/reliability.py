@@ -284,8 +284,8 @@ def fuzz_cases() -> list[tuple[str, str, bytes, str | None]]:
                          ("echo", "maybe"), ("user", 5), ("model", 5), ("seed", "x"), ("priority", [1]),
                          ("stream_options", "x"), ("logprobs", "x"), ("ignore_eos", "x")):
         add(f"{field} as {type(value).__name__}", C, {"prompt": "hi", "max_tokens": 1, field: value}, field)
-    add("stream_options without stream", C, {"prompt": "hi", "max_tokens": 1, "stream_options": {"include_usage": True}},
-        "stream_options")
+    add("stream_options without stream", C,
+        {"prompt": "hi", "max_tokens": 1, "stream_options": {"include_usage": True}}, "stream_options")
     add("prompt as int", C, {"prompt": 5, "max_tokens": 1}, "prompt")
     add("prompt as dict", C, {"prompt": {"a": 1}, "max_tokens": 1}, "prompt")
     add("prompt mixed list", C, {"prompt": [[1, 2], "a"], "max_tokens": 1}, "prompt")
@@ -508,7 +508,8 @@ def main() -> None:
         server.stop()
         log = server.log()
         report["server_log_tracebacks"] = log.count("Traceback")
-        report["server_log_errors"] = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line][:20]
+        report["server_log_errors"] = [line for line in log.splitlines()
+                                       if " ERROR " in line or "Traceback" in line][:20]
         report["wall_s"] = round(time.monotonic() - wall, 1)
         path = args.out / ("report_quick.json" if args.quick else "report.json")
         path.write_text(json.dumps(report, indent=1) + "\n")
@@ -518,7 +519,8 @@ def main() -> None:
 
 def print_table(r: dict[str, Any]) -> None:
     print(f"\ncpu flags: {r['cpu_flags']}; ready in {r.get('ready_s')} s; whole run {r['wall_s']} s; "
-          f"{r.get('references_holding_their_number')}/{len(r.get('references', {}))} sequential outputs hold their number")
+          f"{r.get('references_holding_their_number')}/{len(r.get('references', {}))} "
+          "sequential outputs hold their number")
     print(f"{'phase':<8} {'sent':>5} {'lost':>5} {'mixed up':>9} {'5xx':>4}  notes")
     for phase in ("load", "poison"):
         p = r.get(phase)

@@ -13,9 +13,9 @@ B at a time, one group after another: batch 1 is single-stream over every prompt
 Output tok/s = generated tokens / wall time. All configurations are loaded in one process; each cell runs once
 untimed (so every timed run finds its prompts in the prefix cache alike and decoding dominates) and then
 `--repeats` times, the configurations taking turns run by run; the median run is reported (single runs varied by
-20-30% on these shared machines, and drift over minutes must not pass for a configuration's effect). Greedy output is identical with and without speculation (tested), so
-every configuration generates the same tokens. llama.cpp's single-stream decode (`llama-bench -n 64`) is the
-batch-1 reference; it has no speculation in these builds.
+20-30% on these shared machines, and drift over minutes must not pass for a configuration's effect). Greedy output
+is identical with and without speculation (tested), so every configuration generates the same tokens. llama.cpp's
+single-stream decode (`llama-bench -n 64`) is the batch-1 reference; it has no speculation in these builds.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def main() -> None:
         for name, r in measure_interleaved(llms, prompts, max_tokens, batch, args.repeats).items():
             results[f"{name}|{workload}|{batch}"] = r
             print(name, workload, batch, json.dumps(r), flush=True)
-    peer = llama_bench(default_model_path(), args.out / "llama-bench.json") if (PEERS / "llama-bench").exists() else None
+    peer = (llama_bench(default_model_path(), args.out / "llama-bench.json") if (PEERS / "llama-bench").exists()
+            else None)
     (args.out / "spec_decode.json").write_text(json.dumps({"cpu": describe(), "results": results, "llama_bench": peer}))
     lines = [f"CPU: {json.dumps(describe())}", "",
              "| workload | batch | no spec tok/s | " + " | ".join(f"{c} tok/s (speedup, mean accepted len)"

@@ -51,7 +51,8 @@ def main() -> None:
         for threads in map(int, args.threads.split(",")):
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
             try:
-                child = subprocess.run([sys.executable, __file__, "--child", str(threads), "--rounds", str(args.rounds)],
+                child = subprocess.run([sys.executable, __file__, "--child", str(threads),
+                                        "--rounds", str(args.rounds)],
                                        capture_output=True, text=True, check=False)
             finally:
                 if busy is not None:

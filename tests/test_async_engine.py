@@ -76,7 +76,8 @@ def test_core_process_shares_the_weights(llm_f32, async_engine):
     rollup = open(f"/proc/{async_engine.core_pid}/smaps_rollup").read()
     private = sum(int(m) * 1024 for m in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", rollup, re.M))
     assert weights > 100 * 2**20
-    assert private < weights / 4, f"the core holds {private / 2**20:.0f} MiB of its own (weights: {weights / 2**20:.0f} MiB)"
+    assert private < weights / 4, (f"the core holds {private / 2**20:.0f} MiB of its own "
+                                   f"(weights: {weights / 2**20:.0f} MiB)")
 
 
 def _voluntary_switches(pid: int) -> int:

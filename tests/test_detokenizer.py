@@ -124,7 +124,8 @@ def _held_back_ok(text: str, streamed: str, stops: list[str]) -> bool:
 
 @pytest.mark.parametrize("text,stops,final", [
     # a prefix of the stop ("the en") appears, then "-suite" resolves it: it must be released before the end
-    (" We went to the en-suite room, then back to the end of the hall.", ["the end"], " We went to the en-suite room, then back to "),
+    (" We went to the en-suite room, then back to the end of the hall.", ["the end"],
+     " We went to the en-suite room, then back to "),
     # several stops of different lengths; the text never contains any of them
     (" Stop signs: STO, ST0P, S T O P, and st op are all different.", ["STOP", "S.T.O.P."], None),
 ], ids=["prefix-resolved-then-stop", "prefixes-never-complete"])

@@ -29,7 +29,8 @@ def corpus_ids(llm_f32) -> list[int]:
 
 def _engine(llm, **kw) -> LLMEngine:
     """A fresh engine (own KV cache and scheduler) sharing the already-loaded weights."""
-    cache = CacheConfig(**{k: v for k, v in kw.items() if k in ("block_size", "kv_cache_memory", "enable_prefix_caching")})
+    cache = CacheConfig(**{k: v for k, v in kw.items()
+                           if k in ("block_size", "kv_cache_memory", "enable_prefix_caching")})
     sched = SchedulerConfig(**{k: v for k, v in kw.items()
                                if k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len")})
     return LLMEngine(llm.model, llm.tokenizer, llm.dtype, cache, sched)
@@ -117,7 +118,8 @@ def test_no_block_leaks_with_random_aborts(llm_f32, corpus_ids):
     live = set()
     for i in range(24):
         n = rng.choice([5, 40, 150, 300])
-        engine.add_request(str(i), corpus_ids[i: i + n], SamplingParams(temperature=0.8, seed=i, max_tokens=rng.randint(1, 12)))
+        engine.add_request(str(i), corpus_ids[i: i + n],
+                           SamplingParams(temperature=0.8, seed=i, max_tokens=rng.randint(1, 12)))
         live.add(str(i))
         for _ in range(rng.randint(0, 3)):
             for out in engine.step():

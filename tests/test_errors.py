@@ -96,7 +96,8 @@ def test_prompt_longer_than_max_model_len(llm_f32, expected):
 
 def test_max_model_len_limits_prompt_and_output(llm_f32):
     """A smaller context (LLM(max_model_len=...)) rejects long text prompts and caps max_tokens to fit."""
-    engine = LLMEngine(llm_f32.model, llm_f32.tokenizer, torch.float32, scheduler_config=SchedulerConfig(max_model_len=16))
+    engine = LLMEngine(llm_f32.model, llm_f32.tokenizer, torch.float32,
+                       scheduler_config=SchedulerConfig(max_model_len=16))
     with pytest.raises(ValueError, match="max_model_len is 16"):
         engine.add_request("long", "word " * 40, SHORT)
     assert not engine.has_unfinished()

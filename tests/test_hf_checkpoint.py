@@ -74,7 +74,8 @@ def test_sharded_untied_checkpoint_matches_transformers(tmp_path, tokenizer_dir)
 
 
 def test_llama3_rope_scaling_tied_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
-    model = _write_checkpoint(tmp_path, tokenizer_dir, seed=1, tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE))
+    model = _write_checkpoint(tmp_path, tokenizer_dir, seed=1, tie_word_embeddings=True,
+                              rope_parameters=dict(LLAMA3_ROPE))
     llm = _check_against_transformers(tmp_path, model)
     cfg = llm.config
     assert cfg.tie_word_embeddings and cfg.rope_theta == 500000.0
@@ -82,8 +83,9 @@ def test_llama3_rope_scaling_tied_checkpoint_matches_transformers(tmp_path, toke
     assert llm.model.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()
 
     # the scaling is not a no-op at this length: the same weights without it give clearly different logits
-    plain = LlamaForCausalLM(LlamaConfig(**{**BASE, "tie_word_embeddings": True,
-                                            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})).eval()
+    plain = LlamaForCausalLM(LlamaConfig(**{
+        **BASE, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})).eval()
     plain.load_state_dict(model.state_dict())
     ids = llm.tokenizer.encode(TEXT)
     assert (_hf_logits(plain, ids) - _hf_logits(model, ids)).abs().max() > 1000 * ATOL
@@ -93,7 +95,8 @@ def test_legacy_rope_scaling_key(tmp_path, tokenizer_dir):
     """Configs written before transformers 5 keep `rope_theta` and `rope_scaling` at the top level."""
     import json
 
-    model = _write_checkpoint(tmp_path, tokenizer_dir, seed=2, tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE))
+    model = _write_checkpoint(tmp_path, tokenizer_dir, seed=2, tie_word_embeddings=True,
+                              rope_parameters=dict(LLAMA3_ROPE))
     config_file = tmp_path / "config.json"
     raw = json.loads(config_file.read_text())
     params = raw.pop("rope_parameters")

@@ -13,7 +13,8 @@ from tokenmill.config import CacheConfig
 from tokenmill.kernels import native
 from tokenmill.model.loader import load_checkpoint
 
-PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]} for j, n in enumerate((5, 21, 40))]
+PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]}
+           for j, n in enumerate((5, 21, 40))]
 
 
 def test_unknown_kv_cache_dtype_is_refused_by_name():
@@ -56,7 +57,8 @@ def test_float16_cache_on_a_float_model_keeps_greedy_tokens_close(tiny_dir, monk
             token = x.outputs[0].token_ids[0]
             assert y.outputs[0].token_ids[0] == token  # the first token comes from the prompt's own K/V pass
             assert y.outputs[0].logprobs[0][token].logprob == pytest.approx(first[token].logprob, abs=1e-3)
-            same = next((i for i, (s, t) in enumerate(zip(x.outputs[0].token_ids, y.outputs[0].token_ids)) if s != t), 12)
+            same = next((i for i, (s, t) in enumerate(zip(x.outputs[0].token_ids, y.outputs[0].token_ids))
+                         if s != t), 12)
             assert same >= 4
     finally:
         native.library.cache_clear()

@@ -52,7 +52,8 @@ def reference_tokens(reference, llm_f32):
 @pytest.mark.parametrize("prompt,chat", ALL)
 def test_greedy_tokens_equal_transformers(llm_f32, reference_tokens, prompt, chat):
     ids = _prompt_ids(llm_f32, prompt, chat)
-    out = llm_f32.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))[0]
+    out = llm_f32.generate({"prompt_token_ids": ids},
+                           SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == reference_tokens[prompt]
     assert out.outputs[0].finish_reason == "length"
 
@@ -76,9 +77,11 @@ def test_bfloat16_greedy_mostly_matches_float32(llm_f32, llm_bf16, reference_tok
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     full, prefix16 = 0, 0
     for prompt, chat in ALL:
-        got = llm_bf16.generate({"prompt_token_ids": _prompt_ids(llm_bf16, prompt, chat)}, params)[0].outputs[0].token_ids
+        got = llm_bf16.generate({"prompt_token_ids": _prompt_ids(llm_bf16, prompt, chat)},
+                                params)[0].outputs[0].token_ids
         full += got == reference_tokens[prompt]
         prefix16 += got[:16] == reference_tokens[prompt][:16]
     record_property("bf16_full_match", f"{full}/{len(ALL)}")
-    print(f"bf16 vs float32 greedy: {full}/{len(ALL)} identical over {NUM_TOKENS} tokens, {prefix16}/{len(ALL)} over 16")
+    print(f"bf16 vs float32 greedy: {full}/{len(ALL)} identical over {NUM_TOKENS} tokens, "
+          f"{prefix16}/{len(ALL)} over 16")
     assert prefix16 >= len(ALL) * 3 // 4

@@ -75,7 +75,8 @@ def test_min_p_drops_tokens_below_fraction_of_top_probability(min_p, kept):
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
     logits = torch.tensor([2.0, -1.0, 0.5, -2.0, 3.0, 1.5])
-    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1, 1], output_ids=[3, 3])
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1, 1],
+                          output_ids=[3, 3])
     # seen: 0 (prompt), 1 (prompt, twice: penalised once), 3 (output, twice); unseen 2, 4, 5 unchanged
     assert out.tolist() == [1.0, -2.0, 0.5, -4.0, 3.0, 1.5]
 
@@ -106,10 +107,13 @@ def test_no_penalty_means_logits_unchanged():
 def test_greedy_choice_follows_penalties():
     logits = torch.tensor([3.0, 2.5, 1.0])
     assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0), [5], [], None).token_id == 0
-    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, repetition_penalty=1.5), [0], [], None).token_id == 1
-    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, presence_penalty=1.0), [], [0], None).token_id == 1
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, repetition_penalty=1.5),
+                  [0], [], None).token_id == 1
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, presence_penalty=1.0),
+                  [], [0], None).token_id == 1
     # presence/frequency penalties ignore the prompt
-    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, presence_penalty=1.0), [0], [], None).token_id == 0
+    assert sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, presence_penalty=1.0),
+                  [0], [], None).token_id == 0
 
 
 # ---------------------------------------------------------------------------------------------- unit: logprobs
@@ -119,7 +123,8 @@ def test_logprobs_report_raw_distribution_rank_and_top_n_in_order():
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, 1.5])
     raw = logits.log_softmax(-1)
     # the repetition penalty pushes token 0 down to 0.3, so greedy picks token 1 (2nd most likely in the raw model)
-    got = sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, repetition_penalty=10.0, logprobs=3), [0], [], None)
+    got = sample(StepLogits(logits[None]), 0, SamplingParams(temperature=0, repetition_penalty=10.0, logprobs=3),
+                 [0], [], None)
     assert got.token_id == 1
     assert got.logprob == pytest.approx(float(raw[1]), abs=1e-6)
     assert got.rank == 2
@@ -297,7 +302,8 @@ def test_stop_string_cuts_text_before_it(llm_f32, greedy):
 def test_include_stop_str_in_output(llm_f32, greedy):
     text = greedy.text
     stop = text[len(text) // 3: len(text) // 3 + 5]
-    out = _first(llm_f32, PROMPT, SamplingParams(temperature=0, max_tokens=16, stop=stop, include_stop_str_in_output=True))
+    out = _first(llm_f32, PROMPT,
+                 SamplingParams(temperature=0, max_tokens=16, stop=stop, include_stop_str_in_output=True))
     assert out.text == text[: text.index(stop)] + stop
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 

@@ -41,7 +41,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_scaling: RopeScaling | None = None
     attention_bias: bool = False  # biases on the Q, K, V projections
-    attention_out_bias: bool = False  # a bias on the output projection (Llama's attention_bias sets both; Qwen2 only QKV)
+    # a bias on the output projection (Llama's attention_bias sets both; Qwen2 only QKV)
+    attention_out_bias: bool = False
     hidden_act: str = "silu"  # the gate's activation in the gated MLP: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Gemma 3, Qwen3)
     query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power; None: head_dim
@@ -99,7 +100,8 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None; got {self.method!r}")
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None; "
+                             f"got {self.method!r}")
         if self.group_size < 32 or self.group_size % 32:
             raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
 

@@ -70,7 +70,8 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
     except OSError:
         lines = []
     # "0::/path" (v2), "4:cpu,cpuacct:/path" (v1): controllers -> the process's cgroup
-    groups = {controllers: path for _, controllers, path in (line.split(":", 2) for line in lines if line.count(":") >= 2)}
+    groups = {controllers: path
+              for _, controllers, path in (line.split(":", 2) for line in lines if line.count(":") >= 2)}
     quotas = [_v2_quota(d) for d in _cgroup_dirs(root, groups.get("", "/"))]
     v1_path = next((path for controllers, path in groups.items() if "cpu" in controllers.split(",")), "/")
     for mount in (root / "cpu", root / "cpu,cpuacct"):

@@ -18,8 +18,9 @@ import pytest
 from serverproc import Server, start_server, stop, wait_healthy
 
 POISONS = [{"temperature": 1e-300}, {"top_p": 1e-300, "temperature": 1.0}, {"repetition_penalty": 1e-300},
-           {"repetition_penalty": 1e308, "temperature": 0.5}, {"temperature": 1e308}, {"min_p": 1.0, "temperature": 1e-4},
-           {"temperature": float("inf")}, {"top_p": float("nan")}, {"frequency_penalty": float("-inf")}]
+           {"repetition_penalty": 1e308, "temperature": 0.5}, {"temperature": 1e308},
+           {"min_p": 1.0, "temperature": 1e-4}, {"temperature": float("inf")}, {"top_p": float("nan")},
+           {"frequency_penalty": float("-inf")}]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_oversize_body_is_413_and_the_server_goes_on(srv):
     r = httpx.post(f"{srv.url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"},
                    timeout=60)
     assert r.status_code == 413
-    assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60).status_code == 200
+    assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                      timeout=60).status_code == 200
 
 
 def test_stopped_core_turns_health_red_within_the_heartbeat(srv):
@@ -132,7 +134,8 @@ def test_stopped_core_turns_health_red_within_the_heartbeat(srv):
     while httpx.get(f"{srv.url}/health", timeout=5).status_code != 200:
         assert time.monotonic() < deadline, "/health did not recover after SIGCONT"
         time.sleep(0.1)
-    assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
+    assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                      timeout=60).status_code == 200
 
 
 def test_killed_core_makes_the_server_exit_nonzero(srv):

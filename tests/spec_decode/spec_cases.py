@@ -68,5 +68,6 @@ def check_pools(engine: LLMEngine) -> None:
 
 def all_free(engine: LLMEngine) -> None:
     check_pools(engine)
-    for kv in [engine.kv_manager] + ([engine.speculator.proposer.kv] if hasattr(engine.speculator.proposer, "kv") else []):
+    for kv in [engine.kv_manager] + ([engine.speculator.proposer.kv]
+                                     if hasattr(engine.speculator.proposer, "kv") else []):
         assert kv.pool.num_free == kv.pool.num_blocks and not kv.block_tables

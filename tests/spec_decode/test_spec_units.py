@@ -39,7 +39,8 @@ def test_bad_config_names_the_field(value, field):
 
 def test_config_from_json_and_off_by_default():
     config = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 7}')
-    assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max, config.mode) == ("ngram", 4, 7, "auto")
+    assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max, config.mode) == (
+        "ngram", 4, 7, "auto")
     assert SpeculativeConfig.parse(None) is None
 
 

@@ -19,7 +19,8 @@ def hash_block(parent: bytes, token_ids: Sequence[int], extra_keys: bytes = b"")
     return h.digest()
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int, extra_keys: bytes = b"") -> None:
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
+                        extra_keys: bytes = b"") -> None:
     """Append the hashes of full blocks of `token_ids` not yet in `hashes` (in place, incremental)."""
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hashes[-1] if hashes else ROOT_HASH

@@ -44,7 +44,8 @@ class FusedDecoder:
     def build(cls, model: LlamaModel, kv: KVCache) -> FusedDecoder | None:
         """None when the model has something the native step does not do."""
         c = model.config
-        if (os.environ.get("TOKENMILL_FUSED_DECODE", "1") == "0" or not native.available() or kv.dtype not in layer_ops.CACHE_DTYPES or c.hidden_act != "silu" or c.qk_norm
+        if (os.environ.get("TOKENMILL_FUSED_DECODE", "1") == "0" or not native.available()
+                or kv.dtype not in layer_ops.CACHE_DTYPES or c.hidden_act != "silu" or c.qk_norm
                 or c.head_dim % 8 or any(type(layer) is not DecoderLayer for layer in model.layers)):
             return None
         layers, max_rows = [], float("inf")
@@ -64,9 +65,11 @@ class FusedDecoder:
                 kv.layout.group_of[i], window))
         return cls(model, kv, layers, int(max_rows)) if max_rows > 0 else None
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    def run(self, x: torch.Tensor, positions: torch.Tensor,
+            groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """x [M, hidden] float32 in place; groups[g] = (block tables [M, max_blocks], seq_lens [M], slots [M]),
         all int64, as the runner's decode metadata (tables from the window's first block)."""
         arr = (decode_step.KVGroup * len(groups))(*(
-            decode_step.KVGroup(t.data_ptr(), t.shape[1], lens.data_ptr(), slots.data_ptr()) for t, lens, slots in groups))
+            decode_step.KVGroup(t.data_ptr(), t.shape[1], lens.data_ptr(), slots.data_ptr())
+            for t, lens, slots in groups))
         decode_step.decode_layers(self.layers, arr, self.dims, positions, x)

@@ -88,7 +88,8 @@ class LlamaModel(nn.Module):
 
     layer_cls: type[nn.Module] = DecoderLayer
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, local_rotary: RotaryEmbedding | None = None) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding,
+                 local_rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

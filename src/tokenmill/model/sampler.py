@@ -20,12 +20,14 @@ class SampledToken:
     top: list[tuple[int, float]]  # (token id, logprob) of the top-N alternatives, best first
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> torch.Tensor:
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         if seen.numel():
             values = logits[seen]
-            logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+            logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                       values * params.repetition_penalty)
     if output_ids and (params.frequency_penalty or params.presence_penalty):
         counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)

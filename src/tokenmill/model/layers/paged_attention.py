@@ -68,7 +68,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
     """All single-token queries at once. The heads sharing a KV head act as that head's query rows."""
     b, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -80,7 +81,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[B, max_blocks] block ids -> [B, KV, max_blocks * block_size, D] (index_select: ~5x faster than fancy indexing)."""
+    """[B, max_blocks] block ids -> [B, KV, max_blocks * block_size, D]
+    (index_select: ~5x faster than fancy indexing)."""
     b, nb = block_tables.shape
     _, bs, kv, d = cache.shape
     return cache.index_select(0, block_tables.view(-1)).view(b, nb * bs, kv, d).transpose(1, 2)
