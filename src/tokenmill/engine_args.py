@@ -64,7 +64,9 @@ class EngineArgs:
     or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
     None: no speculation. threads: compute threads for this process (torch and the native kernels share one
     OpenMP pool); None: $OMP_NUM_THREADS if set, else the CPUs this process really has (affinity, cgroup quota).
-    Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread."""
+    Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread.
+    weight_cache: keep a GGUF's repacked weights under $TOKENMILL_CACHE_DIR/weights and map them at later starts
+    (model/weight_cache.py)."""
 
     model: str | Path | None = None
     dtype: str = "auto"
@@ -79,6 +81,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     speculative_config: dict[str, Any] | str | None = None
     threads: int | None = None
+    weight_cache: bool = True
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,6 +116,9 @@ class EngineArgs:
                        help="compute threads (default: $OMP_NUM_THREADS if set, else the CPUs this process may use: "
                             "affinity and cgroup quota); use 1 when other processes keep the cores busy, as every "
                             "decode step waits for its slowest thread")
+        p.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep a GGUF's repacked weights on disk ($TOKENMILL_CACHE_DIR/weights) and map them at "
+                            "later starts instead of repacking (default: on)")
         return parser
 
     @classmethod

@@ -46,7 +46,9 @@ class LLM:
         self.quant_config = args.quant_config(self.checkpoint)
         # packed kernels take float32 activations; "auto" keeps bfloat16 for float weights on native-bf16 CPUs
         self.dtype = torch.float32 if self.quant_config and dtype == "auto" else resolve_dtype(dtype)
-        self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress)
+        weight_cache = kernel_build.cache_dir() / "weights" if args.weight_cache else None
+        self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress,
+                                 weight_cache=weight_cache)
         draft_model, draft_dtype = None, None
         if self.speculative_config is not None and self.speculative_config.method == "draft_model":
             from tokenmill.engine.spec_decode.draft_model import load_draft_model

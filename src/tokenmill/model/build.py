@@ -11,6 +11,7 @@ from tqdm import tqdm
 from tokenmill.config import QuantConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_ops
+from tokenmill.model import weight_cache as weight_cache_entry
 from tokenmill.model.gemma3 import Gemma3Model
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.layers.rotary import RotaryEmbedding, inverse_frequencies
@@ -35,7 +36,9 @@ def _to_float(w: Weight) -> torch.Tensor:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None = None,
-                progress: bool = False) -> LlamaModel:
+                progress: bool = False, weight_cache: Path | None = None) -> LlamaModel:
+    """weight_cache: the folder of repacked-weight entries (model/weight_cache.py) for a GGUF file's packed
+    matrices; None: repack every time."""
     config = ckpt.config
     weights = dict(ckpt.weights)
     freq_factors = weights.pop("rope_freqs", None)
@@ -60,12 +63,21 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
     # Load the native kernels before the bar starts: a first start's build logs, a fallback warns, and either
     # printed under an active bar would break it.
     quant_ops.available()
+    use_cache = weight_cache is not None and quant is not None and ckpt.path.is_file()
+    fmt = f"{quant.method}:{quant.group_size}:{'tiled' if quant_ops.available() else 'rows'}" if quant else ""
+    cached = weight_cache_entry.load(weight_cache, ckpt.path, fmt) if use_cache else None
     for name in tqdm(sorted(wanted), desc="loading weights", disable=not progress, unit="tensor"):
-        packed = _quantized(name, weights, ckpt.path, quant) if name in matrices else None
+        if cached is not None:
+            packed = cached.get(name)
+        else:
+            packed = _quantized(name, weights, ckpt.path, quant) if name in matrices else None
+            packed = None if packed is None else [quant_ops.kernel_layout(w) for w in packed]
         if packed is not None:
-            quantized[name] = [quant_ops.kernel_layout(w) for w in packed]
+            quantized[name] = packed
         else:
             state[name] = _gather(name, weights, ckpt.path).to(dtype)
+    if use_cache and cached is None and quantized:
+        weight_cache_entry.save(weight_cache, ckpt.path, fmt, quantized)
     extra = set(weights) - {p for name in wanted for p in _parts(name)}
     if extra:
         raise ModelLoadError(f"{ckpt.path}: tensors not used by the {config.architecture} model: {sorted(extra)[:5]}")
