@@ -114,6 +114,7 @@ def _release_memory() -> None:
     the collector's sight, and glibc keeps freed heap pages (weights were allocated there) until trimmed."""
     gc.unfreeze()
     gc.collect()
+    gc.freeze()  # what is left lives as long as the server: out of the collector's sight again, as before
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: its allocator decides
