@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
-from tokenmill.bench.peers import free_port
+from tokenmill.bench.peers import ServerProcess, free_port
 
 
 def rollup(pid: int) -> dict[str, float]:
@@ -29,27 +28,14 @@ def rollup(pid: int) -> dict[str, float]:
 
 def measure(model: str | None) -> dict[str, dict[str, float]]:
     port = free_port()
-    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
-        cmd = [sys.executable, "-m", "tokenmill.cli", "serve", *([model] if model else []), "--port", str(port)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
-            while True:
-                assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-2000:]
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=120)
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "tokenmill.cli", "serve", *([model] if model else []), "--port", str(port)]
+        with ServerProcess("tokenmill", command, port, Path(tmp) / "serve.log") as server:
+            server.start(timeout_s=300)
+            httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=120)
             time.sleep(1)
-            core = int(re.search(r"engine core running in process (\d+)", open(log.name).read()).group(1))
-            return {"api": rollup(proc.pid), "core": rollup(core)}
-        finally:
-            proc.terminate()
-            proc.wait(60)
+            core = int(re.search(r"engine core running in process (\d+)", server.log_tail(10**6)).group(1))
+            return {"api": rollup(server.process.pid), "core": rollup(core)}
 
 
 def main() -> None:

@@ -22,7 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from quantized import PEERS, llama_bench, run, tokenmill_latency  # benchmarks/ is sys.path[0] when run as a script
+from quantized import (  # benchmarks/ is sys.path[0] when run as a script
+    IK_PEERS,
+    PEERS,
+    llama_bench,
+    run,
+    tokenmill_latency,
+)
 
 from tokenmill.bench.peers import ServerProcess, free_port, llama_server, tokenmill_server
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
@@ -82,8 +88,10 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
     lat = tokenmill_latency(["--model", name], out / "latency")
     peer = llama_bench(gguf, out / "llama-bench.json") if PEERS.exists() else {"prefill": float("nan"),
                                                                               "decode": float("nan")}
-    tput = throughputs(name, args.concurrency, args.num_prompts, args.output_len, args.kv_cache_memory,
-                       out / "compare")
+    ik = (llama_bench(gguf, out / "ik-llama-bench.json", IK_PEERS, "-rtr", "1") if IK_PEERS.exists()
+          else {"prefill": float("nan"), "decode": float("nan")})
+    tput = (throughputs(name, args.concurrency, args.num_prompts, args.output_len, args.kv_cache_memory,
+                        out / "compare") if args.concurrency else {})
     bandwidth = f"{100 * lat['bandwidth_fraction']:.0f}% of {lat['memory_read_gb_s']:.0f} GB/s"
     rows = [
         f"| {name} | tokenmill | {ours_ready[0]:.1f} | {lat['load_s']:.1f} | {ours_ready[1]:.0f} | "
@@ -92,6 +100,8 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
         f"| {name} | llama.cpp | {peer_ready[0]:.1f} | | {peer_ready[1]:.0f} | | {peer['prefill']:.0f} | "
         f"{peer['decode']:.1f} | | " + " | ".join(f"{tput.get(('llama.cpp', c), float('nan')):.0f}"
                                                    for c in args.concurrency) + " |",
+        f"| {name} | ik_llama.cpp -rtr | | | | | {ik['prefill']:.0f} | {ik['decode']:.1f} | | "
+        + " | ".join("" for _ in args.concurrency) + " |",
     ]
     return rows
 
@@ -103,7 +113,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models"))
     parser.add_argument("--models", nargs="+", default=["qwen2.5-coder-1.5b", "gemma3-270m"],
                         help="catalog names (`tokenmill models`)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 32],
+                        help="throughput runs (none: ready time and single stream only)")
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per throughput run (at least 2 x C)")
     parser.add_argument("--output-len", type=int, default=128, help="tokens out per throughput request")
     parser.add_argument("--kv-cache-memory", type=int, default=DEFAULT_KV_CACHE_MEMORY, help="tokenmill's, bytes")

@@ -29,6 +29,7 @@ FORMATS = {  # name -> tokenmill CLI flags
     "native GGUF Q4_1": [],
 }
 PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers" / "llama.cpp" / "bin"
+IK_PEERS = PEERS.parents[1] / "ik_llama.cpp" / "bin"
 
 
 def run(cmd: list[str], out: Path) -> None:
@@ -53,9 +54,10 @@ def tokenmill_throughput(batch: int, out: Path) -> float:
     return json.loads(result.read_text())["metrics"]["output_throughput"]
 
 
-def llama_bench(model: Path, out: Path) -> dict[str, float]:
-    run([str(PEERS / "llama-bench"), "-m", str(model), "-t", "2", "-p", "128", "-n", "64", "-r", "3", "-o", "json"],
-        out)
+def llama_bench(model: Path, out: Path, bin_dir: Path = PEERS, *extra: str) -> dict[str, float]:
+    """llama-bench of `bin_dir` (llama.cpp's, or ik_llama.cpp's with extra=("-rtr", "1")): prefill 128, decode 64."""
+    run([str(bin_dir / "llama-bench"), "-m", str(model), "-t", "2", "-p", "128", "-n", "64", "-r", "3", *extra,
+         "-o", "json"], out)
     rows = json.loads(out.read_text()[out.read_text().index("["):])
     return {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
 

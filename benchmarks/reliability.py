@@ -27,7 +27,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from tokenmill.bench.peers import ServerProcess, free_port
+
 MAX_TOKENS = 12
 POISONS = [("temperature", 1e-300), ("top_p", 1e-300), ("repetition_penalty", 1e-300),
            ("repetition_penalty", 1e308)]
@@ -48,38 +49,25 @@ POISONS = [("temperature", 1e-300), ("top_p", 1e-300), ("repetition_penalty", 1e
 
 # --- server ---------------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """`tokenmill serve` on the default model in float32, with what this benchmark reads of it."""
 
-
-class Server:
     def __init__(self, log_path: Path, extra: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.command = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port), "--dtype",
-                        "float32", *extra]
-        with open(log_path, "wb") as out:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        port = free_port()
+        super().__init__("tokenmill", [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port),
+                                       "--dtype", "float32", *extra], port, log_path, env={"PYTHONUNBUFFERED": "1"})
+        self.url = self.base_url
+        self.proc = None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_tail(10**9)
 
-    def wait_healthy(self, timeout: float = 300) -> float:
+    def start_and_time(self, timeout: float = 300) -> float:
+        """Start it and return the seconds until /health answered 200."""
         start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                sys.exit(f"tokenmill serve exited early ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        sys.exit(f"tokenmill serve was not healthy within {timeout} s:\n{self.log()[-3000:]}")
+        self.start(timeout)
+        self.proc = self.process
+        return time.monotonic() - start
 
     def core_pid(self) -> int:
         return int(re.search(r"engine core running in process (\d+)", self.log()).group(1))
@@ -92,15 +80,6 @@ class Server:
                 key, value = line.rsplit(" ", 1)
                 out[re.sub(r'model_name="[^"]*",?', "", key).replace("{}", "").replace(",}", "}")] = float(value)
         return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- load and poison ------------------------------------------------------------------------------------------
@@ -495,7 +474,7 @@ def main() -> None:
                               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     wall = time.monotonic()
     try:
-        report["ready_s"] = round(server.wait_healthy(), 1)
+        report["ready_s"] = round(server.start_and_time(), 1)
         refs = references(server.url, numbers)
         report["references"] = {str(n): t for n, t in refs.items()}
         report["references_holding_their_number"] = sum(str(n) in t for n, t in refs.items())

@@ -9,7 +9,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import build, native
@@ -34,19 +41,26 @@ def _checkpoint(folder, tokenizer_dir, model) -> str:
     return str(folder)
 
 
-def _run(llm: LLM, fused: bool) -> list:
+def _run(llm: LLM, fused: bool, one_by_one: bool = False) -> list:
     runner = llm.engine.runner
     saved = runner.fused
     if not fused:
         runner.fused = None
     try:
         params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
-        return llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        if one_by_one:
+            return [llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
+        return llm.generate(prompts, params, use_tqdm=False)
     finally:
         runner.fused = saved
 
 
-def _assert_paths_agree(llm: LLM) -> None:
+def _assert_paths_agree(llm: LLM, module_one_by_one: bool = False) -> None:
+    """module_one_by_one: compare with the module path run on each prompt alone. Its batched decode attends over
+    keys padded to the batch's widest block table, and a wider softmax sums in another order: a last-bit change
+    that the next layer's int8 activation quantization can turn into ~1e-3 in a logprob. The fused step is
+    batch-invariant (each row attends over its own keys), so it must equal the module path's lone rows."""
     assert llm.engine.runner.fused is not None, "this model should take the fused decode step"
     calls = []
     run = llm.engine.runner.fused.run
@@ -57,7 +71,7 @@ def _assert_paths_agree(llm: LLM) -> None:
     if prefill_fused:
         assert calls[0] == sum(map(len, PROMPTS))  # the prompts' prefill went through it
     assert calls.count(len(PROMPTS)) >= 2 and len(calls) >= 19 + prefill_fused  # and the batched decodes
-    modules = _run(llm, fused=False)
+    modules = _run(llm, fused=False, one_by_one=module_one_by_one)
     for a, b in zip(fused, modules):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -77,6 +91,24 @@ def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization, kv_cache_dtype
               kv_cache_dtype=kv_cache_dtype)
     assert llm.engine.kv_cache.dtype == want
     _assert_paths_agree(llm)
+
+
+def test_gemma3_qk_norm_geglu_sandwich_norms(tmp_path, tokenizer_dir):
+    """Gemma 3's layer on the fused step: QK-norm, GeGLU, the sandwich norms, its attention scale, sliding layers
+    with their own RoPE base beside a global one, random norm weights so a dropped or misplaced norm shows."""
+    torch.manual_seed(4)
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    config = Gemma3TextConfig(**{**SHAPE, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=24,
+                              sliding_window=8, layer_types=layer_types)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    folder = _checkpoint(tmp_path, tokenizer_dir, model)
+    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False)
+    assert llm.config.qk_norm and llm.config.hidden_act == "gelu_pytorch_tanh"
+    _assert_paths_agree(llm, module_one_by_one=True)
 
 
 def test_sliding_window_across_blocks(tmp_path, tokenizer_dir):

@@ -18,9 +18,13 @@ def test_rms_norm_on_strided_rows():
 
 
 @pytest.mark.parametrize("t,i", [(1, 8), (3, 13), (17, 1536)])
-def test_silu_and_mul(t, i):
+def test_gated_activations(t, i):
     x = torch.randn(t, 2 * i) * 4
-    torch.testing.assert_close(layer_ops.silu_and_mul(x), F.silu(x[:, :i]) * x[:, i:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer_ops.act_and_mul(x), F.silu(x[:, :i]) * x[:, i:], rtol=1e-5, atol=1e-6)
+    x[0, :4] = torch.tensor([-30.0, 30.0, 1e-4, 0.0])  # saturated tanh both ways, and near zero
+    # PyTorch's 1 + tanh(y) loses digits where tanh(y) is near -1; the kernel's g / (1 + exp(-2y)) does not
+    torch.testing.assert_close(layer_ops.act_and_mul(x, gelu=True), F.gelu(x[:, :i], approximate="tanh") * x[:, i:],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_rotary_in_place_is_bit_exact_with_the_reference():

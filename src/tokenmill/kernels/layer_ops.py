@@ -19,11 +19,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: contiguous [T, 2I] (gate then up) -> silu(gate) * up, [T, I]."""
+def act_and_mul(x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """x: contiguous [T, 2I] (gate then up) -> act(gate) * up, [T, I]; act SiLU, or with gelu PyTorch's
+    gelu(approximate="tanh") (the fused step runs the same row function, so both paths agree bit for bit)."""
     t, width = x.shape
     out = torch.empty(t, width // 2, dtype=torch.float32)
-    library().tm_silu_and_mul(x.data_ptr(), t, width // 2, out.data_ptr())
+    library().tm_act_and_mul(x.data_ptr(), t, width // 2, int(gelu), out.data_ptr())
     return out
 
 

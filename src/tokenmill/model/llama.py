@@ -63,8 +63,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.act is F.silu and native.enabled_for(gate_up):
-            return self.down_proj(layer_ops.silu_and_mul(gate_up))
+        if native.enabled_for(gate_up) and gate_up.is_contiguous():
+            return self.down_proj(layer_ops.act_and_mul(gate_up, gelu=self.act is not F.silu))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 

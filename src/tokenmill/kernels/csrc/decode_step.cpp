@@ -1,4 +1,4 @@
-// The whole decoder stack of a Llama-family model for a step's token rows (decode tokens, and the rows of verify
+// The whole decoder stack of a Llama-family (or Gemma 3) model for a step's token rows (decode tokens, and the rows of verify
 // and prefill chunks, each attending to its own prefix), in one call and one OpenMP parallel region: per layer
 // RMSNorm -> fused QKV (+bias) -> RoPE -> KV write -> paged attention -> o_proj (+residual) -> RMSNorm ->
 // gate/up -> SiLU-and-mul -> down (+residual), with barriers between the stages instead of a Python call, a
@@ -38,6 +38,12 @@ struct Layer {
   const float* sin;
   int group;   // its KV group (cache/kv_layout.py): which block tables it reads
   int window;  // sliding window, 0 = none
+  // Gemma 3 (null elsewhere): RMSNorm over each q and k head before RoPE, and "sandwich" norms of the attention
+  // and MLP outputs before they join the residual stream (post_attention_norm is then its pre-MLP norm).
+  const float* q_norm;
+  const float* k_norm;
+  const float* attn_out_norm;
+  const float* mlp_out_norm;
 };
 
 struct Group {  // one KV group's view of the step
@@ -51,6 +57,7 @@ struct Dims {
   int hidden, heads, kv_heads, head_dim, intermediate, block_size;
   float eps, scale;
   int kv_f16;
+  int gelu;  // the MLP's gate activation: 0 SiLU (SwiGLU), 1 tanh-approximated GELU (GeGLU)
 };
 
 int width(const Linear& lin) {
@@ -85,6 +92,18 @@ std::vector<std::pair<int, int>> table_runs(const Group& g, int M, int block_siz
   return runs;
 }
 
+// x += rms_norm(y) * w, row by row (inside the parallel region): a sublayer's output joins the residual stream
+// through its own norm; y is overwritten.
+void add_normed(float* x, float* y, const float* w, float eps, int M, int H) {
+#pragma omp for schedule(static)
+  for (int m = 0; m < M; ++m) {
+    float* row = y + static_cast<int64_t>(m) * H;
+    float* out = x + static_cast<int64_t>(m) * H;
+    tm::rms_norm_row(row, w, eps, H, row);
+    for (int i = 0; i < H; ++i) out[i] += row[i];
+  }
+}
+
 template <typename T>
 T* grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -117,7 +136,7 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   for (int l = 0; l < num_layers; ++l) num_groups = std::max(num_groups, layers[l].group + 1);
   std::vector<std::vector<std::pair<int, int>>> runs;
   for (int g = 0; g < num_groups; ++g) runs.push_back(table_runs(groups[g], M, d.block_size));
-  constexpr int kChunk = 64;  // SiLU-and-mul work unit, so one row still spreads over the threads
+  constexpr int kChunk = 64;  // gated-activation work unit, so one row still spreads over the threads
   const int chunks = (I + kChunk - 1) / kChunk;
 #pragma omp parallel
   for (int l = 0; l < num_layers; ++l) {
@@ -132,6 +151,9 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
       float* row = qkv + static_cast<int64_t>(m) * qkv_width;
       const float* c = ly.cos + positions[m] * D;
       const float* s = ly.sin + positions[m] * D;
+      if (ly.q_norm)
+        for (int head = 0; head < d.heads + d.kv_heads; ++head)
+          tm::rms_norm_row(row + head * D, head < d.heads ? ly.q_norm : ly.k_norm, d.eps, D, row + head * D);
       for (int head = 0; head < d.heads + d.kv_heads; ++head) tm::rotate_half_row(row + head * D, c, s, D);
       tm::write_kv_row(row + q_width, row + q_width + kv_width, grp.slots[m], kv_width, ly.k_cache, ly.v_cache, d.kv_f16);
     }
@@ -152,7 +174,12 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
                                   qkv_width, d.scale, attn + static_cast<int64_t>(m) * q_width + head * D, q_width);
       }
     tm::quantize_rows(attn, q_width, M, q_width, qa);
-    linear(ly.o, qa, M, x, H, true);
+    if (ly.attn_out_norm) {
+      linear(ly.o, qa, M, h, H, false);
+      add_normed(x, h, ly.attn_out_norm, d.eps, M, H);
+    } else {
+      linear(ly.o, qa, M, x, H, true);
+    }
 #pragma omp for schedule(static)
     for (int m = 0; m < M; ++m)
       tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.post_attention_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
@@ -163,10 +190,15 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
       for (int c = 0; c < chunks; ++c) {
         const int64_t row = static_cast<int64_t>(m) * 2 * I, i0 = c * kChunk;
         const int n = std::min(kChunk, I - static_cast<int>(i0));
-        tm::silu_and_mul_row(gu + row + i0, gu + row + I + i0, n, act + static_cast<int64_t>(m) * I + i0);
+        tm::act_and_mul_row(gu + row + i0, gu + row + I + i0, n, d.gelu, act + static_cast<int64_t>(m) * I + i0);
       }
     tm::quantize_rows(act, I, M, I, qa);
-    linear(ly.down, qa, M, x, H, true);
+    if (ly.mlp_out_norm) {
+      linear(ly.down, qa, M, h, H, false);
+      add_normed(x, h, ly.mlp_out_norm, d.eps, M, H);
+    } else {
+      linear(ly.down, qa, M, x, H, true);
+    }
   }
 }
 

@@ -1,4 +1,4 @@
-// Per-token float32 layer ops that PyTorch runs as several small ops each (RMSNorm, SiLU-and-mul, rotary): one
+// Per-token float32 layer ops that PyTorch runs as several small ops each (RMSNorm, gated activations, rotary): one
 // pass over the data each, so a decode step's time goes to the weights, not to dispatch. (The KV-cache write is
 // in paged_attention.cpp, next to the reads of the cache format it writes.)
 #include <omp.h>
@@ -14,12 +14,12 @@ void tm_rms_norm(const float* x, int64_t x_stride, const float* w, float eps, in
   for (int t = 0; t < T; ++t) tm::rms_norm_row(x + t * x_stride, w, eps, H, out + static_cast<int64_t>(t) * H);
 }
 
-// out[t] = silu(x[t, :I]) * x[t, I:2I]
-void tm_silu_and_mul(const float* x, int T, int I, float* out) {
+// out[t] = act(x[t, :I]) * x[t, I:2I], act SiLU or (gelu != 0) tanh-approximated GELU
+void tm_act_and_mul(const float* x, int T, int I, int gelu, float* out) {
 #pragma omp parallel for schedule(static) if (T >= 16)
   for (int t = 0; t < T; ++t) {
     const float* g = x + static_cast<int64_t>(t) * 2 * I;
-    tm::silu_and_mul_row(g, g + I, I, out + static_cast<int64_t>(t) * I);
+    tm::act_and_mul_row(g, g + I, I, gelu, out + static_cast<int64_t>(t) * I);
   }
 }
 

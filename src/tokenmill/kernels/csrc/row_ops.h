@@ -40,6 +40,32 @@ inline void silu_and_mul_row(const float* g, const float* u, int I, float* o) {
   for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// o = gelu_tanh(g) * u over I values: PyTorch's gelu(approximate="tanh"), 0.5 g (1 + tanh(y)) with
+// y = sqrt(2/pi) (g + 0.044715 g^3), computed as g / (1 + exp(-2y)) (the same value; no cancellation in 1 + tanh).
+inline void gelu_tanh_and_mul_row(const float* g, const float* u, int I, float* o) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 k0 = _mm256_set1_ps(-2.0f * 0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+  int i = 0;
+  for (; i + 8 <= I; i += 8) {
+    __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 minus_2y = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, gv), _mm256_mul_ps(gv, gv), gv));
+    __m256 gelu = _mm256_div_ps(gv, _mm256_add_ps(one, tm::exp(minus_2y)));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < I; ++i) {
+    const float minus_2y = -2.0f * 0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+    o[i] = g[i] / (1.0f + std::exp(minus_2y)) * u[i];
+  }
+}
+
+// o = act(g) * u over I values: SiLU (SwiGLU) or, with gelu, tanh-approximated GELU (GeGLU).
+inline void act_and_mul_row(const float* g, const float* u, int I, bool gelu, float* o) {
+  if (gelu)
+    gelu_tanh_and_mul_row(g, u, I, o);
+  else
+    silu_and_mul_row(g, u, I, o);
+}
+
 // Rotate-half RoPE of one head row x[D] in place with this position's cos/sin rows. The products and sums of
 // x*cos + rotate_half(x)*sin are unfused, so the result is bit-exact with the PyTorch formula.
 inline void rotate_half_row(float* x, const float* c, const float* s, int D) {
