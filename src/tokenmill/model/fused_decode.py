@@ -19,8 +19,8 @@ import torch
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.kernels import decode_step, layer_ops, native
-from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.gemma3 import Gemma3DecoderLayer
+from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import DecoderLayer, LlamaModel
 
 
