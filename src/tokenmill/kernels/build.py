@@ -24,7 +24,7 @@ from tokenmill.hardware import cpu_flags
 
 logger = logging.getLogger("tokenmill.kernels")
 
-SOURCES = ("quant_linear.cpp", "layer_ops.cpp", "paged_attention.cpp", "decode_step.cpp")
+SOURCES = ("quant_linear.cpp", "tiled_matmul.cpp", "layer_ops.cpp", "paged_attention.cpp", "decode_step.cpp")
 REQUIRED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})

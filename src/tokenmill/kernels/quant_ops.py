@@ -14,17 +14,18 @@ from tokenmill.quant.weights import QuantizedWeight
 
 __all__ = ["QMatrix", "available", "dequantize", "kernel_layout", "linear"]
 _p, _i = ctypes.c_void_p, ctypes.c_int
+_FORMATS = {None: 0, "q4_k": 1, "q6_k": 2}  # tm::Format
 
 
 class QMatrix(ctypes.Structure):
     """Mirror of tm::QMatrix (csrc/quant_linear.h): a QuantizedWeight's tensors and format."""
     _fields_ = [("q", _p), ("scale", _p), ("min", _p), ("bits", _i), ("f16", _i), ("group", _i), ("N", _i), ("K", _i),
-                ("tiled", _i)]
+                ("tiled", _i), ("format", _i), ("qh", _p), ("super", _p)]
 
     @classmethod
     def of(cls, w: QuantizedWeight) -> QMatrix:
-        return cls(w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins), w.bits,
-                   f16_flag(w.scales), w.group_size, w.out_features, w.in_features, int(w.tiled))
+        return cls(w.qweight.data_ptr(), w.scales.data_ptr(), ptr(w.mins), w.bits, f16_flag(w.scales), w.group_size,
+                   w.out_features, w.in_features, int(w.tiled), _FORMATS[w.kquant], ptr(w.qhigh), ptr(w.super_scales))
 
 
 def kernel_layout(w: QuantizedWeight) -> QuantizedWeight:

@@ -27,7 +27,7 @@ from tokenmill.quant.weights import QuantizedWeight
 
 logger = logging.getLogger("tokenmill.model")
 
-LAYOUT_VERSION = 1  # bump when QuantizedWeight's fields or the tiled layout change
+LAYOUT_VERSION = 2  # bump when QuantizedWeight's fields or the tiled layout change
 _ALIGN = 64
 _DTYPES = {str(d): d for d in (torch.uint8, torch.int8, torch.float16, torch.float32)}
 Packed = dict[str, list[QuantizedWeight]]  # model parameter -> its packed parts
@@ -70,11 +70,8 @@ def save(folder: Path, checkpoint: Path, fmt: str, weights: Packed) -> None:
         for name, parts in weights.items():
             entries = []
             for w in parts:
-                entry = {"bits": w.bits, "group_size": w.group_size, "tiled": w.tiled}
-                for field in ("qweight", "scales", "mins"):
-                    tensor = getattr(w, field)
-                    if tensor is None:
-                        continue
+                entry = {"bits": w.bits, "group_size": w.group_size, "tiled": w.tiled, "kquant": w.kquant}
+                for field, tensor in w.tensors().items():
                     pad = b"\0" * (-offset % _ALIGN)
                     raw = tensor.contiguous().view(torch.uint8).numpy()
                     out.write(pad)
@@ -96,16 +93,14 @@ def save(folder: Path, checkpoint: Path, fmt: str, weights: Packed) -> None:
 
 
 def _weight(data: torch.Tensor, part: dict) -> QuantizedWeight:
-    def tensor(field: str) -> torch.Tensor | None:
-        if field not in part:
-            return None
-        spec = part[field]
+    def tensor(spec: dict) -> torch.Tensor:
         dtype = _DTYPES[spec["dtype"]]
         count = math.prod(spec["shape"]) * dtype.itemsize
         return data[spec["offset"]:spec["offset"] + count].view(dtype).view(spec["shape"])
 
-    return QuantizedWeight(part["bits"], tensor("qweight"), tensor("scales"), tensor("mins"), part["group_size"],
-                           part["tiled"])
+    tensors = {field: tensor(spec) for field, spec in part.items() if isinstance(spec, dict)}
+    return QuantizedWeight(part["bits"], group_size=part["group_size"], tiled=part["tiled"], kquant=part["kquant"],
+                           **{"mins": None, **tensors})
 
 
 def _remove_stale(folder: Path, checkpoint: Path, fmt: str, keep: str) -> None:

@@ -3,8 +3,13 @@ quantized path shares (GGUF repacking, round-to-nearest and calibrated quantizat
 
 int4: w = scale * q + min with q in [0, 15] (asymmetric; symmetric int4 is min = -8 * scale). The nibbles of
 each 32-block are ordered as in GGUF's Q4_0/Q4_1 (byte j holds q[j] low, q[j + 16] high), so those GGUF
-types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32; Q6_K's
-16-groups are the one group size below 32).
+types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32; 16-groups are
+the one group size below 32).
+
+GGUF's Q4_K and Q6_K are held as k-quants (`kquant`), at the file's own bits per weight: integer scale codes
+under a float16 scale per 256 values, always tiled (kernels/csrc/tiled_matmul.cpp has the byte layout).
+untile() expands one to the plain format with float32 scales, exactly (a float16 times a 6- or 8-bit integer
+is exact in float32): the reference the kernels are tested against.
 """
 from __future__ import annotations
 
@@ -15,26 +20,37 @@ import torch
 BLOCK = 32  # elements per nibble-packing block; group sizes are multiples of it
 TILE_ROWS = 8  # rows interleaved in the tiled layout
 CHUNK_BYTES = 4  # bytes of one row that sit together in the tiled layout
+SUPER_BLOCK = 256  # elements per float16 scale of a k-quant
+KQUANTS = ("q4_k", "q6_k")
 
 
 @dataclass
 class QuantizedWeight:
-    bits: int  # 4 or 8
-    qweight: torch.Tensor  # int4: uint8 [out, in // 2]; int8: int8 [out, in]
-    scales: torch.Tensor  # float16 or float32 [out, in // group_size]
-    mins: torch.Tensor | None  # int4 only: same shape and dtype as scales
+    bits: int  # 4 or 8; 6 for q6_k
+    qweight: torch.Tensor  # int4 and k-quants: uint8 [out, in // 2] (q6_k: the codes' low nibbles); int8: int8 [out, in]
+    scales: torch.Tensor  # float16 or float32 [out, in // group_size]; k-quants: their scale codes (q4_k: with mins)
+    mins: torch.Tensor | None  # plain int4 only: same shape and dtype as scales
     group_size: int
     tiled: bool = False  # the native kernels' layout (see tile()); shapes are the same in both layouts
+    kquant: str | None = None  # "q4_k" or "q6_k" (one of KQUANTS): GGUF's block format at its own size
+    qhigh: torch.Tensor | None = None  # q6_k: the codes' high 2 bits, uint8 [out, in // 4]
+    super_scales: torch.Tensor | None = None  # k-quants: float16 [out, in // 256] (q4_k: d and dmin, [out, in // 128])
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
-        if (self.group_size % BLOCK and (self.bits, self.group_size) != (8, 16)) or self.in_features % self.group_size:
+        if self.bits not in (4, 6, 8) or (self.bits == 6) != (self.kquant == "q6_k"):
+            raise ValueError(f"bits must be 4 or 8 (6 for q6_k), got {self.bits}")
+        if self.kquant is not None:
+            if self.kquant not in KQUANTS or not self.tiled or self.super_scales is None or self.mins is not None \
+                    or (self.qhigh is not None) != (self.kquant == "q6_k") or self.in_features % SUPER_BLOCK:
+                raise ValueError(f"a {self.kquant} weight is tiled, has super_scales (and qhigh for q6_k), no mins, "
+                                 f"and a multiple of {SUPER_BLOCK} inputs")
+        elif (self.mins is None) != (self.bits == 8):
+            raise ValueError("int4 weights need mins; int8 weights have none")
+        if (self.group_size % BLOCK and (self.bits, self.group_size) not in ((8, 16), (6, 16))) \
+                or self.in_features % self.group_size:
             raise ValueError(f"group_size {self.group_size} must be a multiple of {BLOCK} (or 16 for int8) dividing "
                              f"{self.in_features}")
-        if (self.mins is None) != (self.bits == 8):
-            raise ValueError("int4 weights need mins; int8 weights have none")
-        if self.tiled and (self.group_size != BLOCK or self.out_features % TILE_ROWS):
+        if self.tiled and (self.group_size != (16 if self.bits == 6 else BLOCK) or self.out_features % TILE_ROWS):
             raise ValueError(f"a tiled weight has group_size {BLOCK} and a multiple of {TILE_ROWS} rows")
 
     @property
@@ -43,7 +59,12 @@ class QuantizedWeight:
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+        return self.qweight.shape[1] * (1 if self.bits == 8 else 2)
+
+    @property
+    def format_name(self) -> str:
+        """e.g. int4_g32, or Q4_K for a k-quant."""
+        return self.kquant.upper() if self.kquant else f"int{self.bits}_g{self.group_size}"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,7 +72,12 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that hold the weight, by field name."""
+        fields = ("qweight", "scales", "mins", "qhigh", "super_scales")
+        return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
 
     @property
     def can_tile(self) -> bool:
@@ -65,33 +91,62 @@ class QuantizedWeight:
             return self
         if not self.can_tile:
             raise ValueError(f"cannot tile a {self.shape} weight with group_size {self.group_size}")
-        n, tiles, blocks, chunks = self._tile_shape()
-        q = self.qweight.view(tiles, TILE_ROWS, blocks, chunks, CHUNK_BYTES).permute(0, 2, 3, 1, 4)
+        n, tiles, blocks, _ = self._tile_shape()
 
         def per_block(t: torch.Tensor) -> torch.Tensor:
             t = t.repeat_interleave(self.group_size // BLOCK, dim=1)
             return t.view(tiles, TILE_ROWS, blocks).transpose(1, 2).reshape(n, blocks)
 
-        return QuantizedWeight(self.bits, q.reshape(self.qweight.shape), per_block(self.scales),
+        return QuantizedWeight(self.bits, interleave_rows(self.qweight, blocks), per_block(self.scales),
                                None if self.mins is None else per_block(self.mins), BLOCK, tiled=True)
 
     def untile(self) -> QuantizedWeight:
-        """The row layout (group size 32 when it was tiled)."""
+        """The row layout (group size 32 when it was tiled); a k-quant expands to the plain format."""
         if not self.tiled:
             return self
-        n, tiles, blocks, chunks = self._tile_shape()
-        q = self.qweight.view(tiles, blocks, chunks, TILE_ROWS, CHUNK_BYTES).permute(0, 3, 1, 2, 4)
+        if self.kquant is not None:
+            return self._expand()
+        n, tiles, blocks, _ = self._tile_shape()
 
         def per_row(t: torch.Tensor) -> torch.Tensor:
             return t.view(tiles, blocks, TILE_ROWS).transpose(1, 2).reshape(n, blocks)
 
-        return QuantizedWeight(self.bits, q.reshape(self.qweight.shape), per_row(self.scales),
+        return QuantizedWeight(self.bits, self._untiled_codes(), per_row(self.scales),
                                None if self.mins is None else per_row(self.mins), BLOCK)
 
+    def _untiled_codes(self) -> torch.Tensor:
+        """qweight in the row layout."""
+        _, tiles, blocks, chunks = self._tile_shape()
+        q = self.qweight.view(tiles, blocks, chunks, TILE_ROWS, CHUNK_BYTES).permute(0, 3, 1, 2, 4)
+        return q.reshape(self.qweight.shape)
+
     def _tile_shape(self) -> tuple[int, int, int, int]:
-        """Rows, tiles of 8 rows, 32-blocks per row, and 4-byte chunks per row's 32-block."""
+        """Rows, tiles of 8 rows, 32-blocks per row, and 4-byte chunks of qweight per row's 32-block."""
         n, k = self.shape
-        return n, n // TILE_ROWS, k // BLOCK, BLOCK * self.bits // 8 // CHUNK_BYTES
+        return n, n // TILE_ROWS, k // BLOCK, self.qweight.shape[1] // (k // BLOCK) // CHUNK_BYTES
+
+    def _expand(self) -> QuantizedWeight:
+        """A k-quant as the plain row-layout format with float32 scales (and mins), the same values."""
+        n, tiles, blocks, _ = self._tile_shape()
+        supers = self.in_features // SUPER_BLOCK
+        nibbles = self._untiled_codes()
+        if self.kquant == "q4_k":
+            codes = self.scales.view(tiles, blocks, 12)
+            low = codes[..., :TILE_ROWS].int()
+            high = torch.stack([codes[..., TILE_ROWS:] & 0x0F, codes[..., TILE_ROWS:] >> 4], -1).view(tiles, blocks, 8).int()
+            sc, m = (low & 15) | (high & 3) << 4, (low >> 4) | (high >> 2) << 4
+            dm = self.super_scales.view(tiles, supers, 2, TILE_ROWS).permute(0, 3, 1, 2).float()
+            dm = dm.reshape(n, supers, 2).repeat_interleave(SUPER_BLOCK // BLOCK, dim=1)
+            sc, m = (t.transpose(1, 2).reshape(n, blocks).float() for t in (sc, m))
+            return QuantizedWeight(4, nibbles, dm[..., 0] * sc, -(dm[..., 1] * m), BLOCK)
+        low = torch.cat([(b := nibbles.view(n, blocks, BLOCK // 2)) & 0x0F, b >> 4], -1).view(tiles, TILE_ROWS, -1)
+        shifts = torch.tensor([[0, 2], [4, 6]], dtype=torch.uint8)  # [chunk parity, half of the block]
+        high = (self.qhigh.view(tiles, blocks, 2, TILE_ROWS, CHUNK_BYTES, 1, 1) >> shifts) & 3
+        high = high.permute(0, 3, 1, 6, 2, 5, 4).reshape(tiles, TILE_ROWS, -1)  # -> [tile, row, block, half, chunk, j]
+        codes = ((low | high << 4).to(torch.int8) - 32).reshape(n, -1)
+        sc = self.scales.view(tiles, blocks, 2, TILE_ROWS).permute(0, 3, 1, 2).reshape(n, -1).float()
+        d = self.super_scales.view(tiles, supers, TILE_ROWS).transpose(1, 2).reshape(n, supers).float()
+        return QuantizedWeight(8, codes, d.repeat_interleave(SUPER_BLOCK // 16, dim=1) * sc, None, 16)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Integer values q as int16 [rows, in] (all rows when `rows` is None)."""
@@ -118,12 +173,19 @@ class QuantizedWeight:
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Stack along the output dim (fused QKV, gate/up); the parts must share one format."""
         first = parts[0]
-        if any((p.bits, p.group_size, p.scales.dtype, p.in_features, p.tiled) != (first.bits, first.group_size,
-               first.scales.dtype, first.in_features, first.tiled) for p in parts):
+        if any((p.bits, p.group_size, p.scales.dtype, p.in_features, p.tiled, p.kquant) != (first.bits,
+               first.group_size, first.scales.dtype, first.in_features, first.tiled, first.kquant) for p in parts):
             raise ValueError("cannot fuse quantized weights of different formats")
-        mins = None if first.mins is None else torch.cat([p.mins for p in parts])
-        return QuantizedWeight(first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-                               mins, first.group_size, first.tiled)
+        joined = {f: torch.cat([p.tensors()[f] for p in parts]) for f in first.tensors()}
+        return QuantizedWeight(first.bits, group_size=first.group_size, tiled=first.tiled, kquant=first.kquant,
+                               **{"mins": None, **joined})
+
+
+def interleave_rows(q: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Row-layout code bytes [out, blocks * chunks * 4] in the tiled order: per 8 rows and 32-block, chunk by
+    chunk, each chunk's 4 bytes of every row side by side (QuantizedWeight.tile)."""
+    n = q.shape[0]
+    return q.view(n // TILE_ROWS, TILE_ROWS, blocks, -1, CHUNK_BYTES).permute(0, 2, 3, 1, 4).reshape(q.shape)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

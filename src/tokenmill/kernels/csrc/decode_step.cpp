@@ -60,12 +60,6 @@ struct Dims {
   int gelu;  // the MLP's gate activation: 0 SiLU (SwiGLU), 1 tanh-approximated GELU (GeGLU)
 };
 
-int width(const Linear& lin) {
-  int n = 0;
-  for (int p = 0; p < lin.num_parts; ++p) n += lin.parts[p].N;
-  return n;
-}
-
 // out[m * ldo + col] (+)= x_m . W_col + bias[col] over all parts (inside the parallel region).
 void linear(const Linear& lin, const tm::QActivations& a, int M, float* out, int64_t ldo, bool accumulate) {
   int col = 0;
@@ -121,17 +115,13 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   const int H = d.hidden, D = d.head_dim, G = d.heads / d.kv_heads, I = d.intermediate;
   const int q_width = d.heads * D, kv_width = d.kv_heads * D, qkv_width = q_width + 2 * kv_width;
   const int k_max = std::max({H, q_width, I});
-  thread_local std::vector<float> h_buf, qkv_buf, attn_buf, gu_buf, act_buf, ad_buf, as_buf;
-  thread_local std::vector<int8_t> aq_buf;
-  thread_local std::vector<uint8_t> au_buf;
+  thread_local std::vector<float> h_buf, qkv_buf, attn_buf, gu_buf, act_buf;
   float* h = grow(h_buf, static_cast<size_t>(M) * H);
   float* qkv = grow(qkv_buf, static_cast<size_t>(M) * qkv_width);
   float* attn = grow(attn_buf, static_cast<size_t>(M) * q_width);
   float* gu = grow(gu_buf, static_cast<size_t>(M) * 2 * I);
   float* act = grow(act_buf, static_cast<size_t>(M) * I);
-  const tm::QActivations qa{grow(aq_buf, static_cast<size_t>(M) * k_max), grow(ad_buf, static_cast<size_t>(M) * k_max / tm::QK),
-                            grow(as_buf, static_cast<size_t>(M) * k_max / tm::QK),
-                            grow(au_buf, static_cast<size_t>(M) * k_max)};
+  const tm::QActivations qa = tm::activation_buffers(M, k_max);
   int num_groups = 0;
   for (int l = 0; l < num_layers; ++l) num_groups = std::max(num_groups, layers[l].group + 1);
   std::vector<std::vector<std::pair<int, int>>> runs;

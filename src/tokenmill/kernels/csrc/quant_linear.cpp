@@ -2,21 +2,11 @@
 // 4- or 8-bit blocks of 32 along K and x quantized on the fly to int8 per 32-block (as llama.cpp's Q8_1),
 // so every inner product is an integer dot (maddubs, or vpdpbusd) and the weights are streamed once per call.
 //
-// Weight layouts (see tokenmill/quant/weights.py):
+// Row layout (see tokenmill/quant/weights.py; the tiled layout the model uses is in tiled_matmul.cpp):
 //   int4: qweight uint8 [N, K/2]; in each 32-block byte j holds q[j] (low nibble) and q[j+16] (high nibble);
 //         w = scale[n, k/group] * q + min[n, k/group], q in [0, 15]
 //   int8: qweight int8 [N, K]; w = scale[n, k/group] * q
 // Scales (and mins) are float16 or float32. group is a multiple of 32, or 16 for int8 (GGUF Q6_K).
-//
-// Tiled layout (QMatrix::tiled; what the model's layers use, see QuantizedWeight.tile): rows go in tiles of 8,
-// and a tile's 32-block b is stored as chunks of 4 elements, chunk c holding 4 bytes of each of the 8 rows:
-//   int4: 4 chunks of 32 bytes; chunk c, bytes 4r..4r+3 = row r's GGUF bytes 4c..4c+3 (low nibbles: elements
-//         4c..4c+3, high nibbles: elements 16+4c..16+4c+3); int8: 8 chunks, chunk c = row r's elements 4c..4c+3.
-//   scales (and mins): one per 32-block, the 8 rows' values of a block side by side.
-// Why: one activation chunk broadcast against a weight chunk gives products for 8 rows at once, so the integer
-// sums of a block come out as one vector of 8 rows: no horizontal sums per row, one scale multiply per 8
-// outputs, and the weights of a tile are unpacked once for up to 4 activation rows. On SmolLM2's shapes this
-// runs 2.1-3.2x faster than the row layout (1 and 16 rows; BENCHMARKS.md).
 #include "quant_linear.h"
 
 #include <immintrin.h>
@@ -28,54 +18,16 @@
 #include <cmath>
 #include <vector>
 
+#include "simd_int8.h"
 #include "static_count.h"
 #include "vec_math.h"
 
 namespace tm {
 namespace {
 
-inline float load_scale(const void* p, int64_t i, int f16) {
-  return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-}
-
-inline int hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-inline __m256i unpack_nibbles(const uint8_t* p) {
-  __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-constexpr bool kVnni = true;  // built for a CPU with AVX512-VNNI (build.py adds the flags where it has them)
-#else
-constexpr bool kVnni = false;
-#endif
-
-// acc + the 8 int32 sums of 4 products a (unsigned bytes) * b (signed bytes) each. With VNNI one instruction
-// (vpdpbusd); else maddubs pairs into int16 (no saturation: every caller's pair stays below 2^15) and madd
-// widens. Both give the same integers, so results do not depend on the build.
-inline __m256i dot_accumulate(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(acc, a, b);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
-
-// 8 int32 partial sums of a (unsigned bytes) . b (signed bytes), as floats.
-inline __m256 dot_u8s8(__m256i a, __m256i b) {
-  return _mm256_cvtepi32_ps(dot_accumulate(_mm256_setzero_si256(), a, b));
-}
-
-// One activation row: q int8 [K], d = per-block scale, s = d * sum(q) per block (for the weight mins), and with
-// VNNI u = q + 128 (see QActivations).
-void quantize_row(const float* x, int K, int8_t* q, float* d, float* s, uint8_t* u) {
+// One activation row: q int8 [K], d = per-block scale, s = d * sum(q) per block (for the weight mins), h = sum(q)
+// per 16 values, and with VNNI u = q + 128 (see QActivations).
+void quantize_row(const float* x, int K, int8_t* q, float* d, float* s, uint8_t* u, int32_t* h) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int b = 0; b < K / QK; ++b) {
@@ -92,7 +44,9 @@ void quantize_row(const float* x, int K, int8_t* q, float* d, float* s, uint8_t*
     __m256i i[4];
     for (int j = 0; j < 4; ++j)
       i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
-    const int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
+    h[2 * b] = hsum_i32(_mm256_add_epi32(i[0], i[1]));
+    h[2 * b + 1] = hsum_i32(_mm256_add_epi32(i[2], i[3]));
+    const int sum = h[2 * b] + h[2 * b + 1];
     __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
     packed = _mm256_permutevar8x32_epi32(packed, perm);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), packed);
@@ -101,12 +55,6 @@ void quantize_row(const float* x, int K, int8_t* q, float* d, float* s, uint8_t*
     d[b] = scale;
     s[b] = scale * static_cast<float>(sum);
   }
-}
-
-// 8 scales (or mins) of consecutive groups from index i, as floats.
-inline __m256 load_scales8(const void* p, int64_t i, int f16) {
-  return f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)))
-             : _mm256_loadu_ps(static_cast<const float*>(p) + i);
 }
 
 // The weight scales (and mins) of blocks b0 .. b0+cnt-1 of row n, one lane per block (zeros past cnt).
@@ -229,196 +177,6 @@ void qmatmul_bits(const QMatrix& w, const QActivations& a, int M, float* out, in
   }
 }
 
-// The tiled kernels' vector of output rows: one tile (8 rows) in a ymm; with AVX-512, two adjacent tiles (16
-// rows) in a zmm, so one activation broadcast, one scale multiply and one store serve 16 outputs (half the
-// instructions per output; Zen 4 runs a zmm op in one slot for two cycles). Each lane's arithmetic is the same in
-// both, so results do not depend on the width.
-struct Tile8 {
-  static constexpr int kTiles = 1;
-  static constexpr int kRows = 4;  // activation rows per pass over the weights (16 ymm registers)
-  using I = __m256i;
-  using F = __m256;
-  // bytes at p of the tile (stride: bytes between a tile's data and the next tile's; unused here)
-  static I load(const void* p, int64_t) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
-  static I zero() { return _mm256_setzero_si256(); }
-  static I nibbles(I p, int shift) { return _mm256_and_si256(_mm256_srli_epi16(p, shift), _mm256_set1_epi8(0x0F)); }
-  static I sign8(I x, I p) { return _mm256_sign_epi8(x, p); }
-  static I dot(I acc, I a, I b) { return dot_accumulate(acc, a, b); }
-  static I maddubs(I a, I b) { return _mm256_maddubs_epi16(a, b); }
-  static I add16(I a, I b) { return _mm256_add_epi16(a, b); }
-  static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
-  static I widen16(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
-  static F scales(const void* p, int64_t i, int64_t, int f16) { return load_scales8(p, i, f16); }
-  static F zerof() { return _mm256_setzero_ps(); }
-  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
-  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
-};
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-struct Tile16 {
-  static constexpr int kTiles = 2;
-  static constexpr int kRows = 8;  // activation rows per pass over the weights (32 zmm registers; 1.03-1.1x over 4)
-  using I = __m512i;
-  using F = __m512;
-  static I load(const void* p, int64_t stride) {
-    const __m256i a = _mm256_loadu_si256(static_cast<const __m256i*>(p));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(p) + stride));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-  }
-  static I set1(int32_t v) { return _mm512_set1_epi32(v); }
-  static I zero() { return _mm512_setzero_si512(); }
-  static I nibbles(I p, int shift) { return _mm512_and_si512(_mm512_srli_epi16(p, shift), _mm512_set1_epi8(0x0F)); }
-  static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
-  static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
-  static F scales(const void* p, int64_t i, int64_t stride, int f16) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(load_scales8(p, i, f16))),
-                                               _mm256_castps_pd(load_scales8(p, i + stride, f16)), 1));
-  }
-  static F zerof() { return _mm512_setzero_ps(); }
-  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
-  static F bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
-  static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
-};
-#define TM_HAS_TILE16 1
-#endif
-
-// Integer block sums of the tile(s) from t, 32-block b, against MT activation rows: s[i] lane r = q_r . x_i.
-template <typename V, int BITS, int MT>
-inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq, const uint8_t* xu, typename V::I* s) {
-  using I = typename V::I;
-  const int K = w.K, nb = K / QK;
-  const int64_t tile_bytes = static_cast<int64_t>(nb) * 4 * BITS * 8;  // one tile's weights, all blocks
-  if constexpr (BITS == 4) {
-    const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
-    I s16[MT];  // without VNNI: int16 sums stay below 8 * 2 * 15 * 127 = 30480, widened once per block
-    for (int i = 0; i < MT; ++i) s[i] = s16[i] = V::zero();
-    for (int c = 0; c < 4; ++c) {
-      const I p = V::load(q + c * 32, tile_bytes);
-      const I lo = V::nibbles(p, 0), hi = V::nibbles(p, 4);
-      for (int i = 0; i < MT; ++i) {
-        const int8_t* x = xq + static_cast<int64_t>(i) * K + b * QK + 4 * c;
-        int32_t xl, xh;
-        memcpy(&xl, x, 4);
-        memcpy(&xh, x + 16, 4);
-        const I xlb = V::set1(xl), xhb = V::set1(xh);
-        if constexpr (kVnni)
-          s[i] = V::dot(V::dot(s[i], lo, xlb), hi, xhb);
-        else
-          s16[i] = V::add16(s16[i], V::add16(V::maddubs(lo, xlb), V::maddubs(hi, xhb)));
-      }
-    }
-    if constexpr (!kVnni)
-      for (int i = 0; i < MT; ++i) s[i] = V::widen16(s16[i]);
-  } else if constexpr (kVnni) {  // (x + 128) . w - 128 * sum(w): one vpdpbusd per row and chunk, x broadcast from memory
-    const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
-    I offset = V::zero();  // 128 * sum(w) per output row
-    for (int i = 0; i < MT; ++i) s[i] = V::zero();
-    for (int c = 0; c < 8; ++c) {
-      const I p = V::load(q + c * 32, tile_bytes);
-      offset = V::dot(offset, V::set1(static_cast<int32_t>(0x80808080u)), p);
-      for (int i = 0; i < MT; ++i) {
-        int32_t xc;
-        memcpy(&xc, xu + static_cast<int64_t>(i) * K + b * QK + 4 * c, 4);
-        s[i] = V::dot(s[i], V::set1(xc), p);
-      }
-    }
-    for (int i = 0; i < MT; ++i) s[i] = V::sub32(s[i], offset);
-  } else {  // signed x signed: |w| . (x * sign(w)); a pair reaches 2 * 127 * 127 < 2^15
-    const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
-    for (int i = 0; i < MT; ++i) s[i] = V::zero();
-    for (int c = 0; c < 8; ++c) {
-      const I p = V::load(q + c * 32, tile_bytes);
-      const I pabs = V::sign8(p, p);
-      for (int i = 0; i < MT; ++i) {
-        int32_t xc;
-        memcpy(&xc, xq + static_cast<int64_t>(i) * K + b * QK + 4 * c, 4);
-        s[i] = V::dot(s[i], pabs, V::sign8(V::set1(xc), p));
-      }
-    }
-  }
-}
-
-// The tile(s) from t (8 output rows each) against MT activation rows from m0: r[i] lane j = x_{m0+i} . W_{8t+j}.
-// Each activation row's arithmetic is the same whatever MT is (batch invariance, see dot_rows).
-template <typename V, int BITS, int MT>
-inline void tile_rows(const QMatrix& w, int64_t t, const QActivations& a, int m0, typename V::F* r) {
-  const int K = w.K, nb = K / QK;
-  const QActivations x = a.from(m0, K);
-  const int8_t* xq = x.q;
-  const float *xd = x.d, *xs = x.s;
-  const int64_t tile_scales = static_cast<int64_t>(nb) * 8;
-  for (int i = 0; i < MT; ++i) r[i] = V::zerof();
-  for (int b = 0; b < nb; ++b) {
-    typename V::I s[MT];
-    tile_block_sums<V, BITS, MT>(w, t, b, xq, x.u, s);
-    const typename V::F ws = V::scales(w.scale, (t * nb + b) * 8, tile_scales, w.f16);
-    const typename V::F wm = BITS == 4 ? V::scales(w.min, (t * nb + b) * 8, tile_scales, w.f16) : V::zerof();
-    for (int i = 0; i < MT; ++i) {
-      r[i] = V::fmadd(V::cvt(s[i]), V::mul(ws, V::bcast(xd + i * nb + b)), r[i]);
-      if constexpr (BITS == 4) r[i] = V::fmadd(wm, V::bcast(xs + i * nb + b), r[i]);
-    }
-  }
-}
-
-template <typename V, int BITS, int MT>
-inline void store_tile(const QMatrix& w, int64_t t, const QActivations& a, int m0, float* out, int64_t ldo,
-                       const float* bias, bool accumulate) {
-  typename V::F r[MT];
-  tile_rows<V, BITS, MT>(w, t, a, m0, r);
-  const typename V::F b = bias ? V::loadf(bias + t * 8) : V::zerof();
-  for (int i = 0; i < MT; ++i) {
-    float* o = out + static_cast<int64_t>(m0 + i) * ldo + t * 8;
-    const typename V::F v = V::add(r[i], b);
-    V::storef(o, accumulate ? V::add(V::loadf(o), v) : v);
-  }
-}
-
-// The tile(s) from t against all M activation rows, V::kRows rows per pass over their weights.
-template <typename V, int BITS>
-inline void store_tile_all_rows(const QMatrix& w, int64_t t, const QActivations& a, int M, float* out, int64_t ldo,
-                                const float* bias, bool accumulate) {
-  by_groups<V::kRows>(M, [&](auto rows, int m) { store_tile<V, BITS, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
-}
-
-template <typename V, int BITS>
-void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
-                   bool accumulate) {
-  const int groups = w.N / 8 / V::kTiles;
-#pragma omp for schedule(static)
-  for (int g = 0; g < groups; ++g)
-    store_tile_all_rows<V, BITS>(w, static_cast<int64_t>(g) * V::kTiles, a, M, out, ldo, bias, accumulate);
-}
-
-// zmm pairs of tiles above Tile8::kRows activation rows: one pass over the weights where ymm needs two
-// (int4, 5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows;
-// int8 (SmolLM2's 49k x 576 output layer), 16-64 rows: 1.25x over ymm with the same offset trick. Up to 4 rows,
-// decode-sized calls that stream the weights, one tile per ymm was faster (batch-1 decode 1.1x; int8 1.4x).
-template <int BITS>
-void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
-                   bool accumulate) {
-#ifdef TM_HAS_TILE16
-  if (M > Tile8::kRows) {
-    qmatmul_tiles<Tile16, BITS>(w, a, M, out, ldo, bias, accumulate);
-    if ((w.N / 8) % 2 == 0) return;
-    // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
-#pragma omp single
-    store_tile_all_rows<Tile8, BITS>(w, w.N / 8 - 1, a, M, out, ldo, bias, accumulate);
-    return;
-  }
-#endif
-  qmatmul_tiles<Tile8, BITS>(w, a, M, out, ldo, bias, accumulate);
-}
-
 // The 32 codes of row n's block b as bytes (int4: 0..15 unsigned; int8: signed), in element order.
 inline __m256i block_codes(const QMatrix& w, int64_t n, int b) {
   const int64_t K = w.K;
@@ -435,45 +193,43 @@ inline __m256i block_codes(const QMatrix& w, int64_t n, int b) {
   return _mm256_setr_epi32(words[0], words[8], words[16], words[24], words[32], words[40], words[48], words[56]);
 }
 
-// Index of the scale (and min) of row n's element k.
+// Index of the scale (and min) of row n's element k (plain formats).
 inline int64_t scale_index(const QMatrix& w, int64_t n, int k) {
   if (w.tiled) return ((n / 8) * (w.K / QK) + k / QK) * 8 + n % 8;
   return n * (w.K / w.group) + k / w.group;
 }
 
-// The calling thread's activation buffers, sized for M rows of K.
+}  // namespace
+
 QActivations activation_buffers(int M, int K) {
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> d, s;
   thread_local std::vector<uint8_t> u;
+  thread_local std::vector<int32_t> h;
   const size_t n = static_cast<size_t>(M) * K;
   if (q.size() < n) {
     q.resize(n);
     d.resize(n / QK);
     s.resize(n / QK);
     u.resize(n);
+    h.resize(n / (QK / 2));
   }
-  return QActivations{q.data(), d.data(), s.data(), u.data()};
+  return QActivations{q.data(), d.data(), s.data(), u.data(), h.data()};
 }
-
-}  // namespace
 
 void quantize_rows(const float* x, int64_t x_stride, int M, int K, const QActivations& a) {
   const int nb = K / QK;
 #pragma omp for schedule(static)
   for (int m = 0; m < M; ++m)
     quantize_row(x + m * x_stride, K, a.q + static_cast<int64_t>(m) * K, a.d + m * nb, a.s + m * nb,
-                 a.u + static_cast<int64_t>(m) * K);
+                 a.u + static_cast<int64_t>(m) * K, a.h + 2 * m * nb);
 }
 
 void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
              bool accumulate) {
-  if (w.tiled) {
-    if (w.bits == 4)
-      qmatmul_tiled<4>(w, a, M, out, ldo, bias, accumulate);
-    else
-      qmatmul_tiled<8>(w, a, M, out, ldo, bias, accumulate);
-  } else if (w.bits == 4)
+  if (w.tiled)
+    qmatmul_tiled(w, a, M, out, ldo, bias, accumulate);
+  else if (w.bits == 4)
     qmatmul_bits<4>(w, a, M, out, ldo, bias, accumulate);
   else
     qmatmul_bits<8>(w, a, M, out, ldo, bias, accumulate);
@@ -502,6 +258,10 @@ void tm_dequantize(const QMatrix* w, const int64_t* rows, int64_t num_rows, floa
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t n = rows ? rows[r] : r;
     float* o = out + r * K;
+    if (w->format != kPlain) {
+      for (int b = 0; b < nb; ++b) dequantize_kquant_block(*w, n, b, o + b * QK);
+      continue;
+    }
     for (int b = 0; b < nb; ++b) {
       const int64_t g0 = scale_index(*w, n, b * QK), g1 = scale_index(*w, n, b * QK + QK / 2);
       const __m256 ws0 = _mm256_set1_ps(load_scale(w->scale, g0, w->f16));

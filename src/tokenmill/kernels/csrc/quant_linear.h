@@ -7,35 +7,49 @@ namespace tm {
 
 constexpr int QK = 32;  // activation / weight block length
 
-// A packed weight W [N, K] (tokenmill/quant/weights.py): int4 w = scale * q + min, or int8 w = scale * q.
-// Row layout: row n's bytes, then row n+1's. Tiled layout: rows interleaved 8 at a time (see quant_linear.cpp),
-// one scale (and min) per 32-block.
+// Formats of a packed weight (tokenmill/quant/weights.py). kPlain: int4 w = scale * q + min, or int8
+// w = scale * q, with float scales. The k-quants keep GGUF's own sizes, always tiled (see quant_linear.cpp):
+// kQ4K: int4 codes, a 6-bit scale and min code per 32-block and a float16 (d, dmin) per 256: w = d * sc * q -
+// dmin * m; kQ6K: 6-bit codes (low nibbles like int4, 2 high bits in qh), an int8 scale per 16 and a float16 d
+// per 256: w = d * sc * (q - 32).
+enum Format : int { kPlain = 0, kQ4K = 1, kQ6K = 2 };
+
+// A packed weight W [N, K]. Row layout: row n's bytes, then row n+1's. Tiled layout: rows interleaved 8 at a
+// time (see quant_linear.cpp), one scale (and min) per 32-block.
 struct QMatrix {
   const void* q;
-  const void* scale;
-  const void* min;  // int4 only
-  int bits;
-  int f16;    // scales (and mins) are float16, else float32
-  int group;  // elements per scale: a multiple of 32, or 16 (int8 only: GGUF Q6_K); 32 when tiled
+  const void* scale;  // kQ4K: the packed 6-bit codes; kQ6K: int8
+  const void* min;    // int4 only (kPlain)
+  int bits;           // 4, 6 (kQ6K) or 8
+  int f16;            // scales (and mins) are float16, else float32 (kPlain)
+  int group;          // elements per scale: a multiple of 32, or 16 (int8 and kQ6K); 32 when tiled
   int N, K;
   int tiled;
+  int format;
+  const void* qh;     // kQ6K: the codes' high 2 bits
+  const void* super;  // k-quants: float16 per 256-block (kQ4K: d and dmin)
 };
 
 // Activation rows quantized to int8 per 32 values: row m at q + m * K, its block scales at d + m * K / 32, and
 // s = d * sum(q) per block (what the weight mins multiply). u = q + 128 as unsigned bytes (VNNI builds only):
 // vpdpbusd multiplies unsigned by signed bytes, so against int8 weights the activations go in offset by 128.
+// h: the integer sums of q per 16 values (what kQ6K's code offset of 32 multiplies).
 struct QActivations {
   int8_t* q;
   float* d;
   float* s;
   uint8_t* u;
+  int32_t* h;
 
   // The rows from m0 on (of length K).
   QActivations from(int m0, int K) const {
     const int64_t first = static_cast<int64_t>(m0) * K;
-    return QActivations{q + first, d + first / QK, s + first / QK, u + first};
+    return QActivations{q + first, d + first / QK, s + first / QK, u + first, h + first / (QK / 2)};
   }
 };
+
+// The calling thread's activation buffers, sized for M rows of K (reused by its later calls).
+QActivations activation_buffers(int M, int K);
 
 // Quantize M rows of x (`x_stride` floats apart) of length K into a.
 void quantize_rows(const float* x, int64_t x_stride, int M, int K, const QActivations& a);
@@ -43,5 +57,12 @@ void quantize_rows(const float* x, int64_t x_stride, int M, int K, const QActiva
 // out[m * ldo + n] (+)= (x_m . W_n) + bias[n] for m < M, n < N; bias may be null.
 void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
              bool accumulate);
+
+// qmatmul for a tiled weight (tiled_matmul.cpp).
+void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                   bool accumulate);
+
+// The 32 float values of a k-quant's row n, block b, exactly as its expansion dequantizes them.
+void dequantize_kquant_block(const QMatrix& w, int64_t n, int b, float* out);
 
 }  // namespace tm

@@ -42,9 +42,8 @@ class PackedMatrix(nn.Module):
 
     def __init__(self, weight: QuantizedWeight) -> None:
         super().__init__()
-        self.register_buffer("qweight", weight.qweight)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("mins", weight.mins)
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(name, tensor)
         self.weight = weight
 
 
@@ -82,7 +81,7 @@ class QuantizedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        formats = ", ".join(f"int{p.weight.bits}/g{p.weight.group_size}" for p in self.parts)
+        formats = ", ".join(p.weight.format_name for p in self.parts)
         return f"in={self.in_features}, out={self.out_features}, {formats}"
 
 

@@ -97,5 +97,5 @@ def _storage_type(w: Weight) -> str:
     if isinstance(w, PackedTensor):
         return w.qtype.name
     if isinstance(w, QuantizedWeight):
-        return f"int{w.bits}_g{w.group_size}"
+        return w.format_name
     return str(w.dtype).removeprefix("torch.")

@@ -1,0 +1,373 @@
+// The tiled quantized matrix products (QMatrix::tiled): the layout the model's packed weights are held in.
+//
+// Rows go in tiles of 8, and a tile's 32-block b is stored as chunks of 4 elements, chunk c holding 4 bytes of
+// each of the 8 rows:
+//   int4 (and the low nibbles of Q6_K's codes): 4 chunks of 32 bytes; chunk c, bytes 4r..4r+3 = row r's GGUF
+//         bytes 4c..4c+3 (low nibbles: elements 4c..4c+3, high nibbles: elements 16+4c..16+4c+3);
+//   int8: 8 chunks, chunk c = row r's elements 4c..4c+3.
+//   plain scales (and mins): one per 32-block, the 8 rows' values side by side.
+// Why: one activation chunk broadcast against a weight chunk gives products for 8 rows at once, so the integer
+// sums of a block come out as one vector of 8 rows: no horizontal sums per row, one scale multiply per 8
+// outputs, and the weights of a tile are unpacked once for up to 4 activation rows (2.1-3.2x faster than the
+// row layout on SmolLM2's shapes, BENCHMARKS.md).
+//
+// The k-quants keep the GGUF file's bits per weight (Q4_K 4.5, Q6_K 6.5625) in the same tiling:
+//   Q4_K: int4 codes as above; per tile and 32-block 12 bytes of 6-bit codes: byte r = row r's scale code low
+//         nibble | min code low nibble << 4, then a 32-bit word whose nibble r = scale high 2 bits | min high
+//         2 bits << 2; per tile and 256-block float16 d of the 8 rows, then their dmin. w = d*sc*q - dmin*m.
+//   Q6_K: code low nibbles as int4; per tile and 32-block 64 bytes of high 2 bits: 32-byte vector v covers
+//         chunks 2v and 2v+1, its byte 4r+j holding (bits 4h..4h+3 for chunk 2v+h) the high bits of row r's
+//         elements 4c+j (low 2) and 16+4c+j (high 2); per tile and 32-block 16 int8 scales (the 8 rows' first
+//         16 elements, then their last 16); per tile and 256-block the 8 rows' float16 d. w = d*sc*(q - 32).
+// Scales come out as the same float32 products the expanded formats hold (QuantizedWeight.untile), so a k-quant
+// gives the same result as its expansion did, read at its own size.
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "quant_linear.h"
+#include "simd_int8.h"
+#include "static_count.h"
+
+namespace tm {
+namespace {
+
+// The kernels' vector of output rows: one tile (8 rows) in a ymm; with AVX-512, two adjacent tiles (16 rows) in
+// a zmm, so one activation broadcast, one scale multiply and one store serve 16 outputs (half the instructions
+// per output; Zen 4 runs a zmm op in one slot for two cycles). Each lane's arithmetic is the same in both, so
+// results do not depend on the width.
+struct Tile8 {
+  static constexpr int kTiles = 1;
+  static constexpr int kRows = 4;  // activation rows per pass over the weights (16 ymm registers)
+  using I = __m256i;
+  using F = __m256;
+  // bytes at p of the tile (stride: bytes between a tile's data and the next tile's; unused here)
+  static I load(const void* p, int64_t) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I set1_8(char v) { return _mm256_set1_epi8(v); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I nibbles(I p, int shift) { return _mm256_and_si256(_mm256_srli_epi16(p, shift), _mm256_set1_epi8(0x0F)); }
+  static I shl16(I p, int n) { return _mm256_slli_epi16(p, n); }
+  static I shr16(I p, int n) { return _mm256_srli_epi16(p, n); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I sign8(I x, I p) { return _mm256_sign_epi8(x, p); }
+  static I dot(I acc, I a, I b) { return dot_accumulate(acc, a, b); }
+  static I maddubs(I a, I b) { return _mm256_maddubs_epi16(a, b); }
+  static I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+  static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I widen16(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+  static F join(const __m256* t) { return t[0]; }  // the tiles' 8-lane values as one vector
+  static F zerof() { return _mm256_setzero_ps(); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+struct Tile16 {
+  static constexpr int kTiles = 2;
+  static constexpr int kRows = 8;  // activation rows per pass over the weights (32 zmm registers; 1.03-1.1x over 4)
+  using I = __m512i;
+  using F = __m512;
+  static I load(const void* p, int64_t stride) {
+    const __m256i a = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(p) + stride));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+  }
+  static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static I set1_8(char v) { return _mm512_set1_epi8(v); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I nibbles(I p, int shift) { return _mm512_and_si512(_mm512_srli_epi16(p, shift), _mm512_set1_epi8(0x0F)); }
+  static I shl16(I p, int n) { return _mm512_slli_epi16(p, n); }
+  static I shr16(I p, int n) { return _mm512_srli_epi16(p, n); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static F join(const __m256* t) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(t[0])), _mm256_castps_pd(t[1]), 1));
+  }
+  static F zerof() { return _mm512_setzero_ps(); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+#define TM_HAS_TILE16 1
+#endif
+
+enum class Kind { kInt4, kInt8, kQ4K, kQ6K };
+
+inline __m256 half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// The 8 rows' scales s and mins m of tile t's 32-block b (kInt8: m = 0; kQ6K: s for the block's first 16
+// elements, m for its last 16).
+template <Kind KIND>
+inline void block_scales8(const QMatrix& w, int64_t t, int b, __m256& s, __m256& m) {
+  const int nb = w.K / QK;
+  const int64_t block = t * nb + b, super = t * (nb / 8) + b / 8;
+  if constexpr (KIND == Kind::kInt4 || KIND == Kind::kInt8) {
+    s = load_scales8(w.scale, block * 8, w.f16);
+    m = KIND == Kind::kInt4 ? load_scales8(w.min, block * 8, w.f16) : _mm256_setzero_ps();
+  } else if constexpr (KIND == Kind::kQ4K) {
+    const uint8_t* p = static_cast<const uint8_t*>(w.scale) + block * 12;
+    const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    uint32_t word;
+    memcpy(&word, p + 8, 4);
+    const __m256i high = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)),
+                                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    const __m256i three = _mm256_set1_epi32(3), fifteen = _mm256_set1_epi32(15);
+    const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, fifteen), _mm256_slli_epi32(_mm256_and_si256(high, three), 4));
+    const __m256i mc = _mm256_or_si256(_mm256_srli_epi32(low, 4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(high, 2), three), 4));
+    const uint16_t* dm = static_cast<const uint16_t*>(w.super) + super * 16;
+    s = _mm256_mul_ps(half8(dm), _mm256_cvtepi32_ps(sc));
+    m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(dm + 8), _mm256_cvtepi32_ps(mc)));
+  } else {
+    const int8_t* p = static_cast<const int8_t*>(w.scale) + block * 16;
+    const __m256 d = half8(static_cast<const uint16_t*>(w.super) + super * 8);
+    s = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+    m = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))));
+  }
+}
+
+inline int32_t chunk_at(const void* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+// Integer block sums of the tile(s) from t, 32-block b, against MT activation rows: s[i] lane r = q_r . x_i.
+template <typename V, int BITS, int MT>
+inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq, const uint8_t* xu, typename V::I* s) {
+  using I = typename V::I;
+  const int K = w.K, nb = K / QK;
+  const int64_t tile_bytes = static_cast<int64_t>(nb) * 4 * BITS * 8;  // one tile's weights, all blocks
+  if constexpr (BITS == 4) {
+    const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
+    I s16[MT];  // without VNNI: int16 sums stay below 8 * 2 * 15 * 127 = 30480, widened once per block
+    for (int i = 0; i < MT; ++i) s[i] = s16[i] = V::zero();
+    for (int c = 0; c < 4; ++c) {
+      const I p = V::load(q + c * 32, tile_bytes);
+      const I lo = V::nibbles(p, 0), hi = V::nibbles(p, 4);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* x = xq + static_cast<int64_t>(i) * K + b * QK + 4 * c;
+        const I xlb = V::set1(chunk_at(x)), xhb = V::set1(chunk_at(x + 16));
+        if constexpr (kVnni)
+          s[i] = V::dot(V::dot(s[i], lo, xlb), hi, xhb);
+        else
+          s16[i] = V::add16(s16[i], V::add16(V::maddubs(lo, xlb), V::maddubs(hi, xhb)));
+      }
+    }
+    if constexpr (!kVnni)
+      for (int i = 0; i < MT; ++i) s[i] = V::widen16(s16[i]);
+  } else if constexpr (kVnni) {  // (x + 128) . w - 128 * sum(w): one vpdpbusd per row and chunk, x broadcast from memory
+    const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
+    I offset = V::zero();  // 128 * sum(w) per output row
+    for (int i = 0; i < MT; ++i) s[i] = V::zero();
+    for (int c = 0; c < 8; ++c) {
+      const I p = V::load(q + c * 32, tile_bytes);
+      offset = V::dot(offset, V::set1(static_cast<int32_t>(0x80808080u)), p);
+      for (int i = 0; i < MT; ++i) s[i] = V::dot(s[i], V::set1(chunk_at(xu + static_cast<int64_t>(i) * K + b * QK + 4 * c)), p);
+    }
+    for (int i = 0; i < MT; ++i) s[i] = V::sub32(s[i], offset);
+  } else {  // signed x signed: |w| . (x * sign(w)); a pair reaches 2 * 127 * 127 < 2^15
+    const int8_t* q = static_cast<const int8_t*>(w.q) + (t * nb + b) * 256;
+    for (int i = 0; i < MT; ++i) s[i] = V::zero();
+    for (int c = 0; c < 8; ++c) {
+      const I p = V::load(q + c * 32, tile_bytes);
+      const I pabs = V::sign8(p, p);
+      for (int i = 0; i < MT; ++i)
+        s[i] = V::dot(s[i], pabs, V::sign8(V::set1(chunk_at(xq + static_cast<int64_t>(i) * K + b * QK + 4 * c)), p));
+    }
+  }
+}
+
+// Q6_K's integer block sums, one per 16-element half (each half has its own scale): lo[i] lane r = (q_r - 32) .
+// x_i over the block's first 16 elements, hi[i] over its last 16. Codes q are 0..63 unsigned bytes against
+// signed activations; the offset 32 comes off as 32 * (the activations' half sum).
+template <typename V, int MT>
+inline void q6k_block_sums(const QMatrix& w, int64_t t, int b, const QActivations& x, typename V::I* lo,
+                           typename V::I* hi) {
+  using I = typename V::I;
+  const int K = w.K, nb = K / QK;
+  const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
+  const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * 64;
+  const I mask = V::set1_8(0x30);
+  for (int i = 0; i < MT; ++i) lo[i] = hi[i] = V::zero();
+  for (int v = 0; v < 2; ++v) {
+    const I h = V::load(qh + v * 32, static_cast<int64_t>(nb) * 64);
+    I lo16[MT], hi16[MT];  // without VNNI: int16 sums of two chunks stay below 2 * 2 * 63 * 127 = 32004
+    for (int i = 0; i < MT; ++i) lo16[i] = hi16[i] = V::zero();
+    for (int odd = 0; odd < 2; ++odd) {
+      const int c = 2 * v + odd;
+      const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
+      const I ql = V::or_(V::nibbles(p, 0), V::and_(odd ? h : V::shl16(h, 4), mask));
+      const I qhi = V::or_(V::nibbles(p, 4), V::and_(odd ? V::shr16(h, 2) : V::shl16(h, 2), mask));
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* xc = x.q + static_cast<int64_t>(i) * K + b * QK + 4 * c;
+        const I xl = V::set1(chunk_at(xc)), xh = V::set1(chunk_at(xc + 16));
+        if constexpr (kVnni) {
+          lo[i] = V::dot(lo[i], ql, xl);
+          hi[i] = V::dot(hi[i], qhi, xh);
+        } else {
+          lo16[i] = V::add16(lo16[i], V::maddubs(ql, xl));
+          hi16[i] = V::add16(hi16[i], V::maddubs(qhi, xh));
+        }
+      }
+    }
+    if constexpr (!kVnni)
+      for (int i = 0; i < MT; ++i) {
+        lo[i] = V::add32(lo[i], V::widen16(lo16[i]));
+        hi[i] = V::add32(hi[i], V::widen16(hi16[i]));
+      }
+  }
+  for (int i = 0; i < MT; ++i) {
+    const int32_t* sums = x.h + static_cast<int64_t>(i) * (K / 16) + 2 * b;
+    lo[i] = V::sub32(lo[i], V::set1(32 * sums[0]));
+    hi[i] = V::sub32(hi[i], V::set1(32 * sums[1]));
+  }
+}
+
+// The tile(s) from t (8 output rows each) against MT activation rows from m0: r[i] lane j = x_{m0+i} . W_{8t+j}.
+// A row's arithmetic is the same whatever MT is: a row's result must not depend on how many rows share its
+// call, or greedy tokens would change with the batch (speculative verification must reproduce plain decoding
+// exactly; tests/test_fused_decode.py).
+template <typename V, Kind KIND, int MT>
+inline void tile_rows(const QMatrix& w, int64_t t, const QActivations& a, int m0, typename V::F* r) {
+  using F = typename V::F;
+  const int K = w.K, nb = K / QK;
+  const QActivations x = a.from(m0, K);
+  for (int i = 0; i < MT; ++i) r[i] = V::zerof();
+  for (int b = 0; b < nb; ++b) {
+    __m256 s8[2], m8[2];
+    for (int j = 0; j < V::kTiles; ++j) block_scales8<KIND>(w, t + j, b, s8[j], m8[j]);
+    const F ws = V::join(s8), wm = V::join(m8);
+    if constexpr (KIND == Kind::kQ6K) {
+      typename V::I lo[MT], hi[MT];
+      q6k_block_sums<V, MT>(w, t, b, x, lo, hi);
+      for (int i = 0; i < MT; ++i) {
+        const F xd = V::bcast(x.d + i * nb + b);
+        r[i] = V::fmadd(V::cvt(lo[i]), V::mul(ws, xd), r[i]);
+        r[i] = V::fmadd(V::cvt(hi[i]), V::mul(wm, xd), r[i]);
+      }
+    } else {
+      typename V::I s[MT];
+      tile_block_sums<V, KIND == Kind::kInt8 ? 8 : 4, MT>(w, t, b, x.q, x.u, s);
+      for (int i = 0; i < MT; ++i) {
+        r[i] = V::fmadd(V::cvt(s[i]), V::mul(ws, V::bcast(x.d + i * nb + b)), r[i]);
+        if constexpr (KIND != Kind::kInt8) r[i] = V::fmadd(wm, V::bcast(x.s + i * nb + b), r[i]);
+      }
+    }
+  }
+}
+
+template <typename V, Kind KIND, int MT>
+inline void store_tile(const QMatrix& w, int64_t t, const QActivations& a, int m0, float* out, int64_t ldo,
+                       const float* bias, bool accumulate) {
+  typename V::F r[MT];
+  tile_rows<V, KIND, MT>(w, t, a, m0, r);
+  const typename V::F b = bias ? V::loadf(bias + t * 8) : V::zerof();
+  for (int i = 0; i < MT; ++i) {
+    float* o = out + static_cast<int64_t>(m0 + i) * ldo + t * 8;
+    const typename V::F v = V::add(r[i], b);
+    V::storef(o, accumulate ? V::add(V::loadf(o), v) : v);
+  }
+}
+
+// The tile(s) from t against all M activation rows, V::kRows rows per pass over their weights.
+template <typename V, Kind KIND>
+inline void store_tile_all_rows(const QMatrix& w, int64_t t, const QActivations& a, int M, float* out, int64_t ldo,
+                                const float* bias, bool accumulate) {
+  by_groups<V::kRows>(M, [&](auto rows, int m) { store_tile<V, KIND, decltype(rows)::value>(w, t, a, m, out, ldo, bias, accumulate); });
+}
+
+template <typename V, Kind KIND>
+void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                   bool accumulate) {
+  const int groups = w.N / 8 / V::kTiles;
+#pragma omp for schedule(static)
+  for (int g = 0; g < groups; ++g)
+    store_tile_all_rows<V, KIND>(w, static_cast<int64_t>(g) * V::kTiles, a, M, out, ldo, bias, accumulate);
+}
+
+// zmm pairs of tiles above Tile8::kRows activation rows: one pass over the weights where ymm needs two
+// (int4, 5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows;
+// int8 (SmolLM2's 49k x 576 output layer), 16-64 rows: 1.25x over ymm with the same offset trick. Up to 4 rows,
+// decode-sized calls that stream the weights, one tile per ymm was faster (batch-1 decode 1.1x; int8 1.4x).
+template <Kind KIND>
+void qmatmul_kind(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                  bool accumulate) {
+#ifdef TM_HAS_TILE16
+  if (M > Tile8::kRows) {
+    qmatmul_tiles<Tile16, KIND>(w, a, M, out, ldo, bias, accumulate);
+    if ((w.N / 8) % 2 == 0) return;
+    // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
+#pragma omp single
+    store_tile_all_rows<Tile8, KIND>(w, w.N / 8 - 1, a, M, out, ldo, bias, accumulate);
+    return;
+  }
+#endif
+  qmatmul_tiles<Tile8, KIND>(w, a, M, out, ldo, bias, accumulate);
+}
+
+// Row n's 6-bit Q4_K scale and min codes of 32-block b.
+inline void q4k_codes(const QMatrix& w, int64_t n, int b, int& sc, int& m) {
+  const uint8_t* p = static_cast<const uint8_t*>(w.scale) + ((n / 8) * (w.K / QK) + b) * 12;
+  uint32_t word;
+  memcpy(&word, p + 8, 4);
+  const int low = p[n % 8], high = (word >> (4 * (n % 8))) & 15;
+  sc = (low & 15) | (high & 3) << 4;
+  m = (low >> 4) | (high >> 2) << 4;
+}
+
+}  // namespace
+
+void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                   bool accumulate) {
+  if (w.format == kQ4K)
+    qmatmul_kind<Kind::kQ4K>(w, a, M, out, ldo, bias, accumulate);
+  else if (w.format == kQ6K)
+    qmatmul_kind<Kind::kQ6K>(w, a, M, out, ldo, bias, accumulate);
+  else if (w.bits == 4)
+    qmatmul_kind<Kind::kInt4>(w, a, M, out, ldo, bias, accumulate);
+  else
+    qmatmul_kind<Kind::kInt8>(w, a, M, out, ldo, bias, accumulate);
+}
+
+void dequantize_kquant_block(const QMatrix& w, int64_t n, int b, float* out) {
+  const int nb = w.K / QK, r = n % 8;
+  const int64_t block = (n / 8) * nb + b, super = (n / 8) * (nb / 8) + b / 8;
+  const uint8_t* q = static_cast<const uint8_t*>(w.q) + block * 128 + 4 * r;
+  const uint16_t* d = static_cast<const uint16_t*>(w.super);
+  if (w.format == kQ4K) {
+    int sc, m;
+    q4k_codes(w, n, b, sc, m);
+    const float scale = _cvtsh_ss(d[super * 16 + r]) * static_cast<float>(sc);
+    const float min = -(_cvtsh_ss(d[super * 16 + 8 + r]) * static_cast<float>(m));
+    for (int e = 0; e < QK; ++e) {
+      const int byte = q[(e % 16) / 4 * 32 + e % 4];
+      out[e] = scale * static_cast<float>(e < 16 ? byte & 15 : byte >> 4) + min;
+    }
+    return;
+  }
+  const int8_t* sc = static_cast<const int8_t*>(w.scale) + block * 16 + r;
+  const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + block * 64 + 4 * r;
+  const float dd = _cvtsh_ss(d[super * 8 + r]);
+  for (int e = 0; e < QK; ++e) {
+    const int half = e / 16, c = (e % 16) / 4, j = e % 4;
+    const int low = half ? q[c * 32 + j] >> 4 : q[c * 32 + j] & 15;
+    const int high = (qh[(c / 2) * 32 + j] >> (4 * (c % 2) + 2 * half)) & 3;
+    out[e] = dd * static_cast<float>(sc[8 * half]) * static_cast<float>((low | high << 4) - 32);
+  }
+}
+
+}  // namespace tm
