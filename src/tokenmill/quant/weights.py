@@ -27,7 +27,7 @@ KQUANTS = ("q4_k", "q6_k")
 @dataclass
 class QuantizedWeight:
     bits: int  # 4 or 8; 6 for q6_k
-    qweight: torch.Tensor  # int4 and k-quants: uint8 [out, in // 2] (q6_k: the codes' low nibbles); int8: int8 [out, in]
+    qweight: torch.Tensor  # int4, k-quants: uint8 [out, in // 2] (q6_k: the codes' low nibbles); int8: int8 [out, in]
     scales: torch.Tensor  # float16 or float32 [out, in // group_size]; k-quants: their scale codes (q4_k: with mins)
     mins: torch.Tensor | None  # plain int4 only: same shape and dtype as scales
     group_size: int
@@ -133,7 +133,8 @@ class QuantizedWeight:
         if self.kquant == "q4_k":
             codes = self.scales.view(tiles, blocks, 12)
             low = codes[..., :TILE_ROWS].int()
-            high = torch.stack([codes[..., TILE_ROWS:] & 0x0F, codes[..., TILE_ROWS:] >> 4], -1).view(tiles, blocks, 8).int()
+            words = codes[..., TILE_ROWS:]
+            high = torch.stack([words & 0x0F, words >> 4], -1).view(tiles, blocks, TILE_ROWS).int()
             sc, m = (low & 15) | (high & 3) << 4, (low >> 4) | (high >> 2) << 4
             dm = self.super_scales.view(tiles, supers, 2, TILE_ROWS).permute(0, 3, 1, 2).float()
             dm = dm.reshape(n, supers, 2).repeat_interleave(SUPER_BLOCK // BLOCK, dim=1)
