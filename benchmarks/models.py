@@ -4,11 +4,13 @@ Run:  python benchmarks/models.py --out benchmarks/results/models   (quiet machi
 
 For each model (default: qwen2.5-coder-1.5b and gemma3-270m, both Q4_K_M):
 - ready: `tokenmill serve` and `llama-server` (8 slots) each started alone on the GGUF: seconds from start to
-  /health 200, and the memory then, as PSS summed over the server's processes (tokenmill's engine core shares
-  the weights copy-on-write, so they count once; llama.cpp's mmapped GGUF counts as it is resident).
-- single stream: `tokenmill bench latency` (128-token prompt, 64 new tokens, greedy, median of 3 after a
+  /health 200, cold (the page cache dropped first, which needs root; tokenmill's weight cache stays on disk)
+  and warm (started again at once), and the memory at warm ready, as PSS summed over the server's processes
+  (tokenmill's engine core shares the weights copy-on-write, so they count once; llama.cpp's mmapped GGUF counts
+  as it is resident).
+- single stream: `tokenmill bench latency` (512-token prompt, 64 new tokens, greedy, median of 3 after a
   warm-up, in a fresh process) for load time, peak RSS, prefill and decode tok/s and the fraction of memory
-  bandwidth that streaming the weights reaches at batch 1; `llama-bench -p 128 -n 64` on the same GGUF.
+  bandwidth that streaming the weights reaches at batch 1; `llama-bench -p 512 -n 64` on the same GGUF.
 - throughput at 8 and 32 concurrent requests: `tokenmill bench compare` (a fresh `tokenmill serve` and
   `llama-server --parallel C` per run, `bench serve`'s load generator, random 128-token prompts, 128 tokens
   out, EOS ignored, greedy); its report and per-run JSON stay under OUT/<model>/compare.
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from quantized import (  # benchmarks/ is sys.path[0] when run as a script
@@ -35,6 +39,7 @@ from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
 from tokenmill.hardware import describe
 from tokenmill.model.loader.catalog import resolve_model
 
+PROMPT_LEN = 512  # single-stream prefill
 READY_SLOTS = 8  # llama-server's --parallel for the ready measurement
 CTX_PER_SLOT = 2048
 
@@ -52,6 +57,16 @@ def tree_pss_mib(pid: int) -> float:
             continue
         total_kib += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
     return total_kib / 1024
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only), so the next start reads its files from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def ready(server: ServerProcess, timeout_s: float) -> tuple[float, float]:
@@ -80,27 +95,34 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
     gguf = resolve_model(name)
     out = args.out / name
     out.mkdir(parents=True, exist_ok=True)
-    ours_ready = ready(tokenmill_server(gguf, "auto", args.kv_cache_memory, free_port(), out / "ready_tokenmill.log"),
-                       args.startup_timeout)
-    peer_ready = (ready(llama_server(PEERS / "llama-server", gguf, READY_SLOTS, CTX_PER_SLOT, 2, free_port(),
-                                     out / "ready_llama.log"), args.startup_timeout)
-                  if PEERS.exists() else (float("nan"), float("nan")))
-    lat = tokenmill_latency(["--model", name], out / "latency")
-    peer = llama_bench(gguf, out / "llama-bench.json") if PEERS.exists() else {"prefill": float("nan"),
-                                                                              "decode": float("nan")}
-    ik = (llama_bench(gguf, out / "ik-llama-bench.json", IK_PEERS, "-rtr", "1") if IK_PEERS.exists()
-          else {"prefill": float("nan"), "decode": float("nan")})
+    def start_twice(server: Callable[[str], ServerProcess]) -> tuple[float, float, float]:
+        """(cold ready s, warm ready s, PSS MiB at warm ready)."""
+        cold = ready(server("cold"), args.startup_timeout)[0] if drop_page_cache() else float("nan")
+        return cold, *ready(server("warm"), args.startup_timeout)
+
+    ours_ready = start_twice(lambda kind: tokenmill_server(gguf, "auto", args.kv_cache_memory, free_port(),
+                                                           out / f"ready_tokenmill_{kind}.log"))
+    peer_ready = (start_twice(lambda kind: llama_server(PEERS / "llama-server", gguf, READY_SLOTS, CTX_PER_SLOT, 2,
+                                                        free_port(), out / f"ready_llama_{kind}.log"))
+                  if PEERS.exists() else (float("nan"),) * 3)
+    lat = tokenmill_latency(["--model", name], out / "latency", PROMPT_LEN)
+    nan = {"prefill": float("nan"), "decode": float("nan")}
+    peer = llama_bench(gguf, out / "llama-bench.json", prompt_len=PROMPT_LEN) if PEERS.exists() else nan
+    ik = (llama_bench(gguf, out / "ik-llama-bench.json", IK_PEERS, "-rtr", "1", prompt_len=PROMPT_LEN)
+          if IK_PEERS.exists() else nan)
     tput = (throughputs(name, args.concurrency, args.num_prompts, args.output_len, args.kv_cache_memory,
                         out / "compare") if args.concurrency else {})
     bandwidth = f"{100 * lat['bandwidth_fraction']:.0f}% of {lat['memory_read_gb_s']:.0f} GB/s"
     rows = [
-        f"| {name} | tokenmill | {ours_ready[0]:.1f} | {lat['load_s']:.1f} | {ours_ready[1]:.0f} | "
+        f"| {name} | tokenmill | {ours_ready[0]:.1f} | {ours_ready[1]:.1f} | {lat['load_s']:.1f} | "
+        f"{ours_ready[2]:.0f} | "
         f"{lat['peak_rss_mib']:.0f} | {lat['median_prefill_tok_s']:.0f} | {lat['median_decode_tok_s']:.1f} | "
         f"{bandwidth} | " + " | ".join(f"{tput['tokenmill', c]:.0f}" for c in args.concurrency) + " |",
-        f"| {name} | llama.cpp | {peer_ready[0]:.1f} | | {peer_ready[1]:.0f} | | {peer['prefill']:.0f} | "
+        f"| {name} | llama.cpp | {peer_ready[0]:.1f} | {peer_ready[1]:.1f} | | {peer_ready[2]:.0f} | | "
+        f"{peer['prefill']:.0f} | "
         f"{peer['decode']:.1f} | | " + " | ".join(f"{tput.get(('llama.cpp', c), float('nan')):.0f}"
                                                    for c in args.concurrency) + " |",
-        f"| {name} | ik_llama.cpp -rtr | | | | | {ik['prefill']:.0f} | {ik['decode']:.1f} | | "
+        f"| {name} | ik_llama.cpp -rtr | | | | | | {ik['prefill']:.0f} | {ik['decode']:.1f} | | "
         + " | ".join("" for _ in args.concurrency) + " |",
     ]
     return rows
@@ -122,9 +144,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
-             "| model | engine | ready s | load s | PSS at ready MiB | peak RSS (bench latency) MiB | prefill tok/s | "
-             "decode tok/s | bandwidth at batch 1 | " + " | ".join(f"out tok/s @{c}" for c in args.concurrency) + " |",
-             "|---|---|" + "---:|" * (7 + len(args.concurrency))]
+             "| model | engine | ready s cold | ready s warm | load s | PSS at ready MiB | "
+             "peak RSS (bench latency) MiB | "
+             f"prefill {PROMPT_LEN} tok/s | decode tok/s | bandwidth at batch 1 | "
+             + " | ".join(f"out tok/s @{c}" for c in args.concurrency) + " |",
+             "|---|---|" + "---:|" * (8 + len(args.concurrency))]
     for name in args.models:
         lines += measure(name, args)
     report = "\n".join(lines)

@@ -39,9 +39,9 @@ def run(cmd: list[str], out: Path) -> None:
                        env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
-def tokenmill_latency(flags: list[str], out: Path) -> dict:
+def tokenmill_latency(flags: list[str], out: Path, prompt_len: int = 128) -> dict:
     result = out.with_suffix(".json")
-    run(["tokenmill", "bench", "latency", "--input-len", "128", "--output-len", "64", "--num-iters", "3",
+    run(["tokenmill", "bench", "latency", "--input-len", str(prompt_len), "--output-len", "64", "--num-iters", "3",
          "--num-iters-warmup", "1", *flags, "--save-result", str(result)], out.with_suffix(".log"))
     return json.loads(result.read_text())["metrics"]
 
@@ -54,10 +54,11 @@ def tokenmill_throughput(batch: int, out: Path) -> float:
     return json.loads(result.read_text())["metrics"]["output_throughput"]
 
 
-def llama_bench(model: Path, out: Path, bin_dir: Path = PEERS, *extra: str) -> dict[str, float]:
-    """llama-bench of `bin_dir` (llama.cpp's, or ik_llama.cpp's with extra=("-rtr", "1")): prefill 128, decode 64."""
-    run([str(bin_dir / "llama-bench"), "-m", str(model), "-t", "2", "-p", "128", "-n", "64", "-r", "3", *extra,
-         "-o", "json"], out)
+def llama_bench(model: Path, out: Path, bin_dir: Path = PEERS, *extra: str, prompt_len: int = 128) -> dict[str, float]:
+    """llama-bench of `bin_dir` (llama.cpp's, or ik_llama.cpp's with extra=("-rtr", "1")): prefill `prompt_len`,
+    decode 64."""
+    run([str(bin_dir / "llama-bench"), "-m", str(model), "-t", "2", "-p", str(prompt_len), "-n", "64", "-r", "3",
+         *extra, "-o", "json"], out)
     rows = json.loads(out.read_text()[out.read_text().index("["):])
     return {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
 
