@@ -177,7 +177,25 @@ def _native_rows(ckpt) -> dict[str, str]:
         return {}
     kinds = {"packed (native kernels)": [w for w in quantized if w.qtype in NATIVE_TYPES],
              "dequantized to float": [w for w in quantized if w.qtype not in NATIVE_TYPES]}
-    return {key: ", ".join(sorted({w.qtype.name for w in ws})) or "none" for key, ws in kinds.items()}
+    rows = {key: ", ".join(sorted({w.qtype.name for w in ws})) or "none" for key, ws in kinds.items()}
+    rows["bits per weight (file -> memory)"] = ", ".join(_bits_per_weight(kinds["packed (native kernels)"]))
+    return rows
+
+
+def _bits_per_weight(packed: list) -> list[str]:
+    """Each packed type's bits per weight in the file and as the kernels hold it (its smallest tensor repacked)."""
+    from tokenmill.kernels.quant_ops import kernel_layout
+    from tokenmill.quant.gguf_blocks import repack
+
+    smallest: dict = {}
+    for w in packed:
+        if len(w.shape) == 2 and w.nbytes < getattr(smallest.get(w.qtype), "nbytes", float("inf")):
+            smallest[w.qtype] = w
+    out = []
+    for qtype, w in sorted(smallest.items(), key=lambda kv: kv[0].name):
+        numel = w.shape[0] * w.shape[1]
+        out.append(f"{qtype.name} {8 * w.nbytes / numel:.2f} -> {8 * kernel_layout(repack(w)).nbytes / numel:.2f}")
+    return out
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ from tokenmill.quant.weights import QuantizedWeight
 
 __all__ = ["QMatrix", "available", "dequantize", "kernel_layout", "linear"]
 _p, _i = ctypes.c_void_p, ctypes.c_int
-_FORMATS = {None: 0, "q4_k": 1, "q6_k": 2}  # tm::Format
+_FORMATS = {None: 0, "q4_k": 1, "q6_k": 2, "q5_0": 3}  # tm::Format
 
 
 class QMatrix(ctypes.Structure):

@@ -2,7 +2,8 @@
 as the `gguf` package's reference dequantization, bit for bit.
 
 - Q4_0 (w = d * (q - 8)) -> int4, min = -8d; Q4_1 (w = d * q + m) -> int4; both float16 scales, group 32.
-- Q8_0 (w = d * q) -> int8 group 32; Q5_0 (w = d * (q - 16), 5-bit q) -> int8 codes q - 16, group 32.
+- Q8_0 (w = d * q) -> int8 group 32; Q5_0 (w = d * (q - 16), 5-bit q) -> its own tiled format at 5.5 bits per
+  weight (expanded, where rows are not a multiple of 8: int8 codes q - 16, group 32).
 - Q4_K (256-blocks of eight 32-groups, w = (d * sc) * q - (dmin * m)) and Q6_K (sixteen 16-groups,
   w = (d * sc) * (q - 32)) -> the k-quant formats at the file's size, tiled; the rare matrix whose rows are not
   a multiple of 8 gets their expansion (int4 group 32 with float32 scale d * sc and min -(dmin * m); int8
@@ -47,12 +48,21 @@ def _legacy(data: np.ndarray, rows: int, cols: int, qtype: Q) -> QuantizedWeight
 
 def _q5_0(data: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
     blocks = data.reshape(rows * cols // BLOCK, -1)
-    scales = torch.from_numpy(blocks[:, 0:2].copy().view(np.float16).reshape(rows, -1))
-    high = (blocks[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
+    scales = blocks[:, 0:2].copy().view(np.float16).reshape(rows, -1)
+    high = ((blocks[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
     low = blocks[:, 6:, None] >> np.array([0, 4], dtype=np.uint8)
-    low = (low & 0x0F).transpose(0, 2, 1).reshape(-1, BLOCK)
-    q = (low | (high.astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
-    return QuantizedWeight(8, torch.from_numpy(q.reshape(rows, cols)), scales, None, BLOCK)
+    low = (low & 0x0F).transpose(0, 2, 1).reshape(rows, cols)
+    if rows % TILE_ROWS:
+        q = (low | high.reshape(rows, cols) << 4).astype(np.int8) - np.int8(16)
+        return QuantizedWeight(8, torch.from_numpy(q), torch.from_numpy(scales), None, BLOCK)
+    nb = cols // BLOCK
+    # element 16 * half + 4c + j of a block: its high bit goes to byte (row, j), bit 2c + half
+    shifts = np.arange(8, dtype=np.uint8).reshape(4, 2).T.reshape(2, 4, 1)  # [half, c, j]
+    qhigh = (high.reshape(rows, nb, 2, 4, 4) << shifts).sum(axis=(2, 3), dtype=np.uint8)  # [row, block, j]
+    qhigh = qhigh.reshape(rows // TILE_ROWS, TILE_ROWS, nb, 4).transpose(0, 2, 1, 3)
+    nibbles = interleave_rows(pack_nibbles(torch.from_numpy(low)), nb)
+    return QuantizedWeight(5, nibbles, torch.from_numpy(_by_tile(scales).reshape(rows, -1)), None, BLOCK, tiled=True,
+                           kquant="q5_0", qhigh=torch.from_numpy(np.ascontiguousarray(qhigh).reshape(rows, -1)))
 
 
 def _q4_k(data: np.ndarray, rows: int, cols: int) -> QuantizedWeight:

@@ -6,10 +6,10 @@ each 32-block are ordered as in GGUF's Q4_0/Q4_1 (byte j holds q[j] low, q[j + 1
 types repack by copying bytes. int8: w = scale * q with q in [-127, 127] (GGUF Q8_0 is group 32; 16-groups are
 the one group size below 32).
 
-GGUF's Q4_K and Q6_K are held as k-quants (`kquant`), at the file's own bits per weight: integer scale codes
-under a float16 scale per 256 values, always tiled (kernels/csrc/tiled_matmul.cpp has the byte layout).
-untile() expands one to the plain format with float32 scales, exactly (a float16 times a 6- or 8-bit integer
-is exact in float32): the reference the kernels are tested against.
+GGUF's Q4_K and Q6_K (integer scale codes under a float16 scale per 256 values) and Q5_0 (5-bit codes) are held
+in their own formats (`kquant`), at the file's bits per weight, always tiled (kernels/csrc/tiled_matmul.cpp has
+the byte layout). untile() expands one to the plain format with float32 scales, exactly (a float16 times a 6- or
+8-bit integer is exact in float32): the reference the kernels are tested against.
 """
 from __future__ import annotations
 
@@ -21,29 +21,33 @@ BLOCK = 32  # elements per nibble-packing block; group sizes are multiples of it
 TILE_ROWS = 8  # rows interleaved in the tiled layout
 CHUNK_BYTES = 4  # bytes of one row that sit together in the tiled layout
 SUPER_BLOCK = 256  # elements per float16 scale of a k-quant
-KQUANTS = ("q4_k", "q6_k")
+KQUANTS = ("q4_k", "q6_k", "q5_0")
+SUPER_SCALED = ("q4_k", "q6_k")  # the k-quants proper: a float16 scale per 256 over integer scale codes
+HIGH_BITS = {"q6_k": 2, "q5_0": 1}  # code bits above the low nibble, held in qhigh
 
 
 @dataclass
 class QuantizedWeight:
-    bits: int  # 4 or 8; 6 for q6_k
+    bits: int  # 4 or 8; 6 for q6_k, 5 for q5_0
     qweight: torch.Tensor  # int4, k-quants: uint8 [out, in // 2] (q6_k: the codes' low nibbles); int8: int8 [out, in]
     scales: torch.Tensor  # float16 or float32 [out, in // group_size]; k-quants: their scale codes (q4_k: with mins)
     mins: torch.Tensor | None  # plain int4 only: same shape and dtype as scales
     group_size: int
     tiled: bool = False  # the native kernels' layout (see tile()); shapes are the same in both layouts
-    kquant: str | None = None  # "q4_k" or "q6_k" (one of KQUANTS): GGUF's block format at its own size
-    qhigh: torch.Tensor | None = None  # q6_k: the codes' high 2 bits, uint8 [out, in // 4]
+    kquant: str | None = None  # one of KQUANTS: GGUF's block format at its own size
+    qhigh: torch.Tensor | None = None  # q6_k, q5_0: the codes' high bits, uint8 [out, in * HIGH_BITS // 8]
     super_scales: torch.Tensor | None = None  # k-quants: float16 [out, in // 256] (q4_k: d and dmin, [out, in // 128])
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 6, 8) or (self.bits == 6) != (self.kquant == "q6_k"):
-            raise ValueError(f"bits must be 4 or 8 (6 for q6_k), got {self.bits}")
+        if self.bits != {"q6_k": 6, "q5_0": 5}.get(self.kquant, self.bits) or self.bits not in (4, 8, 6, 5):
+            raise ValueError(f"bits must be 4 or 8 (6 for q6_k, 5 for q5_0), got {self.bits}")
         if self.kquant is not None:
-            if self.kquant not in KQUANTS or not self.tiled or self.super_scales is None or self.mins is not None \
-                    or (self.qhigh is not None) != (self.kquant == "q6_k") or self.in_features % SUPER_BLOCK:
-                raise ValueError(f"a {self.kquant} weight is tiled, has super_scales (and qhigh for q6_k), no mins, "
-                                 f"and a multiple of {SUPER_BLOCK} inputs")
+            super_scaled = self.kquant in SUPER_SCALED
+            if self.kquant not in KQUANTS or not self.tiled or (self.super_scales is not None) != super_scaled \
+                    or self.mins is not None or (self.qhigh is not None) != (self.kquant in HIGH_BITS) \
+                    or (super_scaled and self.in_features % SUPER_BLOCK):
+                raise ValueError(f"a {self.kquant} weight is tiled, has no mins, and has super_scales (with a multiple "
+                                 f"of {SUPER_BLOCK} inputs) for {SUPER_SCALED}, qhigh for {tuple(HIGH_BITS)}")
         elif (self.mins is None) != (self.bits == 8):
             raise ValueError("int4 weights need mins; int8 weights have none")
         if (self.group_size % BLOCK and (self.bits, self.group_size) not in ((8, 16), (6, 16))) \
@@ -141,6 +145,13 @@ class QuantizedWeight:
             sc, m = (t.transpose(1, 2).reshape(n, blocks).float() for t in (sc, m))
             return QuantizedWeight(4, nibbles, dm[..., 0] * sc, -(dm[..., 1] * m), BLOCK)
         low = torch.cat([(b := nibbles.view(n, blocks, BLOCK // 2)) & 0x0F, b >> 4], -1).view(tiles, TILE_ROWS, -1)
+        if self.kquant == "q5_0":  # bit 2c + half of byte (row, j): element 16 * half + 4c + j
+            shifts = torch.arange(8, dtype=torch.uint8).view(4, 2)  # [chunk, half]
+            high = (self.qhigh.view(tiles, blocks, TILE_ROWS, CHUNK_BYTES, 1, 1) >> shifts) & 1
+            high = high.permute(0, 2, 1, 5, 4, 3).reshape(tiles, TILE_ROWS, -1)  # -> [tile, row, block, half, c, j]
+            codes = ((low | high << 4).to(torch.int8) - 16).reshape(n, -1)
+            scales = self.scales.view(tiles, blocks, TILE_ROWS).transpose(1, 2).reshape(n, blocks)
+            return QuantizedWeight(8, codes, scales, None, BLOCK)
         shifts = torch.tensor([[0, 2], [4, 6]], dtype=torch.uint8)  # [chunk parity, half of the block]
         high = (self.qhigh.view(tiles, blocks, 2, TILE_ROWS, CHUNK_BYTES, 1, 1) >> shifts) & 3
         high = high.permute(0, 3, 1, 6, 2, 5, 4).reshape(tiles, TILE_ROWS, -1)  # -> [tile, row, block, half, chunk, j]

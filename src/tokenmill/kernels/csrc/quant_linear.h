@@ -12,7 +12,8 @@ constexpr int QK = 32;  // activation / weight block length
 // kQ4K: int4 codes, a 6-bit scale and min code per 32-block and a float16 (d, dmin) per 256: w = d * sc * q -
 // dmin * m; kQ6K: 6-bit codes (low nibbles like int4, 2 high bits in qh), an int8 scale per 16 and a float16 d
 // per 256: w = d * sc * (q - 32).
-enum Format : int { kPlain = 0, kQ4K = 1, kQ6K = 2 };
+// kQ5_0: 5-bit codes (low nibbles like int4, the high bit in qh), a float16 d per 32: w = d * (q - 16).
+enum Format : int { kPlain = 0, kQ4K = 1, kQ6K = 2, kQ5_0 = 3 };
 
 // A packed weight W [N, K]. Row layout: row n's bytes, then row n+1's. Tiled layout: rows interleaved 8 at a
 // time (see quant_linear.cpp), one scale (and min) per 32-block.
@@ -26,8 +27,8 @@ struct QMatrix {
   int N, K;
   int tiled;
   int format;
-  const void* qh;     // kQ6K: the codes' high 2 bits
-  const void* super;  // k-quants: float16 per 256-block (kQ4K: d and dmin)
+  const void* qh;     // kQ6K, kQ5_0: the codes' high bits
+  const void* super;  // kQ4K, kQ6K: float16 per 256-block (kQ4K: d and dmin)
 };
 
 // Activation rows quantized to int8 per 32 values: row m at q + m * K, its block scales at d + m * K / 32, and
@@ -62,7 +63,7 @@ void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t
 void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate);
 
-// The 32 float values of a k-quant's row n, block b, exactly as its expansion dequantizes them.
+// The 32 float values of a k-quant's (or Q5_0's) row n, block b, exactly as its expansion dequantizes them.
 void dequantize_kquant_block(const QMatrix& w, int64_t n, int b, float* out);
 
 }  // namespace tm

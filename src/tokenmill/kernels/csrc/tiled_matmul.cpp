@@ -19,6 +19,9 @@
 //         chunks 2v and 2v+1, its byte 4r+j holding (bits 4h..4h+3 for chunk 2v+h) the high bits of row r's
 //         elements 4c+j (low 2) and 16+4c+j (high 2); per tile and 32-block 16 int8 scales (the 8 rows' first
 //         16 elements, then their last 16); per tile and 256-block the 8 rows' float16 d. w = d*sc*(q - 32).
+//   Q5_0: code low nibbles as int4; per tile and 32-block 32 bytes of high bits: byte 4r+j holds (bits 2c and
+//         2c+1) the high bits of row r's elements 4c+j and 16+4c+j; per tile and 32-block the 8 rows' float16 d.
+//         w = d*(q - 16).
 // Scales come out as the same float32 products the expanded formats hold (QuantizedWeight.untile), so a k-quant
 // gives the same result as its expansion did, read at its own size.
 #include <immintrin.h>
@@ -89,6 +92,7 @@ struct Tile16 {
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
   static F join(const __m256* t) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(t[0])), _mm256_castps_pd(t[1]), 1));
@@ -105,7 +109,7 @@ struct Tile16 {
 #define TM_HAS_TILE16 1
 #endif
 
-enum class Kind { kInt4, kInt8, kQ4K, kQ6K };
+enum class Kind { kInt4, kInt8, kQ4K, kQ6K, kQ5_0 };
 
 // Each thread streams its tiles' bytes front to back; the hardware prefetcher alone leaves the loads waiting
 // (batch-1 products of Qwen2.5-1.5B's Q4_K matrices read 15 GB/s without this, 25 with it; 1-8 KB ahead were
@@ -126,7 +130,7 @@ template <Kind KIND>
 inline void block_scales8(const QMatrix& w, int64_t t, int b, __m256& s, __m256& m) {
   const int nb = w.K / QK;
   const int64_t block = t * nb + b, super = t * (nb / 8) + b / 8;
-  if constexpr (KIND == Kind::kInt4 || KIND == Kind::kInt8) {
+  if constexpr (KIND == Kind::kInt4 || KIND == Kind::kInt8 || KIND == Kind::kQ5_0) {
     s = load_scales8(w.scale, block * 8, w.f16);
     m = KIND == Kind::kInt4 ? load_scales8(w.min, block * 8, w.f16) : _mm256_setzero_ps();
   } else if constexpr (KIND == Kind::kQ4K) {
@@ -205,51 +209,60 @@ inline void tile_block_sums(const QMatrix& w, int64_t t, int b, const int8_t* xq
   }
 }
 
-// Q6_K's integer block sums, one per 16-element half (each half has its own scale): lo[i] lane r = (q_r - 32) .
-// x_i over the block's first 16 elements, hi[i] over its last 16. Codes q are 0..63 unsigned bytes against
-// signed activations; the offset 32 comes off as 32 * (the activations' half sum).
-template <typename V, int MT>
-inline void q6k_block_sums(const QMatrix& w, int64_t t, int b, const QActivations& x, typename V::I* lo,
-                           typename V::I* hi) {
+// v << n for n >= 0, v >> -n else (16-bit lanes; callers mask whole bytes).
+template <typename V>
+inline typename V::I shift16(typename V::I v, int n) {
+  return n >= 0 ? V::shl16(v, n) : V::shr16(v, -n);
+}
+
+// Integer block sums of the formats whose codes are a low nibble and high bits (Q6_K: 2, offset 32; Q5_0: 1,
+// offset 16), one per 16-element half (Q6_K gives each half its own scale): lo[i] lane r = (q_r - offset) . x_i
+// over the block's first 16 elements, hi[i] over its last 16. Codes are unsigned bytes (below 64) against signed
+// activations; the offset comes off as offset * (the activations' half sum).
+template <typename V, Kind KIND, int MT>
+inline void high_bit_block_sums(const QMatrix& w, int64_t t, int b, const QActivations& x, typename V::I* lo,
+                                typename V::I* hi) {
   using I = typename V::I;
+  constexpr bool q6 = KIND == Kind::kQ6K;
+  constexpr int high_bytes = q6 ? 64 : 32, offset = q6 ? 32 : 16;
   const int K = w.K, nb = K / QK;
   const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
-  const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * 64;
+  const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * high_bytes;
   prefetch_ahead(q, 128);
-  prefetch_ahead(qh, 64);
-  const I mask = V::set1_8(0x30);
+  prefetch_ahead(qh, high_bytes);
+  const I mask = V::set1_8(q6 ? 0x30 : 0x10);
   for (int i = 0; i < MT; ++i) lo[i] = hi[i] = V::zero();
-  for (int v = 0; v < 2; ++v) {
-    const I h = V::load(qh + v * 32, static_cast<int64_t>(nb) * 64);
-    I lo16[MT], hi16[MT];  // without VNNI: int16 sums of two chunks stay below 2 * 2 * 63 * 127 = 32004
-    for (int i = 0; i < MT; ++i) lo16[i] = hi16[i] = V::zero();
-    for (int odd = 0; odd < 2; ++odd) {
-      const int c = 2 * v + odd;
-      const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
-      const I ql = V::or_(V::nibbles(p, 0), V::and_(odd ? h : V::shl16(h, 4), mask));
-      const I qhi = V::or_(V::nibbles(p, 4), V::and_(odd ? V::shr16(h, 2) : V::shl16(h, 2), mask));
-      for (int i = 0; i < MT; ++i) {
-        const int8_t* xc = x.q + static_cast<int64_t>(i) * K + b * QK + 4 * c;
-        const I xl = V::set1(chunk_at(xc)), xh = V::set1(chunk_at(xc + 16));
-        if constexpr (kVnni) {
-          lo[i] = V::dot(lo[i], ql, xl);
-          hi[i] = V::dot(hi[i], qhi, xh);
-        } else {
-          lo16[i] = V::add16(lo16[i], V::maddubs(ql, xl));
-          hi16[i] = V::add16(hi16[i], V::maddubs(qhi, xh));
-        }
+  I h = V::load(qh, static_cast<int64_t>(nb) * high_bytes);
+  I lo16[MT], hi16[MT];  // without VNNI: int16 sums of two chunks stay below 2 * 2 * 63 * 127 = 32004
+  for (int c = 0; c < 4; ++c) {
+    if (q6 && c == 2) h = V::load(qh + 32, static_cast<int64_t>(nb) * high_bytes);
+    // the high bits of this chunk's low-nibble and high-nibble elements, moved to bit 4 (and 5)
+    const int lo_shift = q6 ? (c % 2 ? 0 : 4) : 4 - 2 * c, hi_shift = q6 ? (c % 2 ? -2 : 2) : 3 - 2 * c;
+    const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
+    const I ql = V::or_(V::nibbles(p, 0), V::and_(shift16<V>(h, lo_shift), mask));
+    const I qhi = V::or_(V::nibbles(p, 4), V::and_(shift16<V>(h, hi_shift), mask));
+    for (int i = 0; i < MT; ++i) {
+      const int8_t* xc = x.q + static_cast<int64_t>(i) * K + b * QK + 4 * c;
+      const I xl = V::set1(chunk_at(xc)), xh = V::set1(chunk_at(xc + 16));
+      if constexpr (kVnni) {
+        lo[i] = V::dot(lo[i], ql, xl);
+        hi[i] = V::dot(hi[i], qhi, xh);
+      } else {
+        lo16[i] = c % 2 ? V::add16(lo16[i], V::maddubs(ql, xl)) : V::maddubs(ql, xl);
+        hi16[i] = c % 2 ? V::add16(hi16[i], V::maddubs(qhi, xh)) : V::maddubs(qhi, xh);
       }
     }
     if constexpr (!kVnni)
-      for (int i = 0; i < MT; ++i) {
-        lo[i] = V::add32(lo[i], V::widen16(lo16[i]));
-        hi[i] = V::add32(hi[i], V::widen16(hi16[i]));
-      }
+      if (c % 2)
+        for (int i = 0; i < MT; ++i) {
+          lo[i] = V::add32(lo[i], V::widen16(lo16[i]));
+          hi[i] = V::add32(hi[i], V::widen16(hi16[i]));
+        }
   }
   for (int i = 0; i < MT; ++i) {
     const int32_t* sums = x.h + static_cast<int64_t>(i) * (K / 16) + 2 * b;
-    lo[i] = V::sub32(lo[i], V::set1(32 * sums[0]));
-    hi[i] = V::sub32(hi[i], V::set1(32 * sums[1]));
+    lo[i] = V::sub32(lo[i], V::set1(offset * sums[0]));
+    hi[i] = V::sub32(hi[i], V::set1(offset * sums[1]));
   }
 }
 
@@ -269,12 +282,16 @@ inline void tile_rows(const QMatrix& w, int64_t t, const QActivations& a, int m0
     const F ws = V::join(s8), wm = V::join(m8);
     if constexpr (KIND == Kind::kQ6K) {
       typename V::I lo[MT], hi[MT];
-      q6k_block_sums<V, MT>(w, t, b, x, lo, hi);
+      high_bit_block_sums<V, KIND, MT>(w, t, b, x, lo, hi);
       for (int i = 0; i < MT; ++i) {
         const F xd = V::bcast(x.d + i * nb + b);
         r[i] = V::fmadd(V::cvt(lo[i]), V::mul(ws, xd), r[i]);
         r[i] = V::fmadd(V::cvt(hi[i]), V::mul(wm, xd), r[i]);
       }
+    } else if constexpr (KIND == Kind::kQ5_0) {
+      typename V::I lo[MT], hi[MT];
+      high_bit_block_sums<V, KIND, MT>(w, t, b, x, lo, hi);
+      for (int i = 0; i < MT; ++i) r[i] = V::fmadd(V::cvt(V::add32(lo[i], hi[i])), V::mul(ws, V::bcast(x.d + i * nb + b)), r[i]);
     } else {
       typename V::I s[MT];
       tile_block_sums<V, KIND == Kind::kInt8 ? 8 : 4, MT>(w, t, b, x.q, x.u, s);
@@ -353,6 +370,8 @@ void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, i
     qmatmul_kind<Kind::kQ4K>(w, a, M, out, ldo, bias, accumulate);
   else if (w.format == kQ6K)
     qmatmul_kind<Kind::kQ6K>(w, a, M, out, ldo, bias, accumulate);
+  else if (w.format == kQ5_0)
+    qmatmul_kind<Kind::kQ5_0>(w, a, M, out, ldo, bias, accumulate);
   else if (w.bits == 4)
     qmatmul_kind<Kind::kInt4>(w, a, M, out, ldo, bias, accumulate);
   else
@@ -372,6 +391,16 @@ void dequantize_kquant_block(const QMatrix& w, int64_t n, int b, float* out) {
     for (int e = 0; e < QK; ++e) {
       const int byte = q[(e % 16) / 4 * 32 + e % 4];
       out[e] = scale * static_cast<float>(e < 16 ? byte & 15 : byte >> 4) + min;
+    }
+    return;
+  }
+  if (w.format == kQ5_0) {
+    const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + block * 32 + 4 * r;
+    const float dd = _cvtsh_ss(static_cast<const uint16_t*>(w.scale)[block * 8 + r]);
+    for (int e = 0; e < QK; ++e) {
+      const int half = e / 16, c = (e % 16) / 4, j = e % 4;
+      const int low = half ? q[c * 32 + j] >> 4 : q[c * 32 + j] & 15;
+      out[e] = dd * static_cast<float>((low | ((qh[j] >> (2 * c + half)) & 1) << 4) - 16);
     }
     return;
   }
