@@ -5,9 +5,10 @@ Run:  python benchmarks/models.py --out benchmarks/results/models   (quiet machi
 For each model (default: qwen2.5-coder-1.5b and gemma3-270m, both Q4_K_M):
 - ready: `tokenmill serve` and `llama-server` (8 slots) each started alone on the GGUF: seconds from start to
   /health 200, cold (the page cache dropped first, which needs root; tokenmill's weight cache stays on disk)
-  and warm (started again at once), and the memory at warm ready, as PSS summed over the server's processes
-  (tokenmill's engine core shares the weights copy-on-write, so they count once; llama.cpp's mmapped GGUF counts
-  as it is resident).
+  and warm (started again at once), then the seconds from start to the end of a first 16-token completion (a
+  server that maps its weights without touching them pays for reading them there), and the memory at warm ready
+  and after that first answer, as PSS summed over the server's processes (tokenmill's engine core shares the
+  weights copy-on-write, so they count once; llama.cpp's mmapped GGUF counts as it is resident).
 - single stream: `tokenmill bench latency` (512-token prompt, 64 new tokens, greedy, median of 3 after a
   warm-up, in a fresh process) for load time, peak RSS, prefill and decode tok/s and the fraction of memory
   bandwidth that streaming the weights reaches at batch 1; `llama-bench -p 512 -n 64` on the same GGUF.
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,13 +71,21 @@ def drop_page_cache() -> bool:
         return False
 
 
-def ready(server: ServerProcess, timeout_s: float) -> tuple[float, float]:
-    """(seconds from start to /health 200, PSS MiB then), the server stopped afterwards."""
+def ready(server: ServerProcess, timeout_s: float) -> tuple[float, float, float, float]:
+    """(seconds from start to /health 200, PSS MiB then, seconds from start to the end of a first 16-token
+    completion, PSS MiB after it), the server stopped afterwards. The first answer is where a server that maps its
+    weights without touching them pays for reading them."""
     with server:
         started = time.perf_counter()
         server.start(timeout_s)
         seconds = time.perf_counter() - started
-        return seconds, tree_pss_mib(server.process.pid)
+        pss = tree_pss_mib(server.process.pid)
+        body = json.dumps({"prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{server.base_url}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+        return seconds, pss, time.perf_counter() - started, tree_pss_mib(server.process.pid)
 
 
 def throughputs(model: str, concurrencies: list[int], num_prompts: int, output_len: int, kv_cache_memory: int,
@@ -95,16 +105,17 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
     gguf = resolve_model(name)
     out = args.out / name
     out.mkdir(parents=True, exist_ok=True)
-    def start_twice(server: Callable[[str], ServerProcess]) -> tuple[float, float, float]:
-        """(cold ready s, warm ready s, PSS MiB at warm ready)."""
-        cold = ready(server("cold"), args.startup_timeout)[0] if drop_page_cache() else float("nan")
-        return cold, *ready(server("warm"), args.startup_timeout)
+    def start_twice(server: Callable[[str], ServerProcess]) -> tuple[float, ...]:
+        """(cold ready s, cold first answer s, warm ready s, PSS MiB at warm ready, warm first answer s, PSS MiB
+        after it)."""
+        cold = ready(server("cold"), args.startup_timeout) if drop_page_cache() else (float("nan"),) * 4
+        return cold[0], cold[2], *ready(server("warm"), args.startup_timeout)
 
     ours_ready = start_twice(lambda kind: tokenmill_server(gguf, "auto", args.kv_cache_memory, free_port(),
                                                            out / f"ready_tokenmill_{kind}.log"))
     peer_ready = (start_twice(lambda kind: llama_server(PEERS / "llama-server", gguf, READY_SLOTS, CTX_PER_SLOT, 2,
                                                         free_port(), out / f"ready_llama_{kind}.log"))
-                  if PEERS.exists() else (float("nan"),) * 3)
+                  if PEERS.exists() else (float("nan"),) * 6)
     lat = tokenmill_latency(["--model", name], out / "latency", PROMPT_LEN)
     nan = {"prefill": float("nan"), "decode": float("nan")}
     peer = llama_bench(gguf, out / "llama-bench.json", prompt_len=PROMPT_LEN) if PEERS.exists() else nan
@@ -114,18 +125,22 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
                         out / "compare") if args.concurrency else {})
     bandwidth = f"{100 * lat['bandwidth_fraction']:.0f}% of {lat['memory_read_gb_s']:.0f} GB/s"
     rows = [
-        f"| {name} | tokenmill | {ours_ready[0]:.1f} | {ours_ready[1]:.1f} | {lat['load_s']:.1f} | "
-        f"{ours_ready[2]:.0f} | "
+        f"| {name} | tokenmill | {_ready_cells(ours_ready)} | {lat['load_s']:.1f} | "
         f"{lat['peak_rss_mib']:.0f} | {lat['median_prefill_tok_s']:.0f} | {lat['median_decode_tok_s']:.1f} | "
         f"{bandwidth} | " + " | ".join(f"{tput['tokenmill', c]:.0f}" for c in args.concurrency) + " |",
-        f"| {name} | llama.cpp | {peer_ready[0]:.1f} | {peer_ready[1]:.1f} | | {peer_ready[2]:.0f} | | "
+        f"| {name} | llama.cpp | {_ready_cells(peer_ready)} | | | "
         f"{peer['prefill']:.0f} | "
         f"{peer['decode']:.1f} | | " + " | ".join(f"{tput.get(('llama.cpp', c), float('nan')):.0f}"
                                                    for c in args.concurrency) + " |",
-        f"| {name} | ik_llama.cpp -rtr | | | | | | {ik['prefill']:.0f} | {ik['decode']:.1f} | | "
+        f"| {name} | ik_llama.cpp -rtr | | | | | | | | | {ik['prefill']:.0f} | {ik['decode']:.1f} | | "
         + " | ".join("" for _ in args.concurrency) + " |",
     ]
     return rows
+
+
+def _ready_cells(r: tuple[float, ...]) -> str:
+    """ready cold | first answer cold | ready warm | first answer warm | PSS at ready | PSS after first answer."""
+    return f"{r[0]:.1f} | {r[1]:.1f} | {r[2]:.1f} | {r[4]:.1f} | {r[3]:.0f} | {r[5]:.0f}"
 
 
 def main() -> None:
@@ -144,11 +159,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
-             "| model | engine | ready s cold | ready s warm | load s | PSS at ready MiB | "
-             "peak RSS (bench latency) MiB | "
+             "| model | engine | ready s cold | first answer s cold | ready s warm | first answer s warm | "
+             "PSS at ready MiB | PSS after first answer MiB | load s | peak RSS (bench latency) MiB | "
              f"prefill {PROMPT_LEN} tok/s | decode tok/s | bandwidth at batch 1 | "
              + " | ".join(f"out tok/s @{c}" for c in args.concurrency) + " |",
-             "|---|---|" + "---:|" * (8 + len(args.concurrency))]
+             "|---|---|" + "---:|" * (11 + len(args.concurrency))]
     for name in args.models:
         lines += measure(name, args)
     report = "\n".join(lines)

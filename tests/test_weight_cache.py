@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -44,8 +45,10 @@ def test_second_start_maps_the_same_weights(gguf, tmp_path, monkeypatch):
     assert len(_entries(folder)) == 2  # data + index
     calls = []
     monkeypatch.setattr(weight_cache, "save", lambda *a: calls.append(a))  # a hit must not write again
+    monkeypatch.setattr(weight_cache.zlib, "crc32", lambda *a: calls.append(a))  # nor read it all: stat unchanged
     second = _build(gguf, folder)
     assert not calls
+    monkeypatch.undo()
     a, b = _packed(first), _packed(second)
     assert a.keys() == b.keys() and len(a) > 50
     for name in a:
@@ -69,15 +72,19 @@ def test_changed_file_or_layout_makes_a_new_entry(gguf, tmp_path, monkeypatch):
     assert len(_entries(folder)) == 2 and _entries(folder) != touched
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "index"])
+@pytest.mark.parametrize("damage", ["flip", "flip_keep_mtime", "truncate", "index"])
 def test_corrupt_entry_is_rebuilt_not_loaded(gguf, tmp_path, caplog, damage):
     folder = tmp_path / "weights"
     expected = _packed(_build(gguf, folder))
     data = next(folder.glob("*.bin"))
-    if damage == "flip":
+    time.sleep(0.05)  # the file system's clock is coarse: let the damage's mtime differ from the written one
+    if damage.startswith("flip"):
+        before = data.stat()
         raw = bytearray(data.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         data.write_bytes(bytes(raw))
+        if damage == "flip_keep_mtime":  # as a copy that keeps times would; ctime still moves
+            os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
     elif damage == "truncate":
         with open(data, "r+b") as f:
             f.truncate(data.stat().st_size - 100)

@@ -6,9 +6,12 @@ writes it to `$TOKENMILL_CACHE_DIR/weights/` and later ones map it (copy-on-writ
 touch them and shared with the page cache, never copied into this process).
 
 An entry is a data file (the tensors back to back, 64-byte aligned) and a JSON index naming each tensor's offset,
-dtype and shape, with the CRC-32 of the data. The key hashes the checkpoint's path, size and modification time
-with the format and LAYOUT_VERSION: a changed file or kernel layout is a new key (old entries are removed). An
-entry that does not check out (missing, truncated, wrong checksum) is rebuilt, never loaded.
+dtype and shape, with the CRC-32 of the data and the data file's stat as written. The key hashes the checkpoint's
+path, size and modification time with the format and LAYOUT_VERSION: a changed file or kernel layout is a new key
+(old entries are removed). The checksum is computed again only when the data file's stat differs from the one
+written (it was copied, edited, truncated, touched): reading a gigabyte to check it would be most of a start, and
+the whole of a cold one. An entry that does not check out (missing, truncated, wrong checksum) is rebuilt, never
+loaded.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def load(folder: Path, checkpoint: Path, fmt: str) -> Packed | None:
         if size != index["size"]:
             raise ValueError(f"data is {size} bytes, the index says {index['size']}")
         data = torch.from_file(str(data_path), shared=False, size=size, dtype=torch.uint8)
-        if zlib.crc32(data.numpy()) != index["crc32"]:
+        if _stat(data_path) != index.get("stat") and zlib.crc32(data.numpy()) != index["crc32"]:
             raise ValueError("checksum mismatch")
         return {name: [_weight(data, part) for part in parts] for name, parts in index["weights"].items()}
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -82,14 +85,20 @@ def save(folder: Path, checkpoint: Path, fmt: str, weights: Packed) -> None:
                     offset += raw.nbytes
                 entries.append(entry)
             index["weights"][name] = entries
-    index.update(size=offset, crc32=crc)
     os.chmod(out.name, 0o644)  # as the other cache files: readable by whoever shares the cache
     os.replace(out.name, folder / f"{key}.bin")
+    index.update(size=offset, crc32=crc, stat=_stat(folder / f"{key}.bin"))
     with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".json.tmp") as index_out:
         json.dump(index, index_out)
     os.chmod(index_out.name, 0o644)
     os.replace(index_out.name, folder / f"{key}.json")  # last: an index names only complete data
     _remove_stale(folder, checkpoint, fmt, key)
+
+
+def _stat(path: Path) -> list[int]:
+    """What changes when a file is written, truncated, replaced or touched (ctime moves even under os.utime)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _weight(data: torch.Tensor, part: dict) -> QuantizedWeight:

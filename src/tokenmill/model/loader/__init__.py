@@ -3,18 +3,21 @@ tokenizer."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.kernels.build import cache_dir
 from tokenmill.model.loader import gguf as gguf_loader
 from tokenmill.model.loader import safetensors_dir
 from tokenmill.model.loader.catalog import resolve_model
 from tokenmill.model.loader.default_model import default_model_path
 from tokenmill.model.loader.gguf_header import read_gguf_header
 from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.model.tokenizer import cache as tokenizer_cache
 from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import QuantizedWeight
 
@@ -57,7 +60,7 @@ def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
     path = resolve_model_path(model)
     if path.is_dir():
         return Tokenizer.from_hf_dir(path)
-    return Tokenizer.from_gguf_metadata(read_gguf_header(path).metadata)
+    return _gguf_tokenizer(path, lambda: read_gguf_header(path).metadata)
 
 
 def load_checkpoint(model: str | Path | None = None) -> Checkpoint:
@@ -76,9 +79,14 @@ def _load_gguf(path: Path) -> Checkpoint:
         format="gguf",
         config=config,
         weights=gguf_loader.read_tensors(header, config),
-        tokenizer=Tokenizer.from_gguf_metadata(meta),
+        tokenizer=_gguf_tokenizer(path, lambda: meta),
         size_bytes=path.stat().st_size,
     )
+
+
+def _gguf_tokenizer(path: Path, metadata: Callable[[], dict]) -> Tokenizer:
+    """From the tokenizer cache under $TOKENMILL_CACHE_DIR/tokenizers, built from the metadata on a miss."""
+    return tokenizer_cache.cached(cache_dir() / "tokenizers", path, lambda: Tokenizer.from_gguf_metadata(metadata()))
 
 
 def _load_hf_dir(path: Path) -> Checkpoint:

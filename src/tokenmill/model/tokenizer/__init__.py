@@ -109,6 +109,20 @@ class Tokenizer:
             extra_stop_ids=model_eos_ids,
         )
 
+    def dumps(self) -> str:
+        """This tokenizer as one JSON text (the backend's own JSON and the special-token facts), for `loads`."""
+        return json.dumps({"backend": self._backend.to_str(), "bos_token_id": self.bos_token_id,
+                           "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                           "add_bos": self.add_bos, "chat_template": self.chat_template,
+                           "stop_token_ids": sorted(self.stop_token_ids)})
+
+    @classmethod
+    def loads(cls, text: str) -> Tokenizer:
+        """The tokenizer `dumps` wrote."""
+        facts = json.loads(text)
+        backend = tokenizers.Tokenizer.from_str(facts.pop("backend"))
+        return cls(backend, extra_stop_ids=facts.pop("stop_token_ids"), **facts)
+
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Write tokenizer.json + tokenizer_config.json, so `from_hf_dir(folder)` rebuilds this tokenizer."""
         folder = Path(folder)
