@@ -19,6 +19,7 @@ from tokenmill.kernels import native
 from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -75,6 +76,10 @@ class LLM:
         spec = f", speculative {self.speculative_config.method}" if self.speculative_config else ""
         name = self.config.name or self.checkpoint.path.name
         return f"{name}: {weights} weights on {kernels}, {step}, KV {kv}, {torch.get_num_threads()} threads{spec}"
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (vLLM's name for it)."""
+        return self.tokenizer
 
     @property
     def config(self):

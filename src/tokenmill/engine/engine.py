@@ -25,10 +25,11 @@ from tokenmill.engine.scheduler import Scheduler, SchedulerStats
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.engine.stop_strings import StopStrings
+from tokenmill.engine.structured_output import GrammarCompiler
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
-from tokenmill.model.sampler import SampledToken, StepLogits, sample
+from tokenmill.model.sampler import SampledToken, StepLogits, TokenRules, sample
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -60,6 +61,7 @@ class LLMEngine:
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, model.config.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
@@ -99,6 +101,7 @@ class LLMEngine:
         params, ids = request.params, request.prompt_token_ids
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
         stop_strings = StopStrings(params.stop)  # one automaton for the n sequences
+        rules = TokenRules(params.min_tokens, tuple(sorted(stop_ids)), self._bad_words(params.bad_words))
         children = [Request(
             request_id=request.request_id if params.n == 1 else f"{index}_{request.request_id}",
             prompt_token_ids=ids,
@@ -108,6 +111,9 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, ids, stop_strings, params.skip_special_tokens,
                                                params.include_stop_str_in_output),
             generator=torch.Generator().manual_seed(params.seed + index) if params.seed is not None else None,
+            rules=rules,
+            grammar=(self.grammars.matcher(params.structured_outputs) if params.structured_outputs is not None
+                     else None),
             priority=request.priority,
             index=index,
             parent_id=request.request_id,
@@ -116,6 +122,12 @@ class LLMEngine:
         self.parents[request.request_id] = ParentRequest(request.request_id, request.prompt, ids, children)
         for child in children:
             self.scheduler.add(child)
+
+    def _bad_words(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Each word's token ids as it would appear alone and after a space (vLLM's two spellings)."""
+        spellings = {tuple(self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
+                     for word in words for prefix in ("", " ")}
+        return tuple(sorted(s for s in spellings if s))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown or finished)."""
@@ -192,8 +204,9 @@ class LLMEngine:
         """The tokens a sampling chunk emits: the accepted drafts plus one, or one sampled token."""
         if drafts:
             return self.speculator.verify(request, drafts, step_logits, row)
+        allowed = request.grammar.allowed() if request.grammar is not None else None
         return [sample(step_logits, row, request.params, request.prompt_token_ids, request.output_ids,
-                       request.generator)]
+                       request.generator, request.rules, allowed)]
 
     def _retain_speculation(self) -> None:
         """Proposer state (draft KV blocks) lives only as long as its request runs."""

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tokenmill.engine.structured_output import grammar_text
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
 
@@ -40,6 +41,9 @@ class InputProcessor:
         self._check_prompt(ids)
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise ValueError(f"logprobs must be <= the vocabulary size {self.vocab_size}, got {params.logprobs}")
+        params.token_ids_in_range(self.vocab_size)
+        if params.structured_outputs is not None:
+            grammar_text(params.structured_outputs)  # compiled (and cached) here, so a bad one fails the caller
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(room, params.max_tokens)
         return EngineCoreRequest(request_id, text, ids, params, max_tokens, priority)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.model.sampler import SampledToken
+from tokenmill.engine.structured_output import GrammarMatcher
+from tokenmill.model.sampler import NO_RULES, SampledToken, TokenRules
 from tokenmill.outputs import CompletionOutput, Logprob, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
@@ -32,6 +33,8 @@ class Request:
     stop_token_ids: set[int]
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
+    rules: TokenRules = NO_RULES  # min_tokens and bad words
+    grammar: GrammarMatcher | None = None  # structured output
     priority: int = 0  # lower runs first, as in vLLM
     index: int = 0  # which of the parent's n completions
     parent_id: str = ""  # the user's request id (equal to request_id when n == 1)
@@ -88,11 +91,16 @@ class Request:
             entry[sampled.token_id] = Logprob(sampled.logprob, sampled.rank, decode_token(sampled.token_id))
             self.logprobs.append(entry)
         if sampled.token_id in self.stop_token_ids:
-            self.finish(now, "stop", sampled.token_id)
+            # as vLLM: stop_reason names a stop token the request asked for, None for the model's own end tokens
+            self.finish(now, "stop", sampled.token_id if sampled.token_id in self.params.stop_token_ids else None)
             return
         self.detokenizer.add(sampled.token_id)
-        if self.detokenizer.stopped_by is not None:
+        if self.grammar is not None and not self.grammar.accept(sampled.token_id):
+            self.finish(now, "abort")  # only if the mask was not applied: never in normal operation
+        elif self.detokenizer.stopped_by is not None:
             self.finish(now, "stop", self.detokenizer.stopped_by)
+        elif self.grammar is not None and self.grammar.done:
+            self.finish(now, "stop")
         elif self.num_tokens - self.num_prompt_tokens >= self.max_tokens:
             self.finish(now, "length")
 

@@ -1,10 +1,13 @@
-"""Choose the next token from logits: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs.
+"""Choose the next token from logits: bans, logit bias, penalties, temperature, top-k, top-p, min-p, seeded
+sampling, logprobs.
 
-Processing order follows vLLM: penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+Processing order follows vLLM: bans (allowed_token_ids, a grammar's mask, min_tokens' stop tokens, bad words) ->
+logit_bias -> penalties -> temperature -> top-k -> top-p -> min-p -> sample.
 Reported logprobs come from the model's raw distribution (before any of the above), as vLLM's default.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,53 @@ class SampledToken:
     logprob: float  # of the chosen token under the raw model distribution
     rank: int
     top: list[tuple[int, float]]  # (token id, logprob) of the top-N alternatives, best first
+
+
+@dataclass(frozen=True)
+class TokenRules:
+    """A request's bans that depend on where it is: min_tokens' stop ids until enough tokens are out, and each bad
+    word's last token after its other tokens (vLLM's rule). Built once per request by the engine, which knows the
+    stop ids and tokenizes the words; asked per position, so verification can ask it per draft token."""
+
+    min_tokens: int = 0
+    stop_ids: tuple[int, ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+
+    def banned(self, output_ids: Sequence[int]) -> list[int]:
+        banned = list(self.stop_ids) if len(output_ids) < self.min_tokens else []
+        for word in self.bad_words:
+            prefix = word[:-1]
+            if len(output_ids) >= len(prefix) and tuple(output_ids[len(output_ids) - len(prefix):]) == prefix:
+                banned.append(word[-1])
+        return banned
+
+    def __bool__(self) -> bool:
+        return bool(self.min_tokens and self.stop_ids) or bool(self.bad_words)
+
+
+NO_RULES = TokenRules()
+
+
+def apply_bans(logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int], rules: TokenRules,
+               allowed: torch.Tensor | None) -> torch.Tensor:
+    """-inf for every token the request may not generate here; `allowed`: a grammar's mask (True: may follow)."""
+    if params.allowed_token_ids is not None:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[torch.tensor(params.allowed_token_ids)] = True
+        logits.masked_fill_(~keep, float("-inf"))
+    if allowed is not None:
+        logits[:allowed.numel()].masked_fill_(~allowed, float("-inf"))
+        logits[allowed.numel():] = float("-inf")  # the model's padding rows past the tokenizer's vocabulary
+    if banned := rules.banned(output_ids):
+        logits[torch.tensor(banned)] = float("-inf")
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    if params.logit_bias:
+        tokens = torch.tensor(list(params.logit_bias))
+        logits[tokens] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
@@ -72,34 +122,41 @@ class StepLogits:
 
 
 def sample(step: StepLogits, row: int, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-           generator: torch.Generator | None) -> SampledToken:
-    """The next token from row `row` of the step's logits."""
-    if params.greedy and not has_penalties(params):
+           generator: torch.Generator | None, rules: TokenRules = NO_RULES,
+           allowed: torch.Tensor | None = None) -> SampledToken:
+    """The next token from row `row` of the step's logits; `allowed`: the grammar's mask, if the request has one."""
+    if params.greedy and allowed is None and not changes_logits(params, rules):
         token = step.argmax[row]
     else:
-        processed = process_logits(step.logits[row], params, prompt_ids, output_ids)
+        processed = process_logits(step.logits[row], params, prompt_ids, output_ids, rules, allowed)
         token = int(processed.argmax()) if params.greedy else \
             int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
     return step.sampled(row, token, params.logprobs)
 
 
-def has_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+def changes_logits(params: SamplingParams, rules: TokenRules = NO_RULES) -> bool:
+    """Whether anything but temperature stands between the raw logits and the token (greedy may skip them)."""
+    return (params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+            or bool(params.logit_bias) or params.allowed_token_ids is not None or bool(rules))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
-                   output_ids: list[int]) -> torch.Tensor:
-    """The logits a token is drawn from (a new tensor): penalties, then, unless greedy, temperature and
-    top-k/top-p/min-p. Shared by plain sampling and speculative verification, so both draw from the same p.
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+                   rules: TokenRules = NO_RULES, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits a token is drawn from (a new tensor): bans, logit bias and penalties, then, unless greedy,
+    temperature and top-k/top-p/min-p. Shared by plain sampling and speculative verification, so both draw from
+    the same p.
 
     Always a valid distribution: extreme (finite) penalties or temperatures overflow to +-inf, which becomes the
-    largest finite float (so softmax never sees inf - inf), and if nothing is left the raw logits decide."""
-    processed = _finite(apply_penalties(logits.clone(), params, prompt_ids, output_ids))
+    largest finite float (so softmax never sees inf - inf). If the filters leave nothing the banned-only logits
+    decide, and if the bans themselves leave nothing (a contradiction), the raw logits."""
+    banned = apply_bans(logits.clone(), params, output_ids, rules, allowed)
+    processed = _finite(apply_penalties(apply_logit_bias(banned.clone(), params), params, prompt_ids, output_ids))
     if not params.greedy:
         processed = filter_logits(_finite(processed / params.temperature), params)
-    if bool(torch.isneginf(processed).all()):
-        return logits.clone()
-    return processed
+    for candidate in (processed, banned):
+        if not bool(torch.isneginf(candidate).all()):
+            return candidate
+    return logits.clone()
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:

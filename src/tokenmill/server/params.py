@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 from tokenmill.server.openai_errors import RequestError
 from tokenmill.server.protocol import SamplingRequest
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows 20 too
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "seed", "ignore_eos")
+                    "repetition_penalty", "seed", "ignore_eos", "min_tokens", "stop_token_ids",
+                    "include_stop_str_in_output", "skip_special_tokens", "bad_words", "allowed_token_ids")
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,13 @@ class RequestLimits:
 class FieldNames:
     """Which request field carries each SamplingParams / engine field, for error messages."""
 
-    _KNOWN = (*_SAMPLING_FIELDS, "stop", "max_tokens", "logprobs", "prompt")
+    _KNOWN = (*_SAMPLING_FIELDS, "stop", "max_tokens", "logprobs", "prompt", "logit_bias", "structured_outputs")
 
     def __init__(self, **renames: str) -> None:
         self._renames = renames
+
+    def rename(self, field: str, request_field: str) -> None:
+        self._renames[field] = request_field
 
     def __getitem__(self, field: str) -> str:
         return self._renames.get(field, field)
@@ -70,9 +75,45 @@ def to_sampling_params(request: SamplingRequest, *, max_tokens: int | None, logp
         raise RequestError(f"stop strings may be at most {limits.max_stop_chars} characters long; stop[{too_long[0]}] "
                            f"has {len(stop[too_long[0]])}", "stop")
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=stop, **given)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=stop, logit_bias=_logit_bias(request),
+                              structured_outputs=_structured_outputs(request, names), **given)
     except ValueError as exc:
         raise names.error(exc) from None
+
+
+def _logit_bias(request: SamplingRequest) -> dict[int, float] | None:
+    if request.logit_bias is None:
+        return None
+    try:
+        return {int(token): bias for token, bias in request.logit_bias.items()}
+    except ValueError:
+        raise RequestError("logit_bias keys must be token ids (integers, as strings in JSON), got "
+                           f"{sorted(request.logit_bias)[:5]}", "logit_bias") from None
+
+
+def _structured_outputs(request: SamplingRequest, names: FieldNames) -> StructuredOutputsParams | None:
+    """The one output constraint the request asks for, under whichever name; `names` learns which field it came
+    from, so a schema llguidance rejects is a 400 naming that field."""
+    asked: dict[str, dict] = {}
+    if request.response_format is not None and request.response_format.type != "text":
+        fmt = request.response_format
+        asked["response_format"] = ({"json_object": True} if fmt.type == "json_object"
+                                    else {"json": fmt.json_schema.schema_})
+    if request.structured_outputs is not None:
+        asked["structured_outputs"] = request.structured_outputs
+    for field, kind in _GUIDED.items():
+        if getattr(request, field) is not None:
+            asked[field] = {kind: getattr(request, field)}
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise RequestError(f"give one output constraint, not {len(asked)}: {', '.join(asked)}", list(asked)[1])
+    (field, spec), = asked.items()
+    names.rename("structured_outputs", field)
+    try:
+        return StructuredOutputsParams(**spec)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"{field}: {exc}", field) from None
 
 
 def check_max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, param: str,

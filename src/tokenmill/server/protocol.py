@@ -64,6 +64,56 @@ def _bounds(default: Any = None, **bounds: float) -> Any:
     return Field(default, json_schema_extra=bounds)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # required: a json_schema response_format without one is a 400
+    strict: bool | None = None  # llguidance always enforces the schema exactly
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema}")
+        return self
+
+
+def _set(value: Any, _request: Any) -> bool:
+    return value is not None and value is not False and value != [] and value != {} and value != ""
+
+
+# field -> (is this value one the server would have to ignore?, what to say)
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "prompt_logprobs": (_set, ""),
+    "use_beam_search": (_set, ": sampling and greedy decoding only"),
+    "logits_processors": (_set, ""),
+    "truncate_prompt_tokens": (_set, ""),
+    "guided_whitespace_pattern": (_set, ""),
+    "suffix": (_set, " (no fill-in-the-middle yet)"),
+    "best_of": (lambda value, request: value is not None and value != request.n, " other than equal to n"),
+    "tools": (_set, " (no tool calling yet)"),
+    "tool_choice": (lambda value, _: value not in (None, "none"), " (no tool calling yet)"),
+    "functions": (_set, " (no tool calling yet)"),
+    "function_call": (lambda value, _: value not in (None, "none"), " (no tool calling yet)"),
+    "echo": (lambda value, request: value and isinstance(request, ChatCompletionRequest), " for chat"),
+    "add_generation_prompt": (lambda value, _: value is False, " with false: the prompt always ends with the "
+                                                               "assistant's turn opening"),
+    "continue_final_message": (_set, ""),
+    "chat_template": (_set, " per request; start the server with another template"),
+    "chat_template_kwargs": (_set, ""),
+    "documents": (_set, ""),
+    "modalities": (lambda value, _: value not in (None, ["text"]), ": text only"),
+    "audio": (_set, ": text only"),
+    "prediction": (_set, ""),
+    "reasoning_effort": (_set, ""),
+    "web_search_options": (_set, ""),
+}
+
+
 class SamplingRequest(OpenAIRequest):
     """Fields completions and chat share; `to_sampling_params` turns them into SamplingParams."""
 
@@ -83,9 +133,38 @@ class SamplingRequest(OpenAIRequest):
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension: `vllm bench serve --ignore-eos` relies on it
     priority: Annotated[int, Field(**_INT64)] = 0  # vLLM extension: lower runs first
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
+    # vLLM's extensions, as its SamplingParams names them
+    min_tokens: int = _bounds(0, minimum=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @model_validator(mode="after")
+    def _supported(self) -> SamplingRequest:
+        """Fields OpenAI or vLLM define that this server does not implement: a 400 naming the field, never a 200
+        that quietly does something else. (Fields nobody defines are let through and logged, as vLLM does.)"""
+        extra = self.model_extra or {}
+        for name, (unsupported, why) in _UNSUPPORTED.items():
+            if name in extra and unsupported(extra[name], self):
+                raise RequestError(f"{name} is not supported by this server{why}", name)
+        if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
+            raise RequestError("guided_decoding_backend must be 'guidance' (llguidance, the one this server has) or "
+                               f"'auto', got {self.guided_decoding_backend!r}", "guided_decoding_backend")
+        return self
 
 
 class CompletionRequest(SamplingRequest):

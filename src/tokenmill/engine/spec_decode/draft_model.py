@@ -101,7 +101,8 @@ class DraftModelProposer:
 
 def _draw(logits: torch.Tensor, request: Request, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
     """The next draft token under the request's own sampling options; q is its distribution (None if greedy)."""
-    processed = process_logits(logits, request.params, request.prompt_token_ids, request.output_ids + drafted)
+    processed = process_logits(logits, request.params, request.prompt_token_ids, request.output_ids + drafted,
+                               request.rules)
     if request.params.greedy:
         return int(processed.argmax()), None
     q = processed.softmax(-1)

@@ -19,7 +19,7 @@ from tokenmill.model.llama import LlamaModel
 from tokenmill.model.sampler import (
     SampledToken,
     StepLogits,
-    has_penalties,
+    changes_logits,
     process_logits,
 )
 
@@ -38,7 +38,8 @@ class Speculator:
         for request in running:
             request.draft_token_ids = []
         self.drafts.clear()
-        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        # a grammar's mask depends on the tokens before it: its requests decode one token at a time
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1 and r.grammar is None]
         # the target's token after the drafts counts toward max_tokens too, so positions never pass the limit
         limits = [r.max_tokens - (r.num_tokens - r.num_prompt_tokens) - 1 for r in decoding]
         plan = self.controller.plan([r.request_id for r in decoding], limits)
@@ -58,11 +59,11 @@ class Speculator:
         rows = slice(first_row, first_row + len(draft_ids) + 1)
         draft = self.drafts[request.request_id]
         params, output = request.params, request.output_ids
-        if params.greedy and not has_penalties(params):  # the raw argmax, already taken for the whole step
+        if params.greedy and not changes_logits(params, request.rules):  # the raw argmax, taken for the whole step
             tokens = greedy_verify(step.argmax[rows], draft_ids)
         else:
-            processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i])
-                                     for i, row in enumerate(step.logits[rows])])
+            processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i],
+                                                    request.rules) for i, row in enumerate(step.logits[rows])])
             if params.greedy:
                 tokens = greedy_verify(processed.argmax(-1).tolist(), draft_ids)
             else:

@@ -109,9 +109,13 @@ class Tokenizer:
             extra_stop_ids=model_eos_ids,
         )
 
+    def backend_json(self) -> str:
+        """The tokenizers library's JSON of the backend (what llguidance reads the vocabulary from)."""
+        return self._backend.to_str()
+
     def dumps(self) -> str:
         """This tokenizer as one JSON text (the backend's own JSON and the special-token facts), for `loads`."""
-        return json.dumps({"backend": self._backend.to_str(), "bos_token_id": self.bos_token_id,
+        return json.dumps({"backend": self.backend_json(), "bos_token_id": self.bos_token_id,
                            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                            "add_bos": self.add_bos, "chat_template": self.chat_template,
                            "stop_token_ids": sorted(self.stop_token_ids)})
