@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
           shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
           limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts), max_body_bytes=args.max_body_bytes,
-          allowed_hosts=args.allowed_hosts)
+          allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
 
 
 def _positive_int(text: str) -> int:
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                      help="answer only requests whose Host header names one of these (e.g. localhost 127.0.0.1): "
                           "guards a server without --api-key against DNS rebinding from web pages (default: any)")
+    srv.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                     help="answer browsers' cross-origin (CORS) requests from these origins, e.g. "
+                          "http://localhost:3000, or * for any (default: none: browsers refuse cross-origin calls)")
     EngineArgs.add_cli_args(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -8,10 +8,12 @@ connections are still open to receive their last chunks.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -42,7 +44,7 @@ from tokenmill.server.state import ServerState
 
 
 def build_app(models: ModelRegistry, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              allowed_hosts: list[str] | None = None) -> FastAPI:
+              allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         models.attach()
@@ -57,6 +59,9 @@ def build_app(models: ModelRegistry, api_key: str | None = None, max_body_bytes:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     if allowed_hosts:
         app.add_middleware(AllowedHostsMiddleware, hosts=allowed_hosts)
+    if allowed_origins:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials="*" not in allowed_origins)
     app.add_middleware(ErrorCountingMiddleware, metrics_for=models.metrics_for)  # outermost: sees the 401s too
 
     def route(body: OpenAIRequest, model: str | None, request: Request) -> ServerState:
@@ -98,6 +103,10 @@ def build_app(models: ModelRegistry, api_key: str | None = None, max_body_bytes:
         if bad := [t for t in body.tokens if not 0 <= t < vocab]:
             raise RequestError(f"tokens out of range [0, {vocab}): {bad[:5]}", "tokens")
         return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": importlib.metadata.version("tokenmill")}
 
     @app.get("/health")
     async def health() -> Response:

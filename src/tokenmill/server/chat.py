@@ -51,7 +51,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 def render_messages(messages: list[ChatMessage], state: ServerState, add_generation_prompt: bool = True) -> Prompt:
     """The conversation as the model was tuned to see it; the template writes its own BOS."""
     try:
-        text = state.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages],
+        # OpenAI's `developer` role is the system prompt under its newer name; templates know only `system`
+        text = state.tokenizer.apply_chat_template([{**m.model_dump(exclude_none=True), "role": "system"}
+                                                    if m.role == "developer" else m.model_dump(exclude_none=True)
+                                                    for m in messages],
                                                    add_generation_prompt=add_generation_prompt)
     except ChatTemplateError as exc:
         raise RequestError(str(exc), "messages") from None

@@ -85,14 +85,14 @@ class ModelToServe:
 
 def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str | None, max_waiting: int | None,
           shutdown_timeout: float, log_prompts: bool, limits: RequestLimits, max_body_bytes: int,
-          allowed_hosts: list[str] | None) -> None:
+          allowed_hosts: list[str] | None, allowed_origins: list[str] | None = None) -> None:
     """Each model gets its own engine core process (started here, after every model has loaded, so each core
     shares all weights copy-on-write) and its own `max_waiting` queue limit."""
     registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits) for m in models])
     for m in models:  # each engine core holds its model now; this process keeps tokenizers only
         m.engine = None
     _release_memory()
-    app = build_app(registry, api_key, max_body_bytes, allowed_hosts)
+    app = build_app(registry, api_key, max_body_bytes, allowed_hosts, allowed_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
     logging.getLogger("uvicorn.access").addFilter(_without_query_strings)  # after Config set up uvicorn's logging
     server = _DrainingServer(config, registry, shutdown_timeout)
