@@ -110,6 +110,13 @@ def test_max_model_len_limits_prompt_and_output(llm_f32):
     assert final.outputs[0].finish_reason == "length"
 
 
+def test_max_model_len_above_the_models_context_is_an_error(llm_f32):
+    context = llm_f32.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_model_len={context * 4} is more than the model's context of {context}"):
+        LLMEngine(llm_f32.model, llm_f32.tokenizer, torch.float32,
+                  scheduler_config=SchedulerConfig(max_model_len=context * 4))
+
+
 def test_error_during_generation_leaves_engine_usable(llm_f32, expected):
     """logprobs beyond the vocabulary can only fail once the logits exist, inside a step."""
     with pytest.raises((ValueError, RuntimeError, IndexError)):

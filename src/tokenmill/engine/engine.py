@@ -48,7 +48,11 @@ class LLMEngine:
         self.cache_config = cache_config or CacheConfig()
         self.scheduler_config = scheduler_config or SchedulerConfig()
         context = model.config.max_position_embeddings
-        self.max_model_len = min(self.scheduler_config.max_model_len or context, context)
+        asked = self.scheduler_config.max_model_len
+        if asked is not None and asked > context:  # as vLLM: told, not silently capped
+            raise ValueError(f"max_model_len={asked} is more than the model's context of {context} tokens "
+                             f"(max_position_embeddings); ask for at most {context}")
+        self.max_model_len = asked or context
         block_size = self.cache_config.block_size
         packed = any(isinstance(m, QuantizedLinear) for m in model.modules())
         kv_dtype = resolve_kv_dtype(self.cache_config.kv_cache_dtype, dtype, packed)
