@@ -219,3 +219,49 @@ def test_a_failing_row_fails_only_its_own_request(llm_f32, corpus_ids, monkeypat
 def test_an_explicit_max_model_len_the_cache_cannot_hold_is_refused(llm_f32):
     with pytest.raises(ValueError, match="max_model_len=1024 does not fit in the KV cache.*at most 128 tokens"):
         _engine(llm_f32, kv_cache_memory=8 * 2 * 30 * 16 * 3 * 64 * 4, max_model_len=1024)
+
+
+def test_higher_priority_preempts_a_running_request(llm_f32):
+    """vLLM's priority policy under --max-num-seqs 1: a more urgent request submitted while a less urgent one runs
+    finishes first; the preempted one resumes (recomputed) and its tokens equal what it gives alone."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = _run_alone(llm_f32, params)
+    engine = _engine(llm_f32, max_num_seqs=1)
+    engine.add_request("low", "Once upon a time", params, priority=5)
+    for _ in range(4):
+        engine.step()
+    engine.add_request("high", "The weather today", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                       priority=0)
+    finished = []
+    outputs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished.append(out.request_id)
+                outputs[out.request_id] = out.outputs[0].token_ids
+    assert finished == ["high", "low"]
+    assert engine.stats().num_preemptions == 1
+    assert outputs["low"] == alone
+
+
+def _run_alone(llm, params: SamplingParams) -> list[int]:
+    return llm.generate("Once upon a time", params)[0].outputs[0].token_ids
+
+
+def test_n_completions_compute_the_prompt_once(llm_f32):
+    """n = 4 on a 300-token prompt: one child computes the prompt, the other three map its full blocks from the
+    prefix cache; the samples differ, and each equals a single request seeded as that child is (seed + index)."""
+    prompt = list(range(1000, 1300))
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    engine = _engine(llm_f32, enable_prefix_caching=True)
+    engine.add_request("fan", prompt, params)
+    final = None
+    while engine.has_unfinished():
+        final = engine.step()[-1]
+    stats = engine.stats()
+    assert stats.prefix_cache_hits >= 3 * 256, stats
+    samples = [c.token_ids for c in final.outputs]
+    assert len({tuple(s) for s in samples}) == 4
+    for index, sample_ids in enumerate(samples):
+        single = SamplingParams(temperature=1.0, seed=7 + index, max_tokens=8, ignore_eos=True)
+        assert llm_f32.generate({"prompt_token_ids": prompt}, single)[0].outputs[0].token_ids == sample_ids

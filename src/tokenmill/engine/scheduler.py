@@ -2,9 +2,12 @@
 
 - Running requests keep their place; each gets its next token (a decode) or its next prompt chunk.
 - Waiting requests join, in (priority, arrival) order, while the budget, `max_num_seqs` and KV blocks allow;
-  a long prompt is split into chunks so it never stalls running decodes (chunked prefill).
+  a long prompt is split into chunks so it never stalls running decodes (chunked prefill). The n completions of
+  one prompt start one first; the others join once it has computed the prompt, and map its blocks.
 - When blocks run out, the lowest-priority, latest running request is preempted: its blocks are freed
   and it recomputes later (its full blocks usually come back from the prefix cache).
+- Priorities preempt (vLLM's priority policy): a waiting request more urgent than the least urgent running one
+  takes that one's place when the seat limit (`max_num_seqs`) or the free blocks would keep it waiting.
 - A decoding request with speculated tokens (request.draft_token_ids) gets them as one verify chunk, budget and
   blocks permitting (drafts are dropped before anyone is preempted for them); after the step, the KV of
   rejected drafts is rolled back: the computed count stops at the last accepted token and blocks past it are
@@ -87,6 +90,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._preempt_for_priority(budget, out)
+        for_priority = len(out.preempted)
         chunks: list[ScheduledChunk] = []
         i = 0
         while i < len(self.running) and budget > 0:
@@ -101,15 +106,20 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, n, drafts))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
-            request = self.waiting[0]
+        j = 0
+        while (j < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.preempted) == for_priority):  # none preempted for blocks this step
+            request = self.waiting[j]
+            if self._sibling_prefilling(request):
+                j += 1  # it will find the prompt in the prefix cache once its sibling has computed it
+                continue
             request.num_computed_tokens = self.kv.lookup_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request, n):
                 self.kv.free(request)  # give back the prefix blocks it claimed; retry next step
                 request.num_computed_tokens = 0
                 break
-            self._admit(request)
+            self._admit(j)
             chunks.append(ScheduledChunk(request, n))
             budget -= n
         out.chunks = sorted(chunks, key=lambda c: c.num_tokens != 1 and not c.draft_token_ids)  # decodes first
@@ -117,6 +127,18 @@ class Scheduler:
                                           self.kv.block_tables[c.request.request_id], len(c.draft_token_ids),
                                           c.samples) for c in out.chunks])
         return out
+
+    def _preempt_for_priority(self, budget: int, out: SchedulerOutput) -> None:
+        """Preempt the least urgent running requests while the most urgent waiting one is more urgent and would not
+        get a seat or its first chunk's blocks (counted without prefix hits: it may preempt one too many)."""
+        while self.waiting and self.running and self.waiting[0].priority < self.running[-1].priority:
+            head = self.waiting[0]
+            blocks = self.kv.blocks_needed(min(head.num_tokens, budget)) * len(self.kv.windows)
+            if len(self.running) < self.config.max_num_seqs and self.kv.pool.num_free >= blocks:
+                return
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
 
     def _allocate_drafts(self, request: Request, num_drafts: int, later: int) -> bool:
         """Blocks for the request's next token and its drafts, only if as many blocks stay free as the `later`
@@ -129,8 +151,18 @@ class Scheduler:
         self.kv.trim(request)  # back to the blocks of its computed tokens; its decode allocates as usual
         return False
 
-    def _admit(self, request: Request) -> None:
-        self.waiting.pop(0)
+    def _sibling_prefilling(self, request: Request) -> bool:
+        """One of n > 1 completions, never started, while a sibling still computes their shared prompt: it waits,
+        so the prompt is computed once and the others map its blocks (vLLM's parallel sampling shares them too);
+        only the last partial block is computed again, per sibling."""
+        fanned_out = request.parent_id and request.parent_id != request.request_id
+        if not (fanned_out and self.kv.enable_prefix_caching) or request.first_scheduled_time is not None:
+            return False
+        return any(r.parent_id == request.parent_id and r.num_computed_tokens < r.num_prompt_tokens
+                   for r in self.running)
+
+    def _admit(self, index: int) -> None:
+        request = self.waiting.pop(index)
         request.status = RequestStatus.RUNNING
         bisect.insort(self.running, request, key=Request.sort_key)
         if request.first_scheduled_time is None:
