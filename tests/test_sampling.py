@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tokenmill import SamplingParams
+from tokenmill import LLM, SamplingParams
 from tokenmill.model.sampler import StepLogits, apply_penalties, filter_logits, sample
 
 NEG_INF = float("-inf")
@@ -374,3 +374,10 @@ def test_token_id_prompt_equals_text_prompt(llm_f32, greedy):
         assert r.prompt_token_ids == ids
         assert r.outputs[0].token_ids == greedy.token_ids[:4]
         assert r.outputs[0].text == llm_f32.tokenizer.decode(greedy.token_ids[:4])
+
+
+def test_engine_seed_repeats_unseeded_requests():
+    """LLM(seed=...) seeds the draws of requests without a seed of their own, as vLLM's."""
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    first, second = (LLM(dtype="float32", seed=11).generate(PROMPT, params)[0].outputs[0].token_ids for _ in range(2))
+    assert first == second

@@ -66,7 +66,8 @@ class EngineArgs:
     OpenMP pool); None: $OMP_NUM_THREADS if set, else the CPUs this process really has (affinity, cgroup quota).
     Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread.
     weight_cache: keep a GGUF's repacked weights under $TOKENMILL_CACHE_DIR/weights and map them at later starts
-    (model/weight_cache.py)."""
+    (model/weight_cache.py). seed: seeds the random draws of requests that bring no seed of their own (as vLLM's),
+    so a run of unseeded requests repeats; None: a fresh seed each start."""
 
     model: str | Path | None = None
     dtype: str = "auto"
@@ -82,6 +83,7 @@ class EngineArgs:
     speculative_config: dict[str, Any] | str | None = None
     threads: int | None = None
     weight_cache: bool = True
+    seed: int | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,6 +121,8 @@ class EngineArgs:
         p.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
                        help="keep a GGUF's repacked weights on disk ($TOKENMILL_CACHE_DIR/weights) and map them at "
                             "later starts instead of repacking (default: on)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed for requests that bring none (default: a fresh one each start)")
         return parser
 
     @classmethod

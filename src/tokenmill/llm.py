@@ -40,6 +40,8 @@ class LLM:
         started = time.perf_counter()
         self.engine_args = args = EngineArgs(model, dtype, quantization, **kwargs)
         torch.set_num_threads(resolve_threads(args.threads))  # before the model builds: repacking runs on these
+        if args.seed is not None:
+            torch.manual_seed(args.seed)  # the generator of unseeded requests (the engine core inherits it)
         cache_config, scheduler_config = args.cache_config(), args.scheduler_config()  # bad settings fail fast
         self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
         self.checkpoint: Checkpoint = load_checkpoint(args.model)
