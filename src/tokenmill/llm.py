@@ -118,13 +118,15 @@ class LLM:
         return self.engine.runner.score(ids)
 
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate the assistant turn."""
+             use_tqdm: bool = False, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Render each conversation (with `tools`, OpenAI's function definitions, where the template shows them)
+        with the model's chat template, then generate the assistant turn."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not conversations:
             raise ValueError("messages is empty: pass at least one message")
         template = self.tokenizer.apply_chat_template
-        prompts = [{"prompt_token_ids": template(c, add_generation_prompt=True, tokenize=True)} for c in conversations]
+        prompts = [{"prompt_token_ids": template(c, add_generation_prompt=True, tokenize=True, tools=tools)}
+                   for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _submit(self, prompt: PromptInput, params: SamplingParams) -> str:

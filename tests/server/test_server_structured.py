@@ -98,9 +98,69 @@ def test_sampling_fields_reach_the_engine(client):
     assert word not in without.choices[0].text and without.usage.completion_tokens >= 3
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}}, "required": ["zone"],
+    "additionalProperties": False}}}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_calls(calls, names=("get_weather", "get_time")):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_tool_choice_required_and_named(client):
+    for seed in range(2):
+        out = client.chat.completions.create(model=MODEL_NAME, messages=WEATHER_ASK, tools=[WEATHER, TIME],
+                                             tool_choice="required", temperature=0.8, seed=seed, max_tokens=150)
+        assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content is None
+        _check_calls(out.choices[0].message.tool_calls)
+    named = client.chat.completions.create(model=MODEL_NAME, messages=WEATHER_ASK, tools=[WEATHER, TIME],
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           temperature=0.8, seed=1, max_tokens=100)
+    calls = named.choices[0].message.tool_calls
+    _check_calls(calls, ("get_time",))
+    assert len(calls) == 1
+
+
+def test_streamed_tool_calls_reassemble_to_the_same_call(client):
+    kwargs = dict(model=MODEL_NAME, messages=WEATHER_ASK, tools=[WEATHER], tool_choice="required", temperature=0,
+                  max_tokens=150, parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    calls: dict[int, dict] = {}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.function.name or ""
+            call["arguments"] += d.function.arguments or ""
+    assert len(whole) == 1 and [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (whole[0].function.name, json.loads(whole[0].function.arguments))]
+
+
+def test_tool_messages_continue_the_conversation(client):
+    history = WEATHER_ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=history, tools=[WEATHER], tool_choice="none",
+                                         temperature=0, max_tokens=20)
+    assert out.choices[0].message.content and not out.choices[0].message.tool_calls
+
+
 @pytest.mark.parametrize("route, body, field", [
-    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("chat/completions", {"tools": [WEATHER]}, "tool_choice"),  # "auto", the default with tools: not yet
+    ("chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
     ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("chat/completions", {"echo": True}, "echo"),
     ("chat/completions", {"continue_final_message": True}, "continue_final_message"),
     ("completions", {"suffix": "return x"}, "suffix"),

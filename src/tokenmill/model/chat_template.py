@@ -24,8 +24,10 @@ def render_chat_template(
     add_generation_prompt: bool = True,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """The prompt text for `messages`; special tokens left as None stay undefined, as transformers leaves them."""
+    """The prompt text for `messages` (and `tools`, OpenAI's function definitions, for templates that show them);
+    special tokens left as None stay undefined, as transformers leaves them."""
     if not template:
         raise ChatTemplateError(
             "this model has no chat template; pass a raw prompt instead, or use a model whose "
@@ -35,6 +37,8 @@ def render_chat_template(
         "messages": [_prepare_message(message) for message in messages],
         "add_generation_prompt": add_generation_prompt,
     }
+    if tools:
+        variables["tools"] = list(tools)
     specials = {"bos_token": bos_token, "eos_token": eos_token}
     variables.update({name: token for name, token in specials.items() if token is not None})
     try:

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from tokenmill.errors import ChatTemplateError
 from tokenmill.outputs import RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import StructuredOutputsParams
 from tokenmill.server.formatting import token_logprobs
 from tokenmill.server.generation import ChoiceDelta, Generation, Prompt
 from tokenmill.server.openai_errors import RequestError
@@ -24,11 +25,13 @@ from tokenmill.server.protocol import (
     ChatMessage,
     ChatTokenLogprob,
     Delta,
+    DeltaToolCall,
     TopLogprob,
     Usage,
 )
 from tokenmill.server.state import ServerState
 from tokenmill.server.streaming import respond
+from tokenmill.server.tools import ToolChoice, tool_choice
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState) -> Response:
@@ -40,34 +43,46 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names,
                                 limits=state.limits)
-    prompt = render_messages(body.messages, state)
+    tools = tool_choice(body)
+    if tools is not None:
+        if params.structured_outputs is not None:
+            raise RequestError("a tool_choice that calls tools already constrains the output: drop "
+                               "response_format (or the guided field)", "tool_choice")
+        params.structured_outputs = StructuredOutputsParams(json=tools.schema)
+        names.rename("structured_outputs", "tools")
+    prompt = render_messages(body.messages, state, tools=[t.model_dump(exclude_none=True) for t in body.tools or []])
     check_max_tokens(max_tokens, len(prompt.ids), state.max_model_len, max_param, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(state, request_id, [prompt], params, body.priority, names, body.user)
-    formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs)
+    formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs, tools)
     return await respond(request, generation, formatter, body.stream, body.include_usage())
 
 
-def render_messages(messages: list[ChatMessage], state: ServerState, add_generation_prompt: bool = True) -> Prompt:
-    """The conversation as the model was tuned to see it; the template writes its own BOS."""
+def render_messages(messages: list[ChatMessage], state: ServerState, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> Prompt:
+    """The conversation (and the tools it may call) as the model was tuned to see it; the template writes its own
+    BOS."""
     try:
         # OpenAI's `developer` role is the system prompt under its newer name; templates know only `system`
         text = state.tokenizer.apply_chat_template([{**m.model_dump(exclude_none=True), "role": "system"}
                                                     if m.role == "developer" else m.model_dump(exclude_none=True)
                                                     for m in messages],
-                                                   add_generation_prompt=add_generation_prompt)
+                                                   add_generation_prompt=add_generation_prompt, tools=tools)
     except ChatTemplateError as exc:
         raise RequestError(str(exc), "messages") from None
     return Prompt(state.tokenizer.encode(text, add_special_tokens=False), text)
 
 
 class ChatFormatter:
-    def __init__(self, request_id: str, model: str, n: int, num_logprobs: int | None) -> None:
+    def __init__(self, request_id: str, model: str, n: int, num_logprobs: int | None,
+                 tools: ToolChoice | None = None) -> None:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.n = n
         self.num_logprobs = num_logprobs
+        self.tools = tools
+        self._call_text: dict[int, str] = {}  # a tool-calling choice's output so far: sent as calls at its end
 
     def stream_start(self) -> list[ChatCompletionChunk]:
         """OpenAI opens each choice with a chunk carrying only the role."""
@@ -75,18 +90,33 @@ class ChatFormatter:
         return [self._wrap([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=delta.index, delta=Delta(content=delta.text or None),
+        message, finish_reason = Delta(content=delta.text or None), delta.finish_reason
+        if self.tools is not None:
+            text = self._call_text[delta.index] = self._call_text.get(delta.index, "") + delta.text
+            message = Delta()
+            if finish_reason == "stop":
+                calls = self.tools.calls(text)
+                message = Delta(tool_calls=[DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)])
+                finish_reason = "tool_calls"
+            elif finish_reason is not None:
+                message = Delta(content=text)  # cut short: the unfinished call as text, as OpenAI leaves it
+        choice = ChatChunkChoice(index=delta.index, delta=message,
                                  logprobs=self._logprobs(delta.token_ids, delta.logprobs),
-                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                                 finish_reason=finish_reason, stop_reason=delta.stop_reason)
         return self._wrap([choice])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._wrap([], usage)
 
     def response(self, outputs: list[RequestOutput], usage: Usage) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason, logprobs=self._logprobs(c.token_ids, c.logprobs))
-                   for c in outputs[0].outputs]
+        choices = []
+        for c in outputs[0].outputs:
+            message, finish_reason = AssistantMessage(content=c.text), c.finish_reason
+            if self.tools is not None and finish_reason == "stop":
+                message = AssistantMessage(content=None, tool_calls=self.tools.calls(c.text))
+                finish_reason = "tool_calls"
+            choices.append(ChatChoice(index=c.index, message=message, finish_reason=finish_reason,
+                                      stop_reason=c.stop_reason, logprobs=self._logprobs(c.token_ids, c.logprobs)))
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
                                       usage=usage)
 

@@ -95,10 +95,8 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "guided_whitespace_pattern": (_set, ""),
     "suffix": (_set, " (no fill-in-the-middle yet)"),
     "best_of": (lambda value, request: value is not None and value != request.n, " other than equal to n"),
-    "tools": (_set, " (no tool calling yet)"),
-    "tool_choice": (lambda value, _: value not in (None, "none"), " (no tool calling yet)"),
-    "functions": (_set, " (no tool calling yet)"),
-    "function_call": (lambda value, _: value not in (None, "none"), " (no tool calling yet)"),
+    "functions": (_set, " (deprecated by OpenAI): send tools"),
+    "function_call": (lambda value, _: value not in (None, "none"), " (deprecated by OpenAI): send tool_choice"),
     "echo": (lambda value, request: value and isinstance(request, ChatCompletionRequest), " for chat"),
     "add_generation_prompt": (lambda value, _: value is False, " with false: the prompt always ends with the "
                                                                "assistant's turn opening"),
@@ -196,9 +194,10 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. `name`: passed on to the chat template
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    model_config = ConfigDict(extra="allow")  # e.g. `name`, `tool_call_id`: passed on to the chat template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
 
     @field_validator("content", mode="before")
     @classmethod
@@ -206,10 +205,28 @@ class ChatMessage(BaseModel):
         """One message naming the rule, instead of pydantic's one per union member."""
         parts_ok = isinstance(value, list) and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value)
-        if not (isinstance(value, str) or parts_ok):
+        if not (value is None or isinstance(value, str) or parts_ok):
             raise ValueError('must be a string or a list of text parts ({"type": "text", "text": "..."}); '
                              "other content types are not supported")
         return value
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it null)")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -218,6 +235,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = _bounds(minimum=1)
     logprobs: bool = False
     top_logprobs: int | None = _bounds(minimum=0, maximum=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(OpenAIRequest):
@@ -290,9 +310,25 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -315,6 +351,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

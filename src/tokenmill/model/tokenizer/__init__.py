@@ -159,15 +159,18 @@ class Tokenizer:
         return [self._backend.id_to_token(token_id) for token_id in ids]
 
     def apply_chat_template(
-        self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False
+        self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str | list[int]:
-        """The prompt for `messages`; when tokenized, no BOS is added, since templates write their own."""
+        """The prompt for `messages` (and `tools`, for templates that render them); when tokenized, no BOS is added,
+        since templates write their own."""
         text = render_chat_template(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token_text(self.bos_token_id),
             eos_token=self._token_text(self.eos_token_id),
+            tools=tools,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
