@@ -36,6 +36,7 @@ class SamplingParams:
     """Validated on construction, so a bad value fails at the call site with the field's name."""
 
     n: int = 1
+    best_of: int | None = None  # sample this many, return the n with the highest cumulative logprob
     max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -63,6 +64,8 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         self._check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        self._check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n), "best_of",
+                    f"must be an integer >= n ({self.n})")
         self._check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                     "max_tokens", "must be an integer >= 1")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -95,6 +98,11 @@ class SamplingParams:
     def _check(self, ok: bool, name: str, rule: str) -> None:
         if not ok:
             raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs for one prompt: best_of of them when set, else n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

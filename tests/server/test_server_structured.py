@@ -164,7 +164,9 @@ def test_tool_messages_continue_the_conversation(client):
     ("chat/completions", {"echo": True}, "echo"),
     ("chat/completions", {"continue_final_message": True}, "continue_final_message"),
     ("completions", {"suffix": "return x"}, "suffix"),
-    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"best_of": 3, "stream": True}, "best_of"),
+    ("completions", {"best_of": 1, "n": 2}, "best_of"),
+    ("chat/completions", {"best_of": 3}, "best_of"),
     ("completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
 ])
 def test_fields_not_implemented_are_400(server, route, body, field):
@@ -173,3 +175,11 @@ def test_fields_not_implemented_are_400(server, route, body, field):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == field and field in error["message"]
+
+
+def test_best_of_returns_the_most_likely(client):
+    out = client.completions.create(model=MODEL_NAME, prompt="The best fruit is", temperature=1.0, seed=3, n=2,
+                                    max_tokens=8, logprobs=0, extra_body={"best_of": 5})
+    assert len(out.choices) == 2 and [c.index for c in out.choices] == [0, 1]
+    totals = [sum(c.logprobs.token_logprobs) for c in out.choices]
+    assert totals[0] >= totals[1]

@@ -113,7 +113,7 @@ class AsyncEngine:
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's delta outputs step by step; leaving the iterator early aborts the request."""
         self.attach()
-        self.check_capacity(params.n)
+        self.check_capacity(params.num_sequences)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = self.input_processor.process(request_id, prompt, params, priority)  # ValueError on bad input
@@ -122,7 +122,7 @@ class AsyncEngine:
         finished = False
         try:
             self._send(request)
-            self._sequences_sent += params.n
+            self._sequences_sent += params.num_sequences
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):

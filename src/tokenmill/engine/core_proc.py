@@ -201,7 +201,7 @@ class EngineCore:
                 break
             applied += 1
             if isinstance(command, EngineCoreRequest):
-                self.sequences_applied += command.params.n
+                self.sequences_applied += command.params.num_sequences
                 try:
                     self.engine.submit(command)
                 except ValueError as exc:  # e.g. a request id already in use

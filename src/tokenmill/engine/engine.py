@@ -107,7 +107,7 @@ class LLMEngine:
         stop_strings = StopStrings(params.stop)  # one automaton for the n sequences
         rules = TokenRules(params.min_tokens, tuple(sorted(stop_ids)), self._bad_words(params.bad_words))
         children = [Request(
-            request_id=request.request_id if params.n == 1 else f"{index}_{request.request_id}",
+            request_id=request.request_id if params.num_sequences == 1 else f"{index}_{request.request_id}",
             prompt_token_ids=ids,
             params=params,
             max_tokens=request.max_tokens,
@@ -122,8 +122,8 @@ class LLMEngine:
             index=index,
             parent_id=request.request_id,
             arrival_time=request.arrival_time,
-        ) for index in range(params.n)]
-        self.parents[request.request_id] = ParentRequest(request.request_id, request.prompt, ids, children)
+        ) for index in range(params.num_sequences)]
+        self.parents[request.request_id] = ParentRequest(request.request_id, request.prompt, ids, children, params.n)
         for child in children:
             self.scheduler.add(child)
 

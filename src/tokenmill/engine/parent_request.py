@@ -1,9 +1,11 @@
-"""A user request: `n` sampled completions of one prompt, each run as its own engine Request.
+"""A user request: `n` sampled completions of one prompt, each run as its own engine Request (under best_of, more
+run and the n most likely are returned).
 
 The children share the prompt's KV blocks through the prefix cache, so fanning out costs little.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from tokenmill.engine.request import Request
@@ -16,11 +18,21 @@ class ParentRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    n: int = 1  # completions returned: fewer than the children under best_of
     error: str | None = None  # why the engine ended it early (a failed row), reported instead of output
 
     @property
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
+
+    def _completions(self, delta: bool) -> list:
+        """Every child's completion; under best_of, nothing until all finish, then the n most likely, as 0..n-1."""
+        if len(self.children) == self.n:
+            return [c.completion(delta) for c in self.children]
+        if not self.finished:
+            return []
+        best = sorted(self.children, key=lambda c: -c.cumulative_logprob)[:self.n]
+        return [dataclasses.replace(c.completion(delta), index=i) for i, c in enumerate(best)]
 
     def make_output(self, delta: bool = False) -> RequestOutput:
         """delta: each completion holds only what is new since the last output (see Request.completion)."""
@@ -34,7 +46,7 @@ class ParentRequest:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[c.completion(delta) for c in self.children],
+            outputs=self._completions(delta),
             finished=self.finished,
             num_cached_tokens=first.num_cached_prompt_tokens,
             metrics=metrics,

@@ -27,6 +27,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     if body.echo and body.logprobs is not None:
         raise RequestError("echo with logprobs needs prompt logprobs, which tokenmill does not compute; "
                            "drop one of the two", "logprobs")
+    if body.stream and body.best_of is not None and body.best_of > body.n:
+        raise RequestError("best_of > n cannot be streamed: the best are known only at the end", "best_of")
     names = FieldNames()
     params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names=names,
                                 limits=state.limits)

@@ -70,7 +70,8 @@ class Generation:
         first token (bad input, full queue, a failed prefill) still becomes an HTTP status, not a broken stream."""
         ae = self.state.async_engine
         try:
-            ae.check_capacity(len(self.prompts) * self.params.n)  # the whole request, before any prompt queues
+            # the whole request, before any prompt queues
+            ae.check_capacity(len(self.prompts) * self.params.num_sequences)
         except ValueError as exc:
             raise self.names.error(exc) from None
         self._streams = [ae.generate(rid, p.ids, self.params, self.priority)

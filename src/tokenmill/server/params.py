@@ -15,7 +15,7 @@ from tokenmill.server.protocol import SamplingRequest
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows 20 too
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "ignore_eos", "min_tokens", "stop_token_ids",
-                    "include_stop_str_in_output", "skip_special_tokens", "bad_words", "allowed_token_ids")
+                    "include_stop_str_in_output", "skip_special_tokens", "bad_words", "allowed_token_ids", "best_of")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
@@ -67,7 +67,7 @@ def to_sampling_params(request: SamplingRequest, *, max_tokens: int | None, logp
         raise RequestError(f"{names['logprobs']} must be <= {MAX_LOGPROBS}, got {logprobs}", names["logprobs"])
     if request.stream_options is not None and not request.stream:
         raise RequestError("stream_options is only allowed with stream: true", "stream_options")
-    given = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
+    given = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name, None) is not None}
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
     if len(stop) > limits.max_stop:
         raise RequestError(f"stop may hold at most {limits.max_stop} strings, got {len(stop)}", "stop")

@@ -94,7 +94,7 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "truncate_prompt_tokens": (_set, ""),
     "guided_whitespace_pattern": (_set, ""),
     "suffix": (_set, " (no fill-in-the-middle yet)"),
-    "best_of": (lambda value, request: value is not None and value != request.n, " other than equal to n"),
+    "best_of": (lambda value, request: value is not None and value != request.n, " for chat (completions only)"),
     "functions": (_set, " (deprecated by OpenAI): send tools"),
     "function_call": (lambda value, _: value not in (None, "none"), " (deprecated by OpenAI): send tool_choice"),
     "echo": (lambda value, request: value and isinstance(request, ChatCompletionRequest), " for chat"),
@@ -170,6 +170,7 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = _bounds(16, minimum=1)  # OpenAI's and vLLM's default; null fills the context
     echo: bool = False
     logprobs: int | None = _bounds(minimum=0, maximum=20)
+    best_of: int | None = _bounds(minimum=1)  # the n most likely of best_of samples (not streamable)
 
     @field_validator("prompt", mode="before")
     @classmethod
