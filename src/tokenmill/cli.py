@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                      help="answer browsers' cross-origin (CORS) requests from these origins, e.g. "
                           "http://localhost:3000, or * for any (default: none: browsers refuse cross-origin calls)")
+    srv.add_argument("--seed", type=int, default=None,
+                     help="seed for the draws of requests that bring none (default: a fresh one each start)")
     EngineArgs.add_cli_args(srv)
     srv.set_defaults(func=cmd_serve)
 

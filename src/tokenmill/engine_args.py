@@ -121,14 +121,14 @@ class EngineArgs:
         p.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
                        help="keep a GGUF's repacked weights on disk ($TOKENMILL_CACHE_DIR/weights) and map them at "
                             "later starts instead of repacking (default: on)")
-        p.add_argument("--seed", type=int, default=None,
-                       help="seed for requests that bring none (default: a fresh one each start)")
         return parser
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineArgs:
-        """The fields from parsed flags; overrides (e.g. one of several `serve` models) win."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)} | overrides)
+        """The fields from parsed flags; overrides (e.g. one of several `serve` models) win. `seed` is not one of
+        add_cli_args' flags (`generate` and the benchmarks have their own --seed, which then seeds the engine too;
+        `serve` adds it)."""
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)} | overrides)
 
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as `LLM(**kwargs)` takes them (a shallow copy: asdict would deep-copy a config dict)."""
