@@ -196,10 +196,10 @@ def test_a_failing_row_fails_only_its_own_request(llm_f32, corpus_ids, monkeypat
     engine = _engine(llm_f32, kv_cache_memory=256 * 2**20)
     real_sample = engine_module.sample
 
-    def sample(step, row, params, prompt_ids, output_ids, generator):
+    def sample(step, row, params, prompt_ids, output_ids, generator, *rules):
         if params.seed == 666 and len(output_ids) == 2:
             raise RuntimeError("poisoned row")
-        return real_sample(step, row, params, prompt_ids, output_ids, generator)
+        return real_sample(step, row, params, prompt_ids, output_ids, generator, *rules)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     engine.add_request("poison", prompts[0], SamplingParams(temperature=0.5, seed=666, max_tokens=32, n=2))

@@ -48,10 +48,13 @@ def render_chat_template(
 
 
 def _prepare_message(message: Message) -> dict[str, Any]:
-    """A plain-dict copy with None fields dropped (templates test for missing keys, not None) and text parts joined."""
+    """A plain-dict copy with None fields dropped (templates test for missing keys, not None), except an assistant's
+    null content beside its tool_calls, and text parts joined."""
     if not isinstance(message, Mapping):
         raise ChatTemplateError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
     prepared = {key: value for key, value in message.items() if value is not None}
+    if "tool_calls" in prepared:
+        prepared.setdefault("content", "")  # a turn that only called tools: templates that print content print ""
     if isinstance(prepared.get("content"), list):
         prepared["content"] = _join_text_parts(prepared["content"])
     return prepared
