@@ -114,8 +114,9 @@ def check_schedule(s: Scheduler, out: SchedulerOutput, running_before: list[Requ
         assert victim.status is RequestStatus.WAITING and victim.num_computed_tokens == 0
         assert victim.request_id not in ids and victim.request_id not in s.kv.block_tables
         assert all(r.sort_key() < victim.sort_key() for r in s.running)
-    if out.preempted:  # nobody is admitted in a step that had to preempt
-        assert all(r in running_before for r in s.running)
+    if out.preempted:  # in a step that preempted, only requests more urgent than every victim are admitted
+        urgency = min(v.priority for v in out.preempted)
+        assert all(r.priority < urgency for r in s.running if r not in running_before)
     # decode and verify chunks first, then prompt chunks
     decode_like = [c.num_tokens == 1 or bool(c.draft_token_ids) for c in out.chunks]
     assert decode_like == sorted(decode_like, reverse=True)

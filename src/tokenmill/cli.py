@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     def load(model: str | None, name: str | None) -> ModelToServe:  # the LLM goes; its engine is served
-        llm = EngineArgs.from_cli_args(args, model=model).create_llm(progress=True)
+        llm = EngineArgs.from_cli_args(args, model=model, seed=args.seed).create_llm(progress=True)
         return ModelToServe(llm.engine, llm.checkpoint.path, model, name)
 
     to_serve = [load(model, name) for model, name in zip(models, names)]

@@ -126,9 +126,9 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineArgs:
         """The fields from parsed flags; overrides (e.g. one of several `serve` models) win. `seed` is not one of
-        add_cli_args' flags (`generate` and the benchmarks have their own --seed, which then seeds the engine too;
-        `serve` adds it)."""
-        return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)} | overrides)
+        add_cli_args' flags: `generate` and the benchmarks have a --seed of their own meaning; `serve` passes its
+        --seed as an override."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "seed"} | overrides)
 
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as `LLM(**kwargs)` takes them (a shallow copy: asdict would deep-copy a config dict)."""

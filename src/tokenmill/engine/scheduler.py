@@ -110,6 +110,8 @@ class Scheduler:
         while (j < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.preempted) == for_priority):  # none preempted for blocks this step
             request = self.waiting[j]
+            if out.preempted and request.priority >= out.preempted[-1].priority:
+                break  # after preempting for priority, only the more urgent join (not the victims again)
             if self._sibling_prefilling(request):
                 j += 1  # it will find the prompt in the prefix cache once its sibling has computed it
                 continue
