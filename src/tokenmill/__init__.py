@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenmill.llm import LLM
     from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
-    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 _MODULES = {"LLM": "tokenmill.llm", "SamplingParams": "tokenmill.sampling_params", "RequestOutput": "tokenmill.outputs",
-            "CompletionOutput": "tokenmill.outputs", "Logprob": "tokenmill.outputs"}
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+            "CompletionOutput": "tokenmill.outputs", "Logprob": "tokenmill.outputs",
+            "StructuredOutputsParams": "tokenmill.sampling_params"}
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name: str) -> Any:
