@@ -54,3 +54,13 @@ def test_greedy_equals_transformers(outputs):
 def test_first_step_logits_match(outputs):
     _, _, ours, theirs = outputs
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+
+
+def test_fill_in_the_middle():
+    """`suffix` through the model's FIM tokens: the coder model fills the body between a signature and its use."""
+    from tokenmill import SamplingParams
+
+    llm = LLM("qwen2.5-coder-1.5b")
+    prompt = llm.tokenizer.fill_in_the_middle("def add(a, b):\n    return ", "\n\n\nprint(add(1, 2))\n")
+    text = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    assert text.strip().startswith("a + b"), text

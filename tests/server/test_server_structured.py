@@ -163,7 +163,7 @@ def test_tool_messages_continue_the_conversation(client):
     ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("chat/completions", {"echo": True}, "echo"),
     ("chat/completions", {"continue_final_message": True}, "continue_final_message"),
-    ("completions", {"suffix": "return x"}, "suffix"),
+    ("completions", {"suffix": "return x"}, "suffix"),  # the default model has no fill-in-the-middle tokens
     ("completions", {"best_of": 3, "stream": True}, "best_of"),
     ("completions", {"best_of": 1, "n": 2}, "best_of"),
     ("chat/completions", {"best_of": 3}, "best_of"),

@@ -32,7 +32,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     names = FieldNames()
     params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names=names,
                                 limits=state.limits)
-    prompts = _prompts(body.prompt, state)
+    prompts = _prompts(body.prompt, state) if not body.suffix else _fill_in_the_middle(body.prompt, body.suffix, state)
     for prompt in prompts:
         check_max_tokens(body.max_tokens, len(prompt.ids), state.max_model_len, "max_tokens", "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -41,6 +41,17 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
             for p in prompts] if body.echo else None
     formatter = CompletionFormatter(request_id, state.served_model_name, params.n, echo, body.logprobs)
     return await respond(request, generation, formatter, body.stream, body.include_usage())
+
+
+def _fill_in_the_middle(prompt: str | list, suffix: str, state: ServerState) -> list[Prompt]:
+    """Each text prompt as the prefix of a fill-in-the-middle prompt whose suffix is `suffix`."""
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not all(isinstance(t, str) for t in texts):
+        raise RequestError("suffix needs text prompts, not token ids", "suffix")
+    try:
+        return [Prompt(state.tokenizer.fill_in_the_middle(t, suffix), t) for t in texts]
+    except ValueError as exc:
+        raise RequestError(str(exc), "suffix") from None
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]], state: ServerState) -> list[Prompt]:

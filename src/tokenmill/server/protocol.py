@@ -93,7 +93,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "logits_processors": (_set, ""),
     "truncate_prompt_tokens": (_set, ""),
     "guided_whitespace_pattern": (_set, ""),
-    "suffix": (_set, " (no fill-in-the-middle yet)"),
     "best_of": (lambda value, request: value is not None and value != request.n, " for chat (completions only)"),
     "functions": (_set, " (deprecated by OpenAI): send tools"),
     "function_call": (lambda value, _: value not in (None, "none"), " (deprecated by OpenAI): send tool_choice"),
@@ -171,6 +170,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     logprobs: int | None = _bounds(minimum=0, maximum=20)
     best_of: int | None = _bounds(minimum=1)  # the n most likely of best_of samples (not streamable)
+    suffix: str | None = None  # fill-in-the-middle: the text after the completion
 
     @field_validator("prompt", mode="before")
     @classmethod

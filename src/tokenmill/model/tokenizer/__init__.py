@@ -6,6 +6,7 @@ which ids are BOS/EOS/pad, whether a prompt starts with BOS, which ids end a tur
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +25,9 @@ from tokenmill.model.tokenizer.sentencepiece import sentencepiece_bpe
 _END_OF_TURN_TOKENS = frozenset(
     {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>"}
 )
+
+# Fill-in-the-middle tokens (prefix, suffix, middle) of the code models we know.
+_FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
 
 # `tokenizer.ggml.model` -> the builder of its backend (which also says llama.cpp's add-BOS default).
 _GGUF_VOCABULARIES = {"gpt2": byte_level_bpe, "llama": sentencepiece_bpe}
@@ -150,6 +154,20 @@ class Tokenizer:
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def fill_in_the_middle(self, prefix: str, suffix: str) -> list[int]:
+        """The prompt asking the model for the text between `prefix` and `suffix`, in the prefix-suffix-middle order
+        code models are trained on (Qwen2.5-Coder's <|fim_prefix|> ..., StarCoder's <fim_prefix> ...); a
+        ValueError starting "suffix" for a vocabulary without such tokens."""
+        for spelling in _FIM_TOKENS:
+            ids = [self._backend.token_to_id(token) for token in spelling]
+            if None not in ids:
+                pre, suf, mid = ids
+                encode = functools.partial(self.encode, add_special_tokens=False)
+                return [*([self.bos_token_id] if self.add_bos else []), pre, *encode(prefix), suf, *encode(suffix),
+                        mid]
+        raise ValueError("suffix needs a model trained for fill-in-the-middle; this vocabulary has no "
+                         f"{' / '.join(s[0] for s in _FIM_TOKENS)} tokens")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
