@@ -64,3 +64,20 @@ def test_fill_in_the_middle():
     prompt = llm.tokenizer.fill_in_the_middle("def add(a, b):\n    return ", "\n\n\nprint(add(1, 2))\n")
     text = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     assert text.strip().startswith("a + b"), text
+
+
+def test_auto_tool_call_in_the_templates_format():
+    """Qwen2.5's template shows the tools and asks for Hermes <tool_call> tags; the greedy answer to a weather
+    question is such a call, which the server's "auto" parser turns into tool_calls."""
+    from tokenmill import SamplingParams
+    from tokenmill.server.tools import ToolChoice
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}
+    llm = LLM("qwen2.5-coder-1.5b")
+    out = llm.chat([{"role": "user", "content": "What is the weather in Paris?"}],
+                   SamplingParams(temperature=0, max_tokens=60), tools=[weather])[0].outputs[0]
+    _, calls = ToolChoice(None, None).parse(out.text)
+    assert [c.function.name for c in calls] == ["get_weather"], out.text
+    assert "paris" in calls[0].function.arguments.lower()

@@ -43,8 +43,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names,
                                 limits=state.limits)
-    tools = tool_choice(body)
-    if tools is not None:
+    tools = tool_choice(body, state.tokenizer.chat_template)
+    if tools is not None and tools.schema is not None:
         if params.structured_outputs is not None:
             raise RequestError("a tool_choice that calls tools already constrains the output: drop "
                                "response_format (or the guided field)", "tool_choice")
@@ -82,7 +82,8 @@ class ChatFormatter:
         self.n = n
         self.num_logprobs = num_logprobs
         self.tools = tools
-        self._call_text: dict[int, str] = {}  # a tool-calling choice's output so far: sent as calls at its end
+        self._text: dict[int, str] = {}  # with tools: each choice's output so far, and how much went out as content
+        self._sent: dict[int, int] = {}
 
     def stream_start(self) -> list[ChatCompletionChunk]:
         """OpenAI opens each choice with a chunk carrying only the role."""
@@ -92,18 +93,26 @@ class ChatFormatter:
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk:
         message, finish_reason = Delta(content=delta.text or None), delta.finish_reason
         if self.tools is not None:
-            text = self._call_text[delta.index] = self._call_text.get(delta.index, "") + delta.text
-            message = Delta()
-            if finish_reason == "stop":
-                calls = self.tools.calls(text)
-                message = Delta(tool_calls=[DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)])
-                finish_reason = "tool_calls"
-            elif finish_reason is not None:
-                message = Delta(content=text)  # cut short: the unfinished call as text, as OpenAI leaves it
+            message, finish_reason = self._tool_delta(delta)
         choice = ChatChunkChoice(index=delta.index, delta=message,
                                  logprobs=self._logprobs(delta.token_ids, delta.logprobs),
                                  finish_reason=finish_reason, stop_reason=delta.stop_reason)
         return self._wrap([choice])
+
+    def _tool_delta(self, delta: ChoiceDelta) -> tuple[Delta, str | None]:
+        """Content as soon as it is surely not a call; the calls in one delta at the end of the choice."""
+        text = self._text[delta.index] = self._text.get(delta.index, "") + delta.text
+        sent = self._sent.get(delta.index, 0)
+        if delta.finish_reason is None:
+            ready = self.tools.streamable(text)
+            self._sent[delta.index] = len(ready)
+            return Delta(content=ready[sent:] or None), None
+        content, calls = self.tools.parse(text) if delta.finish_reason == "stop" else (text, [])
+        if not calls:  # cut short, or an auto answer in words: the rest as content
+            return Delta(content=text[sent:] or None), delta.finish_reason
+        rest = content[sent:] if content and content.startswith(text[:sent]) else None
+        return Delta(content=rest or None, tool_calls=[DeltaToolCall(index=i, **c.model_dump())
+                                                       for i, c in enumerate(calls)]), "tool_calls"
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._wrap([], usage)
@@ -112,9 +121,10 @@ class ChatFormatter:
         choices = []
         for c in outputs[0].outputs:
             message, finish_reason = AssistantMessage(content=c.text), c.finish_reason
-            if self.tools is not None and finish_reason == "stop":
-                message = AssistantMessage(content=None, tool_calls=self.tools.calls(c.text))
-                finish_reason = "tool_calls"
+            content, calls = self.tools.parse(c.text) if self.tools is not None and finish_reason == "stop" else (
+                c.text, [])
+            if calls:
+                message, finish_reason = AssistantMessage(content=content, tool_calls=calls), "tool_calls"
             choices.append(ChatChoice(index=c.index, message=message, finish_reason=finish_reason,
                                       stop_reason=c.stop_reason, logprobs=self._logprobs(c.token_ids, c.logprobs)))
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,

@@ -3,12 +3,15 @@
 `tool_choice` "required" or a named function constrains the output to the functions' JSON schemas (structured
 output, as vLLM does it: one code path for every model, no model-specific call format to parse): a named call
 generates its arguments object; "required" generates a list of {"name", "parameters"} objects (one at most
-without `parallel_tool_calls`). The output then becomes the message's `tool_calls`. "none" shows the tools to the
-model and calls nothing. The template renders the tools (Qwen2.5's has a place for them).
+without `parallel_tool_calls`). "auto" (OpenAI's default with tools) lets the model choose, and reads its calls in
+the Hermes format its chat template teaches it (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen2.5
+and most open tool-tuned models; vLLM's `hermes` parser); a template without that format cannot do "auto".
+"none" shows the tools and calls nothing. The template renders the tools (Qwen2.5's has a place for them).
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -16,37 +19,63 @@ from tokenmill.server.openai_errors import RequestError
 from tokenmill.server.protocol import ChatCompletionRequest, FunctionCall, Tool, ToolCall
 
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_CALL = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*" + re.escape(HERMES_CLOSE), re.DOTALL)
 
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """What the output is: a named function's arguments (`name` set) or a list of calls (`name` None)."""
+    """How the output turns into calls: a named function's arguments (`name`), a list of calls (`schema` without
+    `name`), or the model's own choice in Hermes tags (`schema` None: "auto")."""
 
     name: str | None
-    schema: dict
+    schema: dict | None
 
-    def calls(self, text: str) -> list[ToolCall]:
-        """The tool calls the constrained output spells."""
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a finished output; auto output without a well-formed call stays content."""
+        if self.schema is None:
+            try:
+                calls = [json.loads(body) for body in _HERMES_CALL.findall(text)]
+                pairs = [(c["name"], c.get("arguments", {})) for c in calls]
+            except (ValueError, KeyError, TypeError):
+                return text, []
+            content = _HERMES_CALL.sub("", text).strip() if pairs else text
+            return content or None, [_call(name, arguments) for name, arguments in pairs]
         value = json.loads(text)
         pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
-        return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=json.dumps(
-            arguments, ensure_ascii=False))) for name, arguments in pairs]
+        return None, [_call(name, arguments) for name, arguments in pairs]
+
+    def streamable(self, text: str) -> str:
+        """The part of an unfinished output that is surely content, to stream now: under "auto", up to a call's
+        opening tag (or a tail that may become one); otherwise nothing (the output is the calls)."""
+        if self.schema is not None:
+            return ""
+        if (start := text.find(HERMES_OPEN)) >= 0:
+            return text[:start]
+        for keep in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
+            if HERMES_OPEN.startswith(text[-keep:]):
+                return text[:-keep]
+        return text
 
 
-def tool_choice(body: ChatCompletionRequest) -> ToolChoice | None:
-    """The constraint the request's tools and tool_choice ask for; None when the model answers in text."""
+def _call(name: str, arguments: object) -> ToolCall:
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                    function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)))
+
+
+def tool_choice(body: ChatCompletionRequest, chat_template: str | None) -> ToolChoice | None:
+    """What the request's tools and tool_choice ask for; None when the model answers in text only."""
     choice = body.tool_choice
-    if choice is not None and not body.tools and choice != "none":
+    if choice not in (None, "none") and not body.tools:
         raise RequestError("tool_choice needs tools", "tool_choice")
-    if not body.tools or choice in (None, "none"):
-        if body.tools and choice is None:
-            raise RequestError('tool_choice "auto" (the default with tools) is not supported yet: send "required", '
-                               'a named function ({"type": "function", "function": {"name": ...}}) or "none"',
-                               "tool_choice")
+    if not body.tools or choice == "none":
         return None
-    if choice == "auto":
-        raise RequestError('tool_choice "auto" is not supported yet: send "required", a named function or "none"',
-                           "tool_choice")
+    if choice in (None, "auto"):
+        if HERMES_OPEN not in (chat_template or ""):
+            raise RequestError(f'tool_choice "auto" (the default with tools) reads the model\'s calls in its chat '
+                               f"template's {HERMES_OPEN} format, which this model's template does not have: send "
+                               '"required" or a named function', "tool_choice")
+        return ToolChoice(None, None)
     tools = {t.function.name: t for t in body.tools}
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": _parameters(tool)},
