@@ -156,7 +156,8 @@ def test_tool_messages_continue_the_conversation(client):
 
 
 @pytest.mark.parametrize("route, body, field", [
-    ("chat/completions", {"tools": [WEATHER]}, "tool_choice"),  # "auto": the default model's template has no call format
+    # "auto", the default with tools: the default model's template has no call format
+    ("chat/completions", {"tools": [WEATHER]}, "tool_choice"),
     ("chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
