@@ -40,3 +40,6 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # set when the engine ended the request on an internal failure (finish "abort")
+    # SamplingParams.prompt_logprobs: per prompt token (None for the first, which nothing predicts); in the first
+    # output only when outputs are deltas
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

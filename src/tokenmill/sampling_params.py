@@ -50,6 +50,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives to report besides the chosen token
+    prompt_logprobs: int | None = None  # the same for every prompt token (computed in one extra uncached pass)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     min_tokens: int = 0  # stop tokens (EOS, stop_token_ids) are banned until this many tokens are out
@@ -79,6 +80,7 @@ class SamplingParams:
         self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
         self._check(self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0")
+        self._check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be >= 0")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         self._check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
         self._check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",

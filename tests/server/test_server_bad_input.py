@@ -27,7 +27,6 @@ BAD = [
     ("completions", {"prompt": "x", "seed": 2**64}, 400, "seed", "seed"),
     ("completions", {"prompt": "x", "stop": [1]}, 400, "stop", "stop"),
     ("completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "logprobs"),
-    ("completions", {"prompt": "x", "logprobs": 1, "echo": True}, 400, "logprobs", "echo"),
     ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "gpt-4"),
     ("completions", {"max_tokens": 3}, 400, "prompt", "prompt"),

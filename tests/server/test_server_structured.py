@@ -168,7 +168,7 @@ def test_tool_messages_continue_the_conversation(client):
     ("completions", {"best_of": 3, "stream": True}, "best_of"),
     ("completions", {"best_of": 1, "n": 2}, "best_of"),
     ("chat/completions", {"best_of": 3}, "best_of"),
-    ("completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("chat/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
 ])
 def test_fields_not_implemented_are_400(server, route, body, field):
     base = {"messages": ASK} if route.startswith("chat") else {"prompt": "Hi"}

@@ -60,7 +60,7 @@ class _Stream:
     def output(self, delta: RequestDelta) -> RequestOutput:
         return RequestOutput(delta.request_id, self.prompt, self.prompt_token_ids,
                              [s.completion() for s in delta.sequences], delta.finished, delta.num_cached_tokens,
-                             delta.metrics)
+                             delta.metrics, prompt_logprobs=delta.prompt_logprobs)
 
 
 class AsyncEngine:

@@ -20,7 +20,7 @@ from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.input_processor import EngineCoreRequest, InputProcessor
 from tokenmill.engine.parent_request import ParentRequest
-from tokenmill.engine.request import Request
+from tokenmill.engine.request import Request, token_logprobs
 from tokenmill.engine.scheduler import Scheduler, SchedulerStats
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
@@ -31,7 +31,7 @@ from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
 from tokenmill.model.sampler import SampledToken, StepLogits, TokenRules, sample
 from tokenmill.model.tokenizer import Tokenizer
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.engine")
@@ -123,9 +123,19 @@ class LLMEngine:
             parent_id=request.request_id,
             arrival_time=request.arrival_time,
         ) for index in range(params.num_sequences)]
-        self.parents[request.request_id] = ParentRequest(request.request_id, request.prompt, ids, children, params.n)
+        parent = ParentRequest(request.request_id, request.prompt, ids, children, params.n)
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = self._prompt_logprobs(ids, params.prompt_logprobs)
+        self.parents[request.request_id] = parent
         for child in children:
             self.scheduler.add(child)
+
+    def _prompt_logprobs(self, ids: list[int], top_n: int) -> list[TokenLogprobs | None]:
+        """Each prompt token's logprob (and top_n alternatives) under the tokens before it, from one uncached pass
+        over the prompt, as its own forward beside the steps (vLLM takes them from the prefill's logits)."""
+        step = StepLogits(self.runner.score(ids))
+        return [None] + [token_logprobs(step.sampled(i, token, top_n), self._token_text)
+                         for i, token in enumerate(ids[1:])]
 
     def _bad_words(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
         """Each word's token ids as it would appear alone and after a space (vLLM's two spellings)."""

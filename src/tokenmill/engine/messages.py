@@ -44,11 +44,12 @@ class RequestDelta(NamedTuple):
     num_cached_tokens: int
     metrics: dict[str, float]
     sequences: list[SequenceDelta]  # the sequences that advanced
+    prompt_logprobs: list[TokenLogprobs | None] | None  # in the request's first delta only
 
     @classmethod
     def of(cls, out: RequestOutput) -> RequestDelta:
         return cls(out.request_id, out.finished, out.num_cached_tokens, out.metrics,
-                   [SequenceDelta.of(c) for c in out.outputs])
+                   [SequenceDelta.of(c) for c in out.outputs], out.prompt_logprobs)
 
 
 class RequestFailure(NamedTuple):

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tokenmill.engine.request import Request
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import RequestOutput, TokenLogprobs
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ParentRequest:
     children: list[Request]
     n: int = 1  # completions returned: fewer than the children under best_of
     error: str | None = None  # why the engine ended it early (a failed row), reported instead of output
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # until the first output carries them
 
     @property
     def finished(self) -> bool:
@@ -51,4 +52,12 @@ class ParentRequest:
             num_cached_tokens=first.num_cached_prompt_tokens,
             metrics=metrics,
             error=self.error,
+            prompt_logprobs=self._take_prompt_logprobs(delta),
         )
+
+    def _take_prompt_logprobs(self, delta: bool) -> list[TokenLogprobs | None] | None:
+        """Every output carries them, or only the first of a delta stream."""
+        logprobs = self.prompt_logprobs
+        if delta:
+            self.prompt_logprobs = None
+        return logprobs

@@ -18,6 +18,13 @@ from tokenmill.outputs import CompletionOutput, Logprob, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 
+def token_logprobs(sampled: SampledToken, decode_token: Callable[[int], str]) -> TokenLogprobs:
+    """A token's logprob entry: its top alternatives and itself, each with its rank and text."""
+    entry = {tid: Logprob(lp, rank + 1, decode_token(tid)) for rank, (tid, lp) in enumerate(sampled.top)}
+    entry[sampled.token_id] = Logprob(sampled.logprob, sampled.rank, decode_token(sampled.token_id))
+    return entry
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -87,9 +94,7 @@ class Request:
         self.token_ids.append(sampled.token_id)
         self.cumulative_logprob += sampled.logprob
         if self.params.logprobs is not None:
-            entry = {tid: Logprob(lp, rank + 1, decode_token(tid)) for rank, (tid, lp) in enumerate(sampled.top)}
-            entry[sampled.token_id] = Logprob(sampled.logprob, sampled.rank, decode_token(sampled.token_id))
-            self.logprobs.append(entry)
+            self.logprobs.append(token_logprobs(sampled, decode_token))
         if sampled.token_id in self.stop_token_ids:
             # as vLLM: stop_reason names a stop token the request asked for, None for the model's own end tokens
             self.finish(now, "stop", sampled.token_id if sampled.token_id in self.params.stop_token_ids else None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,6 +18,7 @@ from tokenmill.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     Usage,
 )
 from tokenmill.server.state import ServerState
@@ -24,14 +26,18 @@ from tokenmill.server.streaming import respond
 
 
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Response:
-    if body.echo and body.logprobs is not None:
-        raise RequestError("echo with logprobs needs prompt logprobs, which tokenmill does not compute; "
-                           "drop one of the two", "logprobs")
     if body.stream and body.best_of is not None and body.best_of > body.n:
         raise RequestError("best_of > n cannot be streamed: the best are known only at the end", "best_of")
+    scoring = body.echo and body.logprobs is not None  # the prompt's tokens and logprobs lead the logprobs
+    if scoring and body.stream:
+        raise RequestError("echo with logprobs is not streamed: send stream: false", "stream")
+    if body.max_tokens == 0 and not scoring:
+        raise RequestError("max_tokens must be >= 1; 0 only with echo and logprobs (scoring the prompt)", "max_tokens")
     names = FieldNames()
-    params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names=names,
-                                limits=state.limits)
+    params = to_sampling_params(body, max_tokens=body.max_tokens or (1 if body.max_tokens == 0 else None),
+                                logprobs=body.logprobs, names=names, limits=state.limits)
+    if scoring:
+        params.prompt_logprobs = max(params.prompt_logprobs or 0, body.logprobs)
     prompts = _prompts(body.prompt, state) if not body.suffix else _fill_in_the_middle(body.prompt, body.suffix, state)
     for prompt in prompts:
         check_max_tokens(body.max_tokens, len(prompt.ids), state.max_model_len, "max_tokens", "prompt")
@@ -39,7 +45,9 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     generation = Generation(state, request_id, prompts, params, body.priority, names, body.user)
     echo = [p.text if p.text is not None else state.tokenizer.decode(p.ids, skip_special_tokens=False)
             for p in prompts] if body.echo else None
-    formatter = CompletionFormatter(request_id, state.served_model_name, params.n, echo, body.logprobs)
+    formatter = CompletionFormatter(request_id, state.served_model_name, params.n, echo, body.logprobs,
+                                    score_only=body.max_tokens == 0, prompt_logprobs=body.prompt_logprobs,
+                                    decode=lambda t: state.tokenizer.decode([t], skip_special_tokens=False))
     return await respond(request, generation, formatter, body.stream, body.include_usage())
 
 
@@ -68,13 +76,20 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]], state: Serve
 
 
 class CompletionFormatter:
-    def __init__(self, request_id: str, model: str, n: int, echo: list[str] | None, num_logprobs: int | None) -> None:
+    def __init__(self, request_id: str, model: str, n: int, echo: list[str] | None, num_logprobs: int | None,
+                 score_only: bool = False, prompt_logprobs: int | None = None,
+                 decode: Callable[[int], str] = str) -> None:
+        """score_only: max_tokens 0 (the engine made one token, which is not returned); prompt_logprobs: vLLM's
+        field, answered in its own shape; decode: a token's text (the first prompt token has no logprob entry)."""
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.n = n
         self.echo = echo
         self.num_logprobs = num_logprobs
+        self.score_only = score_only
+        self.prompt_logprobs = prompt_logprobs
+        self.decode = decode
         self._text_offset: dict[int, int] = {}
 
     def stream_start(self) -> list[CompletionResponse]:
@@ -94,14 +109,32 @@ class CompletionFormatter:
 
     def response(self, outputs: list[RequestOutput], usage: Usage) -> CompletionResponse:
         choices = []
+        if self.score_only:
+            usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
         for p, out in enumerate(outputs):
             prefix = self.echo[p] if self.echo is not None else ""
             for c in out.outputs:
                 index = p * self.n + c.index
-                choices.append(CompletionChoice(index=index, text=prefix + c.text, finish_reason=c.finish_reason,
-                                                stop_reason=c.stop_reason,
-                                                logprobs=self._logprobs(index, c.token_ids, c.logprobs)))
+                text, ids, entries = ("", [], []) if self.score_only else (c.text, c.token_ids, c.logprobs or [])
+                if self.echo is not None and self.num_logprobs is not None:
+                    logprobs = self._scored_logprobs(index, out, ids, entries)
+                else:
+                    logprobs = self._logprobs(index, ids, entries)
+                choices.append(CompletionChoice(
+                    index=index, text=prefix + text, finish_reason="length" if self.score_only else c.finish_reason,
+                    stop_reason=None if self.score_only else c.stop_reason, logprobs=logprobs,
+                    prompt_logprobs=_vllm_prompt_logprobs(out) if self.prompt_logprobs is not None else None))
         return self._wrap(choices, usage)
+
+    def _scored_logprobs(self, index: int, out: RequestOutput, ids: list[int],
+                         entries: list[TokenLogprobs]) -> CompletionLogprobs:
+        """echo + logprobs: the prompt's tokens first (the first with null: nothing predicts it), then the
+        output's, as OpenAI's legacy completions (and lm-eval-harness, which scores text this way) have them."""
+        first = self.decode(out.prompt_token_ids[0])
+        self._text_offset[index] = len(first)
+        rest = self._logprobs(index, out.prompt_token_ids[1:] + ids, out.prompt_logprobs[1:] + entries)
+        return CompletionLogprobs(text_offset=[0, *rest.text_offset], token_logprobs=[None, *rest.token_logprobs],
+                                  tokens=[first, *rest.tokens], top_logprobs=[None, *rest.top_logprobs])
 
     def _wrap(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -122,3 +155,12 @@ class CompletionFormatter:
             offset += len(t.token)
         self._text_offset[index] = offset
         return out
+
+
+def _vllm_prompt_logprobs(out: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's prompt_logprobs: per prompt token, token id (as text) -> its logprob, rank and text."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                              decoded_token=lp.decoded_token)
+                                        for t, lp in entry.items()} for entry in out.prompt_logprobs]

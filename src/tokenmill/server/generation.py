@@ -138,6 +138,8 @@ class Generation:
                 w.logprobs = (w.logprobs or []) + c.logprobs
             w.cumulative_logprob, w.finish_reason, w.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
         whole.finished, whole.num_cached_tokens, whole.metrics = delta.finished, delta.num_cached_tokens, delta.metrics
+        if delta.prompt_logprobs is not None:
+            whole.prompt_logprobs = delta.prompt_logprobs
 
     def _record(self, p: int, out: RequestOutput) -> None:
         """Metrics and the log line, once per prompt: finished, or aborted as of its last output."""

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.server.openai_errors import RequestError
+from tokenmill.server.unsupported_fields import UNSUPPORTED
 
 _INT64 = dict(ge=-(2**63), le=2**63 - 1)
 
@@ -82,35 +83,6 @@ class ResponseFormat(BaseModel):
         return self
 
 
-def _set(value: Any, _request: Any) -> bool:
-    return value is not None and value is not False and value != [] and value != {} and value != ""
-
-
-# field -> (is this value one the server would have to ignore?, what to say)
-_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "prompt_logprobs": (_set, ""),
-    "use_beam_search": (_set, ": sampling and greedy decoding only"),
-    "logits_processors": (_set, ""),
-    "truncate_prompt_tokens": (_set, ""),
-    "guided_whitespace_pattern": (_set, ""),
-    "best_of": (lambda value, request: value is not None and value != request.n, " for chat (completions only)"),
-    "functions": (_set, " (deprecated by OpenAI): send tools"),
-    "function_call": (lambda value, _: value not in (None, "none"), " (deprecated by OpenAI): send tool_choice"),
-    "echo": (lambda value, request: value and isinstance(request, ChatCompletionRequest), " for chat"),
-    "add_generation_prompt": (lambda value, _: value is False, " with false: the prompt always ends with the "
-                                                               "assistant's turn opening"),
-    "continue_final_message": (_set, ""),
-    "chat_template": (_set, " per request; start the server with another template"),
-    "chat_template_kwargs": (_set, ""),
-    "documents": (_set, ""),
-    "modalities": (lambda value, _: value not in (None, ["text"]), ": text only"),
-    "audio": (_set, ": text only"),
-    "prediction": (_set, ""),
-    "reasoning_effort": (_set, ""),
-    "web_search_options": (_set, ""),
-}
-
-
 class SamplingRequest(OpenAIRequest):
     """Fields completions and chat share; `to_sampling_params` turns them into SamplingParams."""
 
@@ -155,7 +127,7 @@ class SamplingRequest(OpenAIRequest):
         """Fields OpenAI or vLLM define that this server does not implement: a 400 naming the field, never a 200
         that quietly does something else. (Fields nobody defines are let through and logged, as vLLM does.)"""
         extra = self.model_extra or {}
-        for name, (unsupported, why) in _UNSUPPORTED.items():
+        for name, (unsupported, why) in UNSUPPORTED.items():
             if name in extra and unsupported(extra[name], self):
                 raise RequestError(f"{name} is not supported by this server{why}", name)
         if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
@@ -166,9 +138,10 @@ class SamplingRequest(OpenAIRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = _bounds(16, minimum=1)  # OpenAI's and vLLM's default; null fills the context
+    max_tokens: int | None = _bounds(16, minimum=0)  # OpenAI's and vLLM's default; null fills the context; 0 with echo
     echo: bool = False
     logprobs: int | None = _bounds(minimum=0, maximum=20)
+    prompt_logprobs: int | None = _bounds(minimum=0, maximum=20)  # vLLM's: each prompt token's logprob and top N
     best_of: int | None = _bounds(minimum=1)  # the n most likely of best_of samples (not streamable)
     suffix: str | None = None  # fill-in-the-middle: the text after the completion
 
@@ -273,9 +246,15 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -284,6 +263,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM extension: the stop token id or stop string
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's shape: token id -> its logprob
 
 
 class CompletionResponse(BaseModel):
