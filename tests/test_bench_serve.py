@@ -190,7 +190,7 @@ def test_chat_endpoint_sends_messages_and_skips_empty_deltas(fake_server):
                           SampleRequest("ok hi", 3)])
     assert all(r.success for r in result.records)
     assert all(len(r.chunk_times) == 3 for r in result.records)  # the role-only first delta is not a token
-    bodies = fake_server.bodies[1:]
+    bodies = sorted(fake_server.bodies[1:], key=lambda b: len(b["messages"]), reverse=True)  # sent concurrently
     assert bodies[0]["model"] == "my-model"
     assert bodies[0]["messages"] == [{"role": "system", "content": "You are terse."},
                                      {"role": "user", "content": "ok what is a cat?"}]

@@ -15,7 +15,8 @@ from tokenmill.server.protocol import SamplingRequest
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows 20 too
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "ignore_eos", "min_tokens", "stop_token_ids",
-                    "include_stop_str_in_output", "skip_special_tokens", "bad_words", "allowed_token_ids", "best_of")
+                    "include_stop_str_in_output", "skip_special_tokens", "bad_words", "allowed_token_ids", "best_of",
+                    "prompt_logprobs")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
