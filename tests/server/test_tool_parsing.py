@@ -7,7 +7,7 @@ import pytest
 
 from tokenmill.server.tools import ToolChoice
 
-AUTO = ToolChoice(None, None)
+AUTO = ToolChoice(None, None, frozenset({"get_weather", "get_time"}))
 
 
 def test_auto_reads_hermes_calls_and_keeps_the_words():
@@ -20,14 +20,24 @@ def test_auto_reads_hermes_calls_and_keeps_the_words():
     assert len({c.id for c in calls}) == 2
 
 
+@pytest.mark.parametrize("text", ['{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+                                  '```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'])
+def test_auto_reads_a_bare_call_naming_a_tool(text):
+    content, calls = AUTO.parse(text)
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"})]
+
+
 @pytest.mark.parametrize("text", ["It is sunny.", "<tool_call>{not json}</tool_call>",
-                                  '<tool_call>{"arguments": {}}</tool_call>'])
+                                  '<tool_call>{"arguments": {}}</tool_call>', '{"name": "other", "arguments": {}}',
+                                  '```python\nprint(1)\n```'])
 def test_auto_without_a_well_formed_call_is_content(text):
     assert AUTO.parse(text) == (text, [])
 
 
 @pytest.mark.parametrize("text, ready", [("Hello", "Hello"), ("Hello <tool", "Hello "), ("Hi <", "Hi "),
-                                         ("Hi <tool_call>{", "Hi "), ("a < b", "a < b")])
+                                         ("Hi <tool_call>{", "Hi "), ("a < b", "a < b"), (" {", ""), ("`", ""),
+                                         ("```json\n{", ""), ("`x`", "`x`")])
 def test_auto_streams_only_what_cannot_become_a_call(text, ready):
     assert AUTO.streamable(text) == ready
 

@@ -5,7 +5,8 @@ output, as vLLM does it: one code path for every model, no model-specific call f
 generates its arguments object; "required" generates a list of {"name", "parameters"} objects (one at most
 without `parallel_tool_calls`). "auto" (OpenAI's default with tools) lets the model choose, and reads its calls in
 the Hermes format its chat template teaches it (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen2.5
-and most open tool-tuned models; vLLM's `hermes` parser); a template without that format cannot do "auto".
+and most open tool-tuned models; vLLM's `hermes` parser), or an answer that is nothing but such a JSON call (small
+models drop the tags, often fencing it as code instead); a template without that format cannot do "auto".
 "none" shows the tools and calls nothing. The template renders the tools (Qwen2.5's has a place for them).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tokenmill.server.protocol import ChatCompletionRequest, FunctionCall, Tool,
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_CALL = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*" + re.escape(HERMES_CLOSE), re.DOTALL)
+_FENCED = re.compile(r"(?:```(?:json)?\s*)?(\{.*\})(?:\s*```)?", re.DOTALL)  # a bare call, maybe in a code fence
 
 
 @dataclass(frozen=True)
@@ -30,16 +32,21 @@ class ToolChoice:
 
     name: str | None
     schema: dict | None
+    names: frozenset[str] = frozenset()  # the tools' names: under "auto", a bare JSON call must name one
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a finished output; auto output without a well-formed call stays content."""
         if self.schema is None:
-            try:
-                calls = [json.loads(body) for body in _HERMES_CALL.findall(text)]
+            bodies = _HERMES_CALL.findall(text)
+            bare = not bodies and _FENCED.fullmatch(text.strip())
+            try:  # small models often drop the tags: a whole answer that is one call (maybe fenced) counts too
+                calls = [json.loads(body) for body in bodies or ([bare.group(1)] if bare else [])]
                 pairs = [(c["name"], c.get("arguments", {})) for c in calls]
             except (ValueError, KeyError, TypeError):
                 return text, []
-            content = _HERMES_CALL.sub("", text).strip() if pairs else text
+            if not pairs or (bare and pairs[0][0] not in self.names):
+                return text, []
+            content = _HERMES_CALL.sub("", text).strip() if bodies else None  # a bare call is all there is
             return content or None, [_call(name, arguments) for name, arguments in pairs]
         value = json.loads(text)
         pairs = [(self.name, value)] if self.name is not None else [(c["name"], c["parameters"]) for c in value]
@@ -48,8 +55,9 @@ class ToolChoice:
     def streamable(self, text: str) -> str:
         """The part of an unfinished output that is surely content, to stream now: under "auto", up to a call's
         opening tag (or a tail that may become one); otherwise nothing (the output is the calls)."""
-        if self.schema is not None:
-            return ""
+        head = text.lstrip()
+        if self.schema is not None or head.startswith("{") or "```".startswith(head[:3]):
+            return ""  # (under "auto": a call without tags, or fenced, may be coming: held until the end)
         if (start := text.find(HERMES_OPEN)) >= 0:
             return text[:start]
         for keep in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
@@ -75,7 +83,7 @@ def tool_choice(body: ChatCompletionRequest, chat_template: str | None) -> ToolC
             raise RequestError(f'tool_choice "auto" (the default with tools) reads the model\'s calls in its chat '
                                f"template's {HERMES_OPEN} format, which this model's template does not have: send "
                                '"required" or a named function', "tool_choice")
-        return ToolChoice(None, None)
+        return ToolChoice(None, None, frozenset(t.function.name for t in body.tools))
     tools = {t.function.name: t for t in body.tools}
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": _parameters(tool)},
