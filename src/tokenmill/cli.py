@@ -10,6 +10,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from tokenmill.engine_args import EngineArgs, add_models_dir_arg
 from tokenmill.errors import TokenmillError
@@ -97,13 +98,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     def load(model: str | None, name: str | None) -> ModelToServe:  # the LLM goes; its engine is served
         llm = EngineArgs.from_cli_args(args, model=model, seed=args.seed).create_llm(progress=True)
+        if args.chat_template is not None:
+            llm.tokenizer.chat_template = _template_text(args.chat_template)
         return ModelToServe(llm.engine, llm.checkpoint.path, model, name)
 
     to_serve = [load(model, name) for model, name in zip(models, names)]
     serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
           shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
-          limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts), max_body_bytes=args.max_body_bytes,
+          limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts,
+                               auto_tool_choice=args.enable_auto_tool_choice), max_body_bytes=args.max_body_bytes,
           allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
+
+
+def _template_text(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it names no file (as vLLM takes it)."""
+    path = Path(value)
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else value
+    except OSError as exc:
+        raise ValueError(f"--chat-template {value}: {exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -249,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                      help="answer browsers' cross-origin (CORS) requests from these origins, e.g. "
                           "http://localhost:3000, or * for any (default: none: browsers refuse cross-origin calls)")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='let requests with tools leave tool_choice "auto" (OpenAI\'s default): the model decides, '
+                          "and its calls are read in --tool-call-parser's format")
+    srv.add_argument("--tool-call-parser", choices=["hermes"], default="hermes",
+                     help="the call format of --enable-auto-tool-choice: hermes (<tool_call> JSON </tool_call>, "
+                          "Qwen2.5's and most open models'; also a bare JSON call); the only one so far")
+    srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
+                     help="a Jinja2 chat template (a file, or the template itself) in place of the model's own, "
+                          "for every served model")
     srv.add_argument("--seed", type=int, default=None,
                      help="seed for the draws of requests that bring none (default: a fresh one each start)")
     EngineArgs.add_cli_args(srv)

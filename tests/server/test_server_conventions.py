@@ -1,5 +1,6 @@
 """Conventions `vllm serve` and `llama-server` users reach for: GET /version, CORS with --allowed-origins (a
-browser's preflight is answered; without the flag no origin is allowed), and OpenAI's `developer` role."""
+browser's preflight is answered; without the flag no origin is allowed), OpenAI's `developer` role,
+--chat-template FILE and --enable-auto-tool-choice."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -12,9 +13,18 @@ from serverproc import Server, start_server, stop, wait_healthy
 ORIGIN = "http://localhost:3000"
 
 
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\nCUSTOM {{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if tools %}<|im_start|>system\nCall tools as <tool_call>{...}</tool_call><|im_end|>\n{% endif %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def cors_server(tmp_path_factory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("cors"), "--allowed-origins", ORIGIN)
+    """Also started with --chat-template (a file) and --enable-auto-tool-choice."""
+    folder = tmp_path_factory.mktemp("cors")
+    (folder / "template.jinja").write_text(TEMPLATE)
+    srv = start_server(folder, "--allowed-origins", ORIGIN, "--chat-template", str(folder / "template.jinja"),
+                       "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     try:
         wait_healthy(srv)
         yield srv
@@ -47,3 +57,24 @@ def test_developer_role_is_the_system_prompt(server):
         return httpx.post(f"{server.url}/tokenize", json=body).json()["tokens"]
 
     assert prompt("developer") == prompt("system")
+
+
+def test_chat_template_file_replaces_the_models(server, cors_server):
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    custom = httpx.post(f"{cors_server.url}/tokenize", json=body).json()["tokens"]
+    text = httpx.post(f"{cors_server.url}/detokenize", json={"tokens": custom}).json()["prompt"]
+    assert "CUSTOM Hi" in text
+    plain = httpx.post(f"{server.url}/tokenize", json=body).json()["tokens"]
+    assert "CUSTOM" not in httpx.post(f"{server.url}/detokenize", json={"tokens": plain}).json()["prompt"]
+
+
+def test_auto_tool_choice_needs_the_flag(server, cors_server):
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [tool], "max_tokens": 30,
+            "temperature": 0}
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 400 and "--enable-auto-tool-choice" in refused.json()["error"]["message"]
+    answered = httpx.post(f"{cors_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert answered.status_code == 200, answered.text
+    message = answered.json()["choices"][0]["message"]
+    assert message["content"] or message["tool_calls"]

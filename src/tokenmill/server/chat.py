@@ -43,7 +43,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = to_sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, names=names,
                                 limits=state.limits)
-    tools = tool_choice(body, state.tokenizer.chat_template)
+    tools = tool_choice(body, state.tokenizer.chat_template, state.limits.auto_tool_choice)
     if tools is not None and tools.schema is not None:
         if params.structured_outputs is not None:
             raise RequestError("a tool_choice that calls tools already constrains the output: drop "

@@ -26,6 +26,7 @@ class RequestLimits:
     Stop strings are matched by one automaton whatever their number, but each costs memory per sequence."""
 
     max_n: int = 128  # OpenAI's own cap on n
+    auto_tool_choice: bool = False  # tool_choice "auto" (--enable-auto-tool-choice, as vLLM asks for it)
     max_prompts: int = 256  # prompts in one completions request
     max_stop: int = 128
     max_stop_chars: int = 512

@@ -71,14 +71,19 @@ def _call(name: str, arguments: object) -> ToolCall:
                     function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)))
 
 
-def tool_choice(body: ChatCompletionRequest, chat_template: str | None) -> ToolChoice | None:
-    """What the request's tools and tool_choice ask for; None when the model answers in text only."""
+def tool_choice(body: ChatCompletionRequest, chat_template: str | None, auto: bool) -> ToolChoice | None:
+    """What the request's tools and tool_choice ask for; None when the model answers in text only. auto: the
+    server was started with --enable-auto-tool-choice."""
     choice = body.tool_choice
     if choice not in (None, "none") and not body.tools:
         raise RequestError("tool_choice needs tools", "tool_choice")
     if not body.tools or choice == "none":
         return None
     if choice in (None, "auto"):
+        if not auto:
+            raise RequestError('tool_choice "auto" (the default with tools) needs the server started with '
+                               '--enable-auto-tool-choice (as vLLM), else send "required", a named function or '
+                               '"none"', "tool_choice")
         if HERMES_OPEN not in (chat_template or ""):
             raise RequestError(f'tool_choice "auto" (the default with tools) reads the model\'s calls in its chat '
                                f"template's {HERMES_OPEN} format, which this model's template does not have: send "
