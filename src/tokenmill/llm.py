@@ -20,7 +20,7 @@ from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.loader import Checkpoint, load_checkpoint
 from tokenmill.model.tokenizer import Tokenizer
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill")
@@ -116,6 +116,21 @@ class LLM:
         text (log-likelihoods, perplexity). Text is tokenized as `generate` tokenizes it."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return self.engine.runner.score(ids)
+
+    def embed(self, prompts: PromptInput | Sequence[PromptInput],
+              pooling: str = "mean") -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding: final hidden states pooled ("mean" over tokens or the "last" token's),
+        L2-normalized (vLLM's `LLM.embed`; the server's /v1/embeddings)."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        outputs = []
+        for prompt in prompts:
+            if isinstance(prompt, dict):
+                prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+            text, ids = self.engine.input_processor.prompt(prompt)
+            outputs.append(EmbeddingRequestOutput(str(self._next_id), text, ids,
+                                                  EmbeddingOutput(self.engine.embed(ids, pooling))))
+            self._next_id += 1
+        return outputs
 
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:

@@ -43,3 +43,18 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: per prompt token (None for the first, which nothing predicts); in the first
     # output only when outputs are deltas
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # L2-normalized, hidden_size long
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One prompt's embedding, as vLLM's `LLM.embed` returns it (`.outputs.embedding`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput

@@ -25,7 +25,7 @@ from tokenmill.engine.core_proc import (
     stop_engine_core,
 )
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.messages import Abort, CoreOutputs, RequestDelta
+from tokenmill.engine.messages import Abort, CoreOutputs, EmbedRequest, RequestDelta
 from tokenmill.engine.scheduler import SchedulerStats
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -136,6 +136,24 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def embed(self, request_id: str, prompt: str | Sequence[int], pooling: str = "mean") -> list[float]:
+        """The prompt's embedding (LLMEngine.embed), computed by the core between its steps."""
+        self.attach()
+        if not self.is_alive:
+            raise EngineDeadError(self._dead_message())
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.input_processor.prompt(prompt)  # ValueError on bad input
+        stream = self._streams[request_id] = _Stream(text, ids)
+        try:
+            self._send(EmbedRequest(request_id, ids, pooling))
+            item = await stream.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            return item
+        finally:
+            self._streams.pop(request_id, None)
+
     def check_capacity(self, num_sequences: int) -> None:
         """Raise unless `num_sequences` new sequences may queue now: each sequence counts against max_waiting, so
         one request with a large n cannot fill the queue that every other client shares."""
@@ -218,6 +236,9 @@ class AsyncEngine:
         for delta in message.deltas:
             if (stream := self._streams.get(delta.request_id)) is not None:
                 stream.queue.put_nowait(stream.output(delta))
+        for request_id, vector in message.embeddings:
+            if (stream := self._streams.get(request_id)) is not None:
+                stream.queue.put_nowait(vector)
         for request_id, kind, text in message.failures:
             if (stream := self._streams.get(request_id)) is not None:
                 stream.queue.put_nowait(ValueError(text) if kind == "invalid" else EngineStepError(text))

@@ -42,6 +42,8 @@ from tokenmill.engine.input_processor import EngineCoreRequest
 from tokenmill.engine.messages import (
     Abort,
     CoreOutputs,
+    Embedding,
+    EmbedRequest,
     RequestDelta,
     RequestFailure,
     Shutdown,
@@ -190,6 +192,7 @@ class EngineCore:
         """Apply every queued command, waiting for one when idle; False once shutdown was asked."""
         outputs: list[RequestOutput] = []
         failures: list[RequestFailure] = []
+        embeddings: list[Embedding] = []
         applied = 0
         while True:
             try:
@@ -206,13 +209,20 @@ class EngineCore:
                     self.engine.submit(command)
                 except ValueError as exc:  # e.g. a request id already in use
                     failures.append(RequestFailure(command.request_id, "invalid", str(exc)))
+            elif isinstance(command, EmbedRequest):
+                try:
+                    embeddings.append(Embedding(command.request_id,
+                                                self.engine.embed(command.prompt_token_ids, command.pooling)))
+                except Exception as exc:  # one bad input fails its own request, not the loop
+                    logger.exception("embedding failed for request %s", command.request_id)
+                    failures.append(RequestFailure(command.request_id, "step", f"{type(exc).__name__}: {exc}"))
             elif isinstance(command, Abort):
                 if (final := self.engine.abort(command.request_id)) is not None:
                     outputs.append(final)
             else:
                 return False
-        if outputs or failures or (applied and not self.engine.has_unfinished()):  # no step follows to send stats
-            self._send(outputs, failures)
+        if outputs or failures or embeddings or (applied and not self.engine.has_unfinished()):  # else no stats
+            self._send(outputs, failures, embeddings)
         return True
 
     def _step(self) -> tuple[list[RequestOutput], list[RequestFailure]]:
@@ -229,7 +239,9 @@ class EngineCore:
         return ([out for out in outputs if out.error is None],
                 [RequestFailure(out.request_id, "step", out.error) for out in outputs if out.error is not None])
 
-    def _send(self, outputs: list[RequestOutput], failures: list[RequestFailure]) -> None:
+    def _send(self, outputs: list[RequestOutput], failures: list[RequestFailure],
+              embeddings: list[Embedding] | None = None) -> None:
         message = CoreOutputs([RequestDelta.of(out) for out in outputs], failures,
-                              tuple(vars(self.engine.stats()).values()), self.sequences_applied, self.fatal)
+                              tuple(vars(self.engine.stats()).values()), self.sequences_applied, self.fatal,
+                              tuple(embeddings or ()))
         self.outputs.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))

@@ -64,7 +64,8 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()
-        self.input_processor = InputProcessor(tokenizer, self.max_model_len, model.config.vocab_size)
+        self.input_processor = InputProcessor(tokenizer, self.max_model_len, model.config.vocab_size,
+                                              model.config.hidden_size)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.kv_cache)
@@ -129,6 +130,13 @@ class LLMEngine:
         self.parents[request.request_id] = parent
         for child in children:
             self.scheduler.add(child)
+
+    def embed(self, token_ids: list[int], pooling: str = "mean") -> list[float]:
+        """The prompt's embedding: its final hidden states pooled ("mean" or "last"), L2-normalized; one uncached
+        pass over the prompt, beside the steps."""
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        return self.runner.embed(token_ids, pooling).tolist()
 
     def _prompt_logprobs(self, ids: list[int], top_n: int) -> list[TokenLogprobs | None]:
         """Each prompt token's logprob (and top_n alternatives) under the tokens before it, from one uncached pass

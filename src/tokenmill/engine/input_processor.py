@@ -33,12 +33,12 @@ class InputProcessor:
     tokenizer: Tokenizer
     max_model_len: int  # the engine's (possibly lowered to what its KV cache holds)
     vocab_size: int
+    hidden_size: int = 0  # an embedding's length
 
     def process(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                 priority: int = 0) -> EngineCoreRequest:
         """Tokenize and validate; raises ValueError whose message starts with the bad field's name."""
-        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        self._check_prompt(ids)
+        text, ids = self.prompt(prompt)
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise ValueError(f"logprobs must be <= the vocabulary size {self.vocab_size}, got {params.logprobs}")
         params.token_ids_in_range(self.vocab_size)
@@ -47,6 +47,12 @@ class InputProcessor:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(room, params.max_tokens)
         return EngineCoreRequest(request_id, text, ids, params, max_tokens, priority)
+
+    def prompt(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt, checked: not empty, ids in the vocabulary, room for a token."""
+        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        self._check_prompt(ids)
+        return text, ids
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:

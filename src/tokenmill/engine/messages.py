@@ -1,15 +1,28 @@
 """What crosses the pipe between the API process and the engine core process, one way each.
 
-In: EngineCoreRequest (engine/input_processor.py), Abort, Shutdown. Out, once per step: CoreOutputs, with a
-RequestDelta per request that advanced, holding only what is new (so a message stays small however long the
-sequences grow). NamedTuples: typed, and they pickle nearly as cheaply as bare tuples, which matters when
-steps take milliseconds.
+In: EngineCoreRequest (engine/input_processor.py), EmbedRequest, Abort, Shutdown. Out, once per step: CoreOutputs,
+with a RequestDelta per request that advanced, holding only what is new (so a message stays small however long the
+sequences grow), and the embeddings computed since the last. NamedTuples: typed, and they pickle nearly as cheaply
+as bare tuples, which matters when steps take milliseconds.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+
+
+class EmbedRequest(NamedTuple):
+    """A prompt to embed (its final hidden states pooled), computed between steps."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    pooling: str  # "mean" | "last"
+
+
+class Embedding(NamedTuple):
+    request_id: str
+    vector: list[float]
 
 
 class Abort(NamedTuple):
@@ -64,3 +77,4 @@ class CoreOutputs(NamedTuple):
     stats: tuple  # SchedulerStats' fields, in order
     sequences_applied: int  # sequences of the requests added so far (the API process counts them for backpressure)
     fatal: str | None  # why the step loop died, or None
+    embeddings: tuple[Embedding, ...] = ()

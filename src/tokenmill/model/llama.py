@@ -112,10 +112,16 @@ class LlamaModel(nn.Module):
         """Run a step's flattened tokens; float32 logits of the rows in `logits_indices` (all rows if None).
 
         `meta[g]` describes KV group g (kv.layout); each layer gets its group's."""
+        x = self.hidden_states(input_ids, positions, kv, meta)
+        return self.logits(x if logits_indices is None else x[logits_indices])
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                      meta: Sequence[AttentionMetadata]) -> torch.Tensor:
+        """The last layer's output for a step's flattened tokens (before the final norm)."""
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.layer_rotary[i], kv, meta[kv.layout.group_of[i]])
-        return self.logits(x if logits_indices is None else x[logits_indices])
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final hidden states (before the last norm)."""

@@ -21,6 +21,7 @@ from tokenmill.server.auth import AllowedHostsMiddleware, APIKeyMiddleware
 from tokenmill.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from tokenmill.server.chat import create_chat_completion, render_messages
 from tokenmill.server.completions import create_completion
+from tokenmill.server.embeddings import create_embeddings
 from tokenmill.server.metrics import MODEL_NAME_KEY, ErrorCountingMiddleware
 from tokenmill.server.models import ModelRegistry
 from tokenmill.server.openai_errors import (
@@ -34,6 +35,8 @@ from tokenmill.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     OpenAIRequest,
@@ -76,6 +79,10 @@ def build_app(models: ModelRegistry, api_key: str | None = None, max_body_bytes:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(body, request, route(body, body.model, request))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+        return await create_embeddings(body, route(body, body.model, request))
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

@@ -214,6 +214,14 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool = True
 
 
+class EmbeddingRequest(OpenAIRequest):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the model's own hidden size (no truncation)
+    user: str | None = None
+
+
 class TokenizeRequest(OpenAIRequest):
     """vLLM's /tokenize: either `prompt` (text) or `messages` (rendered with the chat template)."""
 
@@ -372,6 +380,24 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class DetokenizeResponse(BaseModel):
