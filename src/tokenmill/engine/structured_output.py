@@ -61,6 +61,21 @@ class GrammarMatcher:
         """Advance past `token_id`; False if the grammar does not allow it (the mask was not applied)."""
         return self._matcher.consume_token(token_id) and not self._matcher.is_error()
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of `token_ids` the grammar allows in a row from here (a draft is cut to those)."""
+        return self._matcher.validate_tokens(token_ids)
+
+    def masks_along(self, token_ids: list[int]) -> list[torch.Tensor]:
+        """The mask before each of `token_ids` (which it must allow) and after the last: one per verified row,
+        leaving the matcher where it was."""
+        masks = []
+        for token in token_ids:
+            masks.append(self.allowed())
+            self._matcher.consume_token(token)
+        masks.append(self.allowed())
+        self._matcher.rollback(len(token_ids))
+        return masks
+
     @property
     def done(self) -> bool:
         """The output is complete: nothing more may follow."""

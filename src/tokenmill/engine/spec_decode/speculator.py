@@ -38,8 +38,7 @@ class Speculator:
         for request in running:
             request.draft_token_ids = []
         self.drafts.clear()
-        # a grammar's mask depends on the tokens before it: its requests decode one token at a time
-        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1 and r.grammar is None]
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
         # the target's token after the drafts counts toward max_tokens too, so positions never pass the limit
         limits = [r.max_tokens - (r.num_tokens - r.num_prompt_tokens) - 1 for r in decoding]
         plan = self.controller.plan([r.request_id for r in decoding], limits)
@@ -50,6 +49,9 @@ class Speculator:
         drafts = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen])
         self.controller.observe_proposal(sum(len(d.token_ids) for d in drafts), time.perf_counter() - started)
         for (request, _), draft in zip(chosen, drafts):
+            if request.grammar is not None:  # only what the grammar allows is worth verifying
+                keep = request.grammar.valid_prefix(draft.token_ids)
+                draft = Draft(draft.token_ids[:keep], None if draft.probs is None else draft.probs[:keep])
             request.draft_token_ids = draft.token_ids
             self.drafts[request.request_id] = draft
 
@@ -59,11 +61,14 @@ class Speculator:
         rows = slice(first_row, first_row + len(draft_ids) + 1)
         draft = self.drafts[request.request_id]
         params, output = request.params, request.output_ids
-        if params.greedy and not changes_logits(params, request.rules):  # the raw argmax, taken for the whole step
+        grammar = request.grammar
+        if params.greedy and grammar is None and not changes_logits(params, request.rules):  # the step's argmax
             tokens = greedy_verify(step.argmax[rows], draft_ids)
         else:
+            masks = grammar.masks_along(draft_ids) if grammar is not None else [None] * (len(draft_ids) + 1)
             processed = torch.stack([process_logits(row, params, request.prompt_token_ids, output + draft_ids[:i],
-                                                    request.rules) for i, row in enumerate(step.logits[rows])])
+                                                    request.rules, masks[i])
+                                     for i, row in enumerate(step.logits[rows])])
             if params.greedy:
                 tokens = greedy_verify(processed.argmax(-1).tolist(), draft_ids)
             else:
