@@ -1,4 +1,4 @@
-"""The default thread count: CPUs from the affinity mask, capped by cgroup quotas read from (faked) cgroup files."""
+"""What the CPU offers: thread counts from the affinity mask and (faked) cgroup quotas; vLLM's dtype names."""
 from __future__ import annotations
 
 import logging
@@ -65,3 +65,16 @@ def test_resolve_threads_order(monkeypatch):
     assert hardware.resolve_threads(None) == 3
     with pytest.raises(ValueError, match="threads must be >= 1"):
         hardware.resolve_threads(0)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_vllm_dtype_names(monkeypatch, caplog, bf16):
+    """half/float16 take the 16-bit type the CPU computes natively (float32 without one), saying so."""
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda: bf16)
+    assert hardware.resolve_dtype("float") == torch.float32
+    with caplog.at_level(logging.WARNING, logger="tokenmill.hardware"):
+        for name in ("half", "float16"):
+            assert hardware.resolve_dtype(name) == (torch.bfloat16 if bf16 else torch.float32)
+    assert "float16 is emulated" in caplog.text
+    with pytest.raises(ValueError, match="'half'.*got 'fp8'"):
+        hardware.resolve_dtype("fp8")

@@ -106,6 +106,10 @@ class QuantConfig:
             raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
 
 
+# Compute dtypes by vLLM's --dtype names; half/float16 resolve to the 16-bit type this CPU computes natively
+# (hardware.resolve_dtype).
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
 

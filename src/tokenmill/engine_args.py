@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import (
     DEFAULT_KV_CACHE_MEMORY,
+    DTYPE_NAMES,
     KV_CACHE_DTYPES,
     QUANTIZATION_METHODS,
     CacheConfig,
@@ -93,7 +94,10 @@ class EngineArgs:
                        help="a .gguf file, HF model directory or model name from `tokenmill models` "
                             "(default: embedded SmolLM2-135M-Instruct)")
         add_models_dir_arg(p)
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+        p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                       help="compute dtype; auto: the packed weights of a quantized GGUF, else bfloat16 where the CPU "
+                            "has it natively, float32 elsewhere; half/float16 (emulated on CPUs) take that same "
+                            "16-bit choice, as vLLM's CPU backend casts float16")
         p.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                        help="weight format: native (a GGUF's own blocks; the default with --dtype auto), int8, int4")
         p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")

@@ -9,6 +9,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from tokenmill.config import DTYPE_ALIASES, DTYPE_NAMES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -36,8 +38,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     """"auto" picks bfloat16 where the CPU computes it natively, float32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if has_native_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of 'auto', {', '.join(map(repr, DTYPES))}; got {name!r}")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPE_NAMES))}; got {name!r}")
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "float16":  # arithmetic emulated on CPUs: vLLM's CPU backend casts it to bfloat16 too
+        dtype = resolve_dtype("auto")
+        logger.warning("dtype float16 is emulated on CPUs; computing in %s", str(dtype).removeprefix("torch."))
+        return dtype
     return DTYPES[name]
 
 

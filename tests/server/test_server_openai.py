@@ -307,7 +307,7 @@ def test_metrics_counters_move_by_the_request(server):
 
 
 def test_unknown_route_and_method_are_openai_errors(server):
-    missing = httpx.post(f"{server.url}/v1/embeddings", json={})
+    missing = httpx.post(f"{server.url}/v1/images/generations", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
     wrong = httpx.get(f"{server.url}/v1/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "MethodNotAllowedError"
