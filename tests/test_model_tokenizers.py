@@ -94,11 +94,12 @@ def _file_chat_template(name: str) -> str | None:
 
 
 def _transformers_render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                         bos_token: str, eos_token: str) -> str:
+                         bos_token: str, eos_token: str, continue_final_message: bool = False) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
                                         add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message,
                                         bos_token=bos_token, eos_token=eos_token)
     return rendered[0]
 
@@ -128,6 +129,32 @@ def test_qwen_tool_calls_render_as_transformers() -> None:
     assert '"arguments": {"city": "Paris"}' in expected and "<tool_response>\n18°C, sunny" in expected
     bos, eos = SPECIALS["qwen2.5-coder-1.5b"]
     assert render_chat_template(template, TOOL_CONVERSATION, bos_token=bos, eos_token=eos) == expected
+
+
+@pytest.mark.parametrize("name", list(SPECIALS))
+@pytest.mark.parametrize("prefill", ["The answer is", "The answer is ", "  {\"a\": "])
+def test_continue_final_message_renders_as_transformers(name: str, prefill: str) -> None:
+    """The prompt ends inside the assistant's message (templates that trim it end at its trimmed text)."""
+    template = _template(name)
+    bos, eos = SPECIALS[name]
+    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": prefill}]
+    expected = _transformers_render(template, messages, False, bos, eos, continue_final_message=True)
+    text = render_chat_template(template, messages, add_generation_prompt=False, continue_final_message=True,
+                                bos_token=bos, eos_token=eos)
+    assert text == expected and text.rstrip().endswith(prefill.strip())
+    with pytest.raises(ChatTemplateError, match="add_generation_prompt") as error:
+        render_chat_template(template, messages, continue_final_message=True, bos_token=bos, eos_token=eos)
+    assert error.value.field == "continue_final_message"
+
+
+def test_chat_template_kwargs_reach_the_template() -> None:
+    template = "{% for m in messages %}{{ m.content | upper if shout else m.content }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat_template(template, messages, template_kwargs={"shout": True}) == "HI"
+    assert render_chat_template(template, messages, template_kwargs={"shout": False}) == "hi"
+    with pytest.raises(ChatTemplateError, match="messages") as error:
+        render_chat_template(template, messages, template_kwargs={"messages": []})
+    assert error.value.field == "chat_template_kwargs"
 
 
 def test_gemma3_template_rejects_non_alternating_roles() -> None:

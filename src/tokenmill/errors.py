@@ -14,4 +14,9 @@ class UnsupportedModelError(TokenmillError):
 
 
 class ChatTemplateError(TokenmillError):
-    """A conversation could not be turned into a prompt: no template, a template bug, or messages it rejects."""
+    """A conversation could not be turned into a prompt: no template, a template bug, or messages it rejects.
+    `field`: the request option at fault (a server names it in its 400)."""
+
+    def __init__(self, message: str, field: str = "messages") -> None:
+        super().__init__(message)
+        self.field = field

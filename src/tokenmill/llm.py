@@ -133,15 +133,19 @@ class LLM:
         return outputs
 
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = False, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             use_tqdm: bool = False, tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Render each conversation (with `tools`, OpenAI's function definitions, where the template shows them)
-        with the model's chat template, then generate the assistant turn."""
+        with the model's chat template, then generate the assistant turn (or, with continue_final_message and
+        add_generation_prompt=False, the rest of the last message), as vLLM's LLM.chat."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not conversations:
             raise ValueError("messages is empty: pass at least one message")
         template = self.tokenizer.apply_chat_template
-        prompts = [{"prompt_token_ids": template(c, add_generation_prompt=True, tokenize=True, tools=tools)}
-                   for c in conversations]
+        options = dict(add_generation_prompt=add_generation_prompt, tools=tools,
+                       continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
+        prompts = [{"prompt_token_ids": template(c, tokenize=True, **options)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _submit(self, prompt: PromptInput, params: SamplingParams) -> str:

@@ -1,14 +1,15 @@
 """Conventions `vllm serve` and `llama-server` users reach for: GET /version, CORS with --allowed-origins (a
 browser's preflight is answered; without the flag no origin is allowed), OpenAI's `developer` role,
---chat-template FILE and --enable-auto-tool-choice."""
+--chat-template FILE and --enable-auto-tool-choice, chat echo / add_generation_prompt / continue_final_message."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from openai import OpenAI
 
-from serverproc import Server, start_server, stop, wait_healthy
+from serverproc import MODEL_NAME, Server, start_server, stop, wait_healthy
 
 ORIGIN = "http://localhost:3000"
 
@@ -78,3 +79,24 @@ def test_auto_tool_choice_needs_the_flag(server, cors_server):
     assert answered.status_code == 200, answered.text
     message = answered.json()["choices"][0]["message"]
     assert message["content"] or message["tool_calls"]
+
+
+def test_continue_final_message_with_echo(server):
+    """The model goes on with the assistant's last message: the prompt ends inside it, the reply (echo) starts with
+    it, and the continuation equals a plain completion of the same prompt tokens, streamed or not."""
+    messages = [{"role": "user", "content": "Count to ten."}, {"role": "assistant", "content": "1, 2, 3,"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages, **options}).json()["tokens"]
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"].endswith("1, 2, 3,")
+    plain = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                       json={"prompt": ids, "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    kwargs = dict(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
+                  extra_body={**options, "echo": True})
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert whole == streamed == "1, 2, 3," + plain
+    new_turn = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
+                                              extra_body={"echo": True, "add_generation_prompt": False})
+    assert new_turn.choices[0].message.content.startswith("1, 2, 3,")

@@ -162,8 +162,8 @@ def test_tool_messages_continue_the_conversation(client):
      "tool_choice"),
     ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-    ("chat/completions", {"echo": True}, "echo"),
-    ("chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ("chat/completions", {"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt too
+    ("chat/completions", {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ("completions", {"suffix": "return x"}, "suffix"),  # the default model has no fill-in-the-middle tokens
     ("completions", {"best_of": 3, "stream": True}, "best_of"),
     ("completions", {"best_of": 1, "n": 2}, "best_of"),

@@ -25,15 +25,28 @@ def render_chat_template(
     bos_token: str | None = None,
     eos_token: str | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
+    continue_final_message: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
     """The prompt text for `messages` (and `tools`, OpenAI's function definitions, for templates that show them);
-    special tokens left as None stay undefined, as transformers leaves them."""
+    special tokens left as None stay undefined, as transformers leaves them. continue_final_message: the text ends
+    inside the last message (no end-of-turn after it), so the model goes on writing it, as transformers and vLLM
+    take the flag. template_kwargs: more variables for the template (vLLM's chat_template_kwargs, e.g. a
+    template's own switches)."""
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError("continue_final_message continues the last message: add_generation_prompt, which "
+                                "opens a new one, must be false with it", "continue_final_message")
+    reserved = {"messages", "tools", "add_generation_prompt"} & set(template_kwargs or ())
+    if reserved:
+        raise ChatTemplateError(f"chat_template_kwargs may not set {sorted(reserved)}: the request sets them",
+                                "chat_template_kwargs")
     if not template:
         raise ChatTemplateError(
             "this model has no chat template; pass a raw prompt instead, or use a model whose "
             "tokenizer_config.json / GGUF metadata carries one"
         )
     variables: dict[str, Any] = {
+        **(template_kwargs or {}),
         "messages": [_prepare_message(message) for message in messages],
         "add_generation_prompt": add_generation_prompt,
     }
@@ -42,9 +55,25 @@ def render_chat_template(
     specials = {"bos_token": bos_token, "eos_token": eos_token}
     variables.update({name: token for name, token in specials.items() if token is not None})
     try:
-        return _compile(template).render(**variables)
+        text = _compile(template).render(**variables)
     except jinja2.TemplateError as error:
         raise ChatTemplateError(f"the chat template failed to render: {error}") from error
+    return _open_final_message(text, variables["messages"][-1]) if continue_final_message else text
+
+
+def _open_final_message(text: str, final: Mapping[str, Any]) -> str:
+    """`text` cut right after the last message's content, dropping what the template closes its turn with. The
+    content is found from the end; templates that strip it are matched on the stripped text."""
+    content = final.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a last message with text content to continue",
+                                "continue_final_message")
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the chat template does not show the last message's "
+                                "content as it is", "continue_final_message")
+    kept = content.lstrip()
+    return text[:at + len(kept)] if text.startswith(kept, at) else text[:at + len(content.strip())]
 
 
 def _prepare_message(message: Message) -> dict[str, Any]:

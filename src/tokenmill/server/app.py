@@ -95,7 +95,8 @@ def build_app(models: ModelRegistry, api_key: str | None = None, max_body_bytes:
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("send exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = render_messages(body.messages, state, body.add_generation_prompt).ids
+            ids = render_messages(body.messages, state, body.add_generation_prompt, None,
+                                  body.continue_final_message, body.chat_template_kwargs).ids
             if body.add_special_tokens and state.tokenizer.add_bos:
                 ids.insert(0, state.tokenizer.bos_token_id)
         else:

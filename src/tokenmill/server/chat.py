@@ -50,44 +50,52 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                "response_format (or the guided field)", "tool_choice")
         params.structured_outputs = StructuredOutputsParams(json=tools.schema)
         names.rename("structured_outputs", "tools")
-    prompt = render_messages(body.messages, state, tools=[t.model_dump(exclude_none=True) for t in body.tools or []])
+    prompt = render_messages(body.messages, state, body.add_generation_prompt,
+                             [t.model_dump(exclude_none=True) for t in body.tools or []], body.continue_final_message,
+                             body.chat_template_kwargs)
     check_max_tokens(max_tokens, len(prompt.ids), state.max_model_len, max_param, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(state, request_id, [prompt], params, body.priority, names, body.user)
-    formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs, tools)
+    last = body.messages[-1]
+    echo = last.text if body.echo and last.role == "assistant" else ""
+    formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs, tools, echo)
     return await respond(request, generation, formatter, body.stream, body.include_usage())
 
 
 def render_messages(messages: list[ChatMessage], state: ServerState, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> Prompt:
+                    tools: list[dict] | None = None, continue_final_message: bool = False,
+                    chat_template_kwargs: dict | None = None) -> Prompt:
     """The conversation (and the tools it may call) as the model was tuned to see it; the template writes its own
-    BOS."""
+    BOS. A template's refusal (or a misuse of the options) is a 400 naming the field at fault."""
     try:
         # OpenAI's `developer` role is the system prompt under its newer name; templates know only `system`
         text = state.tokenizer.apply_chat_template([{**m.model_dump(exclude_none=True), "role": "system"}
                                                     if m.role == "developer" else m.model_dump(exclude_none=True)
                                                     for m in messages],
-                                                   add_generation_prompt=add_generation_prompt, tools=tools)
+                                                   add_generation_prompt=add_generation_prompt, tools=tools,
+                                                   continue_final_message=continue_final_message,
+                                                   chat_template_kwargs=chat_template_kwargs)
     except ChatTemplateError as exc:
-        raise RequestError(str(exc), "messages") from None
+        raise RequestError(str(exc), exc.field) from None
     return Prompt(state.tokenizer.encode(text, add_special_tokens=False), text)
 
 
 class ChatFormatter:
     def __init__(self, request_id: str, model: str, n: int, num_logprobs: int | None,
-                 tools: ToolChoice | None = None) -> None:
+                 tools: ToolChoice | None = None, echo: str = "") -> None:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.n = n
         self.num_logprobs = num_logprobs
         self.tools = tools
+        self.echo = echo  # chat echo: the last (assistant) message's content, which each choice starts with
         self._text: dict[int, str] = {}  # with tools: each choice's output so far, and how much went out as content
         self._sent: dict[int, int] = {}
 
     def stream_start(self) -> list[ChatCompletionChunk]:
-        """OpenAI opens each choice with a chunk carrying only the role."""
-        role = Delta(role="assistant", content="")
+        """OpenAI opens each choice with a chunk carrying only the role (and with echo, the echoed content)."""
+        role = Delta(role="assistant", content=self.echo)
         return [self._wrap([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]
 
     def chunk(self, delta: ChoiceDelta) -> ChatCompletionChunk:
@@ -125,6 +133,8 @@ class ChatFormatter:
                 c.text, [])
             if calls:
                 message, finish_reason = AssistantMessage(content=content, tool_calls=calls), "tool_calls"
+            if self.echo:
+                message.content = self.echo + (message.content or "")
             choices.append(ChatChoice(index=c.index, message=message, finish_reason=finish_reason,
                                       stop_reason=c.stop_reason, logprobs=self._logprobs(c.token_ids, c.logprobs)))
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,

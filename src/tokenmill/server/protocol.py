@@ -184,6 +184,11 @@ class ChatMessage(BaseModel):
                              "other content types are not supported")
         return value
 
+    @property
+    def text(self) -> str:
+        """The content as one string, parts joined by newlines as the chat template joins them."""
+        return "\n".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
+
     @model_validator(mode="after")
     def _content_or_calls(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
@@ -212,6 +217,11 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    # vLLM's: the reply starts with the last message's content when that message is the assistant's
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # needs add_generation_prompt false; the model goes on with the last message
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(OpenAIRequest):
@@ -230,6 +240,8 @@ class TokenizeRequest(OpenAIRequest):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (templates add BOS)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 

@@ -24,12 +24,7 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "best_of": (lambda value, request: value is not None and value != request.n, " for chat (completions only)"),
     "functions": (_set, " (deprecated by OpenAI): send tools"),
     "function_call": (lambda value, _: value not in (None, "none"), " (deprecated by OpenAI): send tool_choice"),
-    "echo": (lambda value, request: value and _chat(request), " for chat"),
-    "add_generation_prompt": (lambda value, _: value is False, " with false: the prompt always ends with the "
-                                                               "assistant's turn opening"),
-    "continue_final_message": (_set, ""),
     "chat_template": (_set, " per request; start the server with another template"),
-    "chat_template_kwargs": (_set, ""),
     "documents": (_set, ""),
     "modalities": (lambda value, _: value not in (None, ["text"]), ": text only"),
     "audio": (_set, ": text only"),

@@ -178,10 +178,11 @@ class Tokenizer:
 
     def apply_chat_template(
         self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> str | list[int]:
-        """The prompt for `messages` (and `tools`, for templates that render them); when tokenized, no BOS is added,
-        since templates write their own."""
+        """The prompt for `messages` (and `tools`, for templates that render them; the other options as
+        render_chat_template takes them); when tokenized, no BOS is added, since templates write their own."""
         text = render_chat_template(
             self.chat_template,
             messages,
@@ -189,6 +190,8 @@ class Tokenizer:
             bos_token=self._token_text(self.bos_token_id),
             eos_token=self._token_text(self.eos_token_id),
             tools=tools,
+            continue_final_message=continue_final_message,
+            template_kwargs=chat_template_kwargs,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
