@@ -57,7 +57,10 @@ def _run(llm: LLM, fused: bool, one_by_one: bool = False) -> list:
 
 
 def _assert_paths_agree(llm: LLM, module_one_by_one: bool = False) -> None:
-    """module_one_by_one: compare with the module path run on each prompt alone. Its batched decode attends over
+    """An int8 KV cache turns the paths' last-bit differences into a code one step off where a value sits at a
+    rounding boundary (~1e-3 in a logprob, measured 2.4e-3): tokens must agree, logprobs within 1e-2, and the
+    top-3 sets only where both hold a token. module_one_by_one: compare with the module path run on each prompt
+    alone. Its batched decode attends over
     keys padded to the batch's widest block table, and a wider softmax sums in another order: a last-bit change
     that the next layer's int8 activation quantization can turn into ~1e-3 in a logprob. The fused step is
     batch-invariant (each row attends over its own keys), so it must equal the module path's lone rows."""
@@ -72,19 +75,21 @@ def _assert_paths_agree(llm: LLM, module_one_by_one: bool = False) -> None:
         assert calls[0] == sum(map(len, PROMPTS))  # the prompts' prefill went through it
     assert calls.count(len(PROMPTS)) >= 2 and len(calls) >= 19 + prefill_fused  # and the batched decodes
     modules = _run(llm, fused=False, one_by_one=module_one_by_one)
+    int8 = llm.engine.kv_cache.dtype == torch.int8
     for a, b in zip(fused, modules):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert step_a.keys() == step_b.keys()
-            for token in step_a:
-                assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-4)
+            assert int8 or step_a.keys() == step_b.keys()
+            for token in step_a.keys() & step_b.keys():
+                assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-2 if int8 else 1e-4)
 
 
 @pytest.mark.parametrize("quantization,kv_cache_dtype,want", [("int4", "auto", torch.float16),
                                                              ("int8", "auto", torch.float16),
-                                                             ("int4", "float32", torch.float32)])
+                                                             ("int4", "float32", torch.float32),
+                                                             ("int4", "int8", torch.int8)])
 def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization, kv_cache_dtype, want):
-    """Packed weights get a float16 KV cache by default; both cache types take the fused step."""
+    """Packed weights get a float16 KV cache by default; every cache type takes the fused step."""
     torch.manual_seed(0)
     folder = _checkpoint(tmp_path, tokenizer_dir, Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval())
     llm = LLM(folder, quantization=quantization, block_size=4, enable_prefix_caching=False,
@@ -111,11 +116,12 @@ def test_gemma3_qk_norm_geglu_sandwich_norms(tmp_path, tokenizer_dir):
     _assert_paths_agree(llm, module_one_by_one=True)
 
 
-def test_sliding_window_across_blocks(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_sliding_window_across_blocks(tmp_path, tokenizer_dir, kv_cache_dtype):
     torch.manual_seed(1)
     model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=8)).eval()
     folder = _checkpoint(tmp_path, tokenizer_dir, model)
-    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False)
+    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
     assert llm.engine.kv_cache.layout.windows == (8,)
     _assert_paths_agree(llm)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tokenmill.cache.kv_cache import CacheInfo
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine_args import EngineArgs
@@ -78,6 +79,10 @@ class LLM:
         spec = f", speculative {self.speculative_config.method}" if self.speculative_config else ""
         name = self.config.name or self.checkpoint.path.name
         return f"{name}: {weights} weights on {kernels}, {step}, KV {kv}, {torch.get_num_threads()} threads{spec}"
+
+    def cache_info(self) -> CacheInfo:
+        """The KV cache's blocks, block size, element type and bytes per block."""
+        return self.engine.kv_cache.info
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer (vLLM's name for it)."""

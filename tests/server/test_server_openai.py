@@ -306,6 +306,14 @@ def test_metrics_counters_move_by_the_request(server):
         assert f"tokenmill:{gauge}" in after, gauge
 
 
+def test_cache_config_info(server):
+    """vLLM's cache_config_info: the KV cache's configuration in the labels of a gauge at 1."""
+    (name, value), = ((k, v) for k, v in server.metrics().items() if k.startswith("tokenmill:cache_config_info"))
+    assert value == 1 and 'block_size="16"' in name and 'kv_cache_dtype="float32"' in name
+    labels = dict(part.split("=") for part in name[name.index("{") + 1:-1].split(","))
+    assert int(labels["num_blocks"].strip('"')) * int(labels["bytes_per_block"].strip('"')) <= 512 * 2**20
+
+
 def test_unknown_route_and_method_are_openai_errors(server):
     missing = httpx.post(f"{server.url}/v1/images/generations", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == 404

@@ -73,6 +73,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.on_dead = on_dead
         self.stats: SchedulerStats = engine.stats()
+        self.cache_info = engine.kv_cache.info
         self._streams: dict[str, _Stream] = {}
         self._fatal: str | None = None
         self._stopping = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels.native import f16_flag, library
+from tokenmill.kernels.native import library, ptr
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,32 +35,36 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
                         sin.data_ptr(), t, h, k.shape[1], d)
 
 
-CACHE_DTYPES = (torch.float32, torch.float16)  # what the native cache kernels read and write
+# What the native cache kernels read and write, as their kv_type codes (csrc/paged_attention.h KVType); an int8
+# cache comes with float32 scales, one per (slot, KV head).
+CACHE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+
+
+def kv_type(cache: torch.Tensor) -> int:
+    if cache.dtype not in CACHE_DTYPES:
+        raise TypeError(f"native KV-cache kernels take {', '.join(map(str, CACHE_DTYPES))} caches, not {cache.dtype}")
+    return CACHE_DTYPES[cache.dtype]
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor) -> None:
-    """k, v: float32 [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous,
-    float32 or float16 (rounded to nearest)."""
+             v_cache: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """k, v: float32 [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous:
+    float32, float16 (rounded to nearest) or int8 (with k_scale, v_scale [blocks, block_size, KV])."""
     t, kv, d = k.shape
-    library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv * d,
-                          k_cache.data_ptr(), v_cache.data_ptr(), _f16(k_cache))
-
-
-def _f16(cache: torch.Tensor) -> int:
-    if cache.dtype not in CACHE_DTYPES:
-        raise TypeError(f"native KV-cache kernels take float32 or float16 caches, not {cache.dtype}")
-    return f16_flag(cache)
+    library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv, d,
+                          k_cache.data_ptr(), v_cache.data_ptr(), ptr(k_scale), ptr(v_scale), kv_type(k_cache))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
-    """q: float32 [B, H, D] (token rows strided); caches float32 or float16; block_tables int64 [B, max_blocks];
-    seq_lens int64 [B] -> float32 [B, H, D]."""
+                           seq_lens: torch.Tensor, scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: float32 [B, H, D] (token rows strided); caches as write_kv takes them; block_tables int64
+    [B, max_blocks]; seq_lens int64 [B] -> float32 [B, H, D]."""
     b, h, d = q.shape
     _, block_size, kv, _ = k_cache.shape
     out = torch.empty(b, h, d, dtype=torch.float32)
     library().tm_paged_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                        block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), b, h, kv,
-                                        d, block_size, scale, window, _f16(k_cache), out.data_ptr())
+                                        ptr(k_scale), ptr(v_scale), block_tables.data_ptr(), block_tables.shape[1],
+                                        seq_lens.data_ptr(), b, h, kv, d, block_size, scale, window,
+                                        kv_type(k_cache), out.data_ptr())
     return out

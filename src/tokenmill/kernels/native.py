@@ -44,5 +44,5 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 
 def f16_flag(t: torch.Tensor) -> int:
-    """The kernels' `f16` argument: 1 when t (a packed weight's scales, a KV cache) is float16, 0 for float32."""
+    """The kernels' `f16` argument: 1 when t (a packed weight's scales) is float16, 0 for float32."""
     return int(t.dtype == torch.float16)

@@ -39,7 +39,7 @@ class FusedDecoder:
         c = model.config
         attn = model.layers[0].self_attn
         self.dims = decode_step.Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                                     kv.block_size, c.rms_norm_eps, attn.scale, native.f16_flag(kv.k),
+                                     kv.block_size, c.rms_norm_eps, attn.scale, layer_ops.kv_type(kv.k),
                                      int(c.hidden_act == "gelu_pytorch_tanh"))
 
     @classmethod
@@ -58,12 +58,12 @@ class FusedDecoder:
             if any(lin is None for lin in linears):
                 return None
             max_rows = min(max_rows, *(m.max_kernel_rows for m in projections))
-            k_cache, v_cache = kv.layer(i)
+            cache = kv.layer(i)
             rotary = model.layer_rotary[i]
             window = c.layer_window(i) or 0
             layers.append(decode_step.DecodeLayer(
                 layer.input_layernorm.weight.data_ptr(), _pre_mlp_norm(layer).weight.data_ptr(), *linears,
-                k_cache.data_ptr(), v_cache.data_ptr(), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
+                *(native.ptr(t) for t in cache), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
                 kv.layout.group_of[i], window, *_gemma_norms(layer)))
         return cls(model, kv, layers, int(max_rows)) if max_rows > 0 else None
 

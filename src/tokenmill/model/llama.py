@@ -50,7 +50,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        out = paged_attention(q, k, v, *kv.layer(self.layer_idx), meta, self.scale)
+        out = paged_attention(q, k, v, kv.layer(self.layer_idx), meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
 

@@ -4,13 +4,15 @@ Each served model has its own CollectorRegistry (two servers in one process, or 
 labelled `model_name` as vLLM does; /metrics merges a server's models into one exposition. Latencies
 are observed once per finished request from the engine's own timestamps; engine state (running, waiting, KV
 use, prefix cache, preemptions, speculative decoding counters) is read at scrape time from AsyncEngine.stats,
-which every message from the engine core process refreshes.
+which every message from the engine core process refreshes. cache_config_info carries the KV cache's
+configuration in its labels, as vLLM's does.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,6 +56,9 @@ class ServerMetrics:
         self.errors = Counter(P + "request_errors", "Error responses by HTTP status code.",
                               [*labels, "status_code"], registry=self.registry)
         self._labels = labels
+        cache = asdict(async_engine.cache_info)
+        Gauge(P + "cache_config_info", "The KV cache's configuration, in the labels (always 1).", [*labels, *cache],
+              registry=self.registry).labels(**labels, **{k: str(v) for k, v in cache.items()}).set(1)
         self.registry.register(_EngineStatsCollector(async_engine, model_name))
 
     def observe_finished(self, out: RequestOutput) -> None:

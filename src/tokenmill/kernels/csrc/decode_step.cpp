@@ -32,8 +32,10 @@ struct Layer {
   const float* input_norm;
   const float* post_attention_norm;
   Linear qkv, o, gate_up, down;
-  void* k_cache;  // [blocks, block_size, KV, D] of this layer, float32 or float16 (Dims::kv_f16)
+  void* k_cache;  // [blocks, block_size, KV, D] of this layer, of type Dims::kv_type (tm::KVType)
   void* v_cache;
+  float* k_scale;  // int8 caches: [blocks, block_size, KV]; else null
+  float* v_scale;
   const float* cos;  // [positions, D] this layer's RoPE tables
   const float* sin;
   int group;   // its KV group (cache/kv_layout.py): which block tables it reads
@@ -56,7 +58,7 @@ struct Group {  // one KV group's view of the step
 struct Dims {
   int hidden, heads, kv_heads, head_dim, intermediate, block_size;
   float eps, scale;
-  int kv_f16;
+  int kv_type;  // tm::KVType
   int gelu;  // the MLP's gate activation: 0 SiLU (SwiGLU), 1 tanh-approximated GELU (GeGLU)
 };
 
@@ -132,6 +134,7 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   for (int l = 0; l < num_layers; ++l) {
     const Layer& ly = layers[l];
     const Group& grp = groups[ly.group];
+    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, d.kv_type};
 #pragma omp for schedule(static)
     for (int m = 0; m < M; ++m) tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.input_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
     tm::quantize_rows(h, H, M, H, qa);
@@ -145,10 +148,10 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
         for (int head = 0; head < d.heads + d.kv_heads; ++head)
           tm::rms_norm_row(row + head * D, head < d.heads ? ly.q_norm : ly.k_norm, d.eps, D, row + head * D);
       for (int head = 0; head < d.heads + d.kv_heads; ++head) tm::rotate_half_row(row + head * D, c, s, D);
-      tm::write_kv_row(row + q_width, row + q_width + kv_width, grp.slots[m], kv_width, ly.k_cache, ly.v_cache, d.kv_f16);
+      tm::write_kv_row(row + q_width, row + q_width + kv_width, grp.slots[m], d.kv_heads, D, cache);
     }
-    const tm::PagedKV kv{ly.k_cache, ly.v_cache, grp.block_tables, grp.max_blocks, grp.seq_lens,
-                         d.kv_heads, D, d.block_size, ly.window, d.kv_f16};
+    const tm::PagedKV kv{cache, grp.block_tables, grp.max_blocks, grp.seq_lens, d.kv_heads, D, d.block_size,
+                         ly.window};
     // One task per (run of rows, KV head) reads each key once for its query heads; with fewer tasks than
     // threads can balance (batch 1: 3 KV heads on 2 threads), one task per query head instead.
     const std::vector<std::pair<int, int>>& layer_runs = runs[ly.group];

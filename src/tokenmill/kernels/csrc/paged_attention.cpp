@@ -3,7 +3,8 @@
 // of the run (one decode token, or a verify or prefill chunk's tokens), read each key and value once, converted
 // to float32 once for all of them. Per pass of up to kQueriesPerPass queries: scores over the keys up to the
 // pass's last row, softmax, then the weighted sum of values. With a sliding window the rows go one at a time.
-// The cache holds float32 or float16; head_dim a multiple of 8. Each query's arithmetic is the same whichever
+// The cache holds float32, float16 or int8 codes (each key's scale applied once to its score, each value's folded
+// into its probability: no dequantized copy); head_dim a multiple of 8. Each query's arithmetic is the same whichever
 // queries share its task, so a verify row gives exactly the logits a plain decode row would (greedy speculative
 // decoding must reproduce plain decoding token for token).
 #include "paged_attention.h"
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "static_count.h"
@@ -31,6 +33,16 @@ inline __m256 hsum8(const __m256* v) {
 // 8 cache values from p as float32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The scale of the cache row at element offset `row` (int8 caches; 1 otherwise, never read).
+template <typename T>
+inline float row_scale(const float* scales, int64_t row, int D) {
+  if constexpr (std::is_same_v<T, int8_t>) return scales[row / D];
+  return 1.0f;
+}
 
 // Calls f(t, row) for the keys t in [start, len) with row = t's offset into `cache` ([blocks, block_size, KV, D])
 // for KV head kvh: block by block, so the table lookup and the division happen once per block, and the next
@@ -65,7 +77,7 @@ template <typename T, int NQ>
 void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* qs,
                 float scale, float* const* scores, bool prefetch_values) {
   const int D = kv.D;
-  const T* keys = static_cast<const T*>(kv.k_cache);
+  const T* keys = static_cast<const T*>(kv.cache.k);
   const __m256 vscale = _mm256_set1_ps(scale);
   __m256 part[NQ][8];
   int pending = 0;
@@ -82,7 +94,7 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
     const T* kr = keys + row;
     if (prefetch_values)  // the value row (same offset in the V cache) starts moving to L2 for the value pass
       for (size_t i = 0; i < D * sizeof(T); i += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(kv.v_cache) + row) + i, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(kv.cache.v) + row) + i, _MM_HINT_T1);
     __m256 a0[NQ], a1[NQ];  // two accumulators per query halve the dependent multiply-add chain
     for (int j = 0; j < NQ; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
     int i = 0;
@@ -97,7 +109,12 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
       const __m256 k0 = load8(kr + i);
       for (int j = 0; j < NQ; ++j) a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
     }
-    for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_add_ps(a0[j], a1[j]);
+    if constexpr (std::is_same_v<T, int8_t>) {  // the key's scale, once per score
+      const __m256 ks = _mm256_set1_ps(row_scale<T>(kv.cache.k_scale, row, D));
+      for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_mul_ps(_mm256_add_ps(a0[j], a1[j]), ks);
+    } else {
+      for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_add_ps(a0[j], a1[j]);
+    }
     if (++pending == 8) flush(t - 7 - start);
   });
   if (pending) flush(end - pending - start);
@@ -108,7 +125,7 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
 template <typename T, int NQ>
 void value_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* probs,
                 float* const* outs) {
-  const T* values = static_cast<const T*>(kv.v_cache);
+  const T* values = static_cast<const T*>(kv.cache.v);
   for (int d0 = 0; d0 < kv.D; d0 += 16) {
     const bool two = d0 + 16 <= kv.D;  // head_dim is a multiple of 8: the last piece may be 8 wide
     __m256 acc[NQ][2];
@@ -116,8 +133,10 @@ void value_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
     for_each_key(kv, values, table, start, end, kvh, [&](int t, int64_t row) {
       const T* vr = values + row + d0;
       const __m256 v0 = load8(vr), v1 = two ? load8(vr + 8) : _mm256_setzero_ps();
+      const float vs = row_scale<T>(kv.cache.v_scale, row, kv.D);  // the value's scale, folded into each weight
       for (int j = 0; j < NQ; ++j) {
-        const __m256 p = _mm256_broadcast_ss(probs[j] + (t - start));
+        const __m256 p = std::is_same_v<T, int8_t> ? _mm256_set1_ps(probs[j][t - start] * vs)
+                                                   : _mm256_broadcast_ss(probs[j] + (t - start));
         acc[j][0] = _mm256_fmadd_ps(p, v0, acc[j][0]);
         acc[j][1] = _mm256_fmadd_ps(p, v1, acc[j][1]);
       }
@@ -188,23 +207,40 @@ void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const fl
 
 void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
                            float scale, float* out, int64_t out_stride) {
-  if (kv.f16)
+  if (kv.cache.type == kKVInt8)
+    attention_task<int8_t>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  else if (kv.cache.type == kKVFloat16)
     attention_task<uint16_t>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
   else
     attention_task<float>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
 }
 
-void write_kv_row(const float* k, const float* v, int64_t slot, int width, void* k_cache, void* v_cache, int f16) {
+// One head row as int8 codes: scale = max|x| / 127, code = x * (127 / max|x|) rounded to nearest even.
+inline void quantize_head(const float* x, int D, int8_t* codes, float* scale) {
+  float amax = 0.0f;
+  for (int i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  *scale = amax / 127.0f;
+  for (int i = 0; i < D; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+}
+
+void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, const KVCacheRef& cache) {
+  const int width = KV * D;
   const float* rows[2] = {k, v};
-  void* caches[2] = {k_cache, v_cache};
+  void* caches[2] = {cache.k, cache.v};
+  float* scales[2] = {cache.k_scale, cache.v_scale};
   for (int c = 0; c < 2; ++c) {
-    if (!f16) {
+    if (cache.type == kKVFloat32) {
       std::memcpy(static_cast<float*>(caches[c]) + slot * width, rows[c], width * sizeof(float));
-      continue;
+    } else if (cache.type == kKVInt8) {
+      for (int h = 0; h < KV; ++h)
+        quantize_head(rows[c] + h * D, D, static_cast<int8_t*>(caches[c]) + slot * width + h * D,
+                      scales[c] + slot * KV + h);
+    } else {
+      uint16_t* o = static_cast<uint16_t*>(caches[c]) + slot * width;
+      for (int i = 0; i < width; i += 8)  // width: a multiple of 8 (head_dim is)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm256_cvtps_ph(_mm256_loadu_ps(rows[c] + i), _MM_FROUND_TO_NEAREST_INT));
     }
-    uint16_t* o = static_cast<uint16_t*>(caches[c]) + slot * width;
-    for (int i = 0; i < width; i += 8)  // width: a multiple of 8 (head_dim is)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm256_cvtps_ph(_mm256_loadu_ps(rows[c] + i), _MM_FROUND_TO_NEAREST_INT));
   }
 }
 
@@ -214,11 +250,14 @@ extern "C" {
 
 // q: [B, H, D] rows `q_stride` floats apart per token; caches: [blocks, block_size, KV, D];
 // block_tables: [B, max_blocks] int64; seq_lens: [B] int64 tokens to attend (incl. the new one);
-// window > 0 limits attention to the last `window` tokens; f16: the caches hold float16. out: [B, H, D] contiguous.
-void tm_paged_decode_attention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                               const int64_t* block_tables, int max_blocks, const int64_t* seq_lens, int B, int H,
-                               int KV, int D, int block_size, float scale, int window, int f16, float* out) {
-  const tm::PagedKV kv{k_cache, v_cache, block_tables, max_blocks, seq_lens, KV, D, block_size, window, f16};
+// window > 0 limits attention to the last `window` tokens; kv_type: tm::KVType (int8: k_scale, v_scale
+// [blocks, block_size, KV]; else null). out: [B, H, D] contiguous.
+void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache, float* k_scale,
+                               float* v_scale, const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
+                               int B, int H, int KV, int D, int block_size, float scale, int window, int kv_type,
+                               float* out) {
+  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
+                       block_size, window};
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
     for (int kvh = 0; kvh < KV; ++kvh)
@@ -226,11 +265,12 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, const void* k_c
                                 out + (static_cast<int64_t>(b) * H + kvh * (H / KV)) * D, static_cast<int64_t>(H) * D);
 }
 
-// Store k and v rows ([T, width] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :] (row width),
-// as float32 or float16 (f16).
-void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int width,
-                 void* k_cache, void* v_cache, int f16) {
-  for (int t = 0; t < T; ++t) tm::write_kv_row(k + t * stride, v + t * stride, slot_mapping[t], width, k_cache, v_cache, f16);
+// Store k and v rows ([T, KV * D] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :], in the
+// cache's kv_type (as tm_paged_decode_attention takes it).
+void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int KV, int D,
+                 void* k_cache, void* v_cache, float* k_scale, float* v_scale, int kv_type) {
+  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, kv_type};
+  for (int t = 0; t < T; ++t) tm::write_kv_row(k + t * stride, v + t * stride, slot_mapping[t], KV, D, cache);
 }
 
 }  // extern "C"

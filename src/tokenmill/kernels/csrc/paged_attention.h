@@ -5,19 +5,30 @@
 
 namespace tm {
 
+// What a cache element is: float32; float16 (half the bytes to stream; F16C converts 8 values per instruction);
+// or int8 codes with one float32 scale per (slot, KV head), symmetric: x = scale * code, scale = max|x| / 127.
+enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2 };
+
+struct KVCacheRef {  // one layer's K and V
+  void* k;  // [blocks, block_size, KV, D]
+  void* v;
+  float* k_scale;  // int8: [blocks, block_size, KV]; else null
+  float* v_scale;
+  int type;  // KVType
+};
+
 struct PagedKV {
-  const void* k_cache;  // [blocks, block_size, KV, D], float32 or float16 (f16)
-  const void* v_cache;
+  KVCacheRef cache;
   const int64_t* block_tables;  // [B, max_blocks]
   int max_blocks;
   const int64_t* seq_lens;  // [B] keys to attend, counted from the table's first block, incl. the new token
   int KV, D, block_size;
   int window;  // > 0: only the last `window` keys
-  int f16;     // the caches hold float16 (half the bytes to stream; F16C converts 8 values per instruction)
 };
 
-// Store one token's k and v rows (`width` floats each) into cache slot `slot`, as float32 or float16.
-void write_kv_row(const float* k, const float* v, int64_t slot, int width, void* k_cache, void* v_cache, int f16);
+// Store one token's k and v rows (KV heads of D floats each) into cache slot `slot`, in the cache's type (int8:
+// each head's codes and scale; the same arithmetic as cache/kv_cache.py quantize_int8).
+void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, const KVCacheRef& cache);
 
 // The query heads that read KV head kvh in `rows` consecutive rows from row b, which share row b's block table
 // (one decode row, or a verify or prefill chunk's positions: each key and value row is then read once for all).

@@ -3,9 +3,10 @@
 Token layout of a step: single-token chunks (decodes) first, then prefill chunks, all flattened into one
 [T, heads, dim] tensor with no padding between sequences. The cache may hold a narrower dtype than the
 activations (a float16 KV cache under float32 compute, see CacheConfig.kv_cache_dtype): values are rounded on
-the way in and widened on the way out. Decodes run in the native paged kernel, which
-reads each sequence's blocks in place (float32 or float16), or else as one batched SDPA call: each sequence's blocks
-are gathered and keys past its length are masked. Prefill chunks run one SDPA call
+the way in and widened on the way out; an int8 cache stores codes and scales (cache/kv_cache.py quantize_int8)
+and is dequantized on the way out. Decodes run in the native paged kernel, which reads each sequence's blocks in
+place (float32, float16 or int8 codes), or else as one batched SDPA call: each sequence's blocks are gathered and
+keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
 Sliding-window layers get their KV group's metadata with `window` set: block tables start at the block of
 the window's first key (`PrefillSpan.key_start`), and the masks also cut keys older than the window.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tokenmill.cache.kv_cache import LayerKV, quantize_int8
 from tokenmill.kernels import layer_ops, native
 
 
@@ -44,62 +46,81 @@ class AttentionMetadata:
     window: int | None = None  # a query at position p sees keys p - window < k <= p; None: all k <= p
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KV, D]; k_cache, v_cache: [blocks, block_size, KV, D] of this layer."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    use_native = native.enabled_for(q) and k.stride(0) == v.stride(0) and k_cache.dtype in layer_ops.CACHE_DTYPES
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KV, D]; cache: this layer's blocks."""
+    use_native = native.enabled_for(q) and k.stride(0) == v.stride(0) and cache.k.dtype in layer_ops.CACHE_DTYPES
     if meta.slot_mapping is not None:
         if use_native:
-            layer_ops.write_kv(k, v, meta.slot_mapping, k_cache, v_cache)
+            layer_ops.write_kv(k, v, meta.slot_mapping, *cache)
         else:
-            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+            _store(k, cache.k, cache.k_scale, meta.slot_mapping)
+            _store(v, cache.v, cache.v_scale, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd and use_native:
-        out[:nd] = layer_ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                    meta.decode_seq_lens, scale, meta.window or 0)
+        out[:nd] = layer_ops.paged_decode_attention(q[:nd], cache.k, cache.v, meta.decode_block_tables,
+                                                    meta.decode_seq_lens, scale, meta.window or 0, cache.k_scale,
+                                                    cache.v_scale)
     elif nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = _decode(q[:nd], cache, meta, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span, meta.window, scale)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], cache, span, meta.window, scale)
     return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
-    """All single-token queries at once. The heads sharing a KV head act as that head's query rows."""
+def _store(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor) -> None:
+    """Rows x [T, KV, D] into their slots, in the cache's element type."""
+    if scales is None:
+        cache.view(-1, *x.shape[1:]).index_copy_(0, slots, x.to(cache.dtype))
+        return
+    codes, row_scales = quantize_int8(x.float())
+    cache.view(-1, *x.shape[1:]).index_copy_(0, slots, codes)
+    scales.view(-1, x.shape[1]).index_copy_(0, slots, row_scales)
+
+
+def _as_stored(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """x as the cache would give it back: rounded to its element type (and scale), in x's dtype."""
+    if scales is None:
+        return x.to(cache.dtype).to(x.dtype)
+    codes, row_scales = quantize_int8(x.float())
+    return (codes.float() * row_scales[..., None]).to(x.dtype)
+
+
+def _read(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The blocks' rows [len(blocks) * block_size, KV, D] in `dtype` (index_select: ~5x faster than fancy
+    indexing); int8 codes times their scales."""
+    rows = cache.index_select(0, blocks).flatten(0, 1)
+    if scales is None:
+        return rows.to(dtype)
+    return (rows.float() * scales.index_select(0, blocks).flatten(0, 1)[..., None]).to(dtype)
+
+
+def _decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All single-token queries at once. The heads sharing a KV head act as that head's query rows; each
+    sequence's blocks are gathered into [B, KV, max_blocks * block_size, D]."""
     b, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
-    keys = _gather(k_cache, meta.decode_block_tables).to(q.dtype)  # [B, KV, L, D]
-    values = _gather(v_cache, meta.decode_block_tables).to(q.dtype)
+    kv_heads = cache.k.shape[2]
+    tables = meta.decode_block_tables.view(-1)
+    keys = _read(cache.k, cache.k_scale, tables, q.dtype).view(b, -1, kv_heads, dim).transpose(1, 2)
+    values = _read(cache.v, cache.v_scale, tables, q.dtype).view(b, -1, kv_heads, dim).transpose(1, 2)
     query = q.view(b, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, scale=scale)
     return out.reshape(b, heads, dim)
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[B, max_blocks] block ids -> [B, KV, max_blocks * block_size, D]
-    (index_select: ~5x faster than fancy indexing)."""
-    b, nb = block_tables.shape
-    _, bs, kv, d = cache.shape
-    return cache.index_select(0, block_tables.view(-1)).view(b, nb * bs, kv, d).transpose(1, 2)
-
-
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             span: PrefillSpan, window: int | None, scale: float) -> torch.Tensor:
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, span: PrefillSpan,
+             window: int | None, scale: float) -> torch.Tensor:
     t = span.num_tokens
     cached = span.context_len - t
     if cached == 0:  # nothing before this chunk: attend within it, to its keys as the cache holds them (as decoding
         # and the fused step read them: a prompt gives the same result whether it was cached or not)
-        keys, values, key_start = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype), 0
+        keys, values, key_start = _as_stored(k, cache.k, cache.k_scale), _as_stored(v, cache.v, cache.v_scale), 0
     else:
-        kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
         num_keys = span.context_len - span.key_start
-        keys = k_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys].to(q.dtype)
-        values = v_cache.index_select(0, span.block_table).view(-1, kv_heads, dim)[:num_keys].to(q.dtype)
+        keys = _read(cache.k, cache.k_scale, span.block_table, q.dtype)[:num_keys]
+        values = _read(cache.v, cache.v_scale, span.block_table, q.dtype)[:num_keys]
         key_start = span.key_start
     if cached == 0 and (window is None or t <= window):
         mask, causal = None, True
