@@ -61,7 +61,8 @@ class EngineArgs:
     default). quantization: None, "native", "int8" or "int4" (see QuantConfig). kv_cache_memory: bytes, or a
     fraction in (0, 1] of available memory. kv_cache_dtype: "auto" (float16 under packed weights, else the
     compute dtype), "float32", "float16", "bfloat16" or "int8" (codes with a scale per token and KV head).
-    speculative_config: as vLLM's, a dict (or its JSON text), e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    speculative_config: as vLLM's, a dict (or its JSON text), e.g.
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
     None: no speculation. threads: compute threads for this process (torch and the native kernels share one
     OpenMP pool); None: $OMP_NUM_THREADS if set, else the CPUs this process really has (affinity, cgroup quota).
