@@ -9,6 +9,7 @@ import torch
 
 from spec_cases import NGRAM, VOCAB, all_free, check_pools, random_prompts
 from tokenmill import LLM, SamplingParams
+from tokenmill.cache.kv_cache import bytes_per_block
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
@@ -112,18 +113,32 @@ def _oracle_engine(llm: LLM, references, cache: CacheConfig, seed: int) -> LLMEn
     return engine
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-def test_rollbacks_preemption_and_aborts_keep_tokens_and_pools_right(plain, prefix_caching):
+def _plain_tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams, cache: CacheConfig) -> list[list[int]]:
+    """Each prompt's tokens from an engine with `cache` (room for all) and no speculation."""
+    engine = LLMEngine(llm.model, llm.tokenizer, llm.dtype, CacheConfig(16, 2**24, cache.enable_prefix_caching,
+                                                                        cache.kv_cache_dtype), SchedulerConfig())
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("prefix_caching,kv_cache_dtype", [(True, "auto"), (False, "auto"), (True, "int8")])
+def test_rollbacks_preemption_and_aborts_keep_tokens_and_pools_right(plain, prefix_caching, kv_cache_dtype):
     """Requests sharing prefixes, a cache too small for all of them (preemptions), random aborts: greedy tokens
-    equal the plain engine's, pool invariants hold after every step, and every block is free at the end."""
+    equal the plain engine's (with the same cache type), pool invariants hold after every step, and every block
+    is free at the end."""
     rng = random.Random(4)
     shared = random_prompts(3, seed=7)
     prompts = [shared[i % 3] * 2 + random_prompts(1, seed=100 + i)[0][:rng.randrange(1, 20)] for i in range(14)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    cache = CacheConfig(16, 24 * bytes_per_block(plain.config, 16, torch.int8 if kv_cache_dtype == "int8"
+                                                  else torch.float32), prefix_caching, kv_cache_dtype)
+    expected = _plain_tokens(plain, prompts, params, cache)
     references = {tuple(p): e for p, e in zip(prompts, expected)}
-    block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # K and V, 2 layers, 16 slots, 2 KV heads of 32 floats
-    engine = _oracle_engine(plain, references, CacheConfig(16, 24 * block_bytes, prefix_caching), seed=5)
+    engine = _oracle_engine(plain, references, cache, seed=5)
     done, aborted = {}, set()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
