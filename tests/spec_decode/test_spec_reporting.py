@@ -8,19 +8,23 @@ from tokenmill.model.loader import load_checkpoint
 def test_metrics_endpoint_exports_vllm_named_spec_counters():
     from types import SimpleNamespace
 
+    from tokenmill.cache.kv_cache import CacheInfo
     from tokenmill.engine.scheduler import SchedulerStats
     from tokenmill.server.metrics import ServerMetrics, render_metrics
+
+    cache = CacheInfo(10, 16, "float16", 4096)
 
     stats = SchedulerStats(1, 0, 2, 10, 0.5, 0, 0, 0, 7, spec_num_drafts=4, spec_num_draft_tokens=12,
                            spec_num_accepted_tokens=7, spec_accepted_per_pos=(4, 2, 1))
     assert SchedulerStats(*vars(stats).values()) == stats  # the engine core process sends the fields as a tuple
-    text = render_metrics([ServerMetrics(SimpleNamespace(stats=stats), "m")]).decode()
+    text = render_metrics([ServerMetrics(SimpleNamespace(stats=stats, cache_info=cache), "m")]).decode()
     for line in ('tokenmill:spec_decode_num_drafts_total{model_name="m"} 4.0',
                  'tokenmill:spec_decode_num_draft_tokens_total{model_name="m"} 12.0',
                  'tokenmill:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0',
                  'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 1.0'):
         assert line in text
-    plain = render_metrics([ServerMetrics(SimpleNamespace(stats=SchedulerStats(0, 0, 0, 10, 0.0, 0, 0, 0, 0)), "m")])
+    plain = render_metrics([ServerMetrics(SimpleNamespace(stats=SchedulerStats(0, 0, 0, 10, 0.0, 0, 0, 0, 0),
+                                                          cache_info=cache), "m")])
     assert b"spec_decode" not in plain  # not configured: not exported (as vLLM)
 
 
