@@ -42,6 +42,11 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv[..., None]).to(torch.int8), amax / 127.0
 
 
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_int8's inverse, float32 [..., head_dim]."""
+    return codes.float() * scales[..., None]
+
+
 class LayerKV(NamedTuple):
     """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, head_dim] and, for int8,
     their scales [num_blocks, block_size, kv_heads] (None otherwise)."""

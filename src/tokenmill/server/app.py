@@ -34,15 +34,11 @@ from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    DetokenizeResponse,
     EmbeddingRequest,
-    EmbeddingResponse,
-    ModelCard,
-    ModelList,
     OpenAIRequest,
     TokenizeRequest,
-    TokenizeResponse,
 )
+from tokenmill.server.responses import DetokenizeResponse, EmbeddingResponse, ModelCard, ModelList, TokenizeResponse
 from tokenmill.server.state import ServerState
 
 

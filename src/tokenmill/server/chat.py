@@ -14,15 +14,14 @@ from tokenmill.server.formatting import token_logprobs
 from tokenmill.server.generation import ChoiceDelta, Generation, Prompt
 from tokenmill.server.openai_errors import RequestError
 from tokenmill.server.params import FieldNames, check_max_tokens, to_sampling_params
-from tokenmill.server.protocol import (
+from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage
+from tokenmill.server.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatTokenLogprob,
     Delta,
     DeltaToolCall,

@@ -13,14 +13,8 @@ from tokenmill.server.formatting import token_logprobs
 from tokenmill.server.generation import ChoiceDelta, Generation, Prompt
 from tokenmill.server.openai_errors import RequestError
 from tokenmill.server.params import FieldNames, check_max_tokens, to_sampling_params
-from tokenmill.server.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    PromptLogprob,
-    Usage,
-)
+from tokenmill.server.protocol import CompletionRequest
+from tokenmill.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, PromptLogprob, Usage
 from tokenmill.server.state import ServerState
 from tokenmill.server.streaming import respond
 

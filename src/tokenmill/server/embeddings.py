@@ -8,7 +8,8 @@ import uuid
 import numpy as np
 
 from tokenmill.server.openai_errors import RequestError
-from tokenmill.server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from tokenmill.server.protocol import EmbeddingRequest
+from tokenmill.server.responses import EmbeddingData, EmbeddingResponse, EmbeddingUsage
 from tokenmill.server.state import ServerState
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.outputs import RequestOutput, TokenLogprobs
-from tokenmill.server.protocol import PromptTokensDetails, Usage
+from tokenmill.server.responses import PromptTokensDetails, Usage
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI and vLLM clamp to this
 

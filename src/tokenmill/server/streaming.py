@@ -25,7 +25,7 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.server.formatting import usage
 from tokenmill.server.generation import ChoiceDelta, Generation
 from tokenmill.server.openai_errors import error_body
-from tokenmill.server.protocol import Usage
+from tokenmill.server.responses import Usage
 
 logger = logging.getLogger("tokenmill.server")
 T = TypeVar("T")

@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass
 
 from tokenmill.server.openai_errors import RequestError
-from tokenmill.server.protocol import ChatCompletionRequest, FunctionCall, Tool, ToolCall
+from tokenmill.server.protocol import ChatCompletionRequest, Tool
+from tokenmill.server.responses import FunctionCall, ToolCall
 
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"

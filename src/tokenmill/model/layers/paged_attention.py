@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokenmill.cache.kv_cache import LayerKV, quantize_int8
+from tokenmill.cache.kv_cache import LayerKV, dequantize_int8, quantize_int8
 from tokenmill.kernels import layer_ops, native
 
 
@@ -84,8 +84,7 @@ def _as_stored(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None
     """x as the cache would give it back: rounded to its element type (and scale), in x's dtype."""
     if scales is None:
         return x.to(cache.dtype).to(x.dtype)
-    codes, row_scales = quantize_int8(x.float())
-    return (codes.float() * row_scales[..., None]).to(x.dtype)
+    return dequantize_int8(*quantize_int8(x.float())).to(x.dtype)
 
 
 def _read(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -94,7 +93,7 @@ def _read(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor
     rows = cache.index_select(0, blocks).flatten(0, 1)
     if scales is None:
         return rows.to(dtype)
-    return (rows.float() * scales.index_select(0, blocks).flatten(0, 1)[..., None]).to(dtype)
+    return dequantize_int8(rows, scales.index_select(0, blocks).flatten(0, 1)).to(dtype)
 
 
 def _decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
