@@ -138,13 +138,13 @@ def test_kquant_kernel_matches_dequantized_reference(qtype, rows):
 
 
 @pytest.mark.skipif(not (quant_ops.available() and build.VNNI_CPU_FLAGS <= cpu_flags()), reason="CPU lacks AVX512-VNNI")
-@pytest.mark.parametrize("rows", [3, 7, 19])
+@pytest.mark.parametrize("rows", [1, 3, 5, 7, 19])
 @pytest.mark.parametrize("qtype,tiled",
                          [(Q.Q4_1, True), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q8_0, False), (Q.Q4_K, True),
                           (Q.Q6_K, True), (Q.Q6_K, False), (Q.Q5_0, True)])
 def test_vnni_build_gives_bit_identical_outputs(qtype, tiled, rows):
-    """The VNNI build only changes how the integer dots are formed (and above 4 rows runs int4 tiles in zmm
-    pairs; 72 rows leave an odd tile for the ymm path), never their values."""
+    """The VNNI build only changes how the integer dots are formed (one row: a tile's chunk pairs in a zmm; above
+    4 rows: int4 tiles in zmm pairs; 72 rows leave an odd tile for the ymm path), never their values."""
     weight = repack(_gguf_tensor(qtype, 72, 512, seed=5))
     weight = weight.tile() if tiled else weight.untile()
     x = torch.randn(rows, 512) * 3
