@@ -19,8 +19,10 @@ For each model (default: qwen2.5-coder-1.5b and gemma3-270m, both Q4_K_M):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from quantized import (  # benchmarks/ is sys.path[0] when run as a script
     IK_PEERS,
     PEERS,
     llama_bench,
+    llama_bench_decode_at,
     run,
     tokenmill_latency,
 )
@@ -111,31 +114,63 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
         cold = ready(server("cold"), args.startup_timeout) if drop_page_cache() else (float("nan"),) * 4
         return cold[0], cold[2], *ready(server("warm"), args.startup_timeout)
 
-    ours_ready = start_twice(lambda kind: tokenmill_server(gguf, "auto", args.kv_cache_memory, free_port(),
-                                                           out / f"ready_tokenmill_{kind}.log"))
-    peer_ready = (start_twice(lambda kind: llama_server(PEERS / "llama-server", gguf, READY_SLOTS, CTX_PER_SLOT, 2,
-                                                        free_port(), out / f"ready_llama_{kind}.log"))
-                  if PEERS.exists() else (float("nan"),) * 6)
-    lat = tokenmill_latency(["--model", name], out / "latency", PROMPT_LEN)
-    nan = {"prefill": float("nan"), "decode": float("nan")}
-    peer = llama_bench(gguf, out / "llama-bench.json", prompt_len=PROMPT_LEN) if PEERS.exists() else nan
-    ik = (llama_bench(gguf, out / "ik-llama-bench.json", IK_PEERS, "-rtr", "1", prompt_len=PROMPT_LEN)
-          if IK_PEERS.exists() else nan)
+    ours, peer_ready, stream = [], [], collections.defaultdict(list)
+    for r in range(args.rounds):  # the engines take turns, so a slow spell of the machine hits them alike
+        ours.append(start_twice(lambda kind, r=r: tokenmill_server(gguf, "auto", args.kv_cache_memory, free_port(),
+                                                                   out / f"ready_tokenmill_{kind}_{r}.log")))
+        if PEERS.exists():
+            peer_ready.append(start_twice(lambda kind, r=r: llama_server(PEERS / "llama-server", gguf, READY_SLOTS,
+                                                                         CTX_PER_SLOT, 2, free_port(),
+                                                                         out / f"ready_llama_{kind}_{r}.log")))
+        for engine, sample in single_stream(name, gguf, out, r).items():
+            stream[engine].append(sample)
+    ours_ready = _medians(ours)
+    peer_ready = _medians(peer_ready) if peer_ready else (float("nan"),) * 6
+    lat = {engine: dict(zip(samples[0], _medians([tuple(x.values()) for x in samples])))
+           for engine, samples in stream.items()}
+    nan = dict.fromkeys(("prefill", "decode0", "decode"), float("nan"))
+    peer, ik = lat.get("llama.cpp", nan), lat.get("ik_llama.cpp", nan)
+    ours_lat = lat["tokenmill"]
     tput = (throughputs(name, args.concurrency, args.num_prompts, args.output_len, args.kv_cache_memory,
                         out / "compare") if args.concurrency else {})
-    bandwidth = f"{100 * lat['bandwidth_fraction']:.0f}% of {lat['memory_read_gb_s']:.0f} GB/s"
-    rows = [
-        f"| {name} | tokenmill | {_ready_cells(ours_ready)} | {lat['load_s']:.1f} | "
-        f"{lat['peak_rss_mib']:.0f} | {lat['median_prefill_tok_s']:.0f} | {lat['median_decode_tok_s']:.1f} | "
-        f"{bandwidth} | " + " | ".join(f"{tput['tokenmill', c]:.0f}" for c in args.concurrency) + " |",
-        f"| {name} | llama.cpp | {_ready_cells(peer_ready)} | | | "
-        f"{peer['prefill']:.0f} | "
-        f"{peer['decode']:.1f} | | " + " | ".join(f"{tput.get(('llama.cpp', c), float('nan')):.0f}"
-                                                   for c in args.concurrency) + " |",
-        f"| {name} | ik_llama.cpp -rtr | | | | | | | | | {ik['prefill']:.0f} | {ik['decode']:.1f} | | "
-        + " | ".join("" for _ in args.concurrency) + " |",
+    bandwidth = f"{100 * ours_lat['bandwidth_fraction']:.0f}% of {ours_lat['memory_read_gb_s']:.0f} GB/s"
+    return [
+        f"| {name} | tokenmill | {_ready_cells(ours_ready)} | {ours_lat['load_s']:.1f} | "
+        f"{ours_lat['peak_rss_mib']:.0f} | {_stream_cells(ours_lat)} | {bandwidth} |"
+        + "".join(f" {tput['tokenmill', c]:.0f} |" for c in args.concurrency),
+        f"| {name} | llama.cpp | {_ready_cells(peer_ready)} | | | {_stream_cells(peer)} | |"
+        + "".join(f" {tput.get(('llama.cpp', c), float('nan')):.0f} |" for c in args.concurrency),
+        f"| {name} | ik_llama.cpp -rtr | | | | | | | | | {_stream_cells(ik)} | |" + " |" * len(args.concurrency),
     ]
-    return rows
+
+
+def single_stream(name: str, gguf: Path, out: Path, r: int) -> dict[str, dict[str, float]]:
+    """One round: engine -> prefill tok/s of the 512-token prompt, decode tok/s from an empty context (`decode0`,
+    llama-bench's tg64) and after the 512-token prompt (`decode`, what `bench latency` times; llama-bench's tg64
+    @ d512), with tokenmill's load time, peak RSS and bandwidth figures."""
+    lat = tokenmill_latency(["--model", name], out / f"latency_{r}", PROMPT_LEN)
+    short = tokenmill_latency(["--model", name], out / f"latency_short_{r}", 1)
+    results = {"tokenmill": {"prefill": lat["median_prefill_tok_s"], "decode0": short["median_decode_tok_s"],
+                             "decode": lat["median_decode_tok_s"], "load_s": lat["load_s"],
+                             "peak_rss_mib": lat["peak_rss_mib"], "bandwidth_fraction": lat["bandwidth_fraction"],
+                             "memory_read_gb_s": lat["memory_read_gb_s"]}}
+    for engine, bin_dir, extra in (("llama.cpp", PEERS, ()), ("ik_llama.cpp", IK_PEERS, ("-rtr", "1"))):
+        if not bin_dir.exists():
+            continue
+        stem = engine.split(".")[0]
+        d0 = llama_bench(gguf, out / f"{stem}-bench_{r}.json", bin_dir, *extra, prompt_len=PROMPT_LEN)
+        deep = llama_bench_decode_at(gguf, PROMPT_LEN, out / f"{stem}-bench-d{PROMPT_LEN}_{r}.json", bin_dir, *extra)
+        results[engine] = {"prefill": d0["prefill"], "decode0": d0["decode"], "decode": deep}
+    return results
+
+
+def _medians(samples: list[tuple[float, ...]]) -> tuple[float, ...]:
+    return tuple(statistics.median(column) for column in zip(*samples))
+
+
+def _stream_cells(r: dict[str, float]) -> str:
+    """prefill | decode from an empty context | decode after the prompt."""
+    return f"{r['prefill']:.0f} | {r['decode0']:.1f} | {r['decode']:.1f}"
 
 
 def _ready_cells(r: tuple[float, ...]) -> str:
@@ -156,14 +191,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128, help="tokens out per throughput request")
     parser.add_argument("--kv-cache-memory", type=int, default=DEFAULT_KV_CACHE_MEMORY, help="tokenmill's, bytes")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the ready and single-stream measurements (medians reported)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
              "| model | engine | ready s cold | first answer s cold | ready s warm | first answer s warm | "
              "PSS at ready MiB | PSS after first answer MiB | load s | peak RSS (bench latency) MiB | "
-             f"prefill {PROMPT_LEN} tok/s | decode tok/s | bandwidth at batch 1 | "
-             + " | ".join(f"out tok/s @{c}" for c in args.concurrency) + " |",
-             "|---|---|" + "---:|" * (11 + len(args.concurrency))]
+             f"prefill {PROMPT_LEN} tok/s | decode tok/s @0 | decode tok/s @{PROMPT_LEN} | bandwidth at batch 1 | "
+             + "".join(f" out tok/s @{c} |" for c in args.concurrency),
+             "|---|---|" + "---:|" * (12 + len(args.concurrency))]
     for name in args.models:
         lines += measure(name, args)
     report = "\n".join(lines)

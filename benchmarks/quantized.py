@@ -60,7 +60,17 @@ def llama_bench(model: Path, out: Path, bin_dir: Path = PEERS, *extra: str, prom
     run([str(bin_dir / "llama-bench"), "-m", str(model), "-t", "2", "-p", str(prompt_len), "-n", "64", "-r", "3",
          *extra, "-o", "json"], out)
     rows = json.loads(out.read_text()[out.read_text().index("["):])
-    return {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
+    return {("decode" if r["n_gen"] else "prefill"): r["avg_ts"] for r in rows}
+
+
+def llama_bench_decode_at(model: Path, depth: int, out: Path, bin_dir: Path = PEERS, *extra: str) -> float:
+    """llama-bench's decode tok/s of 64 tokens after `depth` tokens of context (tg64 @ d`depth`), as tokenmill's
+    `bench latency` measures it: mainline's `-d`, ik_llama.cpp's `-gp depth,64` (its build has no `-d`)."""
+    where = ["-d", str(depth)] if bin_dir == PEERS else ["-gp", f"{depth},64"]
+    run([str(bin_dir / "llama-bench"), "-m", str(model), "-t", "2", "-p", "0", "-n", "0" if bin_dir != PEERS else "64",
+         *where, "-r", "3", *extra, "-o", "json"], out)
+    rows = json.loads(out.read_text()[out.read_text().index("["):])
+    return next(r["avg_ts"] for r in rows if r["n_gen"])
 
 
 def llama_batched(model: Path, batch: int, out: Path) -> float:
