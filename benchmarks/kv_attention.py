@@ -1,4 +1,4 @@
-"""Issue 21: decode attention over float16 and int8 KV caches, the kernel alone, at Qwen2.5-Coder-1.5B's head shape.
+"""Issue 21: decode attention over float16, int8 and int4 KV caches, the kernel alone, at Qwen2.5-1.5B's head shape.
 
 Run:  python benchmarks/kv_attention.py --out benchmarks/results/kv_attention   (quiet machine)
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.cache.kv_cache import quantize_int8
+from tokenmill.cache.kv_cache import INT4, bytes_per_head_row, encode, rotation_signs
 from tokenmill.hardware import describe
 from tokenmill.kernels import layer_ops
 
@@ -26,17 +26,18 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 2, 128, 16
 
 
 def caches(batch: int, length: int, dtype: torch.dtype, seed: int = 0):
-    """Random keys and values as the cache holds them, block tables scattered over the pool."""
+    """Random keys and values as the cache holds them (with int4's rotation signs), block tables scattered over
+    the pool, and the bytes of K and V the call streams."""
     blocks_per_seq = length // BLOCK
     num_blocks = batch * blocks_per_seq
     gen = torch.Generator().manual_seed(seed)
     k, v = (torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
     tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_seq)
     lens = torch.full((batch,), length, dtype=torch.int64)
-    if dtype == torch.int8:
-        (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
-        return (kc, vc, ks, vs), tables, lens, num_blocks * BLOCK * KV_HEADS * (HEAD_DIM + 4) * 2
-    return (k.to(dtype), v.to(dtype), None, None), tables, lens, num_blocks * BLOCK * KV_HEADS * HEAD_DIM * 4
+    signs = rotation_signs(0, HEAD_DIM) if dtype == INT4 else None
+    (kc, ks), (vc, vs) = encode(k, dtype, signs), encode(v, dtype, signs)
+    nbytes = num_blocks * BLOCK * KV_HEADS * bytes_per_head_row(HEAD_DIM, dtype) * 2
+    return (kc, vc, ks, vs, signs), tables, lens, nbytes
 
 
 def main() -> None:
@@ -47,27 +48,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_attention"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    dtypes = {"float16": torch.float16, "int8": torch.int8}
+    dtypes = {"float16": torch.float16, "int8": torch.int8, "int4": INT4}
+    compressed = [n for n in dtypes if n != "float16"]
     lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
-             "| sequences | context | " + " | ".join(f"{n} ms | {n} GB/s" for n in dtypes) + " | int8 speed-up |",
-             "|---:|---:|" + "---:|---:|" * len(dtypes) + "---:|"]
+             "| sequences | context | " + " | ".join(f"{n} ms | {n} GB/s" for n in dtypes)
+             + "".join(f" | {n} speed-up" for n in compressed) + " |",
+             "|---:|---:|" + "---:|---:|" * len(dtypes) + "---:|" * len(compressed)]
     for batch in args.batch:
         for length in args.length:
             setups = {name: caches(batch, length, dtype) for name, dtype in dtypes.items()}
             q = torch.randn(batch, HEADS, HEAD_DIM)
             times: dict[str, list[float]] = {name: [] for name in dtypes}
             for repeat in range(args.repeats + 1):
-                for name, ((k, v, ks, vs), tables, lens, _) in setups.items():
+                for name, (cache, tables, lens, _) in setups.items():
+                    k, v, ks, vs, signs = cache
                     start = time.perf_counter()
-                    layer_ops.paged_decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, 0, ks, vs)
+                    layer_ops.paged_decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, 0, ks, vs, signs)
                     if repeat:
                         times[name].append(time.perf_counter() - start)
             cells, medians = [], {}
             for name, (*_, nbytes) in setups.items():
                 medians[name] = statistics.median(times[name])
                 cells.append(f"{1000 * medians[name]:.2f} | {nbytes / medians[name] / 1e9:.1f}")
-            lines.append(f"| {batch} | {length} | " + " | ".join(cells) +
-                         f" | {medians['float16'] / medians['int8']:.2f}x |")
+            lines.append(f"| {batch} | {length} | " + " | ".join(cells)
+                         + "".join(f" | {medians['float16'] / medians[n]:.2f}x" for n in compressed) + " |")
             print(lines[-1], flush=True)
     (args.out / "kv_attention.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.cache.kv_cache import INT4
 from tokenmill.kernels import build, native
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.quant.weights import quantize_rtn
@@ -57,7 +58,7 @@ def _run(llm: LLM, fused: bool, one_by_one: bool = False) -> list:
 
 
 def _assert_paths_agree(llm: LLM, module_one_by_one: bool = False) -> None:
-    """An int8 KV cache turns the paths' last-bit differences into a code one step off where a value sits at a
+    """An int8 (or int4) KV cache turns the paths' last-bit differences into a code one step off where a value sits at a
     rounding boundary (~1e-3 in a logprob, measured 2.4e-3): tokens must agree, logprobs within 1e-2, and the
     top-3 sets only where both hold a token. module_one_by_one: compare with the module path run on each prompt
     alone. Its batched decode attends over
@@ -75,13 +76,13 @@ def _assert_paths_agree(llm: LLM, module_one_by_one: bool = False) -> None:
         assert calls[0] == sum(map(len, PROMPTS))  # the prompts' prefill went through it
     assert calls.count(len(PROMPTS)) >= 2 and len(calls) >= 19 + prefill_fused  # and the batched decodes
     modules = _run(llm, fused=False, one_by_one=module_one_by_one)
-    int8 = llm.engine.kv_cache.dtype == torch.int8
+    coded = llm.engine.kv_cache.dtype in (torch.int8, INT4)
     for a, b in zip(fused, modules):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert int8 or step_a.keys() == step_b.keys()
+            assert coded or step_a.keys() == step_b.keys()
             for token in step_a.keys() & step_b.keys():
-                assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-2 if int8 else 1e-4)
+                assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-2 if coded else 1e-4)
 
 
 @pytest.mark.parametrize("quantization,kv_cache_dtype,want", [("int4", "auto", torch.float16),
@@ -95,6 +96,16 @@ def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization, kv_cache_dtype
     llm = LLM(folder, quantization=quantization, block_size=4, enable_prefix_caching=False,
               kv_cache_dtype=kv_cache_dtype)
     assert llm.engine.kv_cache.dtype == want
+    _assert_paths_agree(llm)
+
+
+def test_int4_cache_on_the_fused_step(tmp_path, tokenizer_dir):
+    """The rotated int4 cache (head_dim 32: one group per head row) through the fused step and the module path."""
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, "hidden_size": 128})).eval()
+    folder = _checkpoint(tmp_path, tokenizer_dir, model)
+    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False, kv_cache_dtype="int4")
+    assert llm.engine.kv_cache.dtype == INT4 and llm.config.head_dim == 32
     _assert_paths_agree(llm)
 
 

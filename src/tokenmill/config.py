@@ -110,7 +110,7 @@ class QuantConfig:
 # (hardware.resolve_dtype).
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
 
 

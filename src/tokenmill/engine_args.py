@@ -60,7 +60,8 @@ class EngineArgs:
     """The settings of one engine. model: a .gguf file, HF model directory or model name (None: the embedded
     default). quantization: None, "native", "int8" or "int4" (see QuantConfig). kv_cache_memory: bytes, or a
     fraction in (0, 1] of available memory. kv_cache_dtype: "auto" (float16 under packed weights, else the
-    compute dtype), "float32", "float16", "bfloat16" or "int8" (codes with a scale per token and KV head).
+    compute dtype), "float32", "float16", "bfloat16", "int8" (codes with a scale per token and KV head) or "int4"
+    (rotated, 4-bit codes per group of 32; cache/kv_cache.py).
     speculative_config: as vLLM's, a dict (or its JSON text), e.g.
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
@@ -111,7 +112,8 @@ class EngineArgs:
         p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                        help="KV cache element type; auto: float16 when packed weights run natively, else the "
                             "compute dtype (as vLLM's --kv-cache-dtype auto, with llama.cpp's f16 cache as the "
-                            "native default); int8: codes with a scale per token and KV head")
+                            "native default); int8: codes with a scale per token and KV head; int4: rotated "
+                            "(Walsh-Hadamard with random signs), 4-bit codes and a float16 scale per 32 elements")
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--max-model-len", type=int, default=None)

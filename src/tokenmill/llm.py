@@ -75,7 +75,7 @@ class LLM:
         else:
             kernels = "PyTorch kernels"
         step = "fused decode step" if self.engine.runner.fused is not None else "module decode step"
-        kv = str(self.engine.kv_cache.dtype).removeprefix("torch.")
+        kv = self.engine.kv_cache.info.kv_cache_dtype
         spec = f", speculative {self.speculative_config.method}" if self.speculative_config else ""
         name = self.config.name or self.checkpoint.path.name
         return f"{name}: {weights} weights on {kernels}, {step}, KV {kv}, {torch.get_num_threads()} threads{spec}"

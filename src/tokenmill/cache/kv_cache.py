@@ -1,6 +1,13 @@
 """The KV tensors: per slot (see kv_layout), K and V as [num_blocks, block_size, kv_heads, head_dim], sized from a
-byte budget. An int8 cache also keeps one float32 scale per (slot, token, KV head) for K and for V:
-x = scale * code, scale = max|x| / 127 over the head's row (symmetric, per token and head)."""
+byte budget. Compressed caches (CacheConfig.kv_cache_dtype):
+- int8: codes with one float32 scale per (slot, token, KV head) for K and for V: x = scale * code, scale =
+  max|x| / 127 over the head's row (symmetric, per token and head).
+- int4: each head row turned by R = H diag(signs) / sqrt(head_dim) (a Walsh-Hadamard transform with a fixed
+  random sign vector per layer: orthogonal, so q.k = Rq.Rk, and it spreads outlier channels over the row), then
+  4-bit codes per group of 32 with a float16 scale (Q4_0's rule: d = the group's largest-magnitude value / -8,
+  x = d * (code - 8)): 4.5 bits per element. Stored as uint8 [..., head_dim / 2] (byte j of a group = element j
+  | element 16 + j << 4) and float16 scales [..., head_dim / 32]. Readers attend in the rotated space (queries
+  turned by R, outputs back by R^T) or un-rotate what they read."""
 from __future__ import annotations
 
 import mmap
@@ -13,6 +20,10 @@ from tokenmill.cache.kv_layout import KVLayout
 from tokenmill.config import ModelConfig
 from tokenmill.kernels.native import available as kernels_available
 
+INT4 = torch.uint8  # the element type of an int4 cache: two 4-bit codes per byte
+INT4_GROUP = 32  # elements per int4 scale
+_SIGN_SEED = 0x5EED  # the rotation signs of layer l come from seed _SIGN_SEED + l: fixed, so saved caches agree
+
 
 def resolve_kv_dtype(name: str, compute_dtype: torch.dtype, packed_weights: bool) -> torch.dtype:
     """The cache's element type for CacheConfig.kv_cache_dtype `name`. "auto": float16 when packed weights run
@@ -23,15 +34,33 @@ def resolve_kv_dtype(name: str, compute_dtype: torch.dtype, packed_weights: bool
     if name == "auto":
         native = packed_weights and compute_dtype == torch.float32 and kernels_available()
         return torch.float16 if native else compute_dtype
-    return getattr(torch, name)
+    return INT4 if name == "int4" else getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The kv_cache_dtype name of a cache element type."""
+    return "int4" if dtype == INT4 else str(dtype).removeprefix("torch.")
+
+
+def bytes_per_head_row(head_dim: int, dtype: torch.dtype) -> int:
+    """One token's K (or V) of one KV head, with its scales."""
+    if dtype == INT4:
+        return head_dim // 2 + 2 * (head_dim // INT4_GROUP)
+    return head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of one block: `slots` layers (all layers for a model without sliding windows), with int8's
-    scales."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_head = model.head_dim * itemsize + (4 if dtype == torch.int8 else 0)
+    """K and V of one block: `slots` layers (all layers for a model without sliding windows), with the scales
+    of compressed types."""
+    per_head = bytes_per_head_row(model.head_dim, dtype)
     return 2 * KVLayout.from_config(model).slots * block_size * model.num_kv_heads * per_head
+
+
+def check_head_dim(dtype: torch.dtype, head_dim: int) -> None:
+    """An int4 cache rotates head rows by a Walsh-Hadamard transform: head_dim a power of two, >= one group."""
+    if dtype == INT4 and (head_dim < INT4_GROUP or head_dim & (head_dim - 1)):
+        raise ValueError(f"kv_cache_dtype int4 needs a power-of-two head_dim of at least {INT4_GROUP}; this model's "
+                         f"is {head_dim}")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,14 +76,87 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes.float() * scales[..., None]
 
 
+def rotation_signs(layer: int, head_dim: int) -> torch.Tensor:
+    """Layer `layer`'s fixed random signs (+-1.0, float32 [head_dim]) for the int4 cache's rotation."""
+    generator = torch.Generator().manual_seed(_SIGN_SEED + layer)
+    return torch.randint(0, 2, (head_dim,), generator=generator).float() * 2 - 1
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """H x over the last dimension (a power of two): the unnormalized Walsh-Hadamard transform, its sums and
+    differences in the native kernel's order (csrc/paged_attention.cpp fwht), so both give the same floats."""
+    d, h = x.shape[-1], 1
+    while h < d:
+        pairs = x.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*x.shape[:-1], d)
+        h *= 2
+    return x
+
+
+def _norm(d: int) -> torch.Tensor:
+    return torch.tensor(float(d)).sqrt().reciprocal()  # 1 / sqrt(d) in float32 ops, as the kernel computes it
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """R x = H (signs * x) / sqrt(D) over the last dimension (float32)."""
+    return fwht(x * signs) * _norm(x.shape[-1])
+
+
+def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """R^T x = signs * (H x) / sqrt(D): rotate's inverse."""
+    return fwht(x) * _norm(x.shape[-1]) * signs
+
+
+def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated rows [..., D] float32 -> codes uint8 [..., D / 2] and float16 scales [..., D / 32], as the native
+    write computes them (module docstring)."""
+    groups = x.reshape(*x.shape[:-1], -1, INT4_GROUP)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)  # the first largest |x|
+    scales = (extreme / -8.0).half()
+    d = scales.float()
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    codes = (torch.round(groups * inv[..., None]) + 8).clamp(0, 15).to(torch.uint8)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return packed.reshape(*x.shape[:-1], -1), scales
+
+
+def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_int4's inverse (still rotated), float32 [..., D]."""
+    groups = codes.reshape(*codes.shape[:-1], -1, 16)
+    values = torch.cat((groups & 15, groups >> 4), dim=-1).float() - 8
+    return (values * scales.float()[..., None]).reshape(*codes.shape[:-1], -1)
+
+
+def encode(x: torch.Tensor, dtype: torch.dtype, signs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows [..., D] as a cache of element type `dtype` stores them: (elements, scales or None)."""
+    if dtype == torch.int8:
+        return quantize_int8(x.float())
+    if dtype == INT4:
+        return quantize_int4(rotate(x.float(), signs))
+    return x.to(dtype), None
+
+
+def decode(elements: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None,
+           dtype: torch.dtype) -> torch.Tensor:
+    """encode's inverse, in `dtype` (int4 rows turned back by R^T)."""
+    if elements.dtype == torch.int8:
+        return dequantize_int8(elements, scales).to(dtype)
+    if elements.dtype == INT4:
+        return unrotate(dequantize_int4(elements, scales), signs).to(dtype)
+    return elements.to(dtype)
+
+
 class LayerKV(NamedTuple):
-    """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, head_dim] and, for int8,
-    their scales [num_blocks, block_size, kv_heads] (None otherwise)."""
+    """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, head_dim (int4: / 2)], the
+    scales of int8 ([..., kv_heads]) and int4 ([..., kv_heads, head_dim / 32]) caches and int4's rotation signs
+    [head_dim] (None otherwise)."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    signs: torch.Tensor | None = None
 
 
 def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -80,24 +182,35 @@ class CacheInfo:
 
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        check_head_dim(dtype, model.head_dim)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        self.info = CacheInfo(num_blocks, block_size, str(dtype).removeprefix("torch."),
-                              bytes_per_block(model, block_size, dtype))
+        self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype), bytes_per_block(model, block_size, dtype))
         self.layout = KVLayout.from_config(model)
-        shape = (self.layout.slots, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        numel = 1
-        for d in shape:
-            numel *= d
-        self.k = _lazily_zeroed(numel, dtype).view(shape)
-        self.v = _lazily_zeroed(numel, dtype).view(shape)
-        self.k_scale = self.v_scale = None
+        rows = (self.layout.slots, num_blocks, block_size, model.num_kv_heads)
+        width = model.head_dim // 2 if dtype == INT4 else model.head_dim
+        self.k = _lazily_zeroed(_numel(rows) * width, dtype).view(*rows, width)
+        self.v = _lazily_zeroed(_numel(rows) * width, dtype).view(*rows, width)
+        self.k_scale = self.v_scale = self.signs = None
         if dtype == torch.int8:
-            self.k_scale = _lazily_zeroed(numel // model.head_dim, torch.float32).view(shape[:-1])
-            self.v_scale = _lazily_zeroed(numel // model.head_dim, torch.float32).view(shape[:-1])
+            self.k_scale = _lazily_zeroed(_numel(rows), torch.float32).view(rows)
+            self.v_scale = _lazily_zeroed(_numel(rows), torch.float32).view(rows)
+        elif dtype == INT4:
+            groups = model.head_dim // INT4_GROUP
+            self.k_scale = _lazily_zeroed(_numel(rows) * groups, torch.float16).view(*rows, groups)
+            self.v_scale = _lazily_zeroed(_numel(rows) * groups, torch.float16).view(*rows, groups)
+            self.signs = torch.stack([rotation_signs(layer, model.head_dim) for layer in range(model.num_layers)])
 
     def layer(self, layer: int) -> LayerKV:
         """The blocks that model layer `layer` reads and writes."""
         slot = self.layout.slot_of[layer]
         if self.k_scale is None:
             return LayerKV(self.k[slot], self.v[slot])
-        return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot])
+        signs = None if self.signs is None else self.signs[layer]
+        return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,16 +1,39 @@
-"""`tokenmill eval ppl` and `tokenmill quantize`: argument parsing; the work is in the modules."""
+"""`tokenmill eval ppl`, `tokenmill eval kld` and `tokenmill quantize`: argument parsing; the work is in the
+modules."""
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenmill.config import QUANTIZATION_METHODS
+from tokenmill.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.engine_args import EngineArgs
+
+if TYPE_CHECKING:
+    import torch
+
+    from tokenmill.llm import LLM
 
 EVAL_TEXT = "eval_en.txt"
 CALIBRATION_TEXT = "calibration_en.txt"
+CACHED_CHUNK = 64  # tokens per step when scoring through the KV cache
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dataset", default=None, help=f"a UTF-8 text file (default: the shipped held-out {EVAL_TEXT})")
+    p.add_argument("--context-len", type=int, default=512, help="most tokens the model sees per window")
+    p.add_argument("--stride", type=int, default=256, help="new tokens scored per window (< context-len)")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    p.add_argument("--max-num-batched-tokens", type=int, default=CACHED_CHUNK,
+                   help="tokens per step when scoring through the KV cache: in small chunks nearly every token "
+                        "attends to keys the cache stored (compressed ones as compressed)")
+    p.add_argument("--save-result", default=None, metavar="FILE.json")
+    _add_weight_args(p)
 
 
 def _add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -21,25 +44,56 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
 
 
-def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from tokenmill.compress.perplexity import perplexity, read_text, sliding_windows
-    from tokenmill.hardware import describe
+def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> LLM:
+    """The model to evaluate; a KV cache that holds any window (backed lazily: only the blocks in use cost)."""
+    llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**30,
+                     kv_cache_dtype=kv_cache_dtype).create_llm(progress=True)
+    if args.context_len > llm.engine.max_model_len:
+        raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
+    return llm
+
+
+def _eval_ids(args: argparse.Namespace, llm: LLM) -> list[int]:
+    from tokenmill.compress.perplexity import read_text
+
+    return llm.tokenizer.encode(read_text(args.dataset, EVAL_TEXT))[: args.max_tokens]
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Bad arguments fail before a model loads."""
+    from tokenmill.compress.perplexity import sliding_windows
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-    sliding_windows(2, args.context_len, args.stride)  # a bad window fails before the model loads
-    text = read_text(args.dataset, EVAL_TEXT)
-    llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size,
-                     kv_cache_memory=16 * 2**20).create_llm(progress=True)
-    if args.context_len > llm.engine.max_model_len:
-        raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
-    ids = llm.tokenizer.encode(text)[: args.max_tokens]
-    result = perplexity(llm.score, ids, args.context_len, args.stride, progress=True)
+    sliding_windows(2, args.context_len, args.stride)
+    if args.max_num_batched_tokens < 1:
+        raise ValueError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+
+
+def _cache_scorer(llm: LLM, chunk: int) -> Callable[[Sequence[int]], torch.Tensor]:
+    return lambda ids: llm.engine.score_through_cache(list(ids), chunk)
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    from tokenmill.compress.perplexity import perplexity
+    from tokenmill.hardware import describe
+
+    _check_eval_args(args)
+    if args.kv_cache_dtype is None and args.max_num_batched_tokens != CACHED_CHUNK:
+        raise ValueError("--max-num-batched-tokens sets the chunks of scoring through the KV cache: it needs "
+                         "--kv-cache-dtype (without it, each window is scored in one uncached pass)")
+    llm = _eval_llm(args, args.kv_cache_dtype or "auto")
+    ids = _eval_ids(args, llm)
+    score = llm.score if args.kv_cache_dtype is None else _cache_scorer(llm, args.max_num_batched_tokens)
+    result = perplexity(score, ids, args.context_len, args.stride, progress=True)
     quant = llm.quant_config
     print(f"model         {llm.checkpoint.path}")
     print(f"dataset       {args.dataset or f'builtin ({EVAL_TEXT})'}, {len(ids)} tokens")
     method = (quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")) if quant else "none"
     print(f"weights       dtype {str(llm.dtype).removeprefix('torch.')}, quantization {method}")
+    cache = (f"{llm.cache_info().kv_cache_dtype}, in the loop ({args.max_num_batched_tokens}-token chunks)"
+             if args.kv_cache_dtype else "none (each window in one uncached pass)")
+    print(f"KV cache      {cache}")
     print(f"perplexity    {result.perplexity:.4f}  (mean NLL {result.nll:.5f} nats)")
     print(f"scored        {result.num_tokens} tokens in {result.num_windows} windows "
           f"(context {result.context_len}, stride {result.stride})")
@@ -48,7 +102,60 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
         document = {"model": str(llm.checkpoint.path), "dataset": str(args.dataset or EVAL_TEXT),
                     "dtype": str(llm.dtype).removeprefix("torch."),
                     "quantization": asdict(quant) if quant else None,
+                    "kv_cache_dtype": llm.cache_info().kv_cache_dtype if args.kv_cache_dtype else None,
                     **asdict(result), "tokens_per_second": result.tokens_per_second, "hardware": describe()}
+        Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def cmd_eval_kld(args: argparse.Namespace) -> None:
+    from tokenmill.compress.kld import kl_divergence
+    from tokenmill.hardware import describe
+
+    _check_eval_args(args)
+    reference = _eval_llm(args, args.reference_kv_cache_dtype)
+    test = _eval_llm(args, args.kv_cache_dtype)
+    ids = _eval_ids(args, reference)
+    chunk = args.max_num_batched_tokens
+    result = kl_divergence(_cache_scorer(reference, chunk), _cache_scorer(test, chunk), ids, args.context_len,
+                           args.stride, progress=True)
+    names = f"{test.cache_info().kv_cache_dtype} against {reference.cache_info().kv_cache_dtype}"
+    print(f"model         {reference.checkpoint.path}")
+    print(f"KV cache      {names}, in the loop ({chunk}-token chunks)")
+    print(f"KLD           mean {result.mean:.6f}, median {result.median:.6f}, p99 {result.p99:.6f}, "
+          f"max {result.max:.6f} nats")
+    print(f"same top-1    {100 * result.top1_agreement:.2f}%")
+    print(f"perplexity    {result.test_perplexity:.4f} against {result.reference_perplexity:.4f} "
+          f"({100 * result.perplexity_change:+.2f}%)")
+    print(f"scored        {result.num_tokens} tokens (context {args.context_len}, stride {args.stride}) in "
+          f"{result.seconds:.1f} s")
+    if args.save_result:
+        document = {"model": str(reference.checkpoint.path), "dataset": str(args.dataset or EVAL_TEXT),
+                    "kv_cache_dtype": test.cache_info().kv_cache_dtype,
+                    "reference_kv_cache_dtype": reference.cache_info().kv_cache_dtype, "chunk": chunk,
+                    "context_len": args.context_len, "stride": args.stride, **asdict(result),
+                    "perplexity_change": result.perplexity_change, "hardware": describe()}
+        Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> None:
+    from tokenmill.compress.passkey import run_passkey
+    from tokenmill.hardware import describe
+
+    if min(args.lengths) < 64 or not all(0 <= d <= 1 for d in args.depths):
+        raise ValueError("--lengths must be >= 64 tokens and --depths fractions in [0, 1]")
+    llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**31,
+                     kv_cache_dtype=args.kv_cache_dtype, max_model_len=max(args.lengths) + 64,
+                     max_num_batched_tokens=args.max_num_batched_tokens).create_llm(progress=True)
+    trials = run_passkey(llm, args.lengths, args.depths, args.seed, progress=True)
+    print(f"model         {llm.checkpoint.path}")
+    print(f"KV cache      {llm.cache_info().kv_cache_dtype} (prefill in {args.max_num_batched_tokens}-token chunks)")
+    for length in args.lengths:
+        mine = [t for t in trials if t.length == length]
+        found = "".join("+" if t.found else "-" for t in mine)
+        print(f"{length:>6} tokens  {sum(t.found for t in mine)}/{len(mine)} found  (depths {args.depths}: {found})")
+    if args.save_result:
+        document = {"model": str(llm.checkpoint.path), "kv_cache_dtype": llm.cache_info().kv_cache_dtype,
+                    "trials": [{**asdict(t), "found": t.found} for t in trials], "hardware": describe()}
         Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -74,15 +181,29 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate model quality")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity over a text with a sliding window")
-    ppl.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                     help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    ppl.add_argument("--dataset", default=None, help=f"a UTF-8 text file (default: the shipped held-out {EVAL_TEXT})")
-    ppl.add_argument("--context-len", type=int, default=512, help="most tokens the model sees per window")
-    ppl.add_argument("--stride", type=int, default=256, help="new tokens scored per window (< context-len)")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
-    ppl.add_argument("--save-result", default=None, metavar="FILE.json")
-    _add_weight_args(ppl)
+    _add_eval_args(ppl)
+    ppl.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                     help="score through a KV cache of this type, in chunks (default: each window in one uncached "
+                          "pass)")
     ppl.set_defaults(func=cmd_eval_ppl)
+    kld = ev_sub.add_parser("kld", help="KL divergence of next-token distributions with a KV cache type against "
+                                        "another (default float16), both in the loop")
+    _add_eval_args(kld)
+    kld.add_argument("--kv-cache-dtype", required=True, choices=KV_CACHE_DTYPES)
+    kld.add_argument("--reference-kv-cache-dtype", default="float16", choices=KV_CACHE_DTYPES)
+    kld.set_defaults(func=cmd_eval_kld)
+    pk = ev_sub.add_parser("passkey", help="passkey retrieval: a number hidden at depths of long filler text")
+    pk.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                    help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    pk.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
+    pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    help="where the key sits, as fractions of the filler")
+    pk.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    pk.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk")
+    pk.add_argument("--seed", type=int, default=0, help="draws the keys")
+    pk.add_argument("--save-result", default=None, metavar="FILE.json")
+    _add_weight_args(pk)
+    pk.set_defaults(func=cmd_eval_passkey)
 
     qz = sub.add_parser("quantize", help="post-training quantization of a float model to a tokenmill checkpoint")
     qz.add_argument("model", nargs="?", default=None, metavar="MODEL",

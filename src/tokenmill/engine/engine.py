@@ -26,6 +26,7 @@ from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.engine.structured_output import GrammarCompiler
+from tokenmill.model.batch import BatchChunk, StepBatch
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
@@ -138,6 +139,29 @@ class LLMEngine:
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
         return self.runner.embed(token_ids, pooling).tolist()
 
+    def score_through_cache(self, token_ids: list[int], chunk: int) -> torch.Tensor:
+        """Logits [len, vocab] at every position, computed the way the engine serves: `chunk` tokens per step
+        through the KV cache, each row attending to the keys and values the cache gives back (compressed ones
+        included) of the chunks before it and of its own chunk. The eval tools' way to put the cache in the loop
+        (`tokenmill eval ppl/kld --kv-cache-dtype`); runs beside the steps, on blocks of its own, freed at the end."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        sequence = _ScoredSequence(f"score-{id(token_ids)}-{time.monotonic_ns()}", token_ids)
+        logits = []
+        try:
+            for start in range(0, len(token_ids), chunk):
+                piece = token_ids[start:start + chunk]
+                if not self.kv_manager.allocate(sequence, len(piece)):
+                    raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache's free blocks")
+                tables = self.kv_manager.block_tables[sequence.request_id]
+                # a verify-shaped chunk: one logit row per token, each row attending to its own prefix
+                batch = StepBatch([BatchChunk(piece, start, tables, num_drafts=len(piece) - 1)])
+                logits.append(self.runner.execute(batch))
+                sequence.num_computed_tokens += len(piece)
+        finally:
+            self.kv_manager.free(sequence)
+        return torch.cat(logits)
+
     def _prompt_logprobs(self, ids: list[int], top_n: int) -> list[TokenLogprobs | None]:
         """Each prompt token's logprob (and top_n alternatives) under the tokens before it, from one uncached pass
         over the prompt, as its own forward beside the steps (vLLM takes them from the prefill's logits)."""
@@ -237,3 +261,17 @@ class LLMEngine:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@dataclasses.dataclass
+class _ScoredSequence:
+    """What the KV manager reads of a sequence scored through the cache (it is never published or shared)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int = 0
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)

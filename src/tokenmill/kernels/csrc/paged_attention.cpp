@@ -3,8 +3,10 @@
 // of the run (one decode token, or a verify or prefill chunk's tokens), read each key and value once, converted
 // to float32 once for all of them. Per pass of up to kQueriesPerPass queries: scores over the keys up to the
 // pass's last row, softmax, then the weighted sum of values. With a sliding window the rows go one at a time.
-// The cache holds float32, float16 or int8 codes (each key's scale applied once to its score, each value's folded
-// into its probability: no dequantized copy); head_dim a multiple of 8. Each query's arithmetic is the same whichever
+// The cache holds float32, float16, int8 codes (each key's scale applied once to its score, each value's folded
+// into its probability) or rotated int4 codes (dequantized in registers, 8 at a time, once for all the pass's
+// queries: cheaper there than a scale per group and query); no dequantized copy; head_dim a multiple of 8 (int4:
+// a power of two, at least 32). Each query's arithmetic is the same whichever
 // queries share its task, so a verify row gives exactly the logits a plain decode row would (greedy speculative
 // decoding must reproduce plain decoding token for token).
 #include "paged_attention.h"
@@ -30,33 +32,68 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// 8 cache values from p as float32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// How each cache type is read: 8 elements from element offset e (a multiple of 8) as float32, and where
+// element e lies (for prefetching). Int8 leaves its per-row scale to the caller (kRowScale).
+struct F32Cache {
+  static constexpr int kBits = 32;
+  static constexpr bool kRowScale = false;
+  static __m256 load8(const void* data, const void*, int64_t e) { return _mm256_loadu_ps(static_cast<const float*>(data) + e); }
+};
+struct F16Cache {
+  static constexpr int kBits = 16;
+  static constexpr bool kRowScale = false;
+  static __m256 load8(const void* data, const void*, int64_t e) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + e)));
+  }
+};
+struct I8Cache {
+  static constexpr int kBits = 8;
+  static constexpr bool kRowScale = true;
+  static __m256 load8(const void* data, const void*, int64_t e) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(data) + e))));
+  }
+};
+// Group g of 32 elements: 16 bytes, byte j = element j (low nibble) | element 16 + j (high nibble), and a float16
+// scale at index g.
+struct I4Cache {
+  static constexpr int kBits = 4;
+  static constexpr bool kRowScale = false;
+  static __m256 load8(const void* data, const void* scales, int64_t e) {
+    const uint8_t* p = static_cast<const uint8_t*>(data) + (e >> 5) * 16 + (e & 15);
+    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    if (e & 16) c = _mm256_srli_epi32(c, 4);
+    c = _mm256_sub_epi32(_mm256_and_si256(c, _mm256_set1_epi32(15)), _mm256_set1_epi32(8));
+    const float d = _cvtsh_ss(static_cast<const uint16_t*>(scales)[e >> 5]);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(d));
+  }
+};
+
+template <typename C>
+inline const char* element_address(const void* data, int64_t e) {
+  return static_cast<const char*>(data) + e * C::kBits / 8;
 }
 
 // The scale of the cache row at element offset `row` (int8 caches; 1 otherwise, never read).
-template <typename T>
-inline float row_scale(const float* scales, int64_t row, int D) {
-  if constexpr (std::is_same_v<T, int8_t>) return scales[row / D];
+template <typename C>
+inline float row_scale(const void* scales, int64_t row, int D) {
+  if constexpr (C::kRowScale) return static_cast<const float*>(scales)[row / D];
   return 1.0f;
 }
 
 // Calls f(t, row) for the keys t in [start, len) with row = t's offset into `cache` ([blocks, block_size, KV, D])
 // for KV head kvh: block by block, so the table lookup and the division happen once per block, and the next
 // block's rows are prefetched (blocks lie anywhere in memory: the hardware prefetcher cannot guess the jump).
-template <typename T, typename F>
-inline void for_each_key(const PagedKV& kv, const T* cache, const int64_t* table, int start, int len, int kvh, F f) {
+template <typename C, typename F>
+inline void for_each_key(const PagedKV& kv, const void* cache, const int64_t* table, int start, int len, int kvh, F f) {
   const int bs = kv.block_size;
   const int64_t row_stride = static_cast<int64_t>(kv.KV) * kv.D;
+  const int row_bytes = kv.D * C::kBits / 8;
   for (int t = start; t < len;) {
     const int blk = t / bs, stop = std::min(len, (blk + 1) * bs);
     if (stop < len) {
-      const char* next = reinterpret_cast<const char*>(cache + table[blk + 1] * bs * row_stride + static_cast<int64_t>(kvh) * kv.D);
+      const char* next = element_address<C>(cache, table[blk + 1] * bs * row_stride + static_cast<int64_t>(kvh) * kv.D);
       for (int r = 0; r < bs; ++r)
-        for (size_t i = 0; i < kv.D * sizeof(T); i += 64) _mm_prefetch(next + r * row_stride * sizeof(T) + i, _MM_HINT_T0);
+        for (int i = 0; i < row_bytes; i += 64) _mm_prefetch(next + r * row_stride * C::kBits / 8 + i, _MM_HINT_T0);
     }
     int64_t row = (table[blk] * bs + t % bs) * row_stride + static_cast<int64_t>(kvh) * kv.D;
     for (; t < stop; ++t, row += row_stride) f(t, row);
@@ -73,11 +110,11 @@ constexpr int kQueriesPerPass = 6;  // of 16 ymm registers
 // for all of them. Keys go in groups of 8 whose 8-lane partial sums are reduced together (one vector of 8 scores
 // from 9 shuffles and adds, not 8 horizontal sums); the last group is padded with zeros, so a key's score is the
 // same wherever it falls, and a query's scores do not depend on which other queries share the pass.
-template <typename T, int NQ>
+template <typename C, int NQ>
 void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* qs,
                 float scale, float* const* scores, bool prefetch_values) {
   const int D = kv.D;
-  const T* keys = static_cast<const T*>(kv.cache.k);
+  const void* keys = kv.cache.k;
   const __m256 vscale = _mm256_set1_ps(scale);
   __m256 part[NQ][8];
   int pending = 0;
@@ -90,27 +127,25 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
     }
     pending = 0;
   };
-  for_each_key(kv, keys, table, start, end, kvh, [&](int t, int64_t row) {
-    const T* kr = keys + row;
+  for_each_key<C>(kv, keys, table, start, end, kvh, [&](int t, int64_t row) {
     if (prefetch_values)  // the value row (same offset in the V cache) starts moving to L2 for the value pass
-      for (size_t i = 0; i < D * sizeof(T); i += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(kv.cache.v) + row) + i, _MM_HINT_T1);
+      for (int i = 0; i < D * C::kBits / 8; i += 64) _mm_prefetch(element_address<C>(kv.cache.v, row) + i, _MM_HINT_T1);
     __m256 a0[NQ], a1[NQ];  // two accumulators per query halve the dependent multiply-add chain
     for (int j = 0; j < NQ; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= D; i += 16) {
-      const __m256 k0 = load8(kr + i), k1 = load8(kr + i + 8);
+      const __m256 k0 = C::load8(keys, kv.cache.k_scale, row + i), k1 = C::load8(keys, kv.cache.k_scale, row + i + 8);
       for (int j = 0; j < NQ; ++j) {
         a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
         a1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i + 8), k1, a1[j]);
       }
     }
     if (i < D) {
-      const __m256 k0 = load8(kr + i);
+      const __m256 k0 = C::load8(keys, kv.cache.k_scale, row + i);
       for (int j = 0; j < NQ; ++j) a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
     }
-    if constexpr (std::is_same_v<T, int8_t>) {  // the key's scale, once per score
-      const __m256 ks = _mm256_set1_ps(row_scale<T>(kv.cache.k_scale, row, D));
+    if constexpr (C::kRowScale) {  // the key's scale, once per score
+      const __m256 ks = _mm256_set1_ps(row_scale<C>(kv.cache.k_scale, row, D));
       for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_mul_ps(_mm256_add_ps(a0[j], a1[j]), ks);
     } else {
       for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_add_ps(a0[j], a1[j]);
@@ -122,21 +157,21 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
 
 // outs[j][0 .. D) = sum over keys t in [start, end) of probs[j][t - start] * V_t, 16 dims at a time, each value
 // row converted once per 16 dims for all NQ queries. A query's sum runs over t in order whatever NQ is.
-template <typename T, int NQ>
+template <typename C, int NQ>
 void value_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* probs,
                 float* const* outs) {
-  const T* values = static_cast<const T*>(kv.cache.v);
+  const void* values = kv.cache.v;
   for (int d0 = 0; d0 < kv.D; d0 += 16) {
     const bool two = d0 + 16 <= kv.D;  // head_dim is a multiple of 8: the last piece may be 8 wide
     __m256 acc[NQ][2];
     for (int j = 0; j < NQ; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-    for_each_key(kv, values, table, start, end, kvh, [&](int t, int64_t row) {
-      const T* vr = values + row + d0;
-      const __m256 v0 = load8(vr), v1 = two ? load8(vr + 8) : _mm256_setzero_ps();
-      const float vs = row_scale<T>(kv.cache.v_scale, row, kv.D);  // the value's scale, folded into each weight
+    for_each_key<C>(kv, values, table, start, end, kvh, [&](int t, int64_t row) {
+      const __m256 v0 = C::load8(values, kv.cache.v_scale, row + d0);
+      const __m256 v1 = two ? C::load8(values, kv.cache.v_scale, row + d0 + 8) : _mm256_setzero_ps();
+      const float vs = row_scale<C>(kv.cache.v_scale, row, kv.D);  // the value's scale, folded into each weight
       for (int j = 0; j < NQ; ++j) {
-        const __m256 p = std::is_same_v<T, int8_t> ? _mm256_set1_ps(probs[j][t - start] * vs)
-                                                   : _mm256_broadcast_ss(probs[j] + (t - start));
+        const __m256 p = C::kRowScale ? _mm256_set1_ps(probs[j][t - start] * vs)
+                                      : _mm256_broadcast_ss(probs[j] + (t - start));
         acc[j][0] = _mm256_fmadd_ps(p, v0, acc[j][0]);
         acc[j][1] = _mm256_fmadd_ps(p, v1, acc[j][1]);
       }
@@ -170,13 +205,13 @@ inline void softmax_row(float* s, int n, int padded) {
   for (; i < padded; ++i) s[i] = 0.0f;
 }
 
-template <typename T>
+template <typename C>
 void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride, float scale,
                     float* out, int64_t out_stride) {
   const int D = kv.D;
   if (kv.window > 0 && rows > 1) {  // each row has its own window start: one row at a time
     for (int r = 0; r < rows; ++r)
-      attention_task<T>(kv, b + r, 1, kvh, G, q + r * q_stride, q_stride, scale, out + r * out_stride, out_stride);
+      attention_task<C>(kv, b + r, 1, kvh, G, q + r * q_stride, q_stride, scale, out + r * out_stride, out_stride);
     return;
   }
   const int end = static_cast<int>(kv.seq_lens[b + rows - 1]);  // the last row sees the most keys
@@ -198,21 +233,67 @@ void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const fl
     }
     // keys up to the pass's last row: a prefill chunk's early rows skip the rest of the chunk
     const int pass_end = static_cast<int>(kv.seq_lens[b + (j0 + NQ - 1) / G]);
-    score_pass<T, NQ>(kv, table, start, pass_end, kvh, queries, scale, scores, j0 == 0);
+    score_pass<C, NQ>(kv, table, start, pass_end, kvh, queries, scale, scores, j0 == 0);
     for (int j = 0; j < NQ; ++j)
       softmax_row(scores[j], static_cast<int>(kv.seq_lens[b + (j0 + j) / G]) - start, pass_end - start);
-    value_pass<T, NQ>(kv, table, start, pass_end, kvh, scores, outs);
+    value_pass<C, NQ>(kv, table, start, pass_end, kvh, scores, outs);
   });
+}
+
+// x <- H x for D a power of two (the unnormalized Walsh-Hadamard transform, in place): log2(D) rounds of sums
+// and differences, in the order cache/kv_cache.py's fwht adds them, so both give the same floats.
+inline void fwht(float* x, int D) {
+  for (int h = 1; h < D; h *= 2)
+    for (int i = 0; i < D; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+}
+
+// x <- R x = H (signs * x) / sqrt(D), and its inverse x <- R^T x = signs * (H x) / sqrt(D).
+inline void rotate(float* x, const float* signs, int D) {
+  for (int i = 0; i < D; ++i) x[i] *= signs[i];
+  fwht(x, D);
+  const float norm = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int i = 0; i < D; ++i) x[i] *= norm;
+}
+
+inline void unrotate(float* x, const float* signs, int D) {
+  fwht(x, D);
+  const float norm = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int i = 0; i < D; ++i) x[i] = x[i] * norm * signs[i];
 }
 
 void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
                            float scale, float* out, int64_t out_stride) {
-  if (kv.cache.type == kKVInt8)
-    attention_task<int8_t>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
-  else if (kv.cache.type == kKVFloat16)
-    attention_task<uint16_t>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
-  else
-    attention_task<float>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  if (kv.cache.type == kKVInt4) {  // attend in the rotated space: queries turned by R, outputs back by R^T
+    const int D = kv.D, n = rows * G;
+    thread_local std::vector<float> rq, ro;
+    rq.resize(static_cast<size_t>(n) * D);
+    ro.resize(static_cast<size_t>(n) * D);
+    for (int r = 0; r < rows; ++r)
+      for (int g = 0; g < G; ++g) {
+        float* row = rq.data() + static_cast<int64_t>(r * G + g) * D;
+        std::memcpy(row, q + r * q_stride + g * D, D * sizeof(float));
+        rotate(row, kv.cache.signs, D);
+      }
+    attention_task<I4Cache>(kv, b, rows, kvh, G, rq.data(), static_cast<int64_t>(G) * D, scale, ro.data(),
+                            static_cast<int64_t>(G) * D);
+    for (int r = 0; r < rows; ++r)
+      for (int g = 0; g < G; ++g) {
+        float* row = ro.data() + static_cast<int64_t>(r * G + g) * D;
+        unrotate(row, kv.cache.signs, D);
+        std::memcpy(out + r * out_stride + g * D, row, D * sizeof(float));
+      }
+  } else if (kv.cache.type == kKVInt8) {
+    attention_task<I8Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  } else if (kv.cache.type == kKVFloat16) {
+    attention_task<F16Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  } else {
+    attention_task<F32Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  }
 }
 
 // One head row as int8 codes: scale = max|x| / 127, code = x * (127 / max|x|) rounded to nearest even.
@@ -224,18 +305,48 @@ inline void quantize_head(const float* x, int D, int8_t* codes, float* scale) {
   for (int i = 0; i < D; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
 }
 
+// One rotated head row (D a multiple of 32) as int4 codes: per group of 32, d = m / -8 for the element m of
+// largest magnitude (the first such), rounded to float16; code = clamp(round(x / d) + 8, 0, 15) by x * (1 / d),
+// rounded to nearest even.
+inline void quantize_head_int4(const float* x, int D, uint8_t* codes, uint16_t* scales) {
+  for (int g = 0; g < D / 32; ++g) {
+    const float* xg = x + 32 * g;
+    float amax = 0.0f, m = 0.0f;
+    for (int i = 0; i < 32; ++i)
+      if (std::fabs(xg[i]) > amax) {
+        amax = std::fabs(xg[i]);
+        m = xg[i];
+      }
+    scales[g] = _cvtss_sh(m / -8.0f, _MM_FROUND_TO_NEAREST_INT);
+    const float d = _cvtsh_ss(scales[g]);
+    const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+    auto code = [&](float v) { return static_cast<uint8_t>(std::clamp(std::nearbyint(v * inv) + 8.0f, 0.0f, 15.0f)); };
+    for (int j = 0; j < 16; ++j) codes[16 * g + j] = code(xg[j]) | code(xg[16 + j]) << 4;
+  }
+}
+
 void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, const KVCacheRef& cache) {
   const int width = KV * D;
   const float* rows[2] = {k, v};
   void* caches[2] = {cache.k, cache.v};
-  float* scales[2] = {cache.k_scale, cache.v_scale};
+  void* scales[2] = {cache.k_scale, cache.v_scale};
   for (int c = 0; c < 2; ++c) {
     if (cache.type == kKVFloat32) {
       std::memcpy(static_cast<float*>(caches[c]) + slot * width, rows[c], width * sizeof(float));
     } else if (cache.type == kKVInt8) {
       for (int h = 0; h < KV; ++h)
         quantize_head(rows[c] + h * D, D, static_cast<int8_t*>(caches[c]) + slot * width + h * D,
-                      scales[c] + slot * KV + h);
+                      static_cast<float*>(scales[c]) + slot * KV + h);
+    } else if (cache.type == kKVInt4) {
+      thread_local std::vector<float> turned;
+      turned.resize(D);
+      for (int h = 0; h < KV; ++h) {
+        std::memcpy(turned.data(), rows[c] + h * D, D * sizeof(float));
+        rotate(turned.data(), cache.signs, D);
+        const int64_t head = slot * KV + h;
+        quantize_head_int4(turned.data(), D, static_cast<uint8_t*>(caches[c]) + head * (D / 2),
+                           static_cast<uint16_t*>(scales[c]) + head * (D / 32));
+      }
     } else {
       uint16_t* o = static_cast<uint16_t*>(caches[c]) + slot * width;
       for (int i = 0; i < width; i += 8)  // width: a multiple of 8 (head_dim is)
@@ -250,13 +361,13 @@ extern "C" {
 
 // q: [B, H, D] rows `q_stride` floats apart per token; caches: [blocks, block_size, KV, D];
 // block_tables: [B, max_blocks] int64; seq_lens: [B] int64 tokens to attend (incl. the new one);
-// window > 0 limits attention to the last `window` tokens; kv_type: tm::KVType (int8: k_scale, v_scale
-// [blocks, block_size, KV]; else null). out: [B, H, D] contiguous.
-void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache, float* k_scale,
-                               float* v_scale, const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
+// window > 0 limits attention to the last `window` tokens; kv_type: tm::KVType (with its scales and signs as
+// tm::KVCacheRef holds them; else null). out: [B, H, D] contiguous.
+void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache, void* k_scale,
+                               void* v_scale, const float* signs, const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
                                int B, int H, int KV, int D, int block_size, float scale, int window, int kv_type,
                                float* out) {
-  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
+  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
                        block_size, window};
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
@@ -268,8 +379,8 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, 
 // Store k and v rows ([T, KV * D] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :], in the
 // cache's kv_type (as tm_paged_decode_attention takes it).
 void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int KV, int D,
-                 void* k_cache, void* v_cache, float* k_scale, float* v_scale, int kv_type) {
-  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, kv_type};
+                 void* k_cache, void* v_cache, void* k_scale, void* v_scale, const float* signs, int kv_type) {
+  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, kv_type};
   for (int t = 0; t < T; ++t) tm::write_kv_row(k + t * stride, v + t * stride, slot_mapping[t], KV, D, cache);
 }
 

@@ -6,14 +6,19 @@
 namespace tm {
 
 // What a cache element is: float32; float16 (half the bytes to stream; F16C converts 8 values per instruction);
-// or int8 codes with one float32 scale per (slot, KV head), symmetric: x = scale * code, scale = max|x| / 127.
-enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2 };
+// int8 codes with one float32 scale per (slot, KV head), symmetric: x = scale * code, scale = max|x| / 127; or
+// int4, rotated: each head row is turned by R = H diag(signs) / sqrt(D) (a Walsh-Hadamard transform with the
+// layer's random signs: orthogonal, so q.k = Rq.Rk, and outliers spread over all coordinates), then stored as
+// 4-bit codes per group of 32 with a float16 scale: x = d * (code - 8), d = (the group's largest-magnitude
+// value) / -8. Reads turn the queries by R and the outputs back by R^T.
+enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2, kKVInt4 = 3 };
 
 struct KVCacheRef {  // one layer's K and V
-  void* k;  // [blocks, block_size, KV, D]
+  void* k;  // [blocks, block_size, KV, D] (int4: D / 2 bytes per head row)
   void* v;
-  float* k_scale;  // int8: [blocks, block_size, KV]; else null
-  float* v_scale;
+  void* k_scale;  // int8: float32 [blocks, block_size, KV]; int4: float16 [blocks, block_size, KV, D / 32]; else null
+  void* v_scale;
+  const float* signs;  // int4: the rotation's signs [D]; else null
   int type;  // KVType
 };
 
@@ -26,8 +31,9 @@ struct PagedKV {
   int window;  // > 0: only the last `window` keys
 };
 
-// Store one token's k and v rows (KV heads of D floats each) into cache slot `slot`, in the cache's type (int8:
-// each head's codes and scale; the same arithmetic as cache/kv_cache.py quantize_int8).
+// Store one token's k and v rows (KV heads of D floats each) into cache slot `slot`, in the cache's type (int8,
+// int4: each head's codes and scales, the same arithmetic as cache/kv_cache.py's quantize_int8 and
+// rotate + quantize_int4).
 void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, const KVCacheRef& cache);
 
 // The query heads that read KV head kvh in `rows` consecutive rows from row b, which share row b's block table

@@ -3,9 +3,9 @@
 Token layout of a step: single-token chunks (decodes) first, then prefill chunks, all flattened into one
 [T, heads, dim] tensor with no padding between sequences. The cache may hold a narrower dtype than the
 activations (a float16 KV cache under float32 compute, see CacheConfig.kv_cache_dtype): values are rounded on
-the way in and widened on the way out; an int8 cache stores codes and scales (cache/kv_cache.py quantize_int8)
-and is dequantized on the way out. Decodes run in the native paged kernel, which reads each sequence's blocks in
-place (float32, float16 or int8 codes), or else as one batched SDPA call: each sequence's blocks are gathered and
+the way in and widened on the way out; int8 and int4 caches store codes and scales (cache/kv_cache.py encode) and
+are decoded on the way out. Decodes run in the native paged kernel, which reads each sequence's blocks in
+place (float32, float16, int8 or int4 codes), or else as one batched SDPA call: each sequence's blocks are gathered and
 keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
 Sliding-window layers get their KV group's metadata with `window` set: block tables start at the block of
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokenmill.cache.kv_cache import LayerKV, dequantize_int8, quantize_int8
+from tokenmill.cache.kv_cache import LayerKV, decode, encode
 from tokenmill.kernels import layer_ops, native
 
 
@@ -54,14 +54,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         if use_native:
             layer_ops.write_kv(k, v, meta.slot_mapping, *cache)
         else:
-            _store(k, cache.k, cache.k_scale, meta.slot_mapping)
-            _store(v, cache.v, cache.v_scale, meta.slot_mapping)
+            _store(k, cache.k, cache.k_scale, cache.signs, meta.slot_mapping)
+            _store(v, cache.v, cache.v_scale, cache.signs, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd and use_native:
         out[:nd] = layer_ops.paged_decode_attention(q[:nd], cache.k, cache.v, meta.decode_block_tables,
                                                     meta.decode_seq_lens, scale, meta.window or 0, cache.k_scale,
-                                                    cache.v_scale)
+                                                    cache.v_scale, cache.signs)
     elif nd:
         out[:nd] = _decode(q[:nd], cache, meta, scale)
     for span in meta.prefills:
@@ -70,30 +70,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     return out
 
 
-def _store(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor) -> None:
-    """Rows x [T, KV, D] into their slots, in the cache's element type."""
-    if scales is None:
-        cache.view(-1, *x.shape[1:]).index_copy_(0, slots, x.to(cache.dtype))
-        return
-    codes, row_scales = quantize_int8(x.float())
-    cache.view(-1, *x.shape[1:]).index_copy_(0, slots, codes)
-    scales.view(-1, x.shape[1]).index_copy_(0, slots, row_scales)
+def _store(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None,
+           slots: torch.Tensor) -> None:
+    """Rows x [T, KV, D] into their slots, in the cache's element type (and scales)."""
+    elements, row_scales = encode(x, cache.dtype, signs)
+    cache.view(-1, *elements.shape[1:]).index_copy_(0, slots, elements)
+    if scales is not None:
+        scales.view(-1, *row_scales.shape[1:]).index_copy_(0, slots, row_scales)
 
 
-def _as_stored(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """x as the cache would give it back: rounded to its element type (and scale), in x's dtype."""
-    if scales is None:
-        return x.to(cache.dtype).to(x.dtype)
-    return dequantize_int8(*quantize_int8(x.float())).to(x.dtype)
+def _as_stored(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None,
+               signs: torch.Tensor | None) -> torch.Tensor:
+    """x as the cache would give it back: rounded to its element type (and scales), in x's dtype."""
+    return decode(*encode(x, cache.dtype, signs), signs, x.dtype)
 
 
-def _read(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _read(cache: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None, blocks: torch.Tensor,
+          dtype: torch.dtype) -> torch.Tensor:
     """The blocks' rows [len(blocks) * block_size, KV, D] in `dtype` (index_select: ~5x faster than fancy
-    indexing); int8 codes times their scales."""
+    indexing), decoded."""
     rows = cache.index_select(0, blocks).flatten(0, 1)
-    if scales is None:
-        return rows.to(dtype)
-    return dequantize_int8(rows, scales.index_select(0, blocks).flatten(0, 1)).to(dtype)
+    row_scales = None if scales is None else scales.index_select(0, blocks).flatten(0, 1)
+    return decode(rows, row_scales, signs, dtype)
 
 
 def _decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -102,8 +100,8 @@ def _decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: flo
     b, heads, dim = q.shape
     kv_heads = cache.k.shape[2]
     tables = meta.decode_block_tables.view(-1)
-    keys = _read(cache.k, cache.k_scale, tables, q.dtype).view(b, -1, kv_heads, dim).transpose(1, 2)
-    values = _read(cache.v, cache.v_scale, tables, q.dtype).view(b, -1, kv_heads, dim).transpose(1, 2)
+    keys = _read(cache.k, cache.k_scale, cache.signs, tables, q.dtype).view(b, -1, kv_heads, dim).transpose(1, 2)
+    values = _read(cache.v, cache.v_scale, cache.signs, tables, q.dtype).view(b, -1, kv_heads, dim).transpose(1, 2)
     query = q.view(b, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, scale=scale)
     return out.reshape(b, heads, dim)
@@ -115,11 +113,12 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, 
     cached = span.context_len - t
     if cached == 0:  # nothing before this chunk: attend within it, to its keys as the cache holds them (as decoding
         # and the fused step read them: a prompt gives the same result whether it was cached or not)
-        keys, values, key_start = _as_stored(k, cache.k, cache.k_scale), _as_stored(v, cache.v, cache.v_scale), 0
+        keys, key_start = _as_stored(k, cache.k, cache.k_scale, cache.signs), 0
+        values = _as_stored(v, cache.v, cache.v_scale, cache.signs)
     else:
         num_keys = span.context_len - span.key_start
-        keys = _read(cache.k, cache.k_scale, span.block_table, q.dtype)[:num_keys]
-        values = _read(cache.v, cache.v_scale, span.block_table, q.dtype)[:num_keys]
+        keys = _read(cache.k, cache.k_scale, cache.signs, span.block_table, q.dtype)[:num_keys]
+        values = _read(cache.v, cache.v_scale, cache.signs, span.block_table, q.dtype)[:num_keys]
         key_start = span.key_start
     if cached == 0 and (window is None or t <= window):
         mask, causal = None, True
