@@ -7,7 +7,10 @@ byte budget. Compressed caches (CacheConfig.kv_cache_dtype):
   4-bit codes per group of 32 with a float16 scale (Q4_0's rule: d = the group's largest-magnitude value / -8,
   x = d * (code - 8)): 4.5 bits per element. Stored as uint8 [..., head_dim / 2] (byte j of a group = element j
   | element 16 + j << 4) and float16 scales [..., head_dim / 32]. Readers attend in the rotated space (queries
-  turned by R, outputs back by R^T) or un-rotate what they read."""
+  turned by R, outputs back by R^T) or un-rotate what they read.
+Both store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's
+k bias, hundreds in its first layers): every key loses the same vector, so each query's scores move by one
+constant and the softmax is unchanged, while the codes no longer spend their range on it."""
 from __future__ import annotations
 
 import mmap
@@ -128,8 +131,12 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (values * scales.float()[..., None]).reshape(*codes.shape[:-1], -1)
 
 
-def encode(x: torch.Tensor, dtype: torch.dtype, signs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows [..., D] as a cache of element type `dtype` stores them: (elements, scales or None)."""
+def encode(x: torch.Tensor, dtype: torch.dtype, signs: torch.Tensor | None,
+           offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows [..., D] as a cache of element type `dtype` stores them: (elements, scales or None); compressed
+    types take `offset` (keys: [KV, D]) off first."""
+    if offset is not None and dtype in (torch.int8, INT4):
+        x = x.float() - offset
     if dtype == torch.int8:
         return quantize_int8(x.float())
     if dtype == INT4:
@@ -149,14 +156,15 @@ def decode(elements: torch.Tensor, scales: torch.Tensor | None, signs: torch.Ten
 
 class LayerKV(NamedTuple):
     """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, head_dim (int4: / 2)], the
-    scales of int8 ([..., kv_heads]) and int4 ([..., kv_heads, head_dim / 32]) caches and int4's rotation signs
-    [head_dim] (None otherwise)."""
+    scales of int8 ([..., kv_heads]) and int4 ([..., kv_heads, head_dim / 32]) caches, int4's rotation signs
+    [head_dim] and the compressed caches' key offset [kv_heads, head_dim] (None otherwise)."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     signs: torch.Tensor | None = None
+    k_offset: torch.Tensor | None = None
 
 
 def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -181,7 +189,9 @@ class CacheInfo:
 
 
 class KVCache:
-    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 key_offsets: torch.Tensor | None = None) -> None:
+        """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring)."""
         check_head_dim(dtype, model.head_dim)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype), bytes_per_block(model, block_size, dtype))
@@ -190,7 +200,7 @@ class KVCache:
         width = model.head_dim // 2 if dtype == INT4 else model.head_dim
         self.k = _lazily_zeroed(_numel(rows) * width, dtype).view(*rows, width)
         self.v = _lazily_zeroed(_numel(rows) * width, dtype).view(*rows, width)
-        self.k_scale = self.v_scale = self.signs = None
+        self.k_scale = self.v_scale = self.signs = self.k_offsets = None
         if dtype == torch.int8:
             self.k_scale = _lazily_zeroed(_numel(rows), torch.float32).view(rows)
             self.v_scale = _lazily_zeroed(_numel(rows), torch.float32).view(rows)
@@ -199,6 +209,8 @@ class KVCache:
             self.k_scale = _lazily_zeroed(_numel(rows) * groups, torch.float16).view(*rows, groups)
             self.v_scale = _lazily_zeroed(_numel(rows) * groups, torch.float16).view(*rows, groups)
             self.signs = torch.stack([rotation_signs(layer, model.head_dim) for layer in range(model.num_layers)])
+        if self.k_scale is not None and key_offsets is not None:
+            self.k_offsets = key_offsets.float().contiguous()
 
     def layer(self, layer: int) -> LayerKV:
         """The blocks that model layer `layer` reads and writes."""
@@ -206,7 +218,8 @@ class KVCache:
         if self.k_scale is None:
             return LayerKV(self.k[slot], self.v[slot])
         signs = None if self.signs is None else self.signs[layer]
-        return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs)
+        offset = None if self.k_offsets is None else self.k_offsets[layer]
+        return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs, offset)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

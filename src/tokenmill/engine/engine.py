@@ -61,7 +61,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{bytes_per_block(model.config, block_size, kv_dtype)} bytes")
-        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype)
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, model.key_offsets())
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()

@@ -49,13 +49,14 @@ def kv_type(cache: torch.Tensor) -> int:
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-             signs: torch.Tensor | None = None) -> None:
+             signs: torch.Tensor | None = None, k_offset: torch.Tensor | None = None) -> None:
     """k, v: float32 [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous:
-    float32, float16 (rounded to nearest), int8 or int4 (with their scales and signs, cache/kv_cache.py)."""
+    float32, float16 (rounded to nearest), int8 or int4 (with their scales, signs and key offset,
+    cache/kv_cache.py)."""
     t, kv, d = k.shape
     library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv, d,
                           k_cache.data_ptr(), v_cache.data_ptr(), ptr(k_scale), ptr(v_scale), ptr(signs),
-                          kv_type(k_cache))
+                          ptr(k_offset), kv_type(k_cache))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -107,6 +107,22 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def key_offsets(self, positions: int = 4096) -> torch.Tensor | None:
+        """Per layer, the constant part of its keys [layers, kv_heads, head_dim]: the k bias as RoPE turns it,
+        averaged over the first `positions` positions (slow RoPE pairs keep it, fast ones average it out); None
+        without k biases. Compressed KV caches store keys minus it (cache/kv_cache.py): Qwen2's k biases reach
+        hundreds in its first layers and would otherwise set every key's quantization step."""
+        if not self.config.attention_bias:
+            return None
+        offsets = []
+        for attn, rotary in zip((layer.self_attn for layer in self.layers), self.layer_rotary):
+            q_size, kv_size, _ = attn.split
+            bias = attn.qkv_proj.bias.detach().float()[q_size:q_size + kv_size].view(attn.num_kv_heads, -1)
+            cos, sin = rotary.cos[:positions].float().mean(0), rotary.sin[:positions].float().mean(0)
+            half = bias.shape[-1] // 2
+            offsets.append(bias * cos + torch.cat([-bias[:, half:], bias[:, :half]], -1) * sin)
+        return torch.stack(offsets)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: Sequence[AttentionMetadata],
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Run a step's flattened tokens; float32 logits of the rows in `logits_indices` (all rows if None).

@@ -46,7 +46,7 @@ class DraftSequence:
 
 class DraftModelProposer:
     def __init__(self, model: LlamaModel, dtype: torch.dtype, block_size: int, num_blocks: int) -> None:
-        self.cache = KVCache(model.config, num_blocks, block_size, dtype)
+        self.cache = KVCache(model.config, num_blocks, block_size, dtype, model.key_offsets())
         self.kv = KVCacheManager(num_blocks, block_size, False, self.cache.layout.windows)
         self.runner = ModelRunner(model, self.cache)
         self.sequences: dict[str, DraftSequence] = {}

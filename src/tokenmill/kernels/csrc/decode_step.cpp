@@ -37,6 +37,7 @@ struct Layer {
   void* k_scale;  // int8 and int4 caches: their scales (tm::KVCacheRef); else null
   void* v_scale;
   const float* signs;  // int4: the layer's rotation signs [D]; else null
+  const float* k_offset;  // int8, int4: [KV, D] taken off each key before it is quantized (tm::KVCacheRef); or null
   const float* cos;  // [positions, D] this layer's RoPE tables
   const float* sin;
   int group;   // its KV group (cache/kv_layout.py): which block tables it reads
@@ -135,7 +136,7 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   for (int l = 0; l < num_layers; ++l) {
     const Layer& ly = layers[l];
     const Group& grp = groups[ly.group];
-    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, ly.signs, d.kv_type};
+    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, ly.signs, ly.k_offset, d.kv_type};
 #pragma omp for schedule(static)
     for (int m = 0; m < M; ++m) tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.input_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
     tm::quantize_rows(h, H, M, H, qa);

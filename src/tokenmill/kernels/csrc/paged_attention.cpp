@@ -333,18 +333,20 @@ void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, c
   for (int c = 0; c < 2; ++c) {
     if (cache.type == kKVFloat32) {
       std::memcpy(static_cast<float*>(caches[c]) + slot * width, rows[c], width * sizeof(float));
-    } else if (cache.type == kKVInt8) {
-      for (int h = 0; h < KV; ++h)
-        quantize_head(rows[c] + h * D, D, static_cast<int8_t*>(caches[c]) + slot * width + h * D,
-                      static_cast<float*>(scales[c]) + slot * KV + h);
-    } else if (cache.type == kKVInt4) {
-      thread_local std::vector<float> turned;
-      turned.resize(D);
+    } else if (cache.type == kKVInt8 || cache.type == kKVInt4) {
+      thread_local std::vector<float> row;
+      row.resize(D);
       for (int h = 0; h < KV; ++h) {
-        std::memcpy(turned.data(), rows[c] + h * D, D * sizeof(float));
-        rotate(turned.data(), cache.signs, D);
+        std::memcpy(row.data(), rows[c] + h * D, D * sizeof(float));
+        if (c == 0 && cache.k_offset)
+          for (int i = 0; i < D; ++i) row[i] -= cache.k_offset[h * D + i];
         const int64_t head = slot * KV + h;
-        quantize_head_int4(turned.data(), D, static_cast<uint8_t*>(caches[c]) + head * (D / 2),
+        if (cache.type == kKVInt8) {
+          quantize_head(row.data(), D, static_cast<int8_t*>(caches[c]) + head * D, static_cast<float*>(scales[c]) + head);
+          continue;
+        }
+        rotate(row.data(), cache.signs, D);
+        quantize_head_int4(row.data(), D, static_cast<uint8_t*>(caches[c]) + head * (D / 2),
                            static_cast<uint16_t*>(scales[c]) + head * (D / 32));
       }
     } else {
@@ -367,7 +369,7 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, 
                                void* v_scale, const float* signs, const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
                                int B, int H, int KV, int D, int block_size, float scale, int window, int kv_type,
                                float* out) {
-  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
+  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, nullptr, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
                        block_size, window};
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
@@ -379,8 +381,9 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, 
 // Store k and v rows ([T, KV * D] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :], in the
 // cache's kv_type (as tm_paged_decode_attention takes it).
 void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int KV, int D,
-                 void* k_cache, void* v_cache, void* k_scale, void* v_scale, const float* signs, int kv_type) {
-  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, kv_type};
+                 void* k_cache, void* v_cache, void* k_scale, void* v_scale, const float* signs,
+                 const float* k_offset, int kv_type) {
+  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, k_offset, kv_type};
   for (int t = 0; t < T; ++t) tm::write_kv_row(k + t * stride, v + t * stride, slot_mapping[t], KV, D, cache);
 }
 

@@ -19,6 +19,9 @@ struct KVCacheRef {  // one layer's K and V
   void* k_scale;  // int8: float32 [blocks, block_size, KV]; int4: float16 [blocks, block_size, KV, D / 32]; else null
   void* v_scale;
   const float* signs;  // int4: the rotation's signs [D]; else null
+  const float* k_offset;  // int8, int4: [KV, D] subtracted from each key before it is quantized (a vector every
+                          // key of the layer loses alike: each query's scores move by one constant, the softmax
+                          // stays); null: none
   int type;  // KVType
 };
 

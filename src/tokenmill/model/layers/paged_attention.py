@@ -54,7 +54,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         if use_native:
             layer_ops.write_kv(k, v, meta.slot_mapping, *cache)
         else:
-            _store(k, cache.k, cache.k_scale, cache.signs, meta.slot_mapping)
+            _store(k, cache.k, cache.k_scale, cache.signs, meta.slot_mapping, cache.k_offset)
             _store(v, cache.v, cache.v_scale, cache.signs, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
@@ -71,18 +71,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
 
 
 def _store(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None,
-           slots: torch.Tensor) -> None:
+           slots: torch.Tensor, offset: torch.Tensor | None = None) -> None:
     """Rows x [T, KV, D] into their slots, in the cache's element type (and scales)."""
-    elements, row_scales = encode(x, cache.dtype, signs)
+    elements, row_scales = encode(x, cache.dtype, signs, offset)
     cache.view(-1, *elements.shape[1:]).index_copy_(0, slots, elements)
     if scales is not None:
         scales.view(-1, *row_scales.shape[1:]).index_copy_(0, slots, row_scales)
 
 
-def _as_stored(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None,
-               signs: torch.Tensor | None) -> torch.Tensor:
+def _as_stored(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
     """x as the cache would give it back: rounded to its element type (and scales), in x's dtype."""
-    return decode(*encode(x, cache.dtype, signs), signs, x.dtype)
+    return decode(*encode(x, cache.dtype, signs, offset), signs, x.dtype)
 
 
 def _read(cache: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None, blocks: torch.Tensor,
@@ -113,7 +113,7 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, 
     cached = span.context_len - t
     if cached == 0:  # nothing before this chunk: attend within it, to its keys as the cache holds them (as decoding
         # and the fused step read them: a prompt gives the same result whether it was cached or not)
-        keys, key_start = _as_stored(k, cache.k, cache.k_scale, cache.signs), 0
+        keys, key_start = _as_stored(k, cache.k, cache.k_scale, cache.signs, cache.k_offset), 0
         values = _as_stored(v, cache.v, cache.v_scale, cache.signs)
     else:
         num_keys = span.context_len - span.key_start
