@@ -53,21 +53,16 @@ def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> LLM:
     return llm
 
 
-def _eval_ids(args: argparse.Namespace, llm: LLM) -> list[int]:
-    from tokenmill.compress.perplexity import read_text
-
-    return llm.tokenizer.encode(read_text(args.dataset, EVAL_TEXT))[: args.max_tokens]
-
-
-def _check_eval_args(args: argparse.Namespace) -> None:
-    """Bad arguments fail before a model loads."""
-    from tokenmill.compress.perplexity import sliding_windows
+def _eval_text(args: argparse.Namespace) -> str:
+    """The text to score, once the arguments check out: bad ones fail before a model loads."""
+    from tokenmill.compress.perplexity import read_text, sliding_windows
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     sliding_windows(2, args.context_len, args.stride)
     if args.max_num_batched_tokens < 1:
         raise ValueError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    return read_text(args.dataset, EVAL_TEXT)
 
 
 def _cache_scorer(llm: LLM, chunk: int) -> Callable[[Sequence[int]], torch.Tensor]:
@@ -78,12 +73,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from tokenmill.compress.perplexity import perplexity
     from tokenmill.hardware import describe
 
-    _check_eval_args(args)
     if args.kv_cache_dtype is None and args.max_num_batched_tokens != CACHED_CHUNK:
         raise ValueError("--max-num-batched-tokens sets the chunks of scoring through the KV cache: it needs "
                          "--kv-cache-dtype (without it, each window is scored in one uncached pass)")
+    text = _eval_text(args)
     llm = _eval_llm(args, args.kv_cache_dtype or "auto")
-    ids = _eval_ids(args, llm)
+    ids = llm.tokenizer.encode(text)[: args.max_tokens]
     score = llm.score if args.kv_cache_dtype is None else _cache_scorer(llm, args.max_num_batched_tokens)
     result = perplexity(score, ids, args.context_len, args.stride, progress=True)
     quant = llm.quant_config
@@ -111,10 +106,10 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
     from tokenmill.compress.kld import kl_divergence
     from tokenmill.hardware import describe
 
-    _check_eval_args(args)
+    text = _eval_text(args)
     reference = _eval_llm(args, args.reference_kv_cache_dtype)
     test = _eval_llm(args, args.kv_cache_dtype)
-    ids = _eval_ids(args, reference)
+    ids = reference.tokenizer.encode(text)[: args.max_tokens]
     chunk = args.max_num_batched_tokens
     result = kl_divergence(_cache_scorer(reference, chunk), _cache_scorer(test, chunk), ids, args.context_len,
                            args.stride, progress=True)
