@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from test_native_kernels import assert_matches_sdpa
 from tokenmill.cache import kv_cache
 from tokenmill.hardware import cpu_flags
 from tokenmill.kernels import build, layer_ops, native
@@ -108,13 +108,8 @@ def test_paged_attention_over_int4_codes_matches_attention_over_decoded_rows(ker
         return kv_cache.decode(cache[tables[b]].reshape(-1, kv, d // 2)[: lens[b]],
                                scale[tables[b]].reshape(-1, kv, d // 32)[: lens[b]], signs, torch.float32)
 
-    for b in range(3):
-        keys, values = rows(k_cache, scales[0], b), rows(v_cache, scales[1], b)
-        if window:
-            keys, values = keys[-window:], values[-window:]
-        ref = F.scaled_dot_product_attention(q[b][:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=0.25,
-                                             enable_gqa=True)[:, 0]
-        torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
+    assert_matches_sdpa(out, q, [(rows(k_cache, scales[0], b), rows(v_cache, scales[1], b)) for b in range(3)],
+                        window, 0.25, rtol=1e-4)
 
 
 def test_int4_needs_a_power_of_two_head_dim():

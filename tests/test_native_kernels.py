@@ -69,13 +69,19 @@ def test_paged_decode_attention_matches_sdpa(window, cache_dtype):
         x = cache[tables[b]].reshape(-1, kv, d)[: lens[b]].float()
         return x if scale is None else x * scale[tables[b]].reshape(-1, kv)[: lens[b], :, None]
 
-    for b in range(3):
-        keys, values = rows(k_cache, scales[0], b), rows(v_cache, scales[1], b)
+    assert_matches_sdpa(out, q, [(rows(k_cache, scales[0], b), rows(v_cache, scales[1], b)) for b in range(3)],
+                        window, 0.25, rtol=1e-5)
+
+
+def assert_matches_sdpa(out: torch.Tensor, q: torch.Tensor, keys_values: list, window: int, scale: float,
+                        rtol: float) -> None:
+    """Each row b of the kernel's output against SDPA over its (keys, values) [len, KV, D], the last `window`."""
+    for b, (keys, values) in enumerate(keys_values):
         if window:
             keys, values = keys[-window:], values[-window:]
-        ref = F.scaled_dot_product_attention(q[b][:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=0.25,
-                                             enable_gqa=True)[:, 0]
-        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+        ref = F.scaled_dot_product_attention(q[b][:, None], keys.transpose(0, 1), values.transpose(0, 1),
+                                             scale=scale, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[b], ref, rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
