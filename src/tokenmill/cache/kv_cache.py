@@ -13,6 +13,7 @@ k bias, hundreds in its first layers): every key loses the same vector, so each 
 constant and the softmax is unchanged, while the codes no longer spend their range on it."""
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +26,7 @@ from tokenmill.kernels.native import available as kernels_available
 
 INT4 = torch.uint8  # the element type of an int4 cache: two 4-bit codes per byte
 INT4_GROUP = 32  # elements per int4 scale
+COMPRESSED = (torch.int8, INT4)  # the element types stored as codes with scales (and keys minus an offset)
 _SIGN_SEED = 0x5EED  # the rotation signs of layer l come from seed _SIGN_SEED + l: fixed, so saved caches agree
 
 
@@ -135,7 +137,7 @@ def encode(x: torch.Tensor, dtype: torch.dtype, signs: torch.Tensor | None,
            offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows [..., D] as a cache of element type `dtype` stores them: (elements, scales or None); compressed
     types take `offset` (keys: [KV, D]) off first."""
-    if offset is not None and dtype in (torch.int8, INT4):
+    if offset is not None and dtype in COMPRESSED:
         x = x.float() - offset
     if dtype == torch.int8:
         return quantize_int8(x.float())
@@ -198,18 +200,18 @@ class KVCache:
         self.layout = KVLayout.from_config(model)
         rows = (self.layout.slots, num_blocks, block_size, model.num_kv_heads)
         width = model.head_dim // 2 if dtype == INT4 else model.head_dim
-        self.k = _lazily_zeroed(_numel(rows) * width, dtype).view(*rows, width)
-        self.v = _lazily_zeroed(_numel(rows) * width, dtype).view(*rows, width)
+        self.k = _lazily_zeroed(math.prod(rows) * width, dtype).view(*rows, width)
+        self.v = _lazily_zeroed(math.prod(rows) * width, dtype).view(*rows, width)
         self.k_scale = self.v_scale = self.signs = self.k_offsets = None
         if dtype == torch.int8:
-            self.k_scale = _lazily_zeroed(_numel(rows), torch.float32).view(rows)
-            self.v_scale = _lazily_zeroed(_numel(rows), torch.float32).view(rows)
+            self.k_scale = _lazily_zeroed(math.prod(rows), torch.float32).view(rows)
+            self.v_scale = _lazily_zeroed(math.prod(rows), torch.float32).view(rows)
         elif dtype == INT4:
             groups = model.head_dim // INT4_GROUP
-            self.k_scale = _lazily_zeroed(_numel(rows) * groups, torch.float16).view(*rows, groups)
-            self.v_scale = _lazily_zeroed(_numel(rows) * groups, torch.float16).view(*rows, groups)
+            self.k_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
+            self.v_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
             self.signs = torch.stack([rotation_signs(layer, model.head_dim) for layer in range(model.num_layers)])
-        if self.k_scale is not None and key_offsets is not None:
+        if dtype in COMPRESSED and key_offsets is not None:
             self.k_offsets = key_offsets.float().contiguous()
 
     def layer(self, layer: int) -> LayerKV:
@@ -220,10 +222,3 @@ class KVCache:
         signs = None if self.signs is None else self.signs[layer]
         offset = None if self.k_offsets is None else self.k_offsets[layer]
         return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs, offset)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

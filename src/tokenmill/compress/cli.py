@@ -22,9 +22,13 @@ CALIBRATION_TEXT = "calibration_en.txt"
 CACHED_CHUNK = 64  # tokens per step when scoring through the KV cache
 
 
-def _add_eval_args(p: argparse.ArgumentParser) -> None:
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
     p.add_argument("--dataset", default=None, help=f"a UTF-8 text file (default: the shipped held-out {EVAL_TEXT})")
     p.add_argument("--context-len", type=int, default=512, help="most tokens the model sees per window")
     p.add_argument("--stride", type=int, default=256, help="new tokens scored per window (< context-len)")
@@ -188,8 +192,7 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     kld.add_argument("--reference-kv-cache-dtype", default="float16", choices=KV_CACHE_DTYPES)
     kld.set_defaults(func=cmd_eval_kld)
     pk = ev_sub.add_parser("passkey", help="passkey retrieval: a number hidden at depths of long filler text")
-    pk.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                    help="a .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    _add_model_arg(pk)
     pk.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
     pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                     help="where the key sits, as fractions of the filler")

@@ -14,7 +14,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from tokenmill.cache.kv_cache import KVCache, bytes_per_block, resolve_kv_dtype
+from tokenmill.cache.kv_cache import COMPRESSED, KVCache, bytes_per_block, resolve_kv_dtype
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -61,7 +61,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{bytes_per_block(model.config, block_size, kv_dtype)} bytes")
-        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, model.key_offsets())
+        offsets = model.key_offsets() if kv_dtype in COMPRESSED else None  # float caches store keys as they are
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()

@@ -20,7 +20,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.kernels import layer_ops, native
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.paged_attention import AttentionMetadata, paged_attention
-from tokenmill.model.layers.rotary import RotaryEmbedding
+from tokenmill.model.layers.rotary import RotaryEmbedding, rotate_half
 
 _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -114,13 +114,14 @@ class LlamaModel(nn.Module):
         hundreds in its first layers and would otherwise set every key's quantization step."""
         if not self.config.attention_bias:
             return None
+        means = {id(r): (r.cos[:positions].float().mean(0), r.sin[:positions].float().mean(0))
+                 for r in self.layer_rotary}  # layers share their RoPE tables
         offsets = []
         for attn, rotary in zip((layer.self_attn for layer in self.layers), self.layer_rotary):
             q_size, kv_size, _ = attn.split
             bias = attn.qkv_proj.bias.detach().float()[q_size:q_size + kv_size].view(attn.num_kv_heads, -1)
-            cos, sin = rotary.cos[:positions].float().mean(0), rotary.sin[:positions].float().mean(0)
-            half = bias.shape[-1] // 2
-            offsets.append(bias * cos + torch.cat([-bias[:, half:], bias[:, :half]], -1) * sin)
+            cos, sin = means[id(rotary)]
+            offsets.append(bias * cos + rotate_half(bias) * sin)
         return torch.stack(offsets)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: Sequence[AttentionMetadata],

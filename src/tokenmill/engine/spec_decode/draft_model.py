@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.cache.kv_cache import KVCache
+from tokenmill.cache.kv_cache import COMPRESSED, KVCache
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import QuantConfig
 from tokenmill.engine.request import Request
@@ -46,7 +46,8 @@ class DraftSequence:
 
 class DraftModelProposer:
     def __init__(self, model: LlamaModel, dtype: torch.dtype, block_size: int, num_blocks: int) -> None:
-        self.cache = KVCache(model.config, num_blocks, block_size, dtype, model.key_offsets())
+        self.cache = KVCache(model.config, num_blocks, block_size, dtype,
+                             model.key_offsets() if dtype in COMPRESSED else None)
         self.kv = KVCacheManager(num_blocks, block_size, False, self.cache.layout.windows)
         self.runner = ModelRunner(model, self.cache)
         self.sequences: dict[str, DraftSequence] = {}
