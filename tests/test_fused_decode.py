@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.cache.kv_cache import INT4
+from tokenmill.cache.kv_cache import COMPRESSED, resolve_kv_dtype
 from tokenmill.kernels import build, native
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
@@ -77,7 +77,7 @@ def _assert_paths_agree(llm: LLM, module_one_by_one: bool = False) -> None:
         assert calls[0] == sum(map(len, PROMPTS))  # the prompts' prefill went through it
     assert calls.count(len(PROMPTS)) >= 2 and len(calls) >= 19 + prefill_fused  # and the batched decodes
     modules = _run(llm, fused=False, one_by_one=module_one_by_one)
-    coded = llm.engine.kv_cache.dtype in (torch.int8, INT4)
+    coded = llm.engine.kv_cache.dtype in COMPRESSED
     for a, b in zip(fused, modules):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -100,17 +100,21 @@ def test_qwen2_with_biases(tmp_path, tokenizer_dir, quantization, kv_cache_dtype
     _assert_paths_agree(llm)
 
 
-def test_int4_cache_on_the_fused_step(tmp_path, tokenizer_dir):
-    """The rotated int4 cache (head_dim 32: one group per head row) through the fused step and the module path."""
+@pytest.mark.parametrize("kv_cache_dtype,bits", [("int4", None), ("turboquant", 2.5), ("turboquant", 3.5)])
+def test_rotated_caches_on_the_fused_step(tmp_path, tokenizer_dir, kv_cache_dtype, bits):
+    """The rotated int4 cache (head_dim 32: one group per head row) and turboquant codes through the fused step
+    and the module path."""
     torch.manual_seed(2)
     model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, "hidden_size": 128})).eval()
     folder = _checkpoint(tmp_path, tokenizer_dir, model)
-    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False, kv_cache_dtype="int4")
-    assert llm.engine.kv_cache.dtype == INT4 and llm.config.head_dim == 32
+    llm = LLM(folder, quantization="int4", block_size=4, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype,
+              kv_cache_bits=bits)
+    assert llm.engine.kv_cache.dtype == resolve_kv_dtype(kv_cache_dtype, torch.float32, True)
+    assert llm.config.head_dim == 32
     _assert_paths_agree(llm)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4", "turboquant"])
 def test_key_offsets_keep_a_large_k_bias_out_of_the_codes(tmp_path, tokenizer_dir, monkeypatch, kv_cache_dtype):
     """Qwen2's k biases reach hundreds in its first layers. A compressed cache stores keys minus the bias's
     RoPE-averaged part (LlamaModel.key_offsets): the softmax does not change, and the codes keep their range for

@@ -41,7 +41,9 @@ def tiny_dir(tmp_path_factory):
 
 # int8 on this random tiny model: 0.02 measured on the first token (its keys' values are spread wide)
 # int4 (rotated, 4 bits per group of 32): a first token flips at a 0.28 margin on this random model
-@pytest.mark.parametrize("kv_cache_dtype,tolerance", [("float16", 1e-3), ("int8", 5e-2), ("int4", 5e-1)])
+# turboquant (rotated, Lloyd-Max codes at 3.5 bits: keys 4, values 3, one scale per row): as int4
+@pytest.mark.parametrize("kv_cache_dtype,tolerance", [("float16", 1e-3), ("int8", 5e-2), ("int4", 5e-1),
+                                                      ("turboquant", 5e-1)])
 @pytest.mark.parametrize("native_kernels", ["1", "0"])
 def test_narrow_cache_on_a_float_model_keeps_greedy_tokens_close(tiny_dir, monkeypatch, native_kernels, kv_cache_dtype,
                                                                   tolerance):
@@ -57,24 +59,26 @@ def test_narrow_cache_on_a_float_model_keeps_greedy_tokens_close(tiny_dir, monke
         assert exact.engine.kv_cache.dtype == torch.float32
         assert narrow.engine.kv_cache.dtype == resolve_kv_dtype(kv_cache_dtype, torch.float32, False)
         config, block_size = exact.config, exact.engine.kv_cache.block_size
-        ratio = bytes_per_block(config, block_size, torch.float32) / bytes_per_block(config, block_size,
-                                                                                     narrow.engine.kv_cache.dtype)
+        cache = narrow.engine.kv_cache
+        ratio = bytes_per_block(config, block_size, torch.float32) / bytes_per_block(config, block_size, cache.dtype,
+                                                                                     cache.turbo)
         want = {"float16": 2, "int8": 4 * config.head_dim / (config.head_dim + 4),
-                "int4": 4 * config.head_dim / (config.head_dim / 2 + 2 * config.head_dim / 32)}[kv_cache_dtype]
+                "int4": 4 * config.head_dim / (config.head_dim / 2 + 2 * config.head_dim / 32),
+                "turboquant": 8 * config.head_dim / (3.5 * 2 * config.head_dim / 8 + 4)}[kv_cache_dtype]
         assert ratio == want
         for llm in (exact, narrow):
-            assert llm.engine.kv_cache.num_blocks == 2**22 // bytes_per_block(config, block_size,
-                                                                               llm.engine.kv_cache.dtype)
+            c = llm.engine.kv_cache
+            assert c.num_blocks == 2**22 // bytes_per_block(config, block_size, c.dtype, c.turbo)
         info = narrow.cache_info()
         assert (info.num_blocks, info.block_size, info.kv_cache_dtype, info.bytes_per_block) == (
-            narrow.engine.kv_cache.num_blocks, block_size, kv_cache_dtype,
-            bytes_per_block(config, block_size, narrow.engine.kv_cache.dtype))
+            cache.num_blocks, block_size, kv_cache_dtype, bytes_per_block(config, block_size, cache.dtype, cache.turbo))
+        assert info.kv_cache_bits == (3.5 if kv_cache_dtype == "turboquant" else None)
         a, b = exact.generate(PROMPTS, params), narrow.generate(PROMPTS, params)
         for x, y in zip(a, b):
             first = x.outputs[0].logprobs[0]
             token = x.outputs[0].token_ids[0]
             if y.outputs[0].token_ids[0] != token:  # int4 only: a near-tie (within the tolerance) may flip
-                assert kv_cache_dtype == "int4"
+                assert kv_cache_dtype in ("int4", "turboquant")
                 top = sorted((lp.logprob for lp in first.values()), reverse=True)
                 assert top[0] - top[1] < tolerance
                 continue
@@ -82,6 +86,6 @@ def test_narrow_cache_on_a_float_model_keeps_greedy_tokens_close(tiny_dir, monke
             assert y.outputs[0].logprobs[0][token].logprob == pytest.approx(first[token].logprob, abs=tolerance)
             same = next((i for i, (s, t) in enumerate(zip(x.outputs[0].token_ids, y.outputs[0].token_ids))
                          if s != t), 12)
-            assert same >= (1 if kv_cache_dtype == "int4" else 4)
+            assert same >= (1 if kv_cache_dtype in ("int4", "turboquant") else 4)
     finally:
         native.library.cache_clear()

@@ -110,7 +110,8 @@ class QuantConfig:
 # (hardware.resolve_dtype).
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4", "turboquant")
+KV_CACHE_BITS = (2.5, 3.0, 3.5, 4.0)  # turboquant's bits per element (cache/turboquant.py)
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
 
 
@@ -122,12 +123,19 @@ class CacheConfig:
     kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; see cache/kv_cache.py resolve_kv_dtype
+    kv_cache_bits: float | None = None  # turboquant only: one of KV_CACHE_BITS, default 3.5
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_bits is not None and self.kv_cache_dtype != "turboquant":
+            raise ValueError(f"kv_cache_bits sets turboquant's bits per element; kv_cache_dtype is "
+                             f"{self.kv_cache_dtype!r}")
+        if self.kv_cache_bits is not None and self.kv_cache_bits not in KV_CACHE_BITS:
+            raise ValueError(f"kv_cache_bits must be one of {', '.join(map(str, KV_CACHE_BITS))}, got "
+                             f"{self.kv_cache_bits}")
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes or a fraction in (0, 1], got {self.kv_cache_memory}")
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tokenmill.config import (
     DEFAULT_KV_CACHE_MEMORY,
     DTYPE_NAMES,
+    KV_CACHE_BITS,
     KV_CACHE_DTYPES,
     QUANTIZATION_METHODS,
     CacheConfig,
@@ -60,8 +61,9 @@ class EngineArgs:
     """The settings of one engine. model: a .gguf file, HF model directory or model name (None: the embedded
     default). quantization: None, "native", "int8" or "int4" (see QuantConfig). kv_cache_memory: bytes, or a
     fraction in (0, 1] of available memory. kv_cache_dtype: "auto" (float16 under packed weights, else the
-    compute dtype), "float32", "float16", "bfloat16", "int8" (codes with a scale per token and KV head) or "int4"
-    (rotated, 4-bit codes per group of 32; cache/kv_cache.py).
+    compute dtype), "float32", "float16", "bfloat16", "int8" (codes with a scale per token and KV head), "int4"
+    (rotated, 4-bit codes per group of 32) or "turboquant" (rotated, Lloyd-Max codes at kv_cache_bits per element,
+    2.5-4, default 3.5; cache/kv_cache.py).
     speculative_config: as vLLM's, a dict (or its JSON text), e.g.
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
@@ -79,6 +81,7 @@ class EngineArgs:
     kv_cache_memory: int | float = DEFAULT_KV_CACHE_MEMORY
     block_size: int = 16
     kv_cache_dtype: str = "auto"
+    kv_cache_bits: float | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
@@ -113,7 +116,10 @@ class EngineArgs:
                        help="KV cache element type; auto: float16 when packed weights run natively, else the "
                             "compute dtype (as vLLM's --kv-cache-dtype auto, with llama.cpp's f16 cache as the "
                             "native default); int8: codes with a scale per token and KV head; int4: rotated "
-                            "(Walsh-Hadamard with random signs), 4-bit codes and a float16 scale per 32 elements")
+                            "(Walsh-Hadamard with random signs), 4-bit codes and a float16 scale per 32 elements; "
+                            "turboquant: rotated, Lloyd-Max codes at --kv-cache-bits per element")
+        p.add_argument("--kv-cache-bits", type=float, default=None, choices=KV_CACHE_BITS,
+                       help="turboquant's bits per element (default 3.5)")
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--max-model-len", type=int, default=None)
@@ -147,7 +153,8 @@ class EngineArgs:
         return LLM(**self.as_kwargs(), progress=progress)
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(self.block_size, self.kv_cache_memory, self.enable_prefix_caching, self.kv_cache_dtype)
+        return CacheConfig(self.block_size, self.kv_cache_memory, self.enable_prefix_caching, self.kv_cache_dtype,
+                           self.kv_cache_bits)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)

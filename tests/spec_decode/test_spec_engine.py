@@ -9,7 +9,8 @@ import torch
 
 from spec_cases import NGRAM, VOCAB, all_free, check_pools, random_prompts
 from tokenmill import LLM, SamplingParams
-from tokenmill.cache.kv_cache import INT4, bytes_per_block
+from tokenmill.cache.kv_cache import INT4, TURBOQUANT, bytes_per_block
+from tokenmill.cache.turboquant import TurboQuant
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
@@ -126,7 +127,7 @@ def _plain_tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams, ca
 
 
 @pytest.mark.parametrize("prefix_caching,kv_cache_dtype", [(True, "auto"), (False, "auto"), (True, "int8"),
-                                                            (True, "int4")])
+                                                            (True, "int4"), (True, "turboquant")])
 def test_rollbacks_preemption_and_aborts_keep_tokens_and_pools_right(plain, prefix_caching, kv_cache_dtype):
     """Requests sharing prefixes, a cache too small for all of them (preemptions), random aborts: greedy tokens
     equal the plain engine's (with the same cache type), pool invariants hold after every step, and every block
@@ -135,8 +136,9 @@ def test_rollbacks_preemption_and_aborts_keep_tokens_and_pools_right(plain, pref
     shared = random_prompts(3, seed=7)
     prompts = [shared[i % 3] * 2 + random_prompts(1, seed=100 + i)[0][:rng.randrange(1, 20)] for i in range(14)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    element = {"int8": torch.int8, "int4": INT4}.get(kv_cache_dtype, torch.float32)
-    cache = CacheConfig(16, 24 * bytes_per_block(plain.config, 16, element), prefix_caching, kv_cache_dtype)
+    element = {"int8": torch.int8, "int4": INT4, "turboquant": TURBOQUANT}.get(kv_cache_dtype, torch.float32)
+    turbo = TurboQuant(plain.config.head_dim) if element == TURBOQUANT else None
+    cache = CacheConfig(16, 24 * bytes_per_block(plain.config, 16, element, turbo), prefix_caching, kv_cache_dtype)
     expected = _plain_tokens(plain, prompts, params, cache)
     references = {tuple(p): e for p, e in zip(prompts, expected)}
     engine = _oracle_engine(plain, references, cache, seed=5)

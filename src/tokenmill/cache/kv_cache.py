@@ -8,7 +8,11 @@ byte budget. Compressed caches (CacheConfig.kv_cache_dtype):
   x = d * (code - 8)): 4.5 bits per element. Stored as uint8 [..., head_dim / 2] (byte j of a group = element j
   | element 16 + j << 4) and float16 scales [..., head_dim / 32]. Readers attend in the rotated space (queries
   turned by R, outputs back by R^T) or un-rotate what they read.
-Both store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's
+- turboquant: rotated as int4, then each coordinate coded by a Lloyd-Max codebook for the rotated coordinates'
+  distribution at `kv_cache_bits` per element on average (2.5-4; keys half a bit more than values;
+  cache/turboquant.py) with one float16 scale per row; stored as torch.bits8 (opaque bytes) [..., code bytes]
+  and float16 scales [..., 1].
+All three store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's
 k bias, hundreds in its first layers): every key loses the same vector, so each query's scores move by one
 constant and the softmax is unchanged, while the codes no longer spend their range on it."""
 from __future__ import annotations
@@ -20,13 +24,16 @@ from typing import NamedTuple
 
 import torch
 
+from tokenmill.cache import turboquant as tq
 from tokenmill.cache.kv_layout import KVLayout
 from tokenmill.config import ModelConfig
 from tokenmill.kernels.native import available as kernels_available
 
 INT4 = torch.uint8  # the element type of an int4 cache: two 4-bit codes per byte
 INT4_GROUP = 32  # elements per int4 scale
-COMPRESSED = (torch.int8, INT4)  # the element types stored as codes with scales (and keys minus an offset)
+TURBOQUANT = torch.bits8  # the element type of a turboquant cache: packed codes (cache/turboquant.py)
+ROTATED = (INT4, TURBOQUANT)  # the element types stored in the rotated space
+COMPRESSED = (torch.int8, *ROTATED)  # the element types stored as codes with scales (and keys minus an offset)
 _SIGN_SEED = 0x5EED  # the rotation signs of layer l come from seed _SIGN_SEED + l: fixed, so saved caches agree
 
 
@@ -39,33 +46,38 @@ def resolve_kv_dtype(name: str, compute_dtype: torch.dtype, packed_weights: bool
     if name == "auto":
         native = packed_weights and compute_dtype == torch.float32 and kernels_available()
         return torch.float16 if native else compute_dtype
-    return INT4 if name == "int4" else getattr(torch, name)
+    return _NAMED.get(name) or getattr(torch, name)
+
+
+_NAMED = {"int4": INT4, "turboquant": TURBOQUANT}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The kv_cache_dtype name of a cache element type."""
-    return "int4" if dtype == INT4 else str(dtype).removeprefix("torch.")
+    return next((name for name, named in _NAMED.items() if named == dtype), str(dtype).removeprefix("torch."))
 
 
-def bytes_per_head_row(head_dim: int, dtype: torch.dtype) -> int:
-    """One token's K (or V) of one KV head, with its scales."""
+def bytes_per_head_row(head_dim: int, dtype: torch.dtype, turbo: tq.TurboQuant | None = None, key: bool = True) -> int:
+    """One token's K (or V, key=False) of one KV head, with its scales; `turbo`: a turboquant cache's codes."""
     if dtype == INT4:
         return head_dim // 2 + 2 * (head_dim // INT4_GROUP)
+    if dtype == TURBOQUANT:
+        return turbo.row_bytes(key) + 2
     return head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype, turbo: tq.TurboQuant | None = None) -> int:
     """K and V of one block: `slots` layers (all layers for a model without sliding windows), with the scales
     of compressed types."""
-    per_head = bytes_per_head_row(model.head_dim, dtype)
-    return 2 * KVLayout.from_config(model).slots * block_size * model.num_kv_heads * per_head
+    per_head = sum(bytes_per_head_row(model.head_dim, dtype, turbo, key) for key in (True, False))
+    return KVLayout.from_config(model).slots * block_size * model.num_kv_heads * per_head
 
 
 def check_head_dim(dtype: torch.dtype, head_dim: int) -> None:
-    """An int4 cache rotates head rows by a Walsh-Hadamard transform: head_dim a power of two, >= one group."""
-    if dtype == INT4 and (head_dim < INT4_GROUP or head_dim & (head_dim - 1)):
-        raise ValueError(f"kv_cache_dtype int4 needs a power-of-two head_dim of at least {INT4_GROUP}; this model's "
-                         f"is {head_dim}")
+    """Rotated caches turn head rows by a Walsh-Hadamard transform: head_dim a power of two, >= one int4 group."""
+    if dtype in ROTATED and (head_dim < INT4_GROUP or head_dim & (head_dim - 1)):
+        raise ValueError(f"kv_cache_dtype {dtype_name(dtype)} needs a power-of-two head_dim of at least "
+                         f"{INT4_GROUP}; this model's is {head_dim}")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,33 +145,56 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (values * scales.float()[..., None]).reshape(*codes.shape[:-1], -1)
 
 
-def encode(x: torch.Tensor, dtype: torch.dtype, signs: torch.Tensor | None,
-           offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode(x: torch.Tensor, dtype: torch.dtype, signs: torch.Tensor | None, offset: torch.Tensor | None = None,
+           code: tq.RowCode | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows [..., D] as a cache of element type `dtype` stores them: (elements, scales or None); compressed
-    types take `offset` (keys: [KV, D]) off first."""
+    types take `offset` (keys: [KV, D]) off first; turboquant codes rows by `code`."""
     if offset is not None and dtype in COMPRESSED:
         x = x.float() - offset
     if dtype == torch.int8:
         return quantize_int8(x.float())
     if dtype == INT4:
         return quantize_int4(rotate(x.float(), signs))
+    if dtype == TURBOQUANT:
+        codes, scales = tq.quantize(rotate(x.float(), signs), code)
+        return codes.view(TURBOQUANT), scales[..., None]
     return x.to(dtype), None
 
 
-def decode(elements: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None,
-           dtype: torch.dtype) -> torch.Tensor:
-    """encode's inverse, in `dtype` (int4 rows turned back by R^T)."""
+def decode(elements: torch.Tensor, scales: torch.Tensor | None, signs: torch.Tensor | None, dtype: torch.dtype,
+           code: tq.RowCode | None = None) -> torch.Tensor:
+    """encode's inverse, in `dtype` (rotated rows turned back by R^T)."""
     if elements.dtype == torch.int8:
         return dequantize_int8(elements, scales).to(dtype)
     if elements.dtype == INT4:
         return unrotate(dequantize_int4(elements, scales), signs).to(dtype)
+    if elements.dtype == TURBOQUANT:
+        return unrotate(tq.dequantize(elements.view(torch.uint8), scales[..., 0], code), signs).to(dtype)
     return elements.to(dtype)
 
 
+class CacheSide(NamedTuple):
+    """What encode and decode need for one of a layer's two caches (K or V)."""
+
+    elements: torch.Tensor  # [num_blocks, block_size, kv_heads, width]
+    scales: torch.Tensor | None
+    signs: torch.Tensor | None
+    offset: torch.Tensor | None = None
+    code: tq.RowCode | None = None
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode(x, self.elements.dtype, self.signs, self.offset, self.code)
+
+    def decode(self, elements: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        return decode(elements, scales, self.signs, dtype, self.code)
+
+
 class LayerKV(NamedTuple):
-    """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, head_dim (int4: / 2)], the
-    scales of int8 ([..., kv_heads]) and int4 ([..., kv_heads, head_dim / 32]) caches, int4's rotation signs
-    [head_dim] and the compressed caches' key offset [kv_heads, head_dim] (None otherwise)."""
+    """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, width] (head_dim; int4:
+    head_dim / 2; turboquant: code bytes), the scales of int8 ([..., kv_heads]), int4 ([..., kv_heads,
+    head_dim / 32]) and turboquant ([..., kv_heads, 1]) caches, the rotation signs [head_dim] and the
+    compressed caches' key offset [kv_heads, head_dim] (None otherwise), turboquant's codes (as the native
+    kernels read them, TurboQuant.table, and as the PyTorch path does)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -167,6 +202,13 @@ class LayerKV(NamedTuple):
     v_scale: torch.Tensor | None = None
     signs: torch.Tensor | None = None
     k_offset: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    turbo: tq.TurboQuant | None = None
+
+    def side(self, key: bool) -> CacheSide:
+        if key:
+            return CacheSide(self.k, self.k_scale, self.signs, self.k_offset, self.turbo and self.turbo.key)
+        return CacheSide(self.v, self.v_scale, self.signs, None, self.turbo and self.turbo.value)
 
 
 def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -188,29 +230,39 @@ class CacheInfo:
     block_size: int
     kv_cache_dtype: str
     bytes_per_block: int
+    kv_cache_bits: float | None = None  # turboquant's bits per element
 
 
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 key_offsets: torch.Tensor | None = None) -> None:
-        """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring)."""
+                 key_offsets: torch.Tensor | None = None, turbo: tq.TurboQuant | None = None) -> None:
+        """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring);
+        turbo: a turboquant cache's codes (default: DEFAULT_BITS)."""
         check_head_dim(dtype, model.head_dim)
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype), bytes_per_block(model, block_size, dtype))
+        if dtype == TURBOQUANT:
+            turbo = turbo or tq.TurboQuant(model.head_dim)
+        elif turbo is not None:
+            raise ValueError(f"turboquant codes given for a {dtype_name(dtype)} cache")
+        self.num_blocks, self.block_size, self.dtype, self.turbo = num_blocks, block_size, dtype, turbo
+        self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype),
+                              bytes_per_block(model, block_size, dtype, turbo), turbo and turbo.bits)
         self.layout = KVLayout.from_config(model)
         rows = (self.layout.slots, num_blocks, block_size, model.num_kv_heads)
-        width = model.head_dim // 2 if dtype == INT4 else model.head_dim
-        self.k = _lazily_zeroed(math.prod(rows) * width, dtype).view(*rows, width)
-        self.v = _lazily_zeroed(math.prod(rows) * width, dtype).view(*rows, width)
-        self.k_scale = self.v_scale = self.signs = self.k_offsets = None
+        widths = {INT4: (model.head_dim // 2,) * 2}.get(dtype, (model.head_dim,) * 2)
+        if turbo is not None:
+            widths = (turbo.row_bytes(True), turbo.row_bytes(False))
+        self.k, self.v = (_lazily_zeroed(math.prod(rows) * w, dtype).view(*rows, w) for w in widths)
+        self.k_scale = self.v_scale = self.signs = self.k_offsets = self.codes = None
         if dtype == torch.int8:
             self.k_scale = _lazily_zeroed(math.prod(rows), torch.float32).view(rows)
             self.v_scale = _lazily_zeroed(math.prod(rows), torch.float32).view(rows)
-        elif dtype == INT4:
-            groups = model.head_dim // INT4_GROUP
+        elif dtype in ROTATED:
+            groups = model.head_dim // INT4_GROUP if turbo is None else 1
             self.k_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
             self.v_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
             self.signs = torch.stack([rotation_signs(layer, model.head_dim) for layer in range(model.num_layers)])
+        if turbo is not None:
+            self.codes = turbo.table()
         if dtype in COMPRESSED and key_offsets is not None:
             self.k_offsets = key_offsets.float().contiguous()
 
@@ -221,4 +273,5 @@ class KVCache:
             return LayerKV(self.k[slot], self.v[slot])
         signs = None if self.signs is None else self.signs[layer]
         offset = None if self.k_offsets is None else self.k_offsets[layer]
-        return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs, offset)
+        return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs, offset, self.codes,
+                       self.turbo)

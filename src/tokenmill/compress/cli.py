@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenmill.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
+from tokenmill.config import KV_CACHE_BITS, KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.engine_args import EngineArgs
 
 if TYPE_CHECKING:
@@ -48,10 +48,20 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
 
 
-def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> LLM:
+def _add_kv_bits_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-bits", type=float, default=None, choices=KV_CACHE_BITS,
+                   help="turboquant's bits per element (default 3.5)")
+
+
+def _cache_name(llm: LLM) -> str:
+    info = llm.cache_info()
+    return info.kv_cache_dtype + (f" {info.kv_cache_bits} bits" if info.kv_cache_bits else "")
+
+
+def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto", kv_cache_bits: float | None = None) -> LLM:
     """The model to evaluate; a KV cache that holds any window (backed lazily: only the blocks in use cost)."""
     llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**30,
-                     kv_cache_dtype=kv_cache_dtype).create_llm(progress=True)
+                     kv_cache_dtype=kv_cache_dtype, kv_cache_bits=kv_cache_bits).create_llm(progress=True)
     if args.context_len > llm.engine.max_model_len:
         raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
     return llm
@@ -81,7 +91,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
         raise ValueError("--max-num-batched-tokens sets the chunks of scoring through the KV cache: it needs "
                          "--kv-cache-dtype (without it, each window is scored in one uncached pass)")
     text = _eval_text(args)
-    llm = _eval_llm(args, args.kv_cache_dtype or "auto")
+    llm = _eval_llm(args, args.kv_cache_dtype or "auto", args.kv_cache_bits)
     ids = llm.tokenizer.encode(text)[: args.max_tokens]
     score = llm.score if args.kv_cache_dtype is None else _cache_scorer(llm, args.max_num_batched_tokens)
     result = perplexity(score, ids, args.context_len, args.stride, progress=True)
@@ -90,7 +100,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     print(f"dataset       {args.dataset or f'builtin ({EVAL_TEXT})'}, {len(ids)} tokens")
     method = (quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")) if quant else "none"
     print(f"weights       dtype {str(llm.dtype).removeprefix('torch.')}, quantization {method}")
-    cache = (f"{llm.cache_info().kv_cache_dtype}, in the loop ({args.max_num_batched_tokens}-token chunks)"
+    cache = (f"{_cache_name(llm)}, in the loop ({args.max_num_batched_tokens}-token chunks)"
              if args.kv_cache_dtype else "none (each window in one uncached pass)")
     print(f"KV cache      {cache}")
     print(f"perplexity    {result.perplexity:.4f}  (mean NLL {result.nll:.5f} nats)")
@@ -112,12 +122,12 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
 
     text = _eval_text(args)
     reference = _eval_llm(args, args.reference_kv_cache_dtype)
-    test = _eval_llm(args, args.kv_cache_dtype)
+    test = _eval_llm(args, args.kv_cache_dtype, args.kv_cache_bits)
     ids = reference.tokenizer.encode(text)[: args.max_tokens]
     chunk = args.max_num_batched_tokens
     result = kl_divergence(_cache_scorer(reference, chunk), _cache_scorer(test, chunk), ids, args.context_len,
                            args.stride, progress=True)
-    names = f"{test.cache_info().kv_cache_dtype} against {reference.cache_info().kv_cache_dtype}"
+    names = f"{_cache_name(test)} against {_cache_name(reference)}"
     print(f"model         {reference.checkpoint.path}")
     print(f"KV cache      {names}, in the loop ({chunk}-token chunks)")
     print(f"KLD           mean {result.mean:.6f}, median {result.median:.6f}, p99 {result.p99:.6f}, "
@@ -129,7 +139,7 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
           f"{result.seconds:.1f} s")
     if args.save_result:
         document = {"model": str(reference.checkpoint.path), "dataset": str(args.dataset or EVAL_TEXT),
-                    "kv_cache_dtype": test.cache_info().kv_cache_dtype,
+                    "kv_cache_dtype": test.cache_info().kv_cache_dtype, "kv_cache_bits": args.kv_cache_bits,
                     "reference_kv_cache_dtype": reference.cache_info().kv_cache_dtype, "chunk": chunk,
                     "context_len": args.context_len, "stride": args.stride, **asdict(result),
                     "perplexity_change": result.perplexity_change, "hardware": describe()}
@@ -143,17 +153,19 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
     if min(args.lengths) < 64 or not all(0 <= d <= 1 for d in args.depths):
         raise ValueError("--lengths must be >= 64 tokens and --depths fractions in [0, 1]")
     llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**31,
-                     kv_cache_dtype=args.kv_cache_dtype, max_model_len=max(args.lengths) + 64,
+                     kv_cache_dtype=args.kv_cache_dtype, kv_cache_bits=args.kv_cache_bits,
+                     max_model_len=max(args.lengths) + 64,
                      max_num_batched_tokens=args.max_num_batched_tokens).create_llm(progress=True)
     trials = run_passkey(llm, args.lengths, args.depths, args.seed, progress=True)
     print(f"model         {llm.checkpoint.path}")
-    print(f"KV cache      {llm.cache_info().kv_cache_dtype} (prefill in {args.max_num_batched_tokens}-token chunks)")
+    print(f"KV cache      {_cache_name(llm)} (prefill in {args.max_num_batched_tokens}-token chunks)")
     for length in args.lengths:
         mine = [t for t in trials if t.length == length]
         found = "".join("+" if t.found else "-" for t in mine)
         print(f"{length:>6} tokens  {sum(t.found for t in mine)}/{len(mine)} found  (depths {args.depths}: {found})")
     if args.save_result:
         document = {"model": str(llm.checkpoint.path), "kv_cache_dtype": llm.cache_info().kv_cache_dtype,
+                    "kv_cache_bits": args.kv_cache_bits,
                     "trials": [{**asdict(t), "found": t.found} for t in trials], "hardware": describe()}
         Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
 
@@ -184,12 +196,14 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                      help="score through a KV cache of this type, in chunks (default: each window in one uncached "
                           "pass)")
+    _add_kv_bits_arg(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
     kld = ev_sub.add_parser("kld", help="KL divergence of next-token distributions with a KV cache type against "
                                         "another (default float16), both in the loop")
     _add_eval_args(kld)
     kld.add_argument("--kv-cache-dtype", required=True, choices=KV_CACHE_DTYPES)
     kld.add_argument("--reference-kv-cache-dtype", default="float16", choices=KV_CACHE_DTYPES)
+    _add_kv_bits_arg(kld)
     kld.set_defaults(func=cmd_eval_kld)
     pk = ev_sub.add_parser("passkey", help="passkey retrieval: a number hidden at depths of long filler text")
     _add_model_arg(pk)
@@ -197,6 +211,7 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                     help="where the key sits, as fractions of the filler")
     pk.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    _add_kv_bits_arg(pk)
     pk.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk")
     pk.add_argument("--seed", type=int, default=0, help="draws the keys")
     pk.add_argument("--save-result", default=None, metavar="FILE.json")

@@ -14,7 +14,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from tokenmill.cache.kv_cache import COMPRESSED, KVCache, bytes_per_block, resolve_kv_dtype
+from tokenmill.cache.kv_cache import COMPRESSED, TURBOQUANT, KVCache, bytes_per_block, resolve_kv_dtype
+from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -57,12 +58,15 @@ class LLMEngine:
         block_size = self.cache_config.block_size
         packed = any(isinstance(m, QuantizedLinear) for m in model.modules())
         kv_dtype = resolve_kv_dtype(self.cache_config.kv_cache_dtype, dtype, packed)
-        num_blocks = self.cache_config.budget_bytes() // bytes_per_block(model.config, block_size, kv_dtype)
+        turbo = (TurboQuant(model.config.head_dim, self.cache_config.kv_cache_bits or DEFAULT_BITS)
+                 if kv_dtype == TURBOQUANT else None)
+        block_bytes = bytes_per_block(model.config, block_size, kv_dtype, turbo)
+        num_blocks = self.cache_config.budget_bytes() // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
-                             f"{bytes_per_block(model.config, block_size, kv_dtype)} bytes")
+                             f"{block_bytes} bytes")
         offsets = model.key_offsets() if kv_dtype in COMPRESSED else None  # float caches store keys as they are
-        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets)
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()

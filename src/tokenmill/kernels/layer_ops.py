@@ -37,8 +37,9 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 
 # What the native cache kernels read and write, as their kv_type codes (csrc/paged_attention.h KVType): an int8
 # cache comes with float32 scales, one per (slot, KV head); an int4 one (uint8, two codes a byte) with float16
-# scales per 32 elements and its layer's rotation signs.
-CACHE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2, torch.uint8: 3}
+# scales per 32 elements and its layer's rotation signs; a turboquant one (bits8) with float16 scales per row,
+# the signs and its codes (csrc/paged_attention.h RowCodes, as bytes).
+CACHE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2, torch.uint8: 3, torch.bits8: 4}
 
 
 def kv_type(cache: torch.Tensor) -> int:
@@ -49,26 +50,29 @@ def kv_type(cache: torch.Tensor) -> int:
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-             signs: torch.Tensor | None = None, k_offset: torch.Tensor | None = None) -> None:
+             signs: torch.Tensor | None = None, k_offset: torch.Tensor | None = None,
+             codes: torch.Tensor | None = None) -> None:
     """k, v: float32 [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous:
-    float32, float16 (rounded to nearest), int8 or int4 (with their scales, signs and key offset,
-    cache/kv_cache.py)."""
+    float32, float16 (rounded to nearest), int8, int4 or turboquant (with their scales, signs, key offset and
+    codes, cache/kv_cache.py)."""
     t, kv, d = k.shape
     library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv, d,
                           k_cache.data_ptr(), v_cache.data_ptr(), ptr(k_scale), ptr(v_scale), ptr(signs),
-                          ptr(k_offset), kv_type(k_cache))
+                          ptr(k_offset), ptr(codes), kv_type(k_cache))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, signs: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, signs: torch.Tensor | None = None,
+                           codes: torch.Tensor | None = None) -> torch.Tensor:
     """q: float32 [B, H, D] (token rows strided); caches as write_kv takes them; block_tables int64
     [B, max_blocks]; seq_lens int64 [B] -> float32 [B, H, D]."""
     b, h, d = q.shape
     _, block_size, kv, _ = k_cache.shape
     out = torch.empty(b, h, d, dtype=torch.float32)
     library().tm_paged_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                        ptr(k_scale), ptr(v_scale), ptr(signs), block_tables.data_ptr(),
+                                        ptr(k_scale), ptr(v_scale), ptr(signs), ptr(codes),
+                                        block_tables.data_ptr(),
                                         block_tables.shape[1], seq_lens.data_ptr(), b, h, kv, d, block_size, scale,
                                         window, kv_type(k_cache), out.data_ptr())
     return out

@@ -63,7 +63,7 @@ class FusedDecoder:
             window = c.layer_window(i) or 0
             layers.append(decode_step.DecodeLayer(
                 layer.input_layernorm.weight.data_ptr(), _pre_mlp_norm(layer).weight.data_ptr(), *linears,
-                *(native.ptr(t) for t in cache), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
+                *(native.ptr(t) for t in cache[:7]), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
                 kv.layout.group_of[i], window, *_gemma_norms(layer)))
         return cls(model, kv, layers, int(max_rows)) if max_rows > 0 else None
 

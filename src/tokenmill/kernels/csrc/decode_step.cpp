@@ -34,10 +34,11 @@ struct Layer {
   Linear qkv, o, gate_up, down;
   void* k_cache;  // [blocks, block_size, KV, D] of this layer, of type Dims::kv_type (tm::KVType)
   void* v_cache;
-  void* k_scale;  // int8 and int4 caches: their scales (tm::KVCacheRef); else null
+  void* k_scale;  // compressed caches: their scales (tm::KVCacheRef); else null
   void* v_scale;
-  const float* signs;  // int4: the layer's rotation signs [D]; else null
-  const float* k_offset;  // int8, int4: [KV, D] taken off each key before it is quantized (tm::KVCacheRef); or null
+  const float* signs;  // int4, turboquant: the layer's rotation signs [D]; else null
+  const float* k_offset;  // compressed: [KV, D] taken off each key before it is quantized (tm::KVCacheRef); or null
+  const tm::RowCodes* codes;  // turboquant: the keys' and values' codes; else null
   const float* cos;  // [positions, D] this layer's RoPE tables
   const float* sin;
   int group;   // its KV group (cache/kv_layout.py): which block tables it reads
@@ -136,7 +137,7 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   for (int l = 0; l < num_layers; ++l) {
     const Layer& ly = layers[l];
     const Group& grp = groups[ly.group];
-    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, ly.signs, ly.k_offset, d.kv_type};
+    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, ly.signs, ly.k_offset, ly.codes, d.kv_type};
 #pragma omp for schedule(static)
     for (int m = 0; m < M; ++m) tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.input_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
     tm::quantize_rows(h, H, M, H, qa);

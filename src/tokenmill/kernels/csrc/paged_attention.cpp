@@ -32,33 +32,37 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// How each cache type is read: 8 elements from element offset e (a multiple of 8) as float32, and where
-// element e lies (for prefetching). Int8 leaves its per-row scale to the caller (kRowScale).
-struct F32Cache {
-  static constexpr int kBits = 32;
+// How each cache type is read: 8 elements from element offset e (a multiple of 8; rows of D elements) as
+// float32, where element e lies (for prefetching) and how many bytes a row takes. Int8 and turboquant leave their
+// per-row scale to the caller (kRowScale, row_scale). `codes`: turboquant's (RowCodes), else null.
+template <int Bits>
+struct FixedWidth {  // Bits per element, no per-row scale
   static constexpr bool kRowScale = false;
-  static __m256 load8(const void* data, const void*, int64_t e) { return _mm256_loadu_ps(static_cast<const float*>(data) + e); }
+  static const char* address(const void* data, const RowCodes*, int64_t e) {
+    return static_cast<const char*>(data) + e * Bits / 8;
+  }
+  static int row_bytes(const RowCodes*, int D) { return D * Bits / 8; }
+  static float row_scale(const void*, const RowCodes*, int64_t, int) { return 1.0f; }
 };
-struct F16Cache {
-  static constexpr int kBits = 16;
-  static constexpr bool kRowScale = false;
-  static __m256 load8(const void* data, const void*, int64_t e) {
+struct F32Cache : FixedWidth<32> {
+  static __m256 load8(const void* data, const void*, const RowCodes*, int64_t e) { return _mm256_loadu_ps(static_cast<const float*>(data) + e); }
+};
+struct F16Cache : FixedWidth<16> {
+  static __m256 load8(const void* data, const void*, const RowCodes*, int64_t e) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + e)));
   }
 };
-struct I8Cache {
-  static constexpr int kBits = 8;
+struct I8Cache : FixedWidth<8> {
   static constexpr bool kRowScale = true;
-  static __m256 load8(const void* data, const void*, int64_t e) {
+  static float row_scale(const void* scales, const RowCodes*, int64_t row, int D) { return static_cast<const float*>(scales)[row / D]; }
+  static __m256 load8(const void* data, const void*, const RowCodes*, int64_t e) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(data) + e))));
   }
 };
 // Group g of 32 elements: 16 bytes, byte j = element j (low nibble) | element 16 + j (high nibble), and a float16
 // scale at index g.
-struct I4Cache {
-  static constexpr int kBits = 4;
-  static constexpr bool kRowScale = false;
-  static __m256 load8(const void* data, const void* scales, int64_t e) {
+struct I4Cache : FixedWidth<4> {
+  static __m256 load8(const void* data, const void* scales, const RowCodes*, int64_t e) {
     const uint8_t* p = static_cast<const uint8_t*>(data) + (e >> 5) * 16 + (e & 15);
     __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     if (e & 16) c = _mm256_srli_epi32(c, 4);
@@ -68,32 +72,72 @@ struct I4Cache {
   }
 };
 
-template <typename C>
-inline const char* element_address(const void* data, int64_t e) {
-  return static_cast<const char*>(data) + e * C::kBits / 8;
+// Codes i .. i + 7 of a field of `width` bits (coordinate i at bits [i * width, (i + 1) * width)): one
+// width-byte little-endian word spread over 8 lanes by a variable shift.
+inline __m256i field8(const uint8_t* field, int i, int width) {
+  uint32_t word = 0;
+  std::memcpy(&word, field + i * width / 8, width);
+  const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(width));
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                          _mm256_set1_epi32((1 << width) - 1));
 }
 
-// The scale of the cache row at element offset `row` (int8 caches; 1 otherwise, never read).
-template <typename C>
-inline float row_scale(const void* scales, int64_t row, int D) {
-  if constexpr (C::kRowScale) return static_cast<const float*>(scales)[row / D];
-  return 1.0f;
+// Centroids of 8 codes < 16 from a 16-entry table.
+inline __m256 lookup16(const float* table, __m256i code) {
+#if defined(__AVX512VL__)
+  return _mm256_permutex2var_ps(_mm256_load_ps(table), code, _mm256_load_ps(table + 8));
+#else
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(table), code);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(table + 8), code);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+#endif
 }
+
+// Turboquant rows (RowCodes): element e is coordinate e % D of row e / D, at codes->row_bytes bytes a row.
+struct TQCache {
+  static constexpr bool kRowScale = true;
+  static const char* address(const void* data, const RowCodes* codes, int64_t e) {
+    return static_cast<const char*>(data) + (e >> codes->log2_D) * codes->row_bytes;
+  }
+  static int row_bytes(const RowCodes* codes, int) { return codes->row_bytes; }
+  static float row_scale(const void* scales, const RowCodes* codes, int64_t row, int) {
+    return _cvtsh_ss(static_cast<const uint16_t*>(scales)[(row >> codes->log2_D) * codes->num_scales]);
+  }
+  static __m256 load8(const void* data, const void*, const RowCodes* codes, int64_t e) {
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(address(data, codes, e));
+    int i = static_cast<int>(e & (codes->D - 1)), part = 0, bits = codes->hi;
+    if (i >= codes->split) {  // the lo part follows the hi part's fields
+      row += codes->split * codes->hi / 8;
+      i -= codes->split;
+      part = 1;
+      bits = codes->lo;
+    }
+    const int n = part ? codes->D - codes->split : codes->split;
+    __m256i code;
+    if (bits == 3) {  // a 2-bit field, then a 1-bit field for the high bit
+      code = _mm256_or_si256(field8(row, i, 2), _mm256_slli_epi32(field8(row + n / 4, i, 1), 2));
+    } else {
+      code = field8(row, i, bits);
+    }
+    return lookup16(codes->centroids[part], code);
+  }
+};
 
 // Calls f(t, row) for the keys t in [start, len) with row = t's offset into `cache` ([blocks, block_size, KV, D])
 // for KV head kvh: block by block, so the table lookup and the division happen once per block, and the next
 // block's rows are prefetched (blocks lie anywhere in memory: the hardware prefetcher cannot guess the jump).
 template <typename C, typename F>
-inline void for_each_key(const PagedKV& kv, const void* cache, const int64_t* table, int start, int len, int kvh, F f) {
+inline void for_each_key(const PagedKV& kv, const void* cache, const RowCodes* codes, const int64_t* table, int start,
+                         int len, int kvh, F f) {
   const int bs = kv.block_size;
   const int64_t row_stride = static_cast<int64_t>(kv.KV) * kv.D;
-  const int row_bytes = kv.D * C::kBits / 8;
+  const int row_bytes = C::row_bytes(codes, kv.D);
   for (int t = start; t < len;) {
     const int blk = t / bs, stop = std::min(len, (blk + 1) * bs);
     if (stop < len) {
-      const char* next = element_address<C>(cache, table[blk + 1] * bs * row_stride + static_cast<int64_t>(kvh) * kv.D);
+      const char* next = C::address(cache, codes, table[blk + 1] * bs * row_stride + static_cast<int64_t>(kvh) * kv.D);
       for (int r = 0; r < bs; ++r)
-        for (int i = 0; i < row_bytes; i += 64) _mm_prefetch(next + r * row_stride * C::kBits / 8 + i, _MM_HINT_T0);
+        for (int i = 0; i < row_bytes; i += 64) _mm_prefetch(next + r * kv.KV * row_bytes + i, _MM_HINT_T0);
     }
     int64_t row = (table[blk] * bs + t % bs) * row_stride + static_cast<int64_t>(kvh) * kv.D;
     for (; t < stop; ++t, row += row_stride) f(t, row);
@@ -115,6 +159,7 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
                 float scale, float* const* scores, bool prefetch_values) {
   const int D = kv.D;
   const void* keys = kv.cache.k;
+  const RowCodes* codes = kv.cache.codes;  // the keys' (turboquant)
   const __m256 vscale = _mm256_set1_ps(scale);
   __m256 part[NQ][8];
   int pending = 0;
@@ -127,25 +172,28 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
     }
     pending = 0;
   };
-  for_each_key<C>(kv, keys, table, start, end, kvh, [&](int t, int64_t row) {
+  const RowCodes* value_codes = codes ? codes + 1 : nullptr;
+  for_each_key<C>(kv, keys, codes, table, start, end, kvh, [&](int t, int64_t row) {
     if (prefetch_values)  // the value row (same offset in the V cache) starts moving to L2 for the value pass
-      for (int i = 0; i < D * C::kBits / 8; i += 64) _mm_prefetch(element_address<C>(kv.cache.v, row) + i, _MM_HINT_T1);
+      for (int i = 0; i < C::row_bytes(value_codes, D); i += 64)
+        _mm_prefetch(C::address(kv.cache.v, value_codes, row) + i, _MM_HINT_T1);
     __m256 a0[NQ], a1[NQ];  // two accumulators per query halve the dependent multiply-add chain
     for (int j = 0; j < NQ; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= D; i += 16) {
-      const __m256 k0 = C::load8(keys, kv.cache.k_scale, row + i), k1 = C::load8(keys, kv.cache.k_scale, row + i + 8);
+      const __m256 k0 = C::load8(keys, kv.cache.k_scale, codes, row + i);
+      const __m256 k1 = C::load8(keys, kv.cache.k_scale, codes, row + i + 8);
       for (int j = 0; j < NQ; ++j) {
         a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
         a1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i + 8), k1, a1[j]);
       }
     }
     if (i < D) {
-      const __m256 k0 = C::load8(keys, kv.cache.k_scale, row + i);
+      const __m256 k0 = C::load8(keys, kv.cache.k_scale, codes, row + i);
       for (int j = 0; j < NQ; ++j) a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[j] + i), k0, a0[j]);
     }
     if constexpr (C::kRowScale) {  // the key's scale, once per score
-      const __m256 ks = _mm256_set1_ps(row_scale<C>(kv.cache.k_scale, row, D));
+      const __m256 ks = _mm256_set1_ps(C::row_scale(kv.cache.k_scale, codes, row, D));
       for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_mul_ps(_mm256_add_ps(a0[j], a1[j]), ks);
     } else {
       for (int j = 0; j < NQ; ++j) part[j][pending] = _mm256_add_ps(a0[j], a1[j]);
@@ -161,14 +209,15 @@ template <typename C, int NQ>
 void value_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* probs,
                 float* const* outs) {
   const void* values = kv.cache.v;
+  const RowCodes* codes = kv.cache.codes ? kv.cache.codes + 1 : nullptr;  // the values' (turboquant)
   for (int d0 = 0; d0 < kv.D; d0 += 16) {
     const bool two = d0 + 16 <= kv.D;  // head_dim is a multiple of 8: the last piece may be 8 wide
     __m256 acc[NQ][2];
     for (int j = 0; j < NQ; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-    for_each_key<C>(kv, values, table, start, end, kvh, [&](int t, int64_t row) {
-      const __m256 v0 = C::load8(values, kv.cache.v_scale, row + d0);
-      const __m256 v1 = two ? C::load8(values, kv.cache.v_scale, row + d0 + 8) : _mm256_setzero_ps();
-      const float vs = row_scale<C>(kv.cache.v_scale, row, kv.D);  // the value's scale, folded into each weight
+    for_each_key<C>(kv, values, codes, table, start, end, kvh, [&](int t, int64_t row) {
+      const __m256 v0 = C::load8(values, kv.cache.v_scale, codes, row + d0);
+      const __m256 v1 = two ? C::load8(values, kv.cache.v_scale, codes, row + d0 + 8) : _mm256_setzero_ps();
+      const float vs = C::row_scale(kv.cache.v_scale, codes, row, kv.D);  // the value's scale, folded into each weight
       for (int j = 0; j < NQ; ++j) {
         const __m256 p = C::kRowScale ? _mm256_set1_ps(probs[j][t - start] * vs)
                                       : _mm256_broadcast_ss(probs[j] + (t - start));
@@ -266,9 +315,10 @@ inline void unrotate(float* x, const float* signs, int D) {
   for (int i = 0; i < D; ++i) x[i] = x[i] * norm * signs[i];
 }
 
-void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
-                           float scale, float* out, int64_t out_stride) {
-  if (kv.cache.type == kKVInt4) {  // attend in the rotated space: queries turned by R, outputs back by R^T
+// Attention in the rotated space (int4, turboquant caches): queries turned by R, outputs back by R^T.
+template <typename C>
+void rotated_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
+                            float scale, float* out, int64_t out_stride) {
     const int D = kv.D, n = rows * G;
     thread_local std::vector<float> rq, ro;
     rq.resize(static_cast<size_t>(n) * D);
@@ -279,14 +329,22 @@ void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, c
         std::memcpy(row, q + r * q_stride + g * D, D * sizeof(float));
         rotate(row, kv.cache.signs, D);
       }
-    attention_task<I4Cache>(kv, b, rows, kvh, G, rq.data(), static_cast<int64_t>(G) * D, scale, ro.data(),
-                            static_cast<int64_t>(G) * D);
+    attention_task<C>(kv, b, rows, kvh, G, rq.data(), static_cast<int64_t>(G) * D, scale, ro.data(),
+                      static_cast<int64_t>(G) * D);
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < G; ++g) {
         float* row = ro.data() + static_cast<int64_t>(r * G + g) * D;
         unrotate(row, kv.cache.signs, D);
         std::memcpy(out + r * out_stride + g * D, row, D * sizeof(float));
       }
+}
+
+void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
+                           float scale, float* out, int64_t out_stride) {
+  if (kv.cache.type == kKVInt4) {
+    rotated_attention_task<I4Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  } else if (kv.cache.type == kKVTurboQuant) {
+    rotated_attention_task<TQCache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
   } else if (kv.cache.type == kKVInt8) {
     attention_task<I8Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
   } else if (kv.cache.type == kKVFloat16) {
@@ -325,6 +383,58 @@ inline void quantize_head_int4(const float* x, int D, uint8_t* codes, uint16_t* 
   }
 }
 
+// Codes i .. i + n - 1 (n a multiple of 8) into a field of `width` bits (field8's layout).
+inline void pack_field(const uint8_t* codes, int n, int width, uint8_t* field) {
+  const int per_byte = 8 / width;
+  for (int j = 0; j < n / per_byte; ++j) {
+    uint8_t byte = 0;
+    for (int p = 0; p < per_byte; ++p) byte |= (codes[j * per_byte + p] & ((1 << width) - 1)) << (p * width);
+    field[j] = byte;
+  }
+}
+
+// One rotated head row as turboquant codes (cache/turboquant.py quantize): each coordinate x_i * sqrt(D) / |x|
+// takes the number of its part's boundaries below it; the scale <x, c> / <c, c> over the chosen centroids c, as
+// float16.
+inline void quantize_head_tq(const float* x, const RowCodes& codes, uint8_t* out, uint16_t* scale) {
+  const int D = codes.D;
+  float sq = 0.0f;
+  for (int i = 0; i < D; ++i) sq += x[i] * x[i];
+  const float norm = std::sqrt(sq);
+  const float unit = std::sqrt(static_cast<float>(D)) / (norm > 0.0f ? norm : 1.0f);
+  uint8_t code[512];
+  float xc = 0.0f, cc = 0.0f;
+  for (int i = 0; i < D; ++i) {
+    const int part = i >= codes.split;
+    const float u = x[i] * unit, *bounds = codes.bounds[part];
+    int c = 0;
+    while (bounds[c] < u) ++c;  // bounds end in +inf
+    code[i] = static_cast<uint8_t>(c);
+    const float centroid = codes.centroids[part][c];
+    xc += x[i] * centroid;
+    cc += centroid * centroid;
+  }
+  *scale = _cvtss_sh(cc > 0.0f ? xc / cc : 0.0f, _MM_FROUND_TO_NEAREST_INT);
+  const int parts[2][2] = {{0, codes.split}, {codes.split, D - codes.split}};  // (first, count)
+  const int widths[2] = {codes.hi, codes.lo};
+  for (int p = 0; p < 2; ++p) {
+    const int first = parts[p][0], n = parts[p][1];
+    if (n == 0) continue;
+    if (widths[p] == 3) {
+      uint8_t low[512], high[512];
+      for (int i = 0; i < n; ++i) {
+        low[i] = code[first + i] & 3;
+        high[i] = code[first + i] >> 2;
+      }
+      pack_field(low, n, 2, out);
+      pack_field(high, n, 1, out + n / 4);
+    } else {
+      pack_field(code + first, n, widths[p], out);
+    }
+    out += n * widths[p] / 8;
+  }
+}
+
 void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, const KVCacheRef& cache) {
   const int width = KV * D;
   const float* rows[2] = {k, v};
@@ -333,7 +443,7 @@ void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, c
   for (int c = 0; c < 2; ++c) {
     if (cache.type == kKVFloat32) {
       std::memcpy(static_cast<float*>(caches[c]) + slot * width, rows[c], width * sizeof(float));
-    } else if (cache.type == kKVInt8 || cache.type == kKVInt4) {
+    } else if (cache.type == kKVInt8 || cache.type == kKVInt4 || cache.type == kKVTurboQuant) {
       thread_local std::vector<float> row;
       row.resize(D);
       for (int h = 0; h < KV; ++h) {
@@ -346,6 +456,12 @@ void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, c
           continue;
         }
         rotate(row.data(), cache.signs, D);
+        if (cache.type == kKVTurboQuant) {
+          const RowCodes& codes = cache.codes[c];
+          quantize_head_tq(row.data(), codes, static_cast<uint8_t*>(caches[c]) + head * codes.row_bytes,
+                           static_cast<uint16_t*>(scales[c]) + head * codes.num_scales);
+          continue;
+        }
         quantize_head_int4(row.data(), D, static_cast<uint8_t*>(caches[c]) + head * (D / 2),
                            static_cast<uint16_t*>(scales[c]) + head * (D / 32));
       }
@@ -366,10 +482,11 @@ extern "C" {
 // window > 0 limits attention to the last `window` tokens; kv_type: tm::KVType (with its scales and signs as
 // tm::KVCacheRef holds them; else null). out: [B, H, D] contiguous.
 void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache, void* k_scale,
-                               void* v_scale, const float* signs, const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
+                               void* v_scale, const float* signs, const tm::RowCodes* codes,
+                               const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
                                int B, int H, int KV, int D, int block_size, float scale, int window, int kv_type,
                                float* out) {
-  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, nullptr, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
+  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, nullptr, codes, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
                        block_size, window};
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
@@ -382,8 +499,8 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, 
 // cache's kv_type (as tm_paged_decode_attention takes it).
 void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int KV, int D,
                  void* k_cache, void* v_cache, void* k_scale, void* v_scale, const float* signs,
-                 const float* k_offset, int kv_type) {
-  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, k_offset, kv_type};
+                 const float* k_offset, const tm::RowCodes* codes, int kv_type) {
+  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, k_offset, codes, kv_type};
   for (int t = 0; t < T; ++t) tm::write_kv_row(k + t * stride, v + t * stride, slot_mapping[t], KV, D, cache);
 }
 

@@ -10,8 +10,20 @@ namespace tm {
 // int4, rotated: each head row is turned by R = H diag(signs) / sqrt(D) (a Walsh-Hadamard transform with the
 // layer's random signs: orthogonal, so q.k = Rq.Rk, and outliers spread over all coordinates), then stored as
 // 4-bit codes per group of 32 with a float16 scale: x = d * (code - 8), d = (the group's largest-magnitude
-// value) / -8. Reads turn the queries by R and the outputs back by R^T.
-enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2, kKVInt4 = 3 };
+// value) / -8. Reads turn the queries by R and the outputs back by R^T. Turboquant: rotated the same way, then
+// each coordinate a Lloyd-Max code (RowCodes) and one float16 scale per row: x = scale * centroid[code].
+enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2, kKVInt4 = 3, kKVTurboQuant = 4 };
+
+// How a turboquant head row is coded (cache/turboquant.py; built there as this struct's bytes): coordinates
+// [0, split) at `hi` bits, [split, D) at `lo` bits, each part stored as bit fields (4: one 4-bit field; 3: a 2-bit
+// then a 1-bit field; 2; 1) in which coordinate i of n takes bits [i * w, (i + 1) * w); `row_bytes` per row and
+// `num_scales` float16 scales per row (the first: the row's). Centroids and boundaries are in units of
+// |row| / sqrt(D): a coordinate so measured takes the number of boundaries below it as its code.
+struct RowCodes {
+  int D, log2_D, split, hi, lo, row_bytes, num_scales, pad;
+  alignas(32) float centroids[2][16];  // [0]: the hi part's, [1]: the lo part's
+  float bounds[2][16];  // 2^bits - 1 ascending decision boundaries each, the rest +inf
+};
 
 struct KVCacheRef {  // one layer's K and V
   void* k;  // [blocks, block_size, KV, D] (int4: D / 2 bytes per head row)
@@ -19,9 +31,10 @@ struct KVCacheRef {  // one layer's K and V
   void* k_scale;  // int8: float32 [blocks, block_size, KV]; int4: float16 [blocks, block_size, KV, D / 32]; else null
   void* v_scale;
   const float* signs;  // int4: the rotation's signs [D]; else null
-  const float* k_offset;  // int8, int4: [KV, D] subtracted from each key before it is quantized (a vector every
+  const float* k_offset;  // int8, int4, turboquant: [KV, D] subtracted from each key before it is quantized (a vector every
                           // key of the layer loses alike: each query's scores move by one constant, the softmax
                           // stays); null: none
+  const RowCodes* codes;  // turboquant: [2] the keys' and the values' codes; else null
   int type;  // KVType
 };
 
