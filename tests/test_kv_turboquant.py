@@ -77,8 +77,9 @@ def _caches(turbo: tq.TurboQuant, blocks: int, bs: int, kv: int):
 
 
 @needs_kernels
+@pytest.mark.usefixtures("kernel_build")
 @pytest.mark.parametrize("bits", tq.BITS)
-def test_write_kv_turboquant_stores_what_the_pytorch_encoder_computes(kernel_build, bits):
+def test_write_kv_turboquant_stores_what_the_pytorch_encoder_computes(bits):
     """The native write (offset, rotate, code) and encode agree: codes equal except where a coordinate sits on a
     boundary to float rounding (the row's length is summed in another order), scales within a float16 step."""
     kv_heads, d = 2, 64
@@ -99,9 +100,10 @@ def test_write_kv_turboquant_stores_what_the_pytorch_encoder_computes(kernel_bui
 
 
 @needs_kernels
+@pytest.mark.usefixtures("kernel_build")
 @pytest.mark.parametrize("bits", tq.BITS)
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention_over_turboquant_codes_matches_attention_over_decoded_rows(kernel_build, bits, window):
+def test_paged_attention_over_turboquant_codes_matches_attention_over_decoded_rows(bits, window):
     """The kernel attends in the rotated space straight from the codes (centroids looked up in registers, the
     row's scale once per score and per value); the reference decodes the same codes and runs SDPA."""
     torch.manual_seed(0)

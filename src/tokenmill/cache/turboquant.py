@@ -34,14 +34,13 @@ def codebook(bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     sqrt(dim) * x_i, x uniform on the unit sphere in R^dim: density ~ (1 - u^2 / dim)^((dim - 3) / 2)."""
     u = torch.linspace(-math.sqrt(dim), math.sqrt(dim), 400_001, dtype=torch.float64)[1:-1]
     density = (1 - u * u / dim).clamp_min(0) ** ((dim - 3) / 2)
-    levels = 2**bits
-    cdf = density.cumsum(0) / density.sum()
-    centroids = u[torch.searchsorted(cdf, (torch.arange(levels, dtype=torch.float64) + 0.5) / levels)]
+    levels, zero = 2**bits, torch.zeros(1, dtype=torch.float64)
+    mass, moment = torch.cat((zero, density.cumsum(0))), torch.cat((zero, (density * u).cumsum(0)))  # prefix sums
+    centroids = u[torch.searchsorted(mass / mass[-1], (torch.arange(levels, dtype=torch.float64) + 0.5) / levels)]
     for _ in range(300):  # Lloyd's iterations: boundaries at midpoints, centroids at their cell's mean
-        bounds = (centroids[1:] + centroids[:-1]) / 2
-        cell = torch.bucketize(u, bounds)
-        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, cell, density)
-        centroids = torch.zeros(levels, dtype=torch.float64).index_add_(0, cell, density * u) / mass
+        edges = torch.searchsorted(u, (centroids[1:] + centroids[:-1]) / 2)
+        edges = torch.cat((edges.new_zeros(1), edges, edges.new_full((1,), len(u))))
+        centroids = (moment[edges[1:]] - moment[edges[:-1]]) / (mass[edges[1:]] - mass[edges[:-1]])
         centroids = (centroids - centroids.flip(0)) / 2  # the density is even: so is the optimum
     return centroids.float(), ((centroids[1:] + centroids[:-1]) / 2).float()
 
@@ -157,14 +156,15 @@ def _levels(code: RowCode) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
 
 
 def quantize(x: torch.Tensor, code: RowCode) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated rows [..., D] float32 -> (packed codes uint8 [..., code.nbytes], float16 scales [...]). Each coordinate takes the centroid nearest to x_i * sqrt(D) / |x|; the scale is the
-    least-squares one for the chosen centroids (<x, c> / <c, c>: smaller error than |x| / sqrt(D))."""
+    """Rotated rows [..., D] float32 -> (packed codes uint8 [..., code.nbytes], float16 scales [...]). Each
+    coordinate takes the centroid nearest to x_i * sqrt(D) / |x|; the scale is the least-squares one for the
+    chosen centroids (<x, c> / <c, c>: smaller error than |x| / sqrt(D))."""
     norm = x.norm(dim=-1, keepdim=True)
     unit = x * (math.sqrt(code.dim) / torch.where(norm > 0, norm, torch.ones_like(norm)))
     codes = torch.empty(x.shape, dtype=torch.int32)
     centred = torch.empty_like(x)
     for where, centroids, bounds in _levels(code):
-        codes[..., where] = torch.bucketize(unit[..., where].contiguous(), bounds).to(torch.int32)
+        codes[..., where] = torch.bucketize(unit[..., where].contiguous(), bounds, out_int32=True)
         centred[..., where] = centroids[codes[..., where]]
     energy = (centred * centred).sum(-1)
     scales = ((x * centred).sum(-1) / torch.where(energy > 0, energy, torch.ones_like(energy))).half()

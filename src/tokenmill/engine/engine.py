@@ -15,8 +15,8 @@ from collections.abc import Sequence as Seq
 import torch
 
 from tokenmill.cache.kv_cache import COMPRESSED, TURBOQUANT, KVCache, bytes_per_block, resolve_kv_dtype
-from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
 from tokenmill.cache.kv_cache_manager import KVCacheManager
+from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.input_processor import EngineCoreRequest, InputProcessor

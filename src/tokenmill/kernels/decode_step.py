@@ -31,8 +31,8 @@ class Linear(ctypes.Structure):
 class DecodeLayer(ctypes.Structure):
     _fields_ = [("input_norm", _p), ("post_attention_norm", _p), ("qkv", Linear), ("o", Linear), ("gate_up", Linear),
                 ("down", Linear), ("k_cache", _p), ("v_cache", _p), ("k_scale", _p), ("v_scale", _p), ("signs", _p),
-                ("k_offset", _p), ("codes", _p), ("cos", _p), ("sin", _p), ("group", _i), ("window", _i), ("q_norm", _p),
-                ("k_norm", _p), ("attn_out_norm", _p), ("mlp_out_norm", _p)]
+                ("k_offset", _p), ("codes", _p), ("cos", _p), ("sin", _p), ("group", _i), ("window", _i),
+                ("q_norm", _p), ("k_norm", _p), ("attn_out_norm", _p), ("mlp_out_norm", _p)]
 
 
 class KVGroup(ctypes.Structure):
