@@ -1,4 +1,5 @@
-"""Issue 21: decode attention over float16, int8 and int4 KV caches, the kernel alone, at Qwen2.5-1.5B's head shape.
+"""Issue 21: decode attention over float16, int8, int4 and turboquant (2.5-4 bits) KV caches, the kernel alone, at
+Qwen2.5-1.5B's head shape.
 
 Run:  python benchmarks/kv_attention.py --out benchmarks/results/kv_attention   (quiet machine)
 
@@ -18,26 +19,29 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.cache.kv_cache import INT4, bytes_per_head_row, encode, rotation_signs
+from tokenmill.cache.kv_cache import ROTATED, TURBOQUANT, bytes_per_head_row, encode, resolve_kv_dtype, rotation_signs
+from tokenmill.cache.turboquant import TurboQuant
 from tokenmill.hardware import describe
 from tokenmill.kernels import layer_ops
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 2, 128, 16
 
 
-def caches(batch: int, length: int, dtype: torch.dtype, seed: int = 0):
-    """Random keys and values as the cache holds them (with int4's rotation signs), block tables scattered over
-    the pool, and the bytes of K and V the call streams."""
+def caches(batch: int, length: int, dtype: torch.dtype, turbo: TurboQuant | None, seed: int = 0):
+    """Random keys and values as the cache holds them (with the rotation signs and turboquant's codes), block
+    tables scattered over the pool, and the bytes of K and V the call streams."""
     blocks_per_seq = length // BLOCK
     num_blocks = batch * blocks_per_seq
     gen = torch.Generator().manual_seed(seed)
     k, v = (torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
     tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_seq)
     lens = torch.full((batch,), length, dtype=torch.int64)
-    signs = rotation_signs(0, HEAD_DIM) if dtype == INT4 else None
-    (kc, ks), (vc, vs) = encode(k, dtype, signs), encode(v, dtype, signs)
-    nbytes = num_blocks * BLOCK * KV_HEADS * bytes_per_head_row(HEAD_DIM, dtype) * 2
-    return (kc, vc, ks, vs, signs), tables, lens, nbytes
+    signs = rotation_signs(0, HEAD_DIM) if dtype in ROTATED else None
+    (kc, ks), (vc, vs) = (encode(x, dtype, signs, None, code)
+                          for x, code in ((k, turbo and turbo.key), (v, turbo and turbo.value)))
+    row_bytes = sum(bytes_per_head_row(HEAD_DIM, dtype, turbo, key) for key in (True, False))
+    nbytes = num_blocks * BLOCK * KV_HEADS * row_bytes
+    return (kc, vc, ks, vs, signs, turbo and turbo.table()), tables, lens, nbytes
 
 
 def main() -> None:
@@ -46,9 +50,12 @@ def main() -> None:
     parser.add_argument("--length", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_attention"))
+    parser.add_argument("--types", nargs="+", default=["float16", "int8", "int4", "tq2.5", "tq3", "tq3.5", "tq4"],
+                        help="cache types; tqB: turboquant at B bits")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    dtypes = {"float16": torch.float16, "int8": torch.int8, "int4": INT4}
+    dtypes = {name: (TURBOQUANT, TurboQuant(HEAD_DIM, float(name[2:]))) if name.startswith("tq")
+              else (resolve_kv_dtype(name, torch.float32, True), None) for name in args.types}
     compressed = [n for n in dtypes if n != "float16"]
     lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
              "| sequences | context | " + " | ".join(f"{n} ms | {n} GB/s" for n in dtypes)
@@ -56,14 +63,14 @@ def main() -> None:
              "|---:|---:|" + "---:|---:|" * len(dtypes) + "---:|" * len(compressed)]
     for batch in args.batch:
         for length in args.length:
-            setups = {name: caches(batch, length, dtype) for name, dtype in dtypes.items()}
+            setups = {name: caches(batch, length, *spec) for name, spec in dtypes.items()}
             q = torch.randn(batch, HEADS, HEAD_DIM)
             times: dict[str, list[float]] = {name: [] for name in dtypes}
             for repeat in range(args.repeats + 1):
                 for name, (cache, tables, lens, _) in setups.items():
-                    k, v, ks, vs, signs = cache
+                    k, v, ks, vs, signs, codes = cache
                     start = time.perf_counter()
-                    layer_ops.paged_decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, 0, ks, vs, signs)
+                    layer_ops.paged_decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, 0, ks, vs, signs, codes)
                     if repeat:
                         times[name].append(time.perf_counter() - start)
             cells, medians = [], {}

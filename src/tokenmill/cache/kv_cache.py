@@ -215,10 +215,11 @@ def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Zeroed memory that the OS only backs with pages once written.
 
     An anonymous mmap is guaranteed to read as zeros (so unwritten slots are finite, which matters
-    when masked attention multiplies them by 0) and costs resident memory only for blocks in use.
+    when masked attention multiplies them by 0) and costs resident memory only for blocks in use. 64 bytes of
+    slack at the end: the turboquant reader loads whole 4-byte words past a row's last code bytes.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    buffer = mmap.mmap(-1, max(numel * itemsize, 1))
+    buffer = mmap.mmap(-1, numel * itemsize + 64)
     return torch.frombuffer(buffer, dtype=dtype, count=numel)
 
 

@@ -72,13 +72,18 @@ struct I4Cache : FixedWidth<4> {
   }
 };
 
-// Codes i .. i + 7 of a field of `width` bits (coordinate i at bits [i * width, (i + 1) * width)): one
-// width-byte little-endian word spread over 8 lanes by a variable shift.
+// Lane j's shift for codes of width w: j * w.
+alignas(32) constexpr int32_t kLaneShifts[5][8] = {
+    {0}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 8, 10, 12, 14}, {0}, {0, 4, 8, 12, 16, 20, 24, 28}};
+
+// Codes i .. i + 7 (i a multiple of 8) of a field of `width` bits (1, 2 or 4; coordinate i at bits
+// [i * width, (i + 1) * width)): one width-byte little-endian word spread over 8 lanes by a variable shift. Reads
+// 4 bytes: up to 3 past the field's word, which the cache's padding covers at its end (kv_cache._lazily_zeroed).
 inline __m256i field8(const uint8_t* field, int i, int width) {
-  uint32_t word = 0;
-  std::memcpy(&word, field + i * width / 8, width);
-  const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(width));
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+  uint32_t word;
+  std::memcpy(&word, field + (i >> 3) * width, sizeof(word));
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)),
+                                            _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneShifts[width]))),
                           _mm256_set1_epi32((1 << width) - 1));
 }
 
@@ -93,7 +98,9 @@ inline __m256 lookup16(const float* table, __m256i code) {
 #endif
 }
 
-// Turboquant rows (RowCodes): element e is coordinate e % D of row e / D, at codes->row_bytes bytes a row.
+// Turboquant rows (RowCodes) whose two parts take Hi and Lo bits: element e is coordinate e % D of row e / D, at
+// codes->row_bytes bytes a row.
+template <int Hi, int Lo>
 struct TQCache {
   static constexpr bool kRowScale = true;
   static const char* address(const void* data, const RowCodes* codes, int64_t e) {
@@ -103,23 +110,18 @@ struct TQCache {
   static float row_scale(const void* scales, const RowCodes* codes, int64_t row, int) {
     return _cvtsh_ss(static_cast<const uint16_t*>(scales)[(row >> codes->log2_D) * codes->num_scales]);
   }
+  // Codes i .. i + 7 of a part of n coordinates at W bits (3: a 2-bit field, then a 1-bit field of the high bits).
+  template <int W>
+  static __m256i codes8(const uint8_t* part, int n, int i) {
+    if constexpr (W == 3) return _mm256_or_si256(field8(part, i, 2), _mm256_slli_epi32(field8(part + n / 4, i, 1), 2));
+    return field8(part, i, W);
+  }
   static __m256 load8(const void* data, const void*, const RowCodes* codes, int64_t e) {
     const uint8_t* row = reinterpret_cast<const uint8_t*>(address(data, codes, e));
-    int i = static_cast<int>(e & (codes->D - 1)), part = 0, bits = codes->hi;
-    if (i >= codes->split) {  // the lo part follows the hi part's fields
-      row += codes->split * codes->hi / 8;
-      i -= codes->split;
-      part = 1;
-      bits = codes->lo;
-    }
-    const int n = part ? codes->D - codes->split : codes->split;
-    __m256i code;
-    if (bits == 3) {  // a 2-bit field, then a 1-bit field for the high bit
-      code = _mm256_or_si256(field8(row, i, 2), _mm256_slli_epi32(field8(row + n / 4, i, 1), 2));
-    } else {
-      code = field8(row, i, bits);
-    }
-    return lookup16(codes->centroids[part], code);
+    const int D = codes->D, i = static_cast<int>(e & (D - 1)), split = codes->split;
+    if constexpr (Hi == Lo) return lookup16(codes->centroids[0], codes8<Hi>(row, D, i));  // split == D
+    if (i < split) return lookup16(codes->centroids[0], codes8<Hi>(row, split, i));
+    return lookup16(codes->centroids[1], codes8<Lo>(row + split * Hi / 8, D - split, i - split));
   }
 };
 
@@ -154,7 +156,7 @@ constexpr int kQueriesPerPass = 6;  // of 16 ymm registers
 // for all of them. Keys go in groups of 8 whose 8-lane partial sums are reduced together (one vector of 8 scores
 // from 9 shuffles and adds, not 8 horizontal sums); the last group is padded with zeros, so a key's score is the
 // same wherever it falls, and a query's scores do not depend on which other queries share the pass.
-template <typename C, int NQ>
+template <typename C, typename CV, int NQ>
 void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int kvh, const float* const* qs,
                 float scale, float* const* scores, bool prefetch_values) {
   const int D = kv.D;
@@ -175,8 +177,8 @@ void score_pass(const PagedKV& kv, const int64_t* table, int start, int end, int
   const RowCodes* value_codes = codes ? codes + 1 : nullptr;
   for_each_key<C>(kv, keys, codes, table, start, end, kvh, [&](int t, int64_t row) {
     if (prefetch_values)  // the value row (same offset in the V cache) starts moving to L2 for the value pass
-      for (int i = 0; i < C::row_bytes(value_codes, D); i += 64)
-        _mm_prefetch(C::address(kv.cache.v, value_codes, row) + i, _MM_HINT_T1);
+      for (int i = 0; i < CV::row_bytes(value_codes, D); i += 64)
+        _mm_prefetch(CV::address(kv.cache.v, value_codes, row) + i, _MM_HINT_T1);
     __m256 a0[NQ], a1[NQ];  // two accumulators per query halve the dependent multiply-add chain
     for (int j = 0; j < NQ; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
     int i = 0;
@@ -254,13 +256,14 @@ inline void softmax_row(float* s, int n, int padded) {
   for (; i < padded; ++i) s[i] = 0.0f;
 }
 
-template <typename C>
+// CK reads the keys, CV the values.
+template <typename CK, typename CV = CK>
 void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride, float scale,
                     float* out, int64_t out_stride) {
   const int D = kv.D;
   if (kv.window > 0 && rows > 1) {  // each row has its own window start: one row at a time
     for (int r = 0; r < rows; ++r)
-      attention_task<C>(kv, b + r, 1, kvh, G, q + r * q_stride, q_stride, scale, out + r * out_stride, out_stride);
+      attention_task<CK, CV>(kv, b + r, 1, kvh, G, q + r * q_stride, q_stride, scale, out + r * out_stride, out_stride);
     return;
   }
   const int end = static_cast<int>(kv.seq_lens[b + rows - 1]);  // the last row sees the most keys
@@ -282,10 +285,10 @@ void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const fl
     }
     // keys up to the pass's last row: a prefill chunk's early rows skip the rest of the chunk
     const int pass_end = static_cast<int>(kv.seq_lens[b + (j0 + NQ - 1) / G]);
-    score_pass<C, NQ>(kv, table, start, pass_end, kvh, queries, scale, scores, j0 == 0);
+    score_pass<CK, CV, NQ>(kv, table, start, pass_end, kvh, queries, scale, scores, j0 == 0);
     for (int j = 0; j < NQ; ++j)
       softmax_row(scores[j], static_cast<int>(kv.seq_lens[b + (j0 + j) / G]) - start, pass_end - start);
-    value_pass<C, NQ>(kv, table, start, pass_end, kvh, scores, outs);
+    value_pass<CV, NQ>(kv, table, start, pass_end, kvh, scores, outs);
   });
 }
 
@@ -316,7 +319,7 @@ inline void unrotate(float* x, const float* signs, int D) {
 }
 
 // Attention in the rotated space (int4, turboquant caches): queries turned by R, outputs back by R^T.
-template <typename C>
+template <typename CK, typename CV = CK>
 void rotated_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
                             float scale, float* out, int64_t out_stride) {
     const int D = kv.D, n = rows * G;
@@ -329,7 +332,7 @@ void rotated_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, 
         std::memcpy(row, q + r * q_stride + g * D, D * sizeof(float));
         rotate(row, kv.cache.signs, D);
       }
-    attention_task<C>(kv, b, rows, kvh, G, rq.data(), static_cast<int64_t>(G) * D, scale, ro.data(),
+    attention_task<CK, CV>(kv, b, rows, kvh, G, rq.data(), static_cast<int64_t>(G) * D, scale, ro.data(),
                       static_cast<int64_t>(G) * D);
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < G; ++g) {
@@ -343,8 +346,17 @@ void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, c
                            float scale, float* out, int64_t out_stride) {
   if (kv.cache.type == kKVInt4) {
     rotated_attention_task<I4Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
-  } else if (kv.cache.type == kKVTurboQuant) {
-    rotated_attention_task<TQCache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+  } else if (kv.cache.type == kKVTurboQuant) {  // the four kv_cache_bits (cache/turboquant.py TurboQuant)
+    const RowCodes *k = kv.cache.codes, *v = k + 1;
+    if (k->hi == 3) {  // 2.5 bits: keys 3, values 2
+      rotated_attention_task<TQCache<3, 3>, TQCache<2, 2>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    } else if (k->lo == 3) {  // 3: keys 3.5, values 2.5
+      rotated_attention_task<TQCache<4, 3>, TQCache<3, 2>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    } else if (v->hi == 3) {  // 3.5: keys 4, values 3
+      rotated_attention_task<TQCache<4, 4>, TQCache<3, 3>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    } else {  // 4: both 4
+      rotated_attention_task<TQCache<4, 4>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    }
   } else if (kv.cache.type == kKVInt8) {
     attention_task<I8Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
   } else if (kv.cache.type == kKVFloat16) {
