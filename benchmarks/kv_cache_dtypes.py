@@ -7,8 +7,9 @@ For each cache type: bytes per token, blocks per GiB and the 2k-token requests t
 engine's own block size); then, for B sequences of L-token prompts (each its own corpus window, prefix caching
 off, so every sequence reads its own keys), the decode tok/s of the steps after every prompt is in the cache
 (the tokens those steps make over their time, prefill not timed; llama-batched-bench's S_TG). The cache types take
-turns at each (B, L). llama.cpp: `llama-batched-bench -npp L -ntg 64 -npl B -fa on -ctk T -ctv T` with T = f16,
-q8_0, q4_0 on the same GGUF.
+turns at each (B, L). Types: float16, int8, int4, and tqB for turboquant at B bits. llama.cpp:
+`llama-batched-bench -npp L -ntg 64 -npl B -fa on -ctk T -ctv T` with T = f16, q8_0, q4_0 on the same GGUF (it has
+no turboquant).
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from tokenmill.bench.datasets import corpus_tokens
 from tokenmill.hardware import describe
 from tokenmill.model.loader.catalog import resolve_model
 
-DTYPES = ["float16", "int8", "int4"]
 LLAMA_TYPES = {"float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 NEW_TOKENS = 64
 
@@ -68,16 +68,21 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cases", nargs="+", default=["1x1024", "16x1024", "64x1024", "1x4096", "16x4096"],
                         help="BxL: B sequences of L-token prompts")
+    parser.add_argument("--types", nargs="+", default=["float16", "int8", "int4", "tq3.5"],
+                        help="cache types (float16 first); tqB: turboquant at B bits")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_cache_dtypes"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cases = [tuple(map(int, re.fullmatch(r"(\d+)x(\d+)", c).groups())) for c in args.cases]
     most = max(b * (length + NEW_TOKENS + 16) for b, length in cases)
-    llms = {d: LLM(args.model, kv_cache_dtype=d, enable_prefix_caching=False, max_num_seqs=max(b for b, _ in cases),
-                   max_num_batched_tokens=2048, max_model_len=max(length for _, length in cases) + 2 * NEW_TOKENS,
-                   kv_cache_memory=2**30 + most * 2**16) for d in DTYPES}
-    corpus = corpus_tokens(llms["float16"].tokenizer)
+    types = args.types
+    llms = {d: LLM(args.model, kv_cache_dtype="turboquant" if d.startswith("tq") else d,
+                   kv_cache_bits=float(d[2:]) if d.startswith("tq") else None, enable_prefix_caching=False,
+                   max_num_seqs=max(b for b, _ in cases), max_num_batched_tokens=2048,
+                   max_model_len=max(length for _, length in cases) + 2 * NEW_TOKENS,
+                   kv_cache_memory=2**30 + most * 2**16) for d in types}
+    corpus = corpus_tokens(llms[types[0]].tokenizer)
     lines = [f"CPU: {json.dumps(describe())}", f"command: {' '.join(sys.argv)}", "",
              "| cache | bytes per token | blocks per GiB | 2k-token requests in 4 GiB |", "|---|---:|---:|---:|"]
     for name, llm in llms.items():
@@ -86,9 +91,9 @@ def main() -> None:
         blocks_2k = -(-2048 // info.block_size)
         lines.append(f"| {name} | {per_token:.0f} | {2**30 // info.bytes_per_block} | "
                      f"{4 * 2**30 // info.bytes_per_block // blocks_2k} |")
-    lines += ["", "| sequences | context | engine | " + " | ".join(f"{d} decode tok/s" for d in DTYPES)
-              + " | " + " | ".join(f"{d} / float16" for d in DTYPES[1:]) + " |",
-              "|---:|---:|---|" + "---:|" * (2 * len(DTYPES) - 1)]
+    lines += ["", "| sequences | context | engine | " + " | ".join(f"{d} decode tok/s" for d in types)
+              + " | " + " | ".join(f"{d} / {types[0]}" for d in types[1:]) + " |",
+              "|---:|---:|---|" + "---:|" * (2 * len(types) - 1)]
     gguf = resolve_model(args.model)
     for batch, length in cases:
         ours = {d: decode_tok_s(llm, batch, length, corpus) for d, llm in llms.items()}
@@ -96,10 +101,12 @@ def main() -> None:
         if not args.no_peers and PEERS.exists():
             rows.append(("llama.cpp", {d: llama_decode(gguf, batch, length, LLAMA_TYPES[d],
                                                        args.out / f"llama_{batch}x{length}_{d}.jsonl")
-                                       for d in DTYPES}))
+                                       for d in types if d in LLAMA_TYPES}))
         for engine, speeds in rows:
-            lines.append(f"| {batch} | {length} | {engine} | " + " | ".join(f"{speeds[d]:.1f}" for d in DTYPES)
-                         + " | " + " | ".join(f"{speeds[d] / speeds['float16']:.2f}x" for d in DTYPES[1:]) + " |")
+            lines.append(f"| {batch} | {length} | {engine} | "
+                         + " | ".join(f"{speeds[d]:.1f}" if d in speeds else "-" for d in types) + " | "
+                         + " | ".join(f"{speeds[d] / speeds[types[0]]:.2f}x" if d in speeds else "-"
+                                      for d in types[1:]) + " |")
             print(lines[-1], flush=True)
     (args.out / f"kv_cache_dtypes_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -12,6 +12,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.cache.kv_cache import bytes_per_block, resolve_kv_dtype
 from tokenmill.config import CacheConfig
 from tokenmill.kernels import native
+from tokenmill.cli import build_parser
 from tokenmill.model.loader import load_checkpoint
 
 PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]}
@@ -21,6 +22,20 @@ PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in 
 def test_unknown_kv_cache_dtype_is_refused_by_name():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         CacheConfig(kv_cache_dtype="int3")
+
+
+def test_kv_cache_bits_is_turboquants_and_one_of_four():
+    """Not silently ignored: bits with another type, or a width the codes do not have, are refused by name; on
+    the command line too."""
+    assert CacheConfig(kv_cache_dtype="turboquant", kv_cache_bits=2.5).kv_cache_bits == 2.5
+    with pytest.raises(ValueError, match="kv_cache_bits sets turboquant's bits per element; kv_cache_dtype is 'int4'"):
+        CacheConfig(kv_cache_dtype="int4", kv_cache_bits=3.5)
+    with pytest.raises(ValueError, match="kv_cache_bits must be one of 2.5, 3.0, 3.5, 4.0, got 3.7"):
+        CacheConfig(kv_cache_dtype="turboquant", kv_cache_bits=3.7)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--kv-cache-dtype", "turboquant", "--kv-cache-bits", "3.7"])
+    args = build_parser().parse_args(["serve", "--kv-cache-dtype", "turboquant", "--kv-cache-bits", "3"])
+    assert (args.kv_cache_dtype, args.kv_cache_bits) == ("turboquant", 3.0)
 
 
 def test_auto_picks_float16_only_for_packed_weights_on_native_kernels():

@@ -53,6 +53,22 @@ def test_eval_kld_is_zero_against_itself_and_not_for_int8(tiny, tmp_path, capsys
     assert int8["mean"] > 0 and int8["kv_cache_dtype"] == "int8" and int8["chunk"] == 8
 
 
+def test_eval_kld_of_turboquant_falls_with_its_bits(tiny, tmp_path):
+    """--kv-cache-bits reaches the cache: at 4 bits the KL divergence from float32 is below 2.5 bits'."""
+    folder, _, _ = tiny
+    means = {}
+    for bits in ("2.5", "4"):
+        out = tmp_path / f"tq{bits}.json"
+        assert main(["eval", "kld", str(folder), "--dtype", "float32", "--kv-cache-dtype", "turboquant",
+                     "--kv-cache-bits", bits, "--reference-kv-cache-dtype", "float32", "--max-tokens", "48",
+                     "--context-len", "32", "--stride", "16", "--max-num-batched-tokens", "8",
+                     "--save-result", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["kv_cache_bits"] == float(bits)
+        means[bits] = result["mean"]
+    assert 0 < means["4"] < means["2.5"]
+
+
 def test_eval_ppl_through_the_cache(tiny, tmp_path, capsys):
     folder, _, _ = tiny
     scores = {}

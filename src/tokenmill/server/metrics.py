@@ -57,8 +57,9 @@ class ServerMetrics:
                               [*labels, "status_code"], registry=self.registry)
         self._labels = labels
         cache = asdict(async_engine.cache_info)
+        values = {k: "" if v is None else str(v) for k, v in cache.items()}
         Gauge(P + "cache_config_info", "The KV cache's configuration, in the labels (always 1).", [*labels, *cache],
-              registry=self.registry).labels(**labels, **{k: str(v) for k, v in cache.items()}).set(1)
+              registry=self.registry).labels(**labels, **values).set(1)
         self.registry.register(_EngineStatsCollector(async_engine, model_name))
 
     def observe_finished(self, out: RequestOutput) -> None:
