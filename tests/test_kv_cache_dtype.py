@@ -10,9 +10,9 @@ import torch
 from tinymodel import write_tiny_llama
 from tokenmill import LLM, SamplingParams
 from tokenmill.cache.kv_cache import bytes_per_block, resolve_kv_dtype
+from tokenmill.cli import build_parser
 from tokenmill.config import CacheConfig
 from tokenmill.kernels import native
-from tokenmill.cli import build_parser
 from tokenmill.model.loader import load_checkpoint
 
 PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]}
