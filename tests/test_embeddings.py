@@ -21,7 +21,7 @@ def test_shape_norm_and_pooling(llm_f32):
     ids = out[0].prompt_token_ids
     runner = llm_f32.engine.runner
     with torch.inference_mode():
-        hidden = llm_f32.model.norm(llm_f32.model.hidden_states(*runner._uncached(ids))).float()
+        hidden = llm_f32.model.norm(llm_f32.model.hidden_states(*runner.uncached_inputs(ids))).float()
     mean = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
     last = torch.nn.functional.normalize(hidden[-1], dim=-1)
     assert torch.allclose(torch.tensor(out[0].outputs.embedding), mean, atol=1e-5)

@@ -1,5 +1,5 @@
-"""`tokenmill eval ppl`, `tokenmill eval kld` and `tokenmill quantize`: argument parsing; the work is in the
-modules."""
+"""`tokenmill eval ppl|kld|passkey`, `tokenmill quantize` and `tokenmill distill`: argument parsing; the work is
+in the modules."""
 from __future__ import annotations
 
 import argparse
@@ -188,6 +188,38 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"{report.size_bytes / 2**20:.1f} MiB, in {report.seconds:.1f} s")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from tokenmill.compress.distill import DistillOptions, distill, teacher_samples
+    from tokenmill.compress.perplexity import read_text, shipped_text
+    from tokenmill.compress.quantize import check_output_dir
+    from tokenmill.hardware import describe
+
+    options = DistillOptions(args.params_fraction, args.minutes, args.seq_len, args.top_k, args.lr,
+                             args.sample_tokens, args.eval_tokens, args.seed)
+    out = Path(args.out)
+    check_output_dir(out)
+    teacher = EngineArgs(args.model, args.dtype, args.quantization, args.group_size).create_llm(progress=True)
+    encode = teacher.tokenizer.encode
+    texts = [read_text(path, CALIBRATION_TEXT) for path in args.data or [None]]
+    train = [encode(text) for text in texts]
+    train += teacher_samples(teacher, train[0], options.sample_tokens, options.seed)
+    eval_ids = encode(shipped_text(EVAL_TEXT))[: options.eval_tokens]
+    result = distill(teacher, train, eval_ids, out, options, progress=True)
+    share = result.student_params / result.teacher_params
+    print(f"student       {out}: {result.student_params / 1e6:.1f}M of the teacher's "
+          f"{result.teacher_params / 1e6:.1f}M parameters ({100 * share:.0f}%), layers {result.dropped_layers} "
+          f"dropped; pruned only: {out / 'pruned'}")
+    print(f"trained       {result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s")
+    for name, kld in (("pruned", result.pruned), ("distilled", result.distilled)):
+        print(f"{name:<13} KL to the teacher {kld.mean:.4f} nats, same top-1 {100 * kld.top1_agreement:.1f}%, "
+              f"perplexity {kld.test_perplexity:.3f} (teacher {kld.reference_perplexity:.3f}) on {EVAL_TEXT}")
+    if args.save_result:
+        document = {"teacher": str(teacher.checkpoint.path), "options": asdict(options),
+                    **{k: v for k, v in asdict(result).items() if k != "losses"}, "losses": result.losses[::10],
+                    "hardware": describe()}
+        Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
+
+
 def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate model quality")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -230,3 +262,23 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
                     help=f"calibration text for awq/gptq (default: the shipped {CALIBRATION_TEXT})")
     qz.add_argument("-o", "--output", required=True, metavar="OUT", help="new checkpoint directory")
     qz.set_defaults(func=cmd_quantize)
+    ds = sub.add_parser("distill", help="a smaller student of a model: depth pruning by measured layer influence, "
+                                        "then knowledge distillation on this CPU within a time budget")
+    _add_model_arg(ds)
+    ds.add_argument("--out", required=True, metavar="DIR", help="the student (DIR/pruned: before training)")
+    ds.add_argument("--minutes", type=float, default=10.0, help="training time")
+    ds.add_argument("--params-fraction", type=float, default=0.7, help="student parameters / teacher parameters")
+    ds.add_argument("--method", default="depth", choices=["depth"],
+                    help="depth: drop the layers of least block influence, then distill")
+    ds.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                    help=f"training text files (default: the shipped {CALIBRATION_TEXT}); the teacher's samples "
+                         "continuing the first are added")
+    ds.add_argument("--sample-tokens", type=int, default=16384, help="teacher samples to add to the training text")
+    ds.add_argument("--seq-len", type=int, default=256)
+    ds.add_argument("--top-k", type=int, default=64, help="teacher tokens per position in the KL")
+    ds.add_argument("--lr", type=float, default=1e-4)
+    ds.add_argument("--eval-tokens", type=int, default=2048, help=f"held-out tokens of {EVAL_TEXT} for the KL")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--save-result", default=None, metavar="FILE.json")
+    _add_weight_args(ds)
+    ds.set_defaults(func=cmd_distill)

@@ -35,8 +35,10 @@ def available() -> bool:
 
 
 def enabled_for(x: torch.Tensor) -> bool:
-    """The float kernels take float32 CPU tensors; other dtypes stay on PyTorch's own kernels."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and available()
+    """The float kernels take float32 CPU tensors; other dtypes stay on PyTorch's own kernels, and so does a
+    tensor autograd is recording (the kernels carry no gradients: training, compress/distill.py)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+            and available())
 
 
 def ptr(t: torch.Tensor | None) -> int | None:

@@ -93,6 +93,28 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantConfig | None 
     return model.eval().requires_grad_(False)
 
 
+def checkpoint_state(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """A float model's parameters under checkpoint names (build_model's inverse): fused projections split back
+    into their parts, a tied LM head left out."""
+    c = model.config
+    rows = {"self_attn.q_proj": c.num_heads * c.head_dim, "self_attn.k_proj": c.num_kv_heads * c.head_dim,
+            "self_attn.v_proj": c.num_kv_heads * c.head_dim, "mlp.gate_proj": c.intermediate_size,
+            "mlp.up_proj": c.intermediate_size}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if c.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        fused = next((f for f in _FUSED if f".{f}." in name), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        prefix, suffix = name.split(f".{fused}.")
+        parts = _FUSED[fused]
+        for part, piece in zip(parts, tensor.split([rows[p] for p in parts])):
+            out[f"{prefix}.{part}.{suffix}"] = piece
+    return out
+
+
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step streams from memory: every linear layer (the LM head included), but
     only one row of the embedding. At batch 1 this over the memory bandwidth bounds tokens/s."""

@@ -109,17 +109,18 @@ class ModelRunner:
     @torch.inference_mode()
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Logits [len, vocab] at every position of one sequence, computed in one pass without caching."""
-        return self.model(*self._uncached(token_ids))
+        return self.model(*self.uncached_inputs(token_ids))
 
     @torch.inference_mode()
     def embed(self, token_ids: Sequence[int], pooling: str) -> torch.Tensor:
         """The sequence's final hidden states (after the last norm), averaged over its tokens ("mean") or taken at
         its last ("last"), L2-normalized: llama.cpp's --embedding and vLLM's pooling runner, in one uncached pass."""
-        hidden = self.model.norm(self.model.hidden_states(*self._uncached(token_ids))).float()
+        hidden = self.model.norm(self.model.hidden_states(*self.uncached_inputs(token_ids))).float()
         return torch.nn.functional.normalize(hidden[-1] if pooling == "last" else hidden.mean(0), dim=-1)
 
-    def _uncached(self, token_ids: Sequence[int]) -> tuple:
-        """The model's inputs for one whole sequence attending only to itself, writing no KV cache."""
+    def uncached_inputs(self, token_ids: Sequence[int]) -> tuple:
+        """The model's inputs for one whole sequence attending only to itself, writing no KV cache (`score`'s;
+        outside inference mode, for training)."""
         n = len(token_ids)
         span = PrefillSpan(0, n, n, torch.empty(0, dtype=torch.long))
         meta = [AttentionMetadata(slot_mapping=None, prefills=[span], window=w) for w in self.windows]

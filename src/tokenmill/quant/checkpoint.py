@@ -102,8 +102,10 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, quantization: dict) -> 
 
 
 def save_checkpoint(out: Path, config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedWeight],
-                    tokenizer: Tokenizer, quantization: dict) -> None:
+                    tokenizer: Tokenizer, quantization: dict, extra: dict | None = None) -> None:
+    """extra: more top-level config.json entries (how the model was made)."""
     out.mkdir(parents=True, exist_ok=True)
     save_file(pack_tensors(weights), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(config, tokenizer, quantization), indent=2) + "\n")
+    document = {**hf_config(config, tokenizer, quantization), **(extra or {})}
+    (out / "config.json").write_text(json.dumps(document, indent=2) + "\n")
     tokenizer.save(out)

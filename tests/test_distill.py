@@ -1,0 +1,80 @@
+"""Depth pruning and distillation (compress/prune.py, compress/distill.py) on a tiny random teacher: pruning keeps
+shapes consistent and the student loads in the engine; a few seconds of training lower its KL to the teacher
+(the test fails if training is a no-op); the CLI writes both students and reports both KLs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tinymodel import write_tiny_llama
+from tokenmill import LLM, SamplingParams
+from tokenmill.cli import main
+from tokenmill.compress import prune
+from tokenmill.compress.distill import DistillOptions, distill, layers_to_drop
+from tokenmill.compress.perplexity import shipped_text
+from tokenmill.compress.quantize import float_weights
+from tokenmill.model.loader import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    write_tiny_llama(folder, load_checkpoint().tokenizer, seed=7, num_hidden_layers=4)
+    return folder
+
+
+def test_block_influence_ranks_a_near_identity_layer_lowest(teacher):
+    """A layer whose output projections are zeroed adds nothing to the residual stream: influence 0, dropped
+    first."""
+    llm = LLM(str(teacher), dtype="float32", kv_cache_memory=2**22)
+    with torch.no_grad():
+        llm.model.layers[2].self_attn.o_proj.weight.zero_()
+        llm.model.layers[2].mlp.down_proj.weight.zero_()
+    ids = llm.tokenizer.encode(shipped_text("calibration_en.txt"))[:100]
+    influence = prune.block_influence(llm.model, llm.score, ids, seq_len=40)
+    assert influence.shape == (4,) and influence[2] == pytest.approx(0, abs=1e-6) and (influence[[1, 3]] > 1e-3).all()
+    assert prune.least_influential(influence, 1) == [2]
+    with pytest.raises(ValueError, match="can drop 0 to 2 of 4 layers"):
+        prune.least_influential(influence, 3)
+
+
+def test_dropped_layers_are_renumbered_and_the_student_loads(teacher, tmp_path):
+    ckpt = load_checkpoint(str(teacher))
+    weights, config = prune.drop_layers(float_weights(ckpt), ckpt.config, [1, 2])
+    assert config.num_layers == 2 and not any(name.startswith(("layers.2.", "layers.3.")) for name in weights)
+    torch.testing.assert_close(weights["layers.1.mlp.down_proj.weight"],
+                               float_weights(ckpt)["layers.3.mlp.down_proj.weight"])
+    assert layers_to_drop(1000, 100, 0.7, 8) == 3 and layers_to_drop(1000, 100, 0.1, 8) == 6
+
+
+def test_distillation_lowers_the_students_kl_to_the_teacher(teacher, tmp_path):
+    """Half the layers dropped, then ~8 s of training on the teacher's distributions: the KL on the training
+    text falls well below the pruned student's (a random teacher's function of unseen text is not learnable in
+    seconds: held-out numbers for real models are in BENCHMARKS.md), and both students load and generate."""
+    llm = LLM(str(teacher), dtype="float32", kv_cache_memory=2**22)
+    train = [llm.tokenizer.encode(shipped_text("calibration_en.txt"))[:256]]
+    eval_ids = train[0][:128]
+    options = DistillOptions(params_fraction=0.9, minutes=8 / 60, seq_len=64, lr=1e-3, sample_tokens=0)
+    result = distill(llm, train, eval_ids, tmp_path / "student", options)
+    assert result.dropped_layers and result.student_params < result.teacher_params
+    assert result.steps >= 5 and result.losses[-1] < result.losses[0]
+    assert result.distilled.mean < 0.8 * result.pruned.mean
+    for folder in (tmp_path / "student", tmp_path / "student" / "pruned"):
+        student = LLM(str(folder), dtype="float32", kv_cache_memory=2**22)
+        assert student.config.num_layers == 4 - len(result.dropped_layers)
+        out = student.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 4
+    record = json.loads((tmp_path / "student" / "config.json").read_text())["distillation"]
+    assert record["dropped_layers"] == result.dropped_layers and record["steps"] == result.steps
+
+
+def test_distill_cli(teacher, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["distill", str(teacher), "--out", str(out), "--minutes", "0.05", "--params-fraction", "0.9",
+                 "--seq-len", "32", "--sample-tokens", "64", "--eval-tokens", "64", "--dtype", "float32",
+                 "--save-result", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "pruned" in text and "distilled" in text and (out / "pruned" / "config.json").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["steps"] >= 1
