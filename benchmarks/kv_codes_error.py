@@ -88,7 +88,8 @@ def main() -> None:
     layers = capture(llm, llm.tokenizer.encode(shipped_text(EVAL_TEXT))[: args.tokens])
     offsets = llm.model.key_offsets()
     variants = {"int4": (kv_cache.INT4, None, None, False)}
-    for key_bits, value_bits in [(3.0, 2.0), (2.5, 2.5), (3.5, 2.5), (3.0, 3.0), (4.0, 3.0), (3.5, 3.5), (4.0, 4.0)]:
+    for key_bits, value_bits in [(3.0, 2.0), (2.5, 2.5), (3.5, 2.5), (3.0, 3.0), (4.0, 3.0), (3.5, 3.5), (4.5, 2.5), (4.0, 4.0),
+                                 (5.0, 3.0), (4.5, 3.5)]:
         variants[f"turboquant K{key_bits:g} V{value_bits:g}"] = (kv_cache.TURBOQUANT, key_bits, value_bits, False)
     for key_bits in (3.0, 4.0):
         variants[f"QJL K{key_bits - 1:g}+1 V{key_bits:g}"] = (kv_cache.TURBOQUANT, key_bits, key_bits, True)

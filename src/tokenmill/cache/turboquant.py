@@ -3,15 +3,16 @@ coordinates of a head row are close to independent, each distributed as a coordi
 sphere; an optimal scalar quantizer for that distribution (a Lloyd-Max codebook, fitted once per head_dim) then
 serves every row, and one float16 scale per row restores its length.
 
-Keys get half a bit more than values and values half a bit less (at 4 bits: both 4): on real models an
-attention's weights depend on the keys' codes alone, and the output error falls faster per key bit
-(benchmarks/kv_codes_error.py; BENCHMARKS.md). For the same reason keys do not spend a bit on QJL's sketch of the
-residual (Zandieh et al., 2024): it makes scores unbiased but noisier, and measured ~5x the attention KL of the
-same bits spent on codes.
+Keys get one bit more than the average and values one bit less: an attention's weights depend on the keys' codes
+alone, and on real models perplexity follows the weights' error while the values' is largely averaged away over
+the tokens (benchmarks/kv_codes_error.py and the measurements in BENCHMARKS.md). For the same reason keys do not
+spend a bit on QJL's sketch of the residual (Zandieh et al., 2024): it makes scores unbiased but noisier, and
+measured 5.5-6x the attention KL of the same bits spent on codes.
 
 A row of D codes: the first `split` coordinates at `hi` bits, the rest at `lo` bits (fractional budgets: 3.5
 bits = half at 4, half at 3; the rotation makes every coordinate alike, so which ones get the extra bit does not
-matter). Each part is stored as bit fields (4-bit: one field; 3: a 2-bit and a 1-bit field; 2; 1), a field of n
+matter). Each part is stored as bit fields (5: a 4-bit and a 1-bit field; 4; 3: a 2-bit and a 1-bit field; 2;
+1), a field of n
 coordinates holding coordinate i at bits [i * w, (i + 1) * w) of its n * w / 8 bytes, little-endian: 8
 coordinates are one w-byte word, which a vector shift spreads over 8 lanes."""
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from tokenmill.config import KV_CACHE_BITS as BITS
 
 DEFAULT_BITS = 3.5
-_FIELDS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}  # bit widths of the fields holding a part's codes, low bits first
+_FIELDS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1)}  # bit widths of the fields holding a part's codes, low bits first
 
 
 @cache
@@ -47,7 +48,7 @@ def codebook(bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class RowCode:
-    """How one head row of `dim` coordinates is coded at `bits` per coordinate (1-4, in halves)."""
+    """How one head row of `dim` coordinates is coded at `bits` per coordinate (1-5, in halves)."""
 
     dim: int
     bits: float
@@ -87,7 +88,7 @@ class TurboQuant:
 
     @property
     def key(self) -> RowCode:
-        return RowCode(self.dim, min(4.0, self.bits + 0.5))
+        return RowCode(self.dim, self.bits + 1)
 
     @property
     def value(self) -> RowCode:
@@ -99,13 +100,13 @@ class TurboQuant:
 
     def table(self) -> torch.Tensor:
         """The keys' and values' codes as the native kernels' RowCodes array (csrc/paged_attention.h), int32
-        [2, 72]: eight ints (D, log2 D, split, hi, lo, row bytes, scales per row, 0), then the hi and lo parts'
-        centroids and boundaries as float32 bits, 16 each (boundaries padded with +inf)."""
+        [2, 136]: eight ints (D, log2 D, split, hi, lo, row bytes, scales per row, 0), then the hi and lo parts'
+        centroids and boundaries as float32 bits, 32 each (padded with +inf)."""
         rows = []
         for code in (self.key, self.value):
             header = torch.tensor([code.dim, code.dim.bit_length() - 1, code.split, code.hi, code.lo, code.nbytes,
                                    1, 0], dtype=torch.int32)
-            tables = torch.full((4, 16), math.inf)
+            tables = torch.full((4, 32), math.inf)
             for part, bits in enumerate((code.hi, code.lo)):
                 centroids, bounds = codebook(bits, code.dim)
                 tables[part, :len(centroids)] = centroids
