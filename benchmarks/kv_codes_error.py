@@ -6,8 +6,8 @@ One uncached pass over the first --tokens tokens of the shipped held-out text re
 then, per layer, the last 256 queries attend (causally, in float32) over keys and values as each cache code
 stores them: the KL divergence of the attention weights from exact keys (how far the keys' codes move the
 softmax) and the relative error of the attention output (keys and values together), averaged over layers.
-Compared: int4; turboquant with keys and values at the bits given (kv_cache_bits B stores keys at B + 0.5 and
-values at B - 0.5, up to 4); and the same key bits spent as QJL (Zandieh et al., 2024) spends them: one bit
+Compared: int4; turboquant with keys and values at the bits given (kv_cache_bits B stores keys at B + 1 and
+values at B - 1); and the same key bits spent as QJL (Zandieh et al., 2024) spends them: one bit
 fewer on codes plus the 1-bit signs of a Gaussian projection of the residual, read as its unbiased estimate.
 """
 from __future__ import annotations
@@ -88,8 +88,9 @@ def main() -> None:
     layers = capture(llm, llm.tokenizer.encode(shipped_text(EVAL_TEXT))[: args.tokens])
     offsets = llm.model.key_offsets()
     variants = {"int4": (kv_cache.INT4, None, None, False)}
-    for key_bits, value_bits in [(3.0, 2.0), (2.5, 2.5), (3.5, 2.5), (3.0, 3.0), (4.0, 3.0), (3.5, 3.5), (4.5, 2.5), (4.0, 4.0),
-                                 (5.0, 3.0), (4.5, 3.5)]:
+    widths = [(3.0, 2.0), (2.5, 2.5), (3.5, 2.5), (3.0, 3.0), (4.0, 3.0), (3.5, 3.5), (4.5, 2.5), (4.0, 4.0),
+              (5.0, 3.0), (4.5, 3.5)]
+    for key_bits, value_bits in widths:
         variants[f"turboquant K{key_bits:g} V{value_bits:g}"] = (kv_cache.TURBOQUANT, key_bits, value_bits, False)
     for key_bits in (3.0, 4.0):
         variants[f"QJL K{key_bits - 1:g}+1 V{key_bits:g}"] = (kv_cache.TURBOQUANT, key_bits, key_bits, True)

@@ -26,7 +26,7 @@ import torch
 from tokenmill.config import KV_CACHE_BITS as BITS
 
 DEFAULT_BITS = 3.5
-_FIELDS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1)}  # bit widths of the fields holding a part's codes, low bits first
+_FIELDS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1)}  # widths of the fields of a part's codes, low bits first
 
 
 @cache
