@@ -116,7 +116,7 @@ def main() -> None:
              f"model: {llm.checkpoint.path}, {args.tokens} tokens of {EVAL_TEXT}, last {QUERIES} queries", "",
              "| code | attention KL (keys) | output relative error |", "|---|---:|---:|"]
     lines += [f"| {name} | {kl:.4f} | {err:.4f} |" for name, (kl, err) in totals.items()]
-    name = Path(str(args.model or "smollm2-135m")).stem
+    name = Path(str(args.model or "smollm2-135m")).name.removesuffix(".gguf")
     (args.out / f"kv_codes_error_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
