@@ -56,7 +56,7 @@ def tiny_dir(tmp_path_factory):
 
 # int8 on this random tiny model: 0.02 measured on the first token (its keys' values are spread wide)
 # int4 (rotated, 4 bits per group of 32): a first token flips at a 0.28 margin on this random model
-# turboquant (rotated, Lloyd-Max codes at 3.5 bits: keys 4.5, values 2.5, one scale per row): as int4
+# turboquant (rotated, Lloyd-Max codes at 3.5 bits: keys 4, values 3, one scale per row): as int4
 @pytest.mark.parametrize("kv_cache_dtype,tolerance", [("float16", 1e-3), ("int8", 5e-2), ("int4", 5e-1),
                                                       ("turboquant", 5e-1)])
 @pytest.mark.parametrize("native_kernels", ["1", "0"])

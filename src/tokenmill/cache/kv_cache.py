@@ -9,7 +9,7 @@ byte budget. Compressed caches (CacheConfig.kv_cache_dtype):
   | element 16 + j << 4) and float16 scales [..., head_dim / 32]. Readers attend in the rotated space (queries
   turned by R, outputs back by R^T) or un-rotate what they read.
 - turboquant: rotated as int4, then each coordinate coded by a Lloyd-Max codebook for the rotated coordinates'
-  distribution at `kv_cache_bits` per element on average (2.5-4; keys one bit more, values one bit less;
+  distribution at `kv_cache_bits` per element on average (2.5-4; keys half a bit more than values;
   cache/turboquant.py) with one float16 scale per row; stored as torch.bits8 (opaque bytes) [..., code bytes]
   and float16 scales [..., 1].
 All three store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's

@@ -3,11 +3,11 @@ coordinates of a head row are close to independent, each distributed as a coordi
 sphere; an optimal scalar quantizer for that distribution (a Lloyd-Max codebook, fitted once per head_dim) then
 serves every row, and one float16 scale per row restores its length.
 
-Keys get one bit more than the average and values one bit less: an attention's weights depend on the keys' codes
-alone, and on real models perplexity follows the weights' error while the values' is largely averaged away over
-the tokens (benchmarks/kv_codes_error.py and the measurements in BENCHMARKS.md). For the same reason keys do not
-spend a bit on QJL's sketch of the residual (Zandieh et al., 2024): it makes scores unbiased but noisier, and
-measured 5.5-6x the attention KL of the same bits spent on codes.
+Keys get half a bit more than the average and values half a bit less (at 4 bits: both 4): an attention's weights
+depend on the keys' codes alone, and on real models perplexity follows their error; values at 2.5 bits cost more
+than a further half bit on keys gains (benchmarks/kv_codes_error.py and the measurements in BENCHMARKS.md). Keys
+do not spend a bit on QJL's sketch of the residual (Zandieh et al., 2024) either: it makes scores unbiased but
+noisier, and measured 5.5-6x the attention KL of the same bits spent on codes.
 
 A row of D codes: the first `split` coordinates at `hi` bits, the rest at `lo` bits (fractional budgets: 3.5
 bits = half at 4, half at 3; the rotation makes every coordinate alike, so which ones get the extra bit does not
@@ -88,7 +88,7 @@ class TurboQuant:
 
     @property
     def key(self) -> RowCode:
-        return RowCode(self.dim, self.bits + 1)
+        return RowCode(self.dim, min(4.0, self.bits + 0.5))
 
     @property
     def value(self) -> RowCode:

@@ -110,17 +110,12 @@ struct TQCache {
   static float row_scale(const void* scales, const RowCodes* codes, int64_t row, int) {
     return _cvtsh_ss(static_cast<const uint16_t*>(scales)[(row >> codes->log2_D) * codes->num_scales]);
   }
-  // Centroids of codes i .. i + 7 of a part of n coordinates at W bits (3 and 5: a 2- or 4-bit field, then a
-  // 1-bit field of the high bits).
+  // Centroids of codes i .. i + 7 of a part of n coordinates at W bits (3: a 2-bit field, then a 1-bit field of
+  // the high bits).
   template <int W>
   static __m256 values8(const float* centroids, const uint8_t* part, int n, int i) {
-    if constexpr (W == 3 || W == 5) {
-      constexpr int low = W - 1;
-      const __m256i code = _mm256_or_si256(field8(part, i, low), _mm256_slli_epi32(field8(part + n * low / 8, i, 1), low));
-      if constexpr (W == 3) return lookup16(centroids, code);
-      return _mm256_blendv_ps(lookup16(centroids, code), lookup16(centroids + 16, code),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(code, 27)));  // bit 4: the upper 16
-    }
+    if constexpr (W == 3)
+      return lookup16(centroids, _mm256_or_si256(field8(part, i, 2), _mm256_slli_epi32(field8(part + n / 4, i, 1), 2)));
     return lookup16(centroids, field8(part, i, W));
   }
   static __m256 load8(const void* data, const void*, const RowCodes* codes, int64_t e) {
@@ -355,14 +350,15 @@ void decode_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, c
     rotated_attention_task<I4Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
   } else if (kv.cache.type == kKVTurboQuant) {  // the four kv_cache_bits (cache/turboquant.py TurboQuant)
     const RowCodes* k = kv.cache.codes;
-    if (k->hi == 4 && k->lo == 3) {  // 2.5 bits: keys 3.5, values 1.5
-      rotated_attention_task<TQCache<4, 3>, TQCache<2, 1>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
-    } else if (k->hi == 4) {  // 3: keys 4, values 2
-      rotated_attention_task<TQCache<4, 4>, TQCache<2, 2>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
-    } else if (k->lo == 4) {  // 3.5: keys 4.5, values 2.5
-      rotated_attention_task<TQCache<5, 4>, TQCache<3, 2>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
-    } else {  // 4: keys 5, values 3
-      rotated_attention_task<TQCache<5, 5>, TQCache<3, 3>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    const RowCodes* v = k + 1;
+    if (k->hi == 3) {  // 2.5 bits: keys 3, values 2
+      rotated_attention_task<TQCache<3, 3>, TQCache<2, 2>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    } else if (k->lo == 3) {  // 3: keys 3.5, values 2.5
+      rotated_attention_task<TQCache<4, 3>, TQCache<3, 2>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    } else if (v->hi == 3) {  // 3.5: keys 4, values 3
+      rotated_attention_task<TQCache<4, 4>, TQCache<3, 3>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
+    } else {  // 4: both 4
+      rotated_attention_task<TQCache<4, 4>>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
     }
   } else if (kv.cache.type == kKVInt8) {
     attention_task<I8Cache>(kv, b, rows, kvh, G, q, q_stride, scale, out, out_stride);
@@ -439,15 +435,14 @@ inline void quantize_head_tq(const float* x, const RowCodes& codes, uint8_t* out
   for (int p = 0; p < 2; ++p) {
     const int first = parts[p][0], n = parts[p][1];
     if (n == 0) continue;
-    if (widths[p] == 3 || widths[p] == 5) {  // the low 2 or 4 bits, then the high bit
-      const int low_width = widths[p] - 1;
+    if (widths[p] == 3) {  // the low 2 bits, then the high bit
       uint8_t low[512], high[512];
       for (int i = 0; i < n; ++i) {
-        low[i] = code[first + i] & ((1 << low_width) - 1);
-        high[i] = code[first + i] >> low_width;
+        low[i] = code[first + i] & 3;
+        high[i] = code[first + i] >> 2;
       }
-      pack_field(low, n, low_width, out);
-      pack_field(high, n, 1, out + n * low_width / 8);
+      pack_field(low, n, 2, out);
+      pack_field(high, n, 1, out + n / 4);
     } else {
       pack_field(code + first, n, widths[p], out);
     }

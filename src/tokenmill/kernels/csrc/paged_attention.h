@@ -15,8 +15,8 @@ namespace tm {
 enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2, kKVInt4 = 3, kKVTurboQuant = 4 };
 
 // How a turboquant head row is coded (cache/turboquant.py; built there as this struct's bytes): coordinates
-// [0, split) at `hi` bits, [split, D) at `lo` bits (1 to 5), each part stored as bit fields (5: a 4-bit then a
-// 1-bit field; 4: one 4-bit field; 3: a 2-bit then a 1-bit field; 2; 1) in which coordinate i of n takes bits [i * w, (i + 1) * w); `row_bytes` per row and
+// [0, split) at `hi` bits, [split, D) at `lo` bits (2 to 4), each part stored as bit fields (4: one 4-bit field;
+// 3: a 2-bit then a 1-bit field; 2) in which coordinate i of n takes bits [i * w, (i + 1) * w); `row_bytes` per row and
 // `num_scales` float16 scales per row (the first: the row's). Centroids and boundaries are in units of
 // |row| / sqrt(D): a coordinate so measured takes the number of boundaries below it as its code.
 struct RowCodes {
