@@ -100,12 +100,12 @@ class TurboQuant:
 
     def table(self) -> torch.Tensor:
         """The keys' and values' codes as the native kernels' RowCodes array (csrc/paged_attention.h), int32
-        [2, 136]: eight ints (D, log2 D, split, hi, lo, row bytes, scales per row, 0), then the hi and lo parts'
+        [2, 136]: eight ints (D, log2 D, split, hi, lo, row bytes, 0, 0), then the hi and lo parts'
         centroids and boundaries as float32 bits, 32 each (padded with +inf)."""
         rows = []
         for code in (self.key, self.value):
             header = torch.tensor([code.dim, code.dim.bit_length() - 1, code.split, code.hi, code.lo, code.nbytes,
-                                   1, 0], dtype=torch.int32)
+                                   0, 0], dtype=torch.int32)
             tables = torch.full((4, 32), math.inf)
             for part, bits in enumerate((code.hi, code.lo)):
                 centroids, bounds = codebook(bits, code.dim)

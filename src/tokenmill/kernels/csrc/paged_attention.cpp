@@ -108,7 +108,7 @@ struct TQCache {
   }
   static int row_bytes(const RowCodes* codes, int) { return codes->row_bytes; }
   static float row_scale(const void* scales, const RowCodes* codes, int64_t row, int) {
-    return _cvtsh_ss(static_cast<const uint16_t*>(scales)[(row >> codes->log2_D) * codes->num_scales]);
+    return _cvtsh_ss(static_cast<const uint16_t*>(scales)[row >> codes->log2_D]);
   }
   // Centroids of codes i .. i + 7 of a part of n coordinates at W bits (3: a 2-bit field, then a 1-bit field of
   // the high bits).
@@ -474,7 +474,7 @@ void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, c
         if (cache.type == kKVTurboQuant) {
           const RowCodes& codes = cache.codes[c];
           quantize_head_tq(row.data(), codes, static_cast<uint8_t*>(caches[c]) + head * codes.row_bytes,
-                           static_cast<uint16_t*>(scales[c]) + head * codes.num_scales);
+                           static_cast<uint16_t*>(scales[c]) + head);
           continue;
         }
         quantize_head_int4(row.data(), D, static_cast<uint8_t*>(caches[c]) + head * (D / 2),

@@ -17,10 +17,10 @@ enum KVType : int { kKVFloat32 = 0, kKVFloat16 = 1, kKVInt8 = 2, kKVInt4 = 3, kK
 // How a turboquant head row is coded (cache/turboquant.py; built there as this struct's bytes): coordinates
 // [0, split) at `hi` bits, [split, D) at `lo` bits (2 to 4), each part stored as bit fields (4: one 4-bit field;
 // 3: a 2-bit then a 1-bit field; 2) in which coordinate i of n takes bits [i * w, (i + 1) * w); `row_bytes` per row and
-// `num_scales` float16 scales per row (the first: the row's). Centroids and boundaries are in units of
+// one float16 scale per row (stored apart). Centroids and boundaries are in units of
 // |row| / sqrt(D): a coordinate so measured takes the number of boundaries below it as its code.
 struct RowCodes {
-  int D, log2_D, split, hi, lo, row_bytes, num_scales, pad;
+  int D, log2_D, split, hi, lo, row_bytes, pad[2];
   alignas(32) float centroids[2][32];  // [0]: the hi part's, [1]: the lo part's (2^bits of them)
   float bounds[2][32];  // 2^bits - 1 ascending decision boundaries each, the rest +inf
 };

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokenmill.cache.kv_cache import CacheSide, LayerKV
+from tokenmill.cache.kv_cache import TURBOQUANT, CacheSide, LayerKV
 from tokenmill.kernels import layer_ops, native
 
 
@@ -73,7 +73,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
 def _store(x: torch.Tensor, side: CacheSide, slots: torch.Tensor) -> None:
     """Rows x [T, KV, D] into their slots, in the cache's element type (and scales)."""
     elements, row_scales = side.encode(x)
-    stored = side.elements.view(torch.uint8) if side.elements.dtype == torch.bits8 else side.elements
+    stored = side.elements.view(torch.uint8) if side.elements.dtype == TURBOQUANT else side.elements
     stored.view(-1, *elements.shape[1:]).index_copy_(0, slots, elements.view(stored.dtype))
     if side.scales is not None:
         side.scales.view(-1, *row_scales.shape[1:]).index_copy_(0, slots, row_scales)
