@@ -65,8 +65,9 @@ class EngineArgs:
     (rotated, 4-bit codes per group of 32) or "turboquant" (rotated, Lloyd-Max codes at kv_cache_bits per element,
     2.5-4, default 3.5; cache/kv_cache.py).
     speculative_config: as vLLM's, a dict (or its JSON text), e.g.
-    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-    or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
+    {"method": "suffix", "num_speculative_tokens": 16} or
+    {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
     None: no speculation. threads: compute threads for this process (torch and the native kernels share one
     OpenMP pool); None: $OMP_NUM_THREADS if set, else the CPUs this process really has (affinity, cgroup quota).
     Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread.
@@ -125,7 +126,8 @@ class EngineArgs:
         p.add_argument("--max-model-len", type=int, default=None)
         p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         p.add_argument("--speculative-config", default=None, metavar="JSON",
-                       help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
+                       help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\', '
+                            '\'{"method": "suffix", "num_speculative_tokens": 16}\' or '
                             '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (default: off)')
         p.add_argument("--threads", type=int, default=None, metavar="N",
                        help="compute threads (default: $OMP_NUM_THREADS if set, else the CPUs this process may use: "

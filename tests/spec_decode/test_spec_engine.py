@@ -67,10 +67,11 @@ def greedy_case(plain):
 @pytest.mark.parametrize("spec", [
     {**NGRAM, "mode": "always"},
     NGRAM,
+    {"method": "suffix", "num_speculative_tokens": 6, "mode": "always"},
     {"method": "draft_model", "num_speculative_tokens": 4, "mode": "always"},  # the target itself: all accepted
     {"method": "draft_model", "num_speculative_tokens": 3, "num_layers": 1},
     {"method": "draft_model", "num_speculative_tokens": 3, "quantization": "int8", "mode": "always"},
-], ids=["ngram-always", "ngram-auto", "draft-self", "draft-1-layer", "draft-int8"])
+], ids=["ngram-always", "ngram-auto", "suffix", "draft-self", "draft-1-layer", "draft-int8"])
 def test_greedy_outputs_identical_with_speculation(tiny_dir, greedy_case, spec):
     prompts, params, expected = greedy_case
     llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=2**24, speculative_config=spec)
@@ -101,6 +102,9 @@ class NoisyOracle:
             tokens = [t if self.rng.random() > self.noise else self.rng.randrange(VOCAB) for t in full[done:done + k]]
             drafts.append(Draft(tokens))
         return drafts
+
+    def learn(self, finished):
+        pass
 
     def retain(self, request_ids):
         pass

@@ -241,6 +241,7 @@ class LLMEngine:
                 self.scheduler.finish(child)
         if self.speculator is not None:
             self.speculator.observe_step(scheduled.chunks, time.perf_counter() - started)
+            self.speculator.learn([c.request for c, _ in sampling if c.request.finish_reason in ("stop", "length")])
             self._retain_speculation()
         outputs = []
         for parent_id in dict.fromkeys(c.request.parent_id for c, _ in sampling):

@@ -7,18 +7,29 @@ from typing import Any
 
 from tokenmill.config import QUANTIZATION_METHODS
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "suffix", "draft_model")
+# fields that belong to one method: given with another, they would be silently ignored, so they are refused
+METHOD_FIELDS = {
+    "ngram": ("prompt_lookup_min", "prompt_lookup_max"),
+    "suffix": ("suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
+               "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob"),
+    "draft_model": ("model", "quantization", "num_layers"),
+}
 MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """method "ngram" (prompt lookup) or "draft_model" (a smaller model sharing the target's vocabulary).
+    """method "ngram" (prompt lookup), "suffix" (suffix decoding: the request's own tokens and recent requests'
+    outputs, suffix.py) or "draft_model" (a smaller model sharing the target's vocabulary).
 
     mode: "auto" proposes per request and per step only what measured step times say pays off; "always"
     proposes `num_speculative_tokens` every step; "never" loads the proposer but never speculates (A/B runs).
     draft_model: `model` (None: the target's own checkpoint), optional `quantization` and `num_layers`
     (keep only the first layers: a cheap self-draft).
+    suffix (vLLM's names): max_tree_depth bounds match plus draft length; max_cached_requests finished requests'
+    outputs are searched too (0: only the request's own tokens); a draft is at most max_spec_factor x the match
+    length and stops where the continuation's estimated probability falls below min_token_prob.
     """
 
     method: str
@@ -29,6 +40,10 @@ class SpeculativeConfig:
     quantization: str | None = None
     num_layers: int | None = None
     mode: str = "auto"
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -41,10 +56,19 @@ class SpeculativeConfig:
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
         if self.mode not in MODES:
             raise ValueError(f"speculative_config.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.method == "ngram":
-            for name in ("model", "quantization", "num_layers"):
+        _check_int("suffix_decoding_max_tree_depth", self.suffix_decoding_max_tree_depth, 2)
+        _check_int("suffix_decoding_max_cached_requests", self.suffix_decoding_max_cached_requests, 0)
+        for name in ("suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"speculative_config.{name} must be a number >= 0, got {value!r}")
+        if self.suffix_decoding_min_token_prob > 1:
+            raise ValueError("speculative_config.suffix_decoding_min_token_prob must be <= 1, "
+                             f"got {self.suffix_decoding_min_token_prob!r}")
+        if self.method != "draft_model":
+            for name in METHOD_FIELDS["draft_model"]:
                 if getattr(self, name) is not None:
-                    raise ValueError(f"speculative_config.{name} is for method 'draft_model', not 'ngram'")
+                    raise ValueError(f"speculative_config.{name} is for method 'draft_model', not {self.method!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"speculative_config.model must be a path or model name, got {self.model!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
@@ -74,6 +98,10 @@ class SpeculativeConfig:
         for name in ("method", "num_speculative_tokens"):
             if name not in value:
                 raise ValueError(f"speculative_config.{name} is required")
+        for method, names in METHOD_FIELDS.items():
+            for name in names:
+                if name in value and value["method"] != method:
+                    raise ValueError(f"speculative_config.{name} is for method {method!r}, not {value['method']!r}")
         return cls(**value)
 
 

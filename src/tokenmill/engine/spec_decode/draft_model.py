@@ -95,6 +95,9 @@ class DraftModelProposer:
         self.kv.trim(seq)
         return seq
 
+    def learn(self, finished: Sequence[Request]) -> None:
+        """The draft model is fixed."""
+
     def retain(self, request_ids: set[str]) -> None:
         for request_id in set(self.sequences) - request_ids:
             self.kv.free(self.sequences.pop(request_id))

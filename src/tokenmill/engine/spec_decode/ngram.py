@@ -49,5 +49,8 @@ class NgramProposer:
     def propose(self, requests: Sequence[Request], num_tokens: Sequence[int]) -> list[Draft]:
         return [Draft(ngram_lookup(r.token_ids, self.min_n, self.max_n, k)) for r, k in zip(requests, num_tokens)]
 
+    def learn(self, finished: Sequence[Request]) -> None:
+        """Looks only at the request's own tokens."""
+
     def retain(self, request_ids: set[str]) -> None:
         """Stateless."""

@@ -24,6 +24,10 @@ class Proposer(Protocol):
         """One Draft per request, of at most num_tokens[i] tokens (0 allowed), continuing request.token_ids."""
         ...
 
+    def learn(self, finished: Sequence[Request]) -> None:
+        """Requests that finished (stop or length): what a proposer that learns from outputs keeps of them."""
+        ...
+
     def retain(self, request_ids: set[str]) -> None:
         """Drop any per-request state (e.g. draft KV blocks) of requests not in `request_ids`."""
         ...

@@ -15,6 +15,7 @@ from tokenmill.engine.spec_decode.metrics import SpecDecodeStats
 from tokenmill.engine.spec_decode.ngram import NgramProposer
 from tokenmill.engine.spec_decode.proposer import Draft, Proposer
 from tokenmill.engine.spec_decode.rejection import greedy_verify, rejection_sample
+from tokenmill.engine.spec_decode.suffix import SuffixProposer
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.sampler import (
     SampledToken,
@@ -83,6 +84,10 @@ class Speculator:
         verify_chunks = sum(bool(c.draft_token_ids) for c in chunks)
         self.controller.observe_step(sum(c.num_tokens for c in chunks), verify_chunks, seconds)
 
+    def learn(self, finished: Sequence[Request]) -> None:
+        """Requests that finished this step (their outputs are what a suffix proposer matches later ones against)."""
+        self.proposer.learn(finished)
+
     def retain(self, request_ids: set[str]) -> None:
         self.proposer.retain(request_ids)
         self.controller.retain(request_ids)
@@ -94,6 +99,11 @@ def make_speculator(config: SpeculativeConfig, draft_model: LlamaModel | None, d
     memory is only backed once written, so the headroom costs nothing unused)."""
     if config.method == "ngram":
         return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
+    if config.method == "suffix":
+        return Speculator(config, SuffixProposer(config.suffix_decoding_max_tree_depth,
+                                                 config.suffix_decoding_max_cached_requests,
+                                                 config.suffix_decoding_max_spec_factor,
+                                                 config.suffix_decoding_min_token_prob))
     if draft_model is None:
         raise ValueError("speculative_config.method 'draft_model' needs a draft model (see load_draft_model)")
     extra = max_num_seqs * (-(-config.num_speculative_tokens // block_size) + 1)
