@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from itertools import cycle, islice
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def chat_prompts() -> list[str]:
     return [p["prompt"] for p in builtin_prompts()[:16]]
 
 
-def measure_interleaved(llms: dict[str, LLM], prompts: list[str], max_tokens: int, batch: int,
-                        repeats: int) -> dict[str, dict]:
+def measure_interleaved(llms: dict[str, LLM], prompts: list, max_tokens: int, batch: int, repeats: int,
+                        before_run: Callable[[LLM], None] | None = None) -> dict[str, dict]:
     """Per configuration, the median of `repeats` runs, the configurations taking turns run by run: this machine's
     speed drifts by up to 2x within an hour, and measured one after another, drift passed for a configuration
     effect (a draft model that never drafted measured 0.78x of no speculation; interleaved, the two are even)."""
@@ -81,14 +82,17 @@ def measure_interleaved(llms: dict[str, LLM], prompts: list[str], max_tokens: in
     runs: dict[str, list[dict]] = {name: [] for name in llms}
     for _ in range(repeats):
         for name, llm in llms.items():
+            if before_run is not None:
+                before_run(llm)
             runs[name].append(measure(llm, prompts, max_tokens, batch))
     return {name: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2], "all_tok_s": [r["tok_s"] for r in rs]}
             for name, rs in runs.items()}
 
 
-def measure(llm: LLM, prompts: list[str], max_tokens: int, batch: int) -> dict:
+def measure(llm: LLM, prompts: list, max_tokens: int, batch: int) -> dict:
+    """prompts: user messages, or whole conversations (lists of messages)."""
     count = -(-max(batch, len(prompts)) // batch) * batch
-    convs = [[{"role": "user", "content": p}] for p in islice(cycle(prompts), count)]
+    convs = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in islice(cycle(prompts), count)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     before = llm.engine.stats()
     start = time.perf_counter()

@@ -43,7 +43,16 @@ def test_probability_cut_and_tree_depth():
     assert len(_proposer(min_prob=0.1).draft(tokens, 4)) == 2
     assert _proposer(min_prob=0.3).draft(tokens, 4) == []
     long = [5, 6, 7, 8, 9, 10, 11, 12, 13, 99, 5, 6, 7, 8]
-    assert _proposer(depth=6, factor=4.0).draft(long, 16) == [9, 10]  # match 4 + draft 2 = depth 6
+    # the 4-token match counts as a 2-token one: 2 + 4 drafted = depth 6
+    assert _proposer(depth=6, factor=4.0).draft(long, 16) == [9, 10, 11, 12]
+
+
+def test_a_long_copy_drafts_half_the_tree_depth():
+    """Copying a long passage: the match reaches the depth limit, and is counted as a 12-token one (12 + 12 = 24)."""
+    passage = list(range(100, 160))
+    tokens = [1] + passage + [2] + passage[:40]
+    assert _proposer().draft(tokens, 16) == passage[40:52]
+    assert _proposer(depth=40).draft(tokens, 16) == passage[40:56]
 
 
 def test_no_match_no_draft():

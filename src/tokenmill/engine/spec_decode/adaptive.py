@@ -17,7 +17,8 @@ import torch
 
 WARMUP_STEPS = 4  # steps speculating fully before the cost model is trusted (it needs a few samples)
 DECAY = 0.95  # step-time samples lose weight by this factor per step: the fit follows the last ~20 steps
-ACCEPT_DECAY = 0.8  # per-request acceptance follows roughly its last 5 verifications
+ACCEPT_DECAY = 0.9  # per-request acceptance follows roughly its last 10 verifications (fewer: all-accepted short
+# drafts could never show an acceptance rate high enough to make the next ones longer)
 IDLE_DECAY = 0.97  # a request not speculating drifts back toward the prior, so it is retried now and then
 
 

@@ -80,7 +80,11 @@ class Speculator:
         return [step.sampled(first_row + i, token, params.logprobs) for i, token in enumerate(tokens)]
 
     def observe_step(self, chunks: Sequence[ScheduledChunk], seconds: float) -> None:
-        """Time of a step (schedule, forward, sampling, bookkeeping; not proposing) for the cost model."""
+        """Time of a step (schedule, forward, sampling, bookkeeping; not proposing) for the cost model; only steps of
+        decode and verify chunks: a prefill chunk runs other kernels (compute-bound GEMMs, attention over the
+        chunk), and one long prompt's step would otherwise set the cost of a draft token for the next 20 steps."""
+        if any(c.num_tokens - len(c.draft_token_ids) != 1 for c in chunks):
+            return
         verify_chunks = sum(bool(c.draft_token_ids) for c in chunks)
         self.controller.observe_step(sum(c.num_tokens for c in chunks), verify_chunks, seconds)
 

@@ -10,9 +10,10 @@ of the winners' shares. A request's own index is its token list, so it costs no 
 is the outputs of the last `max_cached_requests` finished requests, evicted oldest first.
 
 A draft from match length m is at most `max_spec_factor * m` tokens and `max_tree_depth - m` (the tree depth bounds
-match plus speculation, as in vLLM's suffix config), and ends where the path's probability falls below
-`min_token_prob`. Of the drafts from every match length and both sources, the one with the most expected accepted
-tokens (sum of the path's probabilities) is proposed.
+match plus speculation, as in vLLM's suffix config; a longer match also counts as a shorter one, whichever allows
+the longer draft), and ends where the path's probability falls below `min_token_prob`. Of the drafts from every
+match length and both sources, the one with the most expected accepted tokens (sum of the path's probabilities) is
+proposed.
 """
 from __future__ import annotations
 
@@ -70,13 +71,26 @@ def best_draft(index: TokenIndex, query: Sequence[int], end: int, k: int, min_ma
     matched = sorted(((index.match_length(p, query, max_match), p) for p in positions), reverse=True)
     best, best_score = [], 0.0
     for i, (m, _) in enumerate(matched):
-        if i + 1 < len(matched) and matched[i + 1][0] == m:
-            continue  # every occurrence matching at least m tokens votes: evaluate m once, at its last one
-        length = min(k, max_depth - m, math.ceil(factor * m))
+        shorter = matched[i + 1][0] if i + 1 < len(matched) else min_match - 1
+        if shorter == m:
+            continue  # the occurrences matching at least m tokens vote together: evaluate them once
+        length = max(_draft_length(t, k, max_depth, factor) for t in _thresholds(shorter + 1, m, max_depth, factor))
         draft, score = _vote(index, [p for _, p in matched[:i + 1]], length, min_prob)
         if score > best_score:
             best, best_score = draft, score
     return best, best_score
+
+
+def _draft_length(match: int, k: int, max_depth: int, factor: float) -> int:
+    return min(k, max_depth - match, math.ceil(factor * match))
+
+
+def _thresholds(low: int, high: int, max_depth: int, factor: float) -> set[int]:
+    """Match lengths in [low, high] worth trying for the same occurrences (all matching at least `high` tokens,
+    none of the others at least `low`): counting a long match as a shorter one leaves more of the tree depth to
+    the draft, and factor * match grows with it, so the best is where the two limits cross."""
+    cross = max_depth / (1 + factor)
+    return {min(high, max(low, t)) for t in (math.floor(cross), math.ceil(cross), low, high)}
 
 
 def _longest_match(index: TokenIndex, query: Sequence[int], end: int, low: int, high: int) -> int:
@@ -126,6 +140,10 @@ class OutputCache:
         self.outputs.move_to_end(request_id)
         while len(self.outputs) > self.max_requests:
             self.outputs.popitem(last=False)
+        self._index = None
+
+    def clear(self) -> None:
+        self.outputs.clear()
         self._index = None
 
     @property
