@@ -15,13 +15,16 @@ def test_metrics_endpoint_exports_vllm_named_spec_counters():
     cache = CacheInfo(10, 16, "float16", 4096)
 
     stats = SchedulerStats(1, 0, 2, 10, 0.5, 0, 0, 0, 7, spec_num_drafts=4, spec_num_draft_tokens=12,
-                           spec_num_accepted_tokens=7, spec_accepted_per_pos=(4, 2, 1))
+                           spec_num_accepted_tokens=7, spec_accepted_per_pos=(4, 2, 1), spec_method="suffix",
+                           spec_propose_seconds=0.25)
     assert SchedulerStats(*vars(stats).values()) == stats  # the engine core process sends the fields as a tuple
     text = render_metrics([ServerMetrics(SimpleNamespace(stats=stats, cache_info=cache), "m")]).decode()
-    for line in ('tokenmill:spec_decode_num_drafts_total{model_name="m"} 4.0',
-                 'tokenmill:spec_decode_num_draft_tokens_total{model_name="m"} 12.0',
-                 'tokenmill:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0',
-                 'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 1.0'):
+    for line in ('tokenmill:spec_decode_num_drafts_total{method="suffix",model_name="m"} 4.0',
+                 'tokenmill:spec_decode_num_draft_tokens_total{method="suffix",model_name="m"} 12.0',
+                 'tokenmill:spec_decode_num_accepted_tokens_total{method="suffix",model_name="m"} 7.0',
+                 'tokenmill:spec_decode_propose_seconds_total{method="suffix",model_name="m"} 0.25',
+                 'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{method="suffix",model_name="m",position="2"} '
+                 '1.0'):
         assert line in text
     plain = render_metrics([ServerMetrics(SimpleNamespace(stats=SchedulerStats(0, 0, 0, 10, 0.0, 0, 0, 0, 0),
                                                           cache_info=cache), "m")])
@@ -37,5 +40,6 @@ def test_bench_latency_prints_speculation_numbers(tmp_path, capsys):
                  "--speculative-config", '{"method": "draft_model", "num_speculative_tokens": 2, "mode": "always"}'
                  ]) in (0, None)
     out = capsys.readouterr().out
-    assert "Speculative Decoding" in out and "Mean acceptance length:" in out
+    assert "Speculative Decoding" in out and "Mean acceptance length:" in out and "draft_model" in out
+    assert "Time proposing (s):" in out
     assert "Draft acceptance rate:                   1.00" in out  # the target drafting for itself

@@ -156,6 +156,15 @@ def test_proposed_length_follows_each_requests_acceptance():
     assert controller.plan(["good"], [2]) == [2]  # never more than the request's limit
 
 
+def test_a_new_request_starts_from_recent_requests_acceptance():
+    copying, chatting = _trained(a=0.02, b=0.004, c=0.0), _trained(a=0.02, b=0.004, c=0.0)
+    for i in range(20):
+        copying.observe_acceptance(f"old{i}", 5, 5)
+        chatting.observe_acceptance(f"old{i}", 5, 0)
+    assert copying.alpha("new") > 0.9 > 0.1 > chatting.alpha("new")
+    assert copying.plan(["new"], [100]) == [5] and chatting.plan(["new"], [100]) == [0]
+
+
 def test_forced_modes_ignore_costs():
     always = AdaptiveController(max_tokens=4, mode="always")
     never = AdaptiveController(max_tokens=4, mode="never")

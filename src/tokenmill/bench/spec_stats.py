@@ -16,7 +16,8 @@ def spec_decode_summary(before: Any, after: Any) -> dict[str, Any] | None:
     accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
     old = before.spec_accepted_per_pos or (0,) * len(after.spec_accepted_per_pos)
     per_pos = [a - b for a, b in zip(after.spec_accepted_per_pos, old)]
-    return {"num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+    return {"method": after.spec_method, "propose_seconds": after.spec_propose_seconds - before.spec_propose_seconds,
+            "num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
             "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
             "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
             "acceptance_rate_per_pos": [n / drafts for n in per_pos] if drafts else None}
@@ -26,7 +27,8 @@ def spec_decode_rows(summary: dict[str, Any] | None) -> list[Row]:
     if summary is None:
         return []
     per_pos = summary["acceptance_rate_per_pos"]
-    return [("Drafts", summary["num_drafts"]), ("Draft tokens", summary["num_draft_tokens"]),
+    return [("Proposer", summary["method"]), ("Time proposing (s)", summary["propose_seconds"]),
+            ("Drafts", summary["num_drafts"]), ("Draft tokens", summary["num_draft_tokens"]),
             ("Accepted tokens", summary["num_accepted_tokens"]),
             ("Draft acceptance rate", summary["acceptance_rate"]),
             ("Mean acceptance length", summary["mean_acceptance_length"]),

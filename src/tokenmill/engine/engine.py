@@ -202,7 +202,8 @@ class LLMEngine:
         spec = self.speculator.stats
         return dataclasses.replace(stats, spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
                                    spec_num_accepted_tokens=spec.num_accepted_tokens,
-                                   spec_accepted_per_pos=tuple(spec.accepted_per_pos))
+                                   spec_accepted_per_pos=tuple(spec.accepted_per_pos),
+                                   spec_method=self.speculator.config.method, spec_propose_seconds=spec.propose_seconds)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token (or several) this step."""

@@ -69,6 +69,8 @@ class SchedulerStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: tuple[int, ...] = ()
+    spec_method: str = ""  # the proposer: ngram, suffix or draft_model
+    spec_propose_seconds: float = 0.0  # cumulative time spent proposing drafts
 
 
 class Scheduler:

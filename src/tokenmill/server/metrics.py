@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.scheduler import SchedulerStats
 from tokenmill.outputs import RequestOutput
 
 P = "tokenmill:"
@@ -131,25 +132,30 @@ class _EngineStatsCollector:
             (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             (CounterMetricFamily, "num_preemptions", "Sequences preempted to free KV blocks.", s.num_preemptions),
         ]
-        if s.spec_accepted_per_pos:  # speculative decoding is configured (vLLM exports these only then, too)
-            values += [
-                (CounterMetricFamily, "spec_decode_num_drafts", "Verified speculative proposals.", s.spec_num_drafts),
-                (CounterMetricFamily, "spec_decode_num_draft_tokens", "Proposed (draft) tokens verified.",
-                 s.spec_num_draft_tokens),
-                (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                 s.spec_num_accepted_tokens),
-            ]
         for family, name, doc, value in values:
             metric = family(P + name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], value)
             yield metric
-        if s.spec_accepted_per_pos:
-            per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
-                                          "Draft tokens accepted, by position in the draft.",
-                                          labels=["model_name", "position"])
-            for position, count in enumerate(s.spec_accepted_per_pos):
-                per_pos.add_metric([self.model_name, str(position)], count)
-            yield per_pos
+        if s.spec_accepted_per_pos:  # speculative decoding is configured (vLLM exports these only then, too)
+            yield from self._spec_decode(s)
+
+    def _spec_decode(self, s: SchedulerStats) -> Iterator[Metric]:
+        """vLLM's counters, labelled with the proposer (`method`), and the time spent proposing."""
+        labels = [self.model_name, s.spec_method]
+        for name, doc, value in (
+                ("spec_decode_num_drafts", "Verified speculative proposals.", s.spec_num_drafts),
+                ("spec_decode_num_draft_tokens", "Proposed (draft) tokens verified.", s.spec_num_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens),
+                ("spec_decode_propose_seconds", "Time spent proposing drafts.", s.spec_propose_seconds)):
+            metric = CounterMetricFamily(P + name, doc, labels=["model_name", "method"])
+            metric.add_metric(labels, value)
+            yield metric
+        per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "method", "position"])
+        for position, count in enumerate(s.spec_accepted_per_pos):
+            per_pos.add_metric(labels + [str(position)], count)
+        yield per_pos
 
 
 class ErrorCountingMiddleware:

@@ -20,6 +20,7 @@ DECAY = 0.95  # step-time samples lose weight by this factor per step: the fit f
 ACCEPT_DECAY = 0.9  # per-request acceptance follows roughly its last 10 verifications (fewer: all-accepted short
 # drafts could never show an acceptance rate high enough to make the next ones longer)
 IDLE_DECAY = 0.97  # a request not speculating drifts back toward the prior, so it is retried now and then
+OVERALL_DECAY = 0.99  # the prior of a new request: all requests' acceptance over roughly the last 100 verifications
 
 
 class StepTimeModel:
@@ -51,11 +52,16 @@ class AdaptiveController:
         self.draft_seconds = 0.0  # forgotten sums: proposer seconds and draft tokens, their ratio is p
         self.draft_tokens = 0.0
         self.acceptance: dict[str, list[float]] = {}  # request -> [accepted, rejections], forgotten sums
+        self.overall = [0.0, 0.0]  # the same over all requests
 
     def alpha(self, request_id: str) -> float:
-        """Per-token acceptance estimate (geometric model; a Beta(1, 1) prior)."""
+        """Per-token acceptance estimate (geometric model). The prior, worth two observations, is what recent
+        requests' drafts were accepted at (itself from a Beta(1, 1) prior): a new request in a workload that copies
+        starts with long drafts, one in open chat with short ones or none."""
         accepted, rejections = self.acceptance.get(request_id, (0.0, 0.0))
-        return (accepted + 1.0) / (accepted + rejections + 2.0)
+        overall_accepted, overall_rejections = self.overall
+        prior = (overall_accepted + 1.0) / (overall_accepted + overall_rejections + 2.0)
+        return (accepted + 2.0 * prior) / (accepted + rejections + 2.0)
 
     def plan(self, request_ids: Sequence[str], limits: Sequence[int]) -> list[int]:
         """Tokens to propose for each decoding request (each at most its limit and max_tokens)."""
@@ -93,9 +99,10 @@ class AdaptiveController:
         self.draft_tokens = DECAY * self.draft_tokens + num_tokens
 
     def observe_acceptance(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
+        rejected = num_accepted < num_draft_tokens
         accepted, rejections = self.acceptance.get(request_id, (0.0, 0.0))
-        self.acceptance[request_id] = [ACCEPT_DECAY * accepted + num_accepted,
-                                       ACCEPT_DECAY * rejections + (num_accepted < num_draft_tokens)]
+        self.acceptance[request_id] = [ACCEPT_DECAY * accepted + num_accepted, ACCEPT_DECAY * rejections + rejected]
+        self.overall = [OVERALL_DECAY * self.overall[0] + num_accepted, OVERALL_DECAY * self.overall[1] + rejected]
 
     def retain(self, request_ids: set[str]) -> None:
         for request_id in set(self.acceptance) - request_ids:

@@ -10,6 +10,7 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)  # [i]: drafts whose token i was accepted
+    propose_seconds: float = 0.0  # time the proposer took, all steps
 
     def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
         if not num_draft_tokens:

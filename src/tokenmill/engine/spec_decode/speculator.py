@@ -48,7 +48,9 @@ class Speculator:
             return
         started = time.perf_counter()
         drafts = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen])
-        self.controller.observe_proposal(sum(len(d.token_ids) for d in drafts), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.stats.propose_seconds += seconds
+        self.controller.observe_proposal(sum(len(d.token_ids) for d in drafts), seconds)
         for (request, _), draft in zip(chosen, drafts):
             if request.grammar is not None:  # only what the grammar allows is worth verifying
                 keep = request.grammar.valid_prefix(draft.token_ids)
