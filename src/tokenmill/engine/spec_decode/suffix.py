@@ -126,34 +126,34 @@ def _vote(index: TokenIndex, positions: list[int], length: int, min_prob: float)
 
 
 class OutputCache:
-    """The outputs of the last `max_requests` finished requests, one TokenIndex over all of them (rebuilt lazily)."""
+    """The outputs of the last `max_requests` finished requests, kept joined (each followed by SEPARATOR) so that
+    adding or evicting one copies in C, not token by token; one TokenIndex over them, rebuilt lazily."""
 
     def __init__(self, max_requests: int) -> None:
         self.max_requests = max_requests
-        self.outputs: OrderedDict[str, list[int]] = OrderedDict()
+        self.outputs: OrderedDict[str, int] = OrderedDict()  # request id -> its length in `joined`, oldest first
+        self.joined = array("i")
         self._index: TokenIndex | None = None
 
     def add(self, request_id: str, output_ids: Sequence[int]) -> None:
         if self.max_requests <= 0 or not output_ids:
             return
-        self.outputs[request_id] = list(output_ids)
-        self.outputs.move_to_end(request_id)
+        self.joined.extend(output_ids)
+        self.joined.append(SEPARATOR)
+        self.outputs[request_id] = len(output_ids) + 1
         while len(self.outputs) > self.max_requests:
-            self.outputs.popitem(last=False)
+            del self.joined[:self.outputs.popitem(last=False)[1]]
         self._index = None
 
     def clear(self) -> None:
         self.outputs.clear()
+        del self.joined[:]
         self._index = None
 
     @property
     def index(self) -> TokenIndex | None:
         if self._index is None and self.outputs:
-            joined = array("i")
-            for output in self.outputs.values():
-                joined.extend(output)
-                joined.append(SEPARATOR)
-            self._index = TokenIndex(joined)
+            self._index = TokenIndex(self.joined)
         return self._index
 
 
