@@ -94,20 +94,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _check_can_listen(args.host, args.port)
     from tokenmill.server.launch import ModelToServe, serve  # after the checks: a bad option fails at once
     from tokenmill.server.params import RequestLimits
+    from tokenmill.server.result_cache import ResultCache, open_store
+
+    result_cache = (ResultCache(open_store(args.result_cache, args.result_cache_ttl, args.result_cache_max_entries),
+                                args.result_cache) if args.result_cache else None)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     def load(model: str | None, name: str | None) -> ModelToServe:  # the LLM goes; its engine is served
-        llm = EngineArgs.from_cli_args(args, model=model, seed=args.seed).create_llm(progress=True)
+        engine_args = EngineArgs.from_cli_args(args, model=model, seed=args.seed)
+        llm = engine_args.create_llm(progress=True)
         if args.chat_template is not None:
             llm.tokenizer.chat_template = _template_text(args.chat_template)
-        return ModelToServe(llm.engine, llm.checkpoint.path, model, name)
+        identity = {**engine_args.output_identity(), "chat_template": args.chat_template}
+        return ModelToServe(llm.engine, llm.checkpoint.path, model, name, identity)
 
     to_serve = [load(model, name) for model, name in zip(models, names)]
     serve(to_serve, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
           shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
           limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts,
                                auto_tool_choice=args.enable_auto_tool_choice), max_body_bytes=args.max_body_bytes,
-          allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
+          allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, result_cache=result_cache)
 
 
 def _template_text(value: str) -> str:
@@ -273,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "for every served model")
     srv.add_argument("--seed", type=int, default=None,
                      help="seed for the draws of requests that bring none (default: a fresh one each start)")
+    srv.add_argument("--result-cache", default=None, metavar="memory|redis://HOST:PORT[/DB]",
+                     help="answer deterministic requests (temperature 0, or with a seed) seen before from a cache of "
+                          "their results: in this process (memory) or in Redis, shared by servers; a request's "
+                          "'Cache-Control: no-cache' skips the lookup, 'no-store' the cache (default: off)")
+    srv.add_argument("--result-cache-ttl", type=float, default=3600.0, metavar="SECONDS",
+                     help="seconds a cached result is served (default: 3600)")
+    srv.add_argument("--result-cache-max-entries", type=int, default=10000,
+                     help="results the cache holds; the oldest go first (default: 10000)")
     EngineArgs.add_cli_args(srv)
     srv.set_defaults(func=cmd_serve)
 

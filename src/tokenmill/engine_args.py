@@ -92,6 +92,12 @@ class EngineArgs:
     weight_cache: bool = True
     seed: int | None = None
 
+    def output_identity(self) -> dict[str, Any]:
+        """The settings a deterministic request's output depends on (the server's result cache keys on them)."""
+        return {"model": str(self.model), "dtype": self.dtype, "quantization": self.quantization,
+                "group_size": self.group_size, "kv_cache_dtype": self.kv_cache_dtype,
+                "kv_cache_bits": self.kv_cache_bits}
+
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """One flag per field, named as vLLM's CLI names them, plus --models-dir."""

@@ -28,6 +28,9 @@ def test_short_model_name(path, name):
     (["a.gguf", "--model", "b.gguf"], "model given twice"),
     (["a.gguf", "b.gguf", "--model", "a.gguf"], "model given twice"),
     (["a.gguf", "b.gguf", "--served-model-name", "x"], "--served-model-name given 1 times for 2 models"),
+    (["--result-cache", "memcached://x"], "--result-cache must be 'memory' or a Redis URL"),
+    (["--result-cache", "memory", "--result-cache-ttl", "0"], "--result-cache-ttl must be > 0"),
+    (["--result-cache", "memory", "--result-cache-max-entries", "0"], "--result-cache-max-entries must be >= 1"),
 ])
 def test_bad_serve_option_is_a_clean_error_before_loading(args, message):
     proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", *args], capture_output=True, text=True,

@@ -58,7 +58,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     last = body.messages[-1]
     echo = last.text if body.echo and last.role == "assistant" else ""
     formatter = ChatFormatter(request_id, state.served_model_name, params.n, num_logprobs, tools, echo)
-    return await respond(request, generation, formatter, body.stream, body.include_usage())
+    return await respond(request, generation, formatter, body.stream, body.include_usage(), body)
 
 
 def render_messages(messages: list[ChatMessage], state: ServerState, add_generation_prompt: bool = True,

@@ -42,7 +42,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     formatter = CompletionFormatter(request_id, state.served_model_name, params.n, echo, body.logprobs,
                                     score_only=body.max_tokens == 0, prompt_logprobs=body.prompt_logprobs,
                                     decode=lambda t: state.tokenizer.decode([t], skip_special_tokens=False))
-    return await respond(request, generation, formatter, body.stream, body.include_usage())
+    return await respond(request, generation, formatter, body.stream, body.include_usage(), body)
 
 
 def _fill_in_the_middle(prompt: str | list, suffix: str, state: ServerState) -> list[Prompt]:

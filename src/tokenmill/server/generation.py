@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -64,6 +64,8 @@ class Generation:
         self._pumps: list[asyncio.Task] = []
         self._closed = False
         self._refused = False  # start() failed: an error response, not an aborted request
+        # called with every prompt's final output once all have finished (the result cache stores them)
+        self.on_complete: Callable[[list[RequestOutput]], None] | None = None
 
     async def start(self) -> None:
         """Submit every prompt and wait for each one's first output, so that anything that fails before the
@@ -97,6 +99,8 @@ class Generation:
                 deltas = [d for c in out.outputs if (d := self._delta(p * n + c.index, c, now)) is not None]
                 if out.finished:
                     self._record(p, self.outputs[p])
+                    if self.on_complete is not None and all(self._finished):
+                        self.on_complete(self.outputs)
                 for delta in deltas:
                     yield delta
 

@@ -15,8 +15,9 @@ import re
 import signal
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -25,6 +26,7 @@ from tokenmill.engine.engine import LLMEngine
 from tokenmill.server.app import build_app
 from tokenmill.server.models import ModelRegistry
 from tokenmill.server.params import RequestLimits
+from tokenmill.server.result_cache import ResultCache
 from tokenmill.server.state import ServerState
 
 logger = logging.getLogger("tokenmill.server")
@@ -81,14 +83,16 @@ class ModelToServe:
     path: Path
     model_arg: str | None = None
     served_model_name: str | None = None
+    identity: dict[str, Any] = field(default_factory=dict)  # EngineArgs.output_identity()
 
 
 def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str | None, max_waiting: int | None,
           shutdown_timeout: float, log_prompts: bool, limits: RequestLimits, max_body_bytes: int,
-          allowed_hosts: list[str] | None, allowed_origins: list[str] | None = None) -> None:
+          allowed_hosts: list[str] | None, allowed_origins: list[str] | None = None,
+          result_cache: ResultCache | None = None) -> None:
     """Each model gets its own engine core process (started here, after every model has loaded, so each core
-    shares all weights copy-on-write) and its own `max_waiting` queue limit."""
-    registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits) for m in models])
+    shares all weights copy-on-write) and its own `max_waiting` queue limit; `result_cache` serves them all."""
+    registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits, result_cache) for m in models])
     for m in models:  # each engine core holds its model now; this process keeps tokenizers only
         m.engine = None
     _release_memory()
@@ -98,8 +102,9 @@ def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str 
     server = _DrainingServer(config, registry, shutdown_timeout)
     for m in registry.models:
         logger.info("serving %s as %r", m.model_root, m.served_model_name)
-    logger.info("listening on http://%s:%d (API key %s); requests without `model` go to %r", host, port,
-                "required" if api_key else "off", registry.default.served_model_name)
+    logger.info("listening on http://%s:%d (API key %s, result cache %s); requests without `model` go to %r",
+                host, port, "required" if api_key else "off", result_cache.name if result_cache else "off",
+                registry.default.served_model_name)
     # uvicorn re-raises the signal it shut down on once it is done; ignoring it then lets us exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
@@ -121,9 +126,11 @@ def _release_memory() -> None:
         logger.debug("malloc_trim is not available")
 
 
-def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool, limits: RequestLimits) -> ServerState:
+def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool, limits: RequestLimits,
+           result_cache: ResultCache | None) -> ServerState:
     path = model.path
     name = model.served_model_name or short_model_name(path)
     aliases = {str(path), *([model.model_arg] if model.model_arg else [])} - {name}
     return ServerState.create(AsyncEngine(model.engine, max_waiting=max_waiting), name, model_root=str(path),
-                              accepted_model_names=frozenset(aliases), log_prompts=log_prompts, limits=limits)
+                              accepted_model_names=frozenset(aliases), log_prompts=log_prompts, limits=limits,
+                              result_cache=result_cache, identity=model.identity)

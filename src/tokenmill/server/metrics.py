@@ -54,6 +54,9 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Generated tokens of finished and aborted requests.")
         self.success = Counter(P + "request_success", "Finished sequences by finish reason.",
                                [*labels, "finished_reason"], registry=self.registry)
+        self.result_cache_hits = counter("result_cache_hits", "Requests answered from the result cache.")
+        self.result_cache_misses = counter("result_cache_misses",
+                                           "Cacheable requests the result cache did not hold (they ran).")
         self.errors = Counter(P + "request_errors", "Error responses by HTTP status code.",
                               [*labels, "status_code"], registry=self.registry)
         self._labels = labels

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from functools import partial
 from typing import Protocol, TypeVar
 
 import anyio
@@ -26,6 +27,7 @@ from tokenmill.server.formatting import usage
 from tokenmill.server.generation import ChoiceDelta, Generation
 from tokenmill.server.openai_errors import error_body
 from tokenmill.server.responses import Usage
+from tokenmill.server.result_cache import Replay
 
 logger = logging.getLogger("tokenmill.server")
 T = TypeVar("T")
@@ -44,16 +46,28 @@ class ClientGone(Exception):
 
 
 async def respond(request: Request, generation: Generation, formatter: Formatter, stream: bool,
-                  include_usage: bool) -> Response:
+                  include_usage: bool, body: BaseModel) -> Response:
+    """`body`: the request, which keys the result cache (when the server has one)."""
+    source: Generation | Replay = generation
+    cache, key = generation.state.result_cache, None
+    if cache is not None:
+        params = generation.params
+        key = cache.key(generation.state, request, body, params.greedy or params.seed is not None)
+        if key is not None and (outputs := await cache.lookup(key)) is not None:
+            generation.state.metrics.result_cache_hits.inc()
+            source = Replay(generation, outputs)
+        elif key is not None:
+            generation.state.metrics.result_cache_misses.inc()
+            generation.on_complete = partial(cache.save, key)
     try:
-        await until_disconnected(request, generation.start())
+        await until_disconnected(request, source.start())
         if stream:
-            return GenerationStream(generation, formatter, include_usage)
-        outputs = await until_disconnected(request, generation.run_to_end())
+            return GenerationStream(source, formatter, include_usage)
+        outputs = await until_disconnected(request, source.run_to_end())
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    body = formatter.response(outputs, usage(outputs))
-    return Response(body.model_dump_json(), media_type="application/json")
+    response = formatter.response(outputs, usage(outputs))
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -79,7 +93,7 @@ async def _disconnect(request: Request) -> None:
 class GenerationStream(StreamingResponse):
     """SSE over a started Generation; the Generation is closed however the stream ends."""
 
-    def __init__(self, generation: Generation, formatter: Formatter, include_usage: bool) -> None:
+    def __init__(self, generation: Generation | Replay, formatter: Formatter, include_usage: bool) -> None:
         super().__init__(_events(generation, formatter, include_usage), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.generation = generation
@@ -93,7 +107,7 @@ class GenerationStream(StreamingResponse):
                 await self.generation.aclose()
 
 
-async def _events(generation: Generation, formatter: Formatter, include_usage: bool) -> AsyncIterator[str]:
+async def _events(generation: Generation | Replay, formatter: Formatter, include_usage: bool) -> AsyncIterator[str]:
     try:
         for chunk in formatter.stream_start():
             yield _sse(chunk)
