@@ -113,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
           shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
           limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts,
                                auto_tool_choice=args.enable_auto_tool_choice), max_body_bytes=args.max_body_bytes,
-          allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, result_cache=result_cache)
+          allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins, result_cache=result_cache,
+          metrics_prefix=args.metrics_prefix)
 
 
 def _template_text(value: str) -> str:
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a cached result is served (default: 3600)")
     srv.add_argument("--result-cache-max-entries", type=int, default=10000,
                      help="results the cache holds; the oldest go first (default: 10000)")
+    srv.add_argument("--metrics-prefix", choices=["tokenmill", "vllm"], default="tokenmill",
+                     help="the prefix of every /metrics name: vllm exposes vLLM's own names "
+                          "(vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...) for the Gateway API Inference "
+                          "Extension, llm-d and KServe")
     EngineArgs.add_cli_args(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -89,10 +89,11 @@ class ModelToServe:
 def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str | None, max_waiting: int | None,
           shutdown_timeout: float, log_prompts: bool, limits: RequestLimits, max_body_bytes: int,
           allowed_hosts: list[str] | None, allowed_origins: list[str] | None = None,
-          result_cache: ResultCache | None = None) -> None:
+          result_cache: ResultCache | None = None, metrics_prefix: str = "tokenmill") -> None:
     """Each model gets its own engine core process (started here, after every model has loaded, so each core
     shares all weights copy-on-write) and its own `max_waiting` queue limit; `result_cache` serves them all."""
-    registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits, result_cache) for m in models])
+    registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits, result_cache) for m in models],
+                             metrics_prefix)
     for m in models:  # each engine core holds its model now; this process keeps tokenizers only
         m.engine = None
     _release_memory()

@@ -94,19 +94,25 @@ class ServerMetrics:
 
 
 
-def render_metrics(metrics: Sequence[ServerMetrics]) -> bytes:
-    """Several models' metrics as one exposition: each family once, its samples told apart by `model_name`."""
-    return generate_latest(_MergedRegistry([m.registry for m in metrics]))
+def render_metrics(metrics: Sequence[ServerMetrics], prefix: str = "tokenmill") -> bytes:
+    """Several models' metrics as one exposition: each family once, its samples told apart by `model_name`.
+    prefix "vllm": every name as vLLM's (`vllm:num_requests_waiting`, ...), for scrapers that know only those
+    (the Gateway API Inference Extension's endpoint picker, llm-d, KServe)."""
+    return generate_latest(_MergedRegistry([m.registry for m in metrics], prefix + ":"))
 
 
 class _MergedRegistry:
-    def __init__(self, registries: list[CollectorRegistry]) -> None:
+    def __init__(self, registries: list[CollectorRegistry], prefix: str) -> None:
         self.registries = registries
+        self.prefix = prefix
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         for registry in self.registries:
-            for family in registry.collect():  # built afresh on each collect, so extending one is safe
+            for family in registry.collect():  # built afresh on each collect, so extending or renaming is safe
+                if self.prefix != P:
+                    family.name = self.prefix + family.name.removeprefix(P)
+                    family.samples = [s._replace(name=self.prefix + s.name.removeprefix(P)) for s in family.samples]
                 if (seen := families.get(family.name)) is None:
                     families[family.name] = family
                 else:

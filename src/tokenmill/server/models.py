@@ -17,10 +17,15 @@ from tokenmill.server.protocol import OpenAIRequest
 from tokenmill.server.state import ServerState
 
 logger = logging.getLogger("tokenmill.server")
+METRICS_PREFIXES = ("tokenmill", "vllm")
 
 
 class ModelRegistry:
-    def __init__(self, models: Sequence[ServerState]) -> None:
+    def __init__(self, models: Sequence[ServerState], metrics_prefix: str = "tokenmill") -> None:
+        """metrics_prefix: the metric names' prefix on /metrics, "tokenmill" or "vllm" (see render_metrics)."""
+        if metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(f"--metrics-prefix must be one of {', '.join(METRICS_PREFIXES)}, got {metrics_prefix!r}")
+        self.metrics_prefix = metrics_prefix
         if not models:
             raise ValueError("a server needs at least one model")
         names = [m.served_model_name for m in models]
@@ -83,4 +88,4 @@ class ModelRegistry:
         return (self.get(model) or self.default).metrics
 
     def render_metrics(self) -> bytes:
-        return render_metrics([m.metrics for m in self.models])
+        return render_metrics([m.metrics for m in self.models], self.metrics_prefix)
