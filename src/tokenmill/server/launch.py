@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.server.app import build_app
+from tokenmill.server.body_limit import DEFAULT_MAX_BODY_BYTES
 from tokenmill.server.models import ModelRegistry
 from tokenmill.server.params import RequestLimits
 from tokenmill.server.result_cache import ResultCache
@@ -86,26 +88,45 @@ class ModelToServe:
     identity: dict[str, Any] = field(default_factory=dict)  # EngineArgs.output_identity()
 
 
-def serve(models: Sequence[ModelToServe], *, host: str, port: int, api_key: str | None, max_waiting: int | None,
-          shutdown_timeout: float, log_prompts: bool, limits: RequestLimits, max_body_bytes: int,
-          allowed_hosts: list[str] | None, allowed_origins: list[str] | None = None,
-          result_cache: ResultCache | None = None, metrics_prefix: str = "tokenmill") -> None:
+@dataclass
+class ServerOptions:
+    """What the HTTP side of a server is asked for, besides its models (the `tokenmill serve` options)."""
+
+    api_key: str | None = None
+    max_waiting: int | None = None
+    log_prompts: bool = False
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    allowed_hosts: list[str] | None = None
+    allowed_origins: list[str] | None = None
+    result_cache: ResultCache | None = None
+    metrics_prefix: str = "tokenmill"
+
+
+def build_server_app(models: Sequence[ModelToServe], options: ServerOptions) -> FastAPI:
     """Each model gets its own engine core process (started here, after every model has loaded, so each core
-    shares all weights copy-on-write) and its own `max_waiting` queue limit; `result_cache` serves them all."""
-    registry = ModelRegistry([_start(m, max_waiting, log_prompts, limits, result_cache) for m in models],
-                             metrics_prefix)
+    shares all weights copy-on-write) and its own `max_waiting` queue limit; the result cache serves them all."""
+    o = options
+    registry = ModelRegistry([_start(m, o.max_waiting, o.log_prompts, o.limits, o.result_cache) for m in models],
+                             o.metrics_prefix)
     for m in models:  # each engine core holds its model now; this process keeps tokenizers only
         m.engine = None
     _release_memory()
-    app = build_app(registry, api_key, max_body_bytes, allowed_hosts, allowed_origins)
+    for m in registry.models:
+        logger.info("serving %s as %r", m.model_root, m.served_model_name)
+    logger.info("API key %s, result cache %s; requests without `model` go to %r",
+                "required" if o.api_key else "off", o.result_cache.name if o.result_cache else "off",
+                registry.default.served_model_name)
+    return build_app(registry, o.api_key, o.max_body_bytes, o.allowed_hosts, o.allowed_origins)
+
+
+def serve(app: FastAPI, *, host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve a built app under uvicorn until SIGTERM/SIGINT (then drain) or an engine core's death (exit 1)."""
+    registry: ModelRegistry = app.state.models
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
     logging.getLogger("uvicorn.access").addFilter(_without_query_strings)  # after Config set up uvicorn's logging
     server = _DrainingServer(config, registry, shutdown_timeout)
-    for m in registry.models:
-        logger.info("serving %s as %r", m.model_root, m.served_model_name)
-    logger.info("listening on http://%s:%d (API key %s, result cache %s); requests without `model` go to %r",
-                host, port, "required" if api_key else "off", result_cache.name if result_cache else "off",
-                registry.default.served_model_name)
+    logger.info("listening on http://%s:%d", host, port)
     # uvicorn re-raises the signal it shut down on once it is done; ignoring it then lets us exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
