@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import socket
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from tokenmill.engine_args import EngineArgs
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+REPLICA_FLAGS = ("--min-replicas", "--max-replicas", "--ray-address", "--routing")
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +75,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                      help="the prefix of every /metrics name: vllm exposes vLLM's own names "
                           "(vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...) for the Gateway API Inference "
                           "Extension, llm-d and KServe")
+    srv.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="serve N engine replicas (processes, each with its own KV cache) behind this endpoint on "
+                          "Ray Serve, routed by prompt-prefix affinity; needs tokenmill[distributed] "
+                          "(default: one process, no Ray)")
+    srv.add_argument("--min-replicas", type=int, default=None,
+                     help="with --max-replicas: let Ray Serve scale the replicas between the two by ongoing requests")
+    srv.add_argument("--max-replicas", type=int, default=None)
+    srv.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (e.g. auto, or ray://HEAD:10001) instead of starting one here")
+    srv.add_argument("--routing", choices=["prefix", "round-robin"], default=None,
+                     help="how --replicas pick a replica: prefix (default: the replica that served the longest "
+                          "prefix of the prompt, unless it is much busier) or round-robin")
     EngineArgs.add_cli_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -91,9 +106,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.result_cache:  # a bad URL or bound fails now, not after the models load
         open_store(args.result_cache, args.result_cache_ttl, args.result_cache_max_entries)
+    if args.replicas is not None:
+        _serve_replicas(args, len(models))
+        return
+    if given := [flag for flag in REPLICA_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]:
+        raise ValueError(f"{', '.join(given)} only apply with --replicas N")
     from tokenmill.server.launch import serve  # after the checks: a bad option fails at once
 
     serve(server_app(args), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+
+
+def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
+    if num_models > 1:
+        raise ValueError("--replicas serves one model (each replica runs it); start one deployment per model")
+    try:
+        from tokenmill.distributed.replicas import ReplicaSet, serve_replicas
+    except ImportError as exc:
+        raise ValueError(f"--replicas runs on Ray Serve, which is not installed ({exc}): "
+                         "pip install 'tokenmill[distributed]'") from None
+    replica_set = ReplicaSet(args.replicas, args.min_replicas, args.max_replicas, routing=args.routing or "prefix")
+    replica_set.deployment_options()  # a bad combination fails before Ray starts
+    serve_replicas(partial(server_app, args), replica_set, host=args.host, port=args.port,
+                   ray_address=args.ray_address)
 
 
 def server_app(args: argparse.Namespace) -> FastAPI:
