@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _serve_replicas(args, len(models))
         return
     if given := [flag for flag in REPLICA_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]:
-        raise ValueError(f"{', '.join(given)} only apply with --replicas N")
+        raise ValueError(f"{', '.join(given)}: needs --replicas N (Ray Serve replicas)")
     from tokenmill.server.launch import serve  # after the checks: a bad option fails at once
 
     serve(server_app(args), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
