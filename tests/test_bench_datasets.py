@@ -55,6 +55,16 @@ def test_shared_prefix_requests_share_one_system_prompt(tokenizer):
     assert all(r.prompt_len > 300 for r in requests)
 
 
+def test_shared_prefix_requests_draw_from_several_tenants():
+    requests = build_requests(DatasetConfig("shared-prefix", 200, seed=1, prefix_len=64, num_prefixes=16,
+                                            output_len=(4, 4)))
+    systems = [r.system for r in requests]
+    assert len(set(systems)) == 16 and max(map(systems.count, systems)) < 40  # every tenant, none dominating
+    assert systems != sorted(systems, key=systems.index)  # interleaved, not in runs
+    with pytest.raises(BenchError, match="--num-prefixes must be >= 1"):
+        build_requests(DatasetConfig("shared-prefix", 2, num_prefixes=0))
+
+
 def conversation(*turns: tuple[str, str]) -> dict:
     return {"id": "x", "conversations": [{"from": who, "value": text} for who, text in turns]}
 

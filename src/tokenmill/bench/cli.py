@@ -32,6 +32,9 @@ def _add_dataset_args(p: argparse.ArgumentParser, tokenizer_flag: bool) -> None:
     p.add_argument("--output-len", type=_length_range, default=None, metavar="N|MIN:MAX",
                    help="max_tokens per request (default 64; sharegpt: the recorded reply's length)")
     p.add_argument("--prefix-len", type=int, default=512, help="shared system prompt tokens (--dataset shared-prefix)")
+    p.add_argument("--num-prefixes", type=int, default=1,
+                   help="distinct shared system prompts, one drawn per request (--dataset shared-prefix; as vLLM's "
+                        "prefix_repetition dataset)")
     if tokenizer_flag:
         p.add_argument("--tokenizer", default=None,
                        help="a .gguf file or HF directory whose tokenizer cuts prompts to length (default: the "
@@ -40,7 +43,8 @@ def _add_dataset_args(p: argparse.ArgumentParser, tokenizer_flag: bool) -> None:
 
 def _dataset_config(args: argparse.Namespace, tokenizer: str | None) -> DatasetConfig:
     return DatasetConfig(name=args.dataset, num_prompts=args.num_prompts, seed=args.seed, input_len=args.input_len,
-                         output_len=args.output_len, prefix_len=args.prefix_len, path=args.dataset_path,
+                         output_len=args.output_len, prefix_len=args.prefix_len,
+                         num_prefixes=args.num_prefixes, path=args.dataset_path,
                          tokenizer=tokenizer)
 
 

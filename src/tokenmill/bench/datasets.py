@@ -49,6 +49,7 @@ class DatasetConfig:
     input_len: LengthRange = (256, 256)
     output_len: LengthRange | None = None  # None: the dataset's default (ShareGPT: the reply's length)
     prefix_len: int = 512
+    num_prefixes: int = 1  # shared-prefix: distinct system prompts (tenants), each request drawing one
     path: Path | None = None
     tokenizer: str | None = None  # a .gguf file or HF directory; None: the embedded default model
 
@@ -106,14 +107,17 @@ def random_requests(tokenizer: Tokenizer, n: int, input_len: LengthRange, output
 
 
 def shared_prefix_requests(tokenizer: Tokenizer, n: int, prefix_len: int, output_len: LengthRange,
-                           rng: random.Random) -> list[SampleRequest]:
-    """Every request: the same `prefix_len`-token system prompt, then its own numbered built-in question."""
+                           rng: random.Random, num_prefixes: int = 1) -> list[SampleRequest]:
+    """Every request: one of `num_prefixes` `prefix_len`-token system prompts (drawn at random: tenants whose
+    users arrive interleaved), then its own numbered built-in question."""
     corpus = corpus_tokens(tokenizer)
-    system, _ = _text_of(tokenizer, _window(corpus, rng.randrange(len(corpus)), prefix_len))
+    systems = [_text_of(tokenizer, _window(corpus, rng.randrange(len(corpus)), prefix_len))[0]
+               for _ in range(num_prefixes)]
     prompts = list(builtin_prompts())
     rng.shuffle(prompts)
     requests = []
     for i in range(n):
+        system = systems[rng.randrange(num_prefixes)] if num_prefixes > 1 else systems[0]
         question = f"Question {i + 1}: {prompts[i % len(prompts)]['prompt']}"  # numbered: distinct past 100 too
         length = len(tokenizer.encode(f"{system}\n\n{question}", add_special_tokens=False))
         requests.append(SampleRequest(question, rng.randint(*output_len), length, system))
@@ -183,5 +187,8 @@ def build_requests(config: DatasetConfig) -> list[SampleRequest]:
     if config.name == "shared-prefix":
         if config.prefix_len < 1:
             raise BenchError(f"--prefix-len must be >= 1, got {config.prefix_len}")
-        return shared_prefix_requests(tokenizer, config.num_prompts, config.prefix_len, output_len, rng)
+        if config.num_prefixes < 1:
+            raise BenchError(f"--num-prefixes must be >= 1, got {config.num_prefixes}")
+        return shared_prefix_requests(tokenizer, config.num_prompts, config.prefix_len, output_len, rng,
+                                      config.num_prefixes)
     return sharegpt_requests(config.path, tokenizer, config.num_prompts, config.output_len, rng)
