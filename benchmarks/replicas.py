@@ -143,7 +143,8 @@ def cache_hits(model: str | None, engine: list[str], work: Path, requests: int =
                         times.append((time.perf_counter() - t0) * 1000)
                 times.sort()
                 rows.append({"store": store.split(":")[0], "miss_ms": miss_ms,
-                             "hit_median_ms": statistics.median(times), "hit_p99_ms": times[int(0.99 * len(times)) - 1]})
+                             "hit_median_ms": statistics.median(times),
+                             "hit_p99_ms": times[int(0.99 * len(times)) - 1]})
                 print(rows[-1], flush=True)
             finally:
                 stop(proc)
