@@ -64,7 +64,7 @@ def bench(url: str, out: Path, *flags: str) -> dict:
     cmd = [sys.executable, "-m", "tokenmill.cli", "bench", "serve", "--base-url", url, "--save-result", str(out),
            "--disable-tqdm", "--num-warmups", "0", *flags]
     subprocess.run(cmd, check=True, capture_output=True)
-    return json.loads(out.read_text())["summary"]
+    return json.loads(out.read_text())["metrics"]
 
 
 def prefix_counts(url: str) -> tuple[float, float]:
@@ -165,14 +165,16 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     engine = ["--kv-cache-memory", "512MiB"]
-    result = {"machine": describe(), "model": args.model or "default"}
+    path = args.out / "results.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"machine": describe(), "model": args.model or "default"})
     if "cache" in args.parts:
         result["cache"] = cache_hits(args.model, engine, args.out)
     if "routing" in args.parts:
         result["routing"] = routing(args.model, [], args.kv_cache_memory, args.out)
     if "overhead" in args.parts:
         result["overhead"] = overhead(args.model, engine, args.rounds, args.out)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

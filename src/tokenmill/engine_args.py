@@ -68,7 +68,9 @@ class EngineArgs:
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
     {"method": "suffix", "num_speculative_tokens": 16} or
     {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; see engine/spec_decode/config.py;
-    None: no speculation. threads: compute threads for this process (torch and the native kernels share one
+    None: no speculation. kv_events_config: as vLLM's, a dict (or its JSON text), e.g. {"enable_kv_cache_events":
+    true, "publisher": "zmq", "endpoint": "tcp://*:5557"}: prefix-cache changes published over ZeroMQ for KV-aware
+    routers (engine/kv_events.py). threads: compute threads for this process (torch and the native kernels share one
     OpenMP pool); None: $OMP_NUM_THREADS if set, else the CPUs this process really has (affinity, cgroup quota).
     Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread.
     weight_cache: keep a GGUF's repacked weights under $TOKENMILL_CACHE_DIR/weights and map them at later starts
@@ -88,6 +90,7 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     speculative_config: dict[str, Any] | str | None = None
+    kv_events_config: dict[str, Any] | str | None = None
     threads: int | None = None
     weight_cache: bool = True
     seed: int | None = None
@@ -135,6 +138,10 @@ class EngineArgs:
                        help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\', '
                             '\'{"method": "suffix", "num_speculative_tokens": 16}\' or '
                             '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (default: off)')
+        p.add_argument("--kv-events-config", default=None, metavar="JSON",
+                       help='publish KV cache events as vLLM: \'{"enable_kv_cache_events": true, "publisher": "zmq", '
+                            '"endpoint": "tcp://*:5557", "topic": "kv-events"}\' (also replay_endpoint, buffer_steps, '
+                            'hwm, max_queue_size; default: off)')
         p.add_argument("--threads", type=int, default=None, metavar="N",
                        help="compute threads (default: $OMP_NUM_THREADS if set, else the CPUs this process may use: "
                             "affinity and cgroup quota); use 1 when other processes keep the cores busy, as every "

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from tokenmill.cache.kv_cache import CacheInfo
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.kv_events import KVEventsConfig
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine_args import EngineArgs
 from tokenmill.hardware import resolve_dtype, resolve_threads
@@ -45,6 +46,7 @@ class LLM:
             torch.manual_seed(args.seed)  # the generator of unseeded requests (the engine core inherits it)
         cache_config, scheduler_config = args.cache_config(), args.scheduler_config()  # bad settings fail fast
         self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
+        kv_events = KVEventsConfig.parse(args.kv_events_config)
         self.checkpoint: Checkpoint = load_checkpoint(args.model)
         self.tokenizer = self.checkpoint.tokenizer
         self.quant_config = args.quant_config(self.checkpoint)
@@ -61,6 +63,8 @@ class LLM:
                                                         self.checkpoint.config.vocab_size)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
                                 self.speculative_config, draft_model, draft_dtype)
+        if kv_events is not None:
+            self.engine.publish_kv_events(kv_events)
         self.load_seconds = time.perf_counter() - started
         self._next_id = 0
         logger.info("%s", self.describe())

@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tokenmill.cache.kv_events import BlockRemoved, BlockStored, external_hash
+from tokenmill.cache.prefix_cache import PLAIN_HASH_BYTES
+
 
 @dataclass
 class Block:
@@ -23,6 +26,8 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}  # block hash -> block id, for full blocks (in use or free)
+        # KV events (cache/kv_events.py), when they are published: what entered and left `cached` since taken
+        self.events: list[BlockStored | BlockRemoved] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -42,6 +47,8 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.block_hash is not None:
                 del self.cached[block.block_hash]
+                if self.events is not None and len(block.block_hash) == PLAIN_HASH_BYTES:  # not a group's copy
+                    self.events.append(BlockRemoved([external_hash(block.block_hash)]))
                 block.block_hash = None
             block.ref_count = 1
             ids.append(block_id)
@@ -67,10 +74,13 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
 
-    def mark_cached(self, block_id: int, block_hash: bytes) -> None:
-        """Publish a full, computed block under its hash (first writer wins; duplicates stay private)."""
+    def mark_cached(self, block_id: int, block_hash: bytes) -> bool:
+        """Publish a full, computed block under its hash (first writer wins; duplicates stay private); True when
+        it was published."""
         block = self.blocks[block_id]
         if block.block_hash is None and block_hash not in self.cached:
             block.block_hash = block_hash
             self.cached[block_hash] = block_id
+            return True
+        return False
 

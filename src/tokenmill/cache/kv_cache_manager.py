@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tokenmill.cache.block_pool import BlockPool
+from tokenmill.cache.kv_events import BlockStored, external_hash
 from tokenmill.cache.prefix_cache import extend_block_hashes
 
 NULL_BLOCK = -1  # a table entry whose block left the sliding window and was freed
@@ -154,7 +155,12 @@ class KVCacheManager:
         extend_block_hashes(request.block_hashes, request.token_ids[: full * self.block_size], self.block_size)
         for g, table in enumerate(tables):
             for i in range(done, full):
-                self.pool.mark_cached(table[i], _group_key(g, request.block_hashes[i]))
+                published = self.pool.mark_cached(table[i], _group_key(g, request.block_hashes[i]))
+                if published and g == 0 and self.pool.events is not None:
+                    parent = external_hash(request.block_hashes[i - 1]) if i else None
+                    tokens = list(request.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                    self.pool.events.append(BlockStored([external_hash(request.block_hashes[i])], parent, tokens,
+                                                        self.block_size))
         self.num_cached_blocks[request.request_id] = full
 
     def trim(self, request: CachedSequence) -> None:

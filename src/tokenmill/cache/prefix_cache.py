@@ -10,10 +10,11 @@ from array import array
 from collections.abc import Sequence
 
 ROOT_HASH = b"tokenmill-prefix-v1"
+PLAIN_HASH_BYTES = 16  # a block's own hash; KV groups other than the first cache copies under longer keys
 
 
 def hash_block(parent: bytes, token_ids: Sequence[int], extra_keys: bytes = b"") -> bytes:
-    h = hashlib.blake2b(parent, digest_size=16)
+    h = hashlib.blake2b(parent, digest_size=PLAIN_HASH_BYTES)
     h.update(array("q", token_ids).tobytes())
     h.update(extra_keys)
     return h.digest()

@@ -135,6 +135,8 @@ def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, hea
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     engine.delta_outputs = True
+    if engine.kv_events is not None:  # bound now, so routers subscribe before the first step
+        engine.kv_events.start()
     core = EngineCore(engine, outputs, heartbeat)
     threading.Thread(target=_read_commands, args=(commands, core.inbox), name="tokenmill-commands",
                      daemon=True).start()

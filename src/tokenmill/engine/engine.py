@@ -20,6 +20,7 @@ from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.input_processor import EngineCoreRequest, InputProcessor
+from tokenmill.engine.kv_events import KVEventsConfig, ZmqEventPublisher
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request, token_logprobs
 from tokenmill.engine.scheduler import Scheduler, SchedulerStats
@@ -77,6 +78,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv_cache)
         self.parents: dict[str, ParentRequest] = {}
         self.delta_outputs = False  # outputs carry only what is new (the engine core streams them); else all so far
+        self.kv_events: ZmqEventPublisher | None = None  # publish_kv_events
         self.speculator: Speculator | None = None
         if speculative_config is not None:
             self.speculator = make_speculator(speculative_config, draft_model, draft_dtype or dtype, block_size,
@@ -250,7 +252,15 @@ class LLMEngine:
             outputs.append(parent.make_output(self.delta_outputs))
             if parent.finished:
                 del self.parents[parent_id]
+        if self.kv_events is not None and self.kv_manager.pool.events:
+            self.kv_events.publish(self.kv_manager.pool.events)
+            self.kv_manager.pool.events = []
         return outputs
+
+    def publish_kv_events(self, config: KVEventsConfig) -> None:
+        """From now on, each step's prefix-cache changes go out as KV events (engine/kv_events.py)."""
+        self.kv_events = ZmqEventPublisher(config) if config.publisher == "zmq" else None
+        self.kv_manager.pool.events = [] if self.kv_events is not None else None
 
     def _next_tokens(self, request: Request, drafts: list[int], step_logits: StepLogits,
                      row: int) -> list[SampledToken]:
