@@ -1,8 +1,8 @@
-"""The engine replicas the request router in this process knows, for the ingress's /metrics.
+"""The engine replicas the request router in this process knows, for the HTTP front's /metrics.
 
-A module of its own, always named as a module (`live.REPLICA_IDS`): Ray pickles the ingress and the router by
-value, and a by-value function gets its own copy of its module's globals (a class attribute set by one copy is
-not seen by the other), but modules travel by reference, so this list is the one list of the process.
+A module of its own, always named as a module (`live.REPLICA_IDS`): Ray builds the router from a by-value pickle,
+whose functions get their own copy of their module's globals (a class attribute set there is not seen by this
+process's import of routing.py), but modules travel by reference, so this list is the one list of the process.
 """
 from __future__ import annotations
 

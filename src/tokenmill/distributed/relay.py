@@ -1,9 +1,5 @@
-"""What the ingress sends back: a replica's stream relayed (a replica's death ends it with an error event), and
-every replica's /metrics merged into one exposition.
-
-Apart from replicas.py because Ray pickles the ingress class by value, and functions it calls from an importable
-module travel by reference.
-"""
+"""What the HTTP front sends back: a replica's stream relayed (a replica's death ends it with an error event), and
+every replica's /metrics merged into one exposition."""
 from __future__ import annotations
 
 import json

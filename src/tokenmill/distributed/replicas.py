@@ -2,22 +2,23 @@
 
 Each replica builds the same app a single `tokenmill serve` process runs (its own engine core, KV cache, result
 cache client, limits) and answers HTTP calls in-process through it, so every endpoint, error and stream behaves
-as in one process. The ingress deployment (behind Ray Serve's HTTP proxy) parses only the prompt's text out of
-the body, for the router (routing.py), and relays the replica's status, headers and body chunks; a replica that
-dies mid-request gives that request a 503 (or, once streaming, an error event), and Ray Serve starts a new one.
+as in one process. The HTTP front is the `tokenmill serve` process itself (uvicorn; Ray Serve's HTTP proxy is
+off, which saves a second Ray hop per streamed chunk): it parses only the prompt's text out of the body, for the
+deployment handle's request router (routing.py), and relays the replica's status, headers and body chunks; a
+replica that dies mid-request gives that request a 503 (or, once streaming, an error event), and Ray Serve starts
+a new one.
 `/metrics` merges every replica's exposition with a `replica` label. Ray Serve's autoscaler sizes the replica
 set from ongoing requests per replica when --min-replicas/--max-replicas are given.
 """
-# No `from __future__ import annotations`: Ray Serve rebuilds the ingress routes' signatures, and FastAPI must see
-# real classes (Request) there, not strings.
+from __future__ import annotations
+
 import asyncio
 import logging
-import signal
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import ray
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -124,35 +125,32 @@ class EngineReplica:
         self.models.shutdown()
 
 
-ingress_app = FastAPI(title="tokenmill (Ray Serve)", openapi_url=None, docs_url=None, redoc_url=None)
+def ingress_app(replicas: DeploymentHandle) -> FastAPI:
+    """The HTTP front, in this process: each request goes to a replica chosen by the deployment's router, its
+    response relayed back (one Ray streaming hop per response, no Ray HTTP proxy in the path)."""
+    app = FastAPI(title="tokenmill (Ray Serve replicas)", openapi_url=None, docs_url=None, redoc_url=None)
 
-
-@serve.ingress(ingress_app)
-class Ingress:
-    def __init__(self, replicas: DeploymentHandle) -> None:
-        self.replicas = replicas
-
-    @ingress_app.get("/metrics")
-    async def metrics(self) -> Response:
+    @app.get("/metrics")
+    async def metrics() -> Response:
         if not live.REPLICA_IDS:  # the router starts with the first call through the handle
-            await self.replicas.metrics.remote(HTTPCall("GET", "/metrics", b"", [], b""))
-        replicas = list(live.REPLICA_IDS)
-        texts = await asyncio.gather(*(asyncio.wait_for(self.replicas.metrics.remote(
-            HTTPCall("GET", "/metrics", b"", [], b"", replica=rid)), METRICS_TIMEOUT) for rid in replicas),
+            await replicas.metrics.remote(HTTPCall("GET", "/metrics", b"", [], b""))
+        ids = list(live.REPLICA_IDS)
+        texts = await asyncio.gather(*(asyncio.wait_for(replicas.metrics.remote(
+            HTTPCall("GET", "/metrics", b"", [], b"", replica=rid)), METRICS_TIMEOUT) for rid in ids),
             return_exceptions=True)
-        for rid, text in zip(replicas, texts):
+        for rid, text in zip(ids, texts):
             if not isinstance(text, str):
                 logger.warning("replica %s gave no metrics: %r", rid, text)
-        answered = {rid: text for rid, text in zip(replicas, texts) if isinstance(text, str)}
+        answered = {rid: text for rid, text in zip(ids, texts) if isinstance(text, str)}
         return Response(merge_expositions(answered), media_type=CONTENT_TYPE_LATEST)
 
-    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
-    async def relay(self, path: str, request: Request) -> Response:
+    @app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
+    async def relay(path: str, request: Request) -> Response:
         body = await request.body()
         text = prompt_text(body) if request.method == "POST" else ""
         call = HTTPCall(request.method, "/" + path, request.url.query.encode(), request.headers.raw, body, text,
                         hashes=block_hashes(text))
-        chunks = self.replicas.options(stream=True).handle.remote(call)
+        chunks = replicas.options(stream=True).handle.remote(call)
         try:
             start = await chunks.__anext__()
             headers = dict(start["headers"])
@@ -165,28 +163,25 @@ class Ingress:
         headers.pop("content-length", None)
         return Response(content, status_code=start["status"], headers=headers)
 
+    return app
 
-def build_application(app_factory: Callable[[], FastAPI], replica_set: ReplicaSet):
-    engines = serve.deployment(EngineReplica, name="EngineReplica", **replica_set.deployment_options())
-    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4096,
-                               ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engines.bind(app_factory))
+
+def engine_deployment(app_factory: Callable[[], FastAPI], replica_set: ReplicaSet):
+    return serve.deployment(EngineReplica, name="EngineReplica", **replica_set.deployment_options()).bind(
+        app_factory)
 
 
 def serve_replicas(app_factory: Callable[[], FastAPI], replica_set: ReplicaSet, *, host: str, port: int,
                    ray_address: str | None) -> None:
-    """Start (or join, with `ray_address`) a Ray cluster, run the application on host:port until SIGINT/SIGTERM."""
-    application = build_application(app_factory, replica_set)
+    """Start (or join, with `ray_address`) a Ray cluster, deploy the replicas, serve HTTP on host:port from this
+    process until SIGINT/SIGTERM, then take the deployment down."""
     ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+        serve.start(proxy_location="Disabled")  # the HTTP front is this process (ingress_app)
+        handle = serve.run(engine_deployment(app_factory, replica_set), name=APP_NAME, route_prefix=None)
         logger.info("serving %d replica(s) on http://%s:%d (routing: %s)", replica_set.replicas, host, port,
                     replica_set.routing)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
+        uvicorn.run(ingress_app(handle), host=host, port=port, log_level="warning")
     finally:
         serve.shutdown()
         ray.shutdown()
