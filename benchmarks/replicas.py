@@ -57,7 +57,8 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                   check=False)
 
 
 def bench(url: str, out: Path, *flags: str) -> dict:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -30,7 +31,8 @@ def replicas(tmp_path_factory):
         yield srv
     finally:
         stop(srv)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False, timeout=120)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                       check=False, timeout=120)
 
 
 def complete(server: Server, prompt: str, **fields) -> httpx.Response:
