@@ -42,3 +42,12 @@ def test_bad_serve_option_is_a_clean_error_before_loading(args, message):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plain_serve_never_imports_ray():
+    """Ray is for --replicas only: a plain server's modules must not pull it in (seconds of import, a cluster)."""
+    code = ("import sys, tokenmill.cli, tokenmill.cli_serve, tokenmill.server.launch, tokenmill.server.app; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
