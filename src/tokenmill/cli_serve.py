@@ -126,6 +126,10 @@ def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
                          "pip install 'tokenmill[distributed]'") from None
     replica_set = ReplicaSet(args.replicas, args.min_replicas, args.max_replicas, routing=args.routing or "prefix")
     replica_set.deployment_options()  # a bad combination fails before Ray starts
+    if args.threads is None:  # Ray sets OMP_NUM_THREADS=1 in its workers: give each replica its share of the cores
+        from tokenmill.hardware import available_cpus
+
+        args.threads = max(1, available_cpus() // args.replicas)
     serve_replicas(partial(server_app, args), replica_set, host=args.host, port=args.port,
                    ray_address=args.ray_address)
 
