@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ class EngineReplica:
     """One engine and the app over it; `handle` yields the response's start (status, headers), then body chunks."""
 
     def __init__(self, app_factory: Callable[[], FastAPI]) -> None:
+        _normal_priority()  # before the engine core is forked: it inherits this
         self.app = app_factory()
         self.models = self.app.state.models
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -123,6 +125,16 @@ class EngineReplica:
 
     def __del__(self) -> None:
         self.models.shutdown()
+
+
+def _normal_priority() -> None:
+    """Ray starts its workers at nice 15, below every ordinary process: under load (a client on the same machine,
+    other replicas) the engine then gets the CPU last. Back to 0 for every thread of this process, where allowed."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+    except (OSError, AttributeError) as exc:  # no CAP_SYS_NICE, or not Linux
+        logger.warning("replica stays at Ray's worker priority (nice %d): %s", os.nice(0), exc)
 
 
 def ingress_app(replicas: DeploymentHandle) -> FastAPI:
