@@ -78,8 +78,10 @@ def prefix_counts(url: str) -> tuple[float, float]:
     return queries, hits
 
 
-def overhead(model: str | None, engine: list[str], rounds: int, work: Path) -> list[dict]:
+def overhead(model: str | None, engine: list[str], rounds: int, work: Path, threads: int | None) -> list[dict]:
+    """threads: the engine's (both servers'); None: all cores (the replica gets them too, cores / 1)."""
     rows = []
+    engine = [*engine, *(["--threads", str(threads)] if threads else [])]
     for r in range(rounds):
         for name, extra in (("plain", []), ("ray --replicas 1", ["--replicas", "1"])):
             proc, url = start(model, *engine, *extra, log=work / f"overhead-{name[:5]}-{r}.log")
@@ -88,7 +90,7 @@ def overhead(model: str | None, engine: list[str], rounds: int, work: Path) -> l
                     s = bench(url, work / "overhead.json", "--dataset", "random", "--input-len", "256",
                               "--output-len", "64", "--ignore-eos", "--num-prompts", str(prompts),
                               "--max-concurrency", str(concurrency), "--temperature", "0")
-                    rows.append({"round": r, "server": name, "concurrency": concurrency,
+                    rows.append({"round": r, "server": name, "threads": threads or "all", "concurrency": concurrency,
                                  "output_tok_s": s["output_throughput"], "ttft_ms": s["ttft_ms"]["median"],
                                  "tpot_ms": s["tpot_ms"]["median"], "failed": s["failed"]})
                     print(rows[-1], flush=True)
@@ -163,6 +165,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", default="64MiB",
                         help="per replica, for the routing runs: about half of the 16 tenants' prefixes")
     parser.add_argument("--parts", nargs="+", default=["overhead", "routing", "cache"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads in the overhead runs (default: all cores); 1 on a 2-core machine leaves "
+                             "Ray's processes a core of their own")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     engine = ["--kv-cache-memory", "512MiB"]
@@ -174,7 +179,8 @@ def main() -> None:
     if "routing" in args.parts:
         result["routing"] = routing(args.model, [], args.kv_cache_memory, args.out)
     if "overhead" in args.parts:
-        result["overhead"] = overhead(args.model, engine, args.rounds, args.out)
+        key = "overhead" if args.threads is None else f"overhead_threads_{args.threads}"
+        result[key] = overhead(args.model, engine, args.rounds, args.out, args.threads)
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 
