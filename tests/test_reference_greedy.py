@@ -71,17 +71,30 @@ def test_first_step_logits_match(llm_f32, reference, prompt, chat):
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
 
 
-def test_bfloat16_greedy_mostly_matches_float32(llm_f32, llm_bf16, reference_tokens, record_property):
-    """bf16 rounds every activation to 8 mantissa bits, so long greedy runs may diverge after a near-tie;
-    we require the first 16 tokens to match on most prompts and report the full-64 match count."""
+# The most float32 may prefer its own token over bf16's where the two first differ: bf16 keeps 8 mantissa bits,
+# so logits of magnitude ~30 carry errors of ~0.1 (measured: margins 0.005-0.16 over the 12 prompts on a Sapphire
+# Rapids CPU, whose AMX bf16 matmuls diverge earlier than AVX-512 ones); a real error (a wrong norm, RoPE or
+# scale) moves logits by whole units.
+BF16_NEAR_TIE = 0.5
+
+
+def test_bfloat16_greedy_diverges_from_float32_only_at_near_ties(llm_f32, llm_bf16, reference_tokens,
+                                                                  record_property):
+    """bf16 rounds every activation to 8 mantissa bits, so greedy runs diverge from float32 once two tokens are
+    about as close as that rounding: where they first differ, float32's preference for its own token over bf16's
+    must be that small. The counts are reported."""
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
-    full, prefix16 = 0, 0
+    full, prefix16, margins = 0, 0, []
     for prompt, chat in ALL:
-        got = llm_bf16.generate({"prompt_token_ids": _prompt_ids(llm_bf16, prompt, chat)},
-                                params)[0].outputs[0].token_ids
-        full += got == reference_tokens[prompt]
-        prefix16 += got[:16] == reference_tokens[prompt][:16]
+        ids = _prompt_ids(llm_bf16, prompt, chat)
+        got = llm_bf16.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
+        ref = reference_tokens[prompt]
+        full += got == ref
+        prefix16 += got[:16] == ref[:16]
+        if (i := next((k for k, (a, b) in enumerate(zip(ref, got)) if a != b), None)) is not None:
+            logits = llm_f32.score(ids + ref[:i])[-1]  # float32's logits for the token where they part
+            margins.append((prompt, i, float(logits[ref[i]] - logits[got[i]])))
     record_property("bf16_full_match", f"{full}/{len(ALL)}")
-    print(f"bf16 vs float32 greedy: {full}/{len(ALL)} identical over {NUM_TOKENS} tokens, "
-          f"{prefix16}/{len(ALL)} over 16")
-    assert prefix16 >= len(ALL) * 3 // 4
+    print(f"bf16 vs float32 greedy: {full}/{len(ALL)} identical over {NUM_TOKENS} tokens, {prefix16}/{len(ALL)} "
+          f"over 16; margins where they part: {[round(m, 3) for _, _, m in margins]}")
+    assert all(m <= BF16_NEAR_TIE for _, _, m in margins), margins
