@@ -60,9 +60,17 @@ def test_shared_prefixes_stick_to_one_replica_and_spill_over_when_it_is_busy():
     assert choose(call(SYSTEM + "x"), {r: 0 for r in loads if r != first}, table, "prefix", 2, 0) != first
 
 
-def test_no_prefix_goes_to_the_least_loaded_and_round_robin_cycles():
+def test_new_prefixes_spread_over_replicas_and_round_robin_cycles():
     table = AffinityTable()
-    assert choose(call("fresh " * 40), {"a": 5, "b": 1, "c": 3}, table, "prefix", 4, 0) == "b"
+    assert choose(call("short"), {"a": 5, "b": 1, "c": 3}, table, "prefix", 4, 0) == "b"  # nothing to cache
+    assert choose(call("fresh " * 40), {"a": 6, "b": 1, "c": 3}, table, "prefix", 4, 0) == "b"
+    loads = {"a": 0, "b": 0}
+    for tenant in range(8):  # 8 new tenants, equal loads: 4 each, whatever the order of arrival
+        text = f"tenant {tenant} " * 30
+        table.record(call(text).hashes, choose(call(text), loads, table, "prefix", 4, tenant))
+    assert table.owned["a"] == table.owned["b"] > 0
+    busy = {"a": 2, "b": 9}  # b owns no more than a but is too busy: a takes the new prefix
+    assert choose(call("another " * 30), busy, table, "prefix", 4, 0) == "a"
     loads = {"b": 0, "a": 9, "c": 0}
     assert [choose(call(SYSTEM), loads, table, "round-robin", 4, turn) for turn in range(4)] == ["a", "b", "c", "a"]
 
@@ -74,8 +82,11 @@ def test_affinity_table_forgets_the_least_recently_routed():
     table.record(new, "b")
     assert table.deepest(new, {"a", "b"}) == ("b", 3)
     assert table.deepest(old, {"a", "b"}) == ("a", 3)  # its deepest block is still there (the first two are not)
+    assert table.owned == {"a": 1, "b": 3}
     table.record(block_hashes("z" * BLOCK_CHARS), "c")
     assert table.deepest(old, {"a", "b", "c"}) == (None, 0)
+    table.record(new, "a")  # routed elsewhere now: ownership moves
+    assert table.owned == {"a": 3, "b": 0, "c": 1}
 
 
 def test_metrics_of_replicas_merge_with_a_replica_label():

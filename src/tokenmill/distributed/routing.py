@@ -4,9 +4,11 @@ The prompt's text is cut into blocks of BLOCK_CHARS characters (about 16 tokens,
 size) and each block named by a hash chained over every block before it, so equal hashes mean equal text up to
 there, as KV block hashes do. The table remembers, per block hash, the replica a request holding it went to; a
 new request goes to the replica of its deepest remembered block, if that replica's queue is at most
-`spill_over` requests longer than the shortest one (else to a least-loaded replica: the prefix is worth less than
-the wait). Ray Serve LLM's PrefixCacheAffinityRouter and llm-d's approximate prefix scorer work this way; this
-one hashes blocks instead of keeping a character tree, so a lookup is one dict probe per block.
+`spill_over` requests longer than the shortest one (else the prefix is worth less than the wait); a prefix seen
+nowhere goes to the replica that owns the fewest blocks among those within `spill_over` of the least loaded, so
+tenants spread evenly over the replicas' caches. Ray Serve LLM's PrefixCacheAffinityRouter and llm-d's
+approximate prefix scorer match prefixes this way; this one hashes blocks instead of keeping a character tree, so
+a lookup is one dict probe per block.
 
 `PrefixAffinityRouter` plugs this into Ray Serve (its RequestRouter API); `AffinityTable` is the policy alone.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -71,11 +73,12 @@ def block_hashes(text: str) -> list[bytes]:
 
 
 class AffinityTable:
-    """Block hash -> replica id, least recently routed out first."""
+    """Block hash -> replica id, least recently routed out first; and how many blocks each replica owns."""
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self.max_entries = max_entries
         self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self.owned: Counter[str] = Counter()
 
     def deepest(self, hashes: Sequence[bytes], replicas: set[str]) -> tuple[str | None, int]:
         """The replica (of `replicas`) holding the longest prefix, and that prefix's length in blocks."""
@@ -86,10 +89,13 @@ class AffinityTable:
 
     def record(self, hashes: Sequence[bytes], replica: str) -> None:
         for h in hashes:
+            if (previous := self._owner.get(h)) is not None:
+                self.owned[previous] -= 1
             self._owner[h] = replica
             self._owner.move_to_end(h)
+            self.owned[replica] += 1
         while len(self._owner) > self.max_entries:
-            self._owner.popitem(last=False)
+            self.owned[self._owner.popitem(last=False)[1]] -= 1
 
 
 def choose(call: HTTPCall, loads: dict[str, int], table: AffinityTable, policy: str, spill_over: int,
@@ -101,7 +107,12 @@ def choose(call: HTTPCall, loads: dict[str, int], table: AffinityTable, policy: 
     owner, _ = table.deepest(call.hashes, set(loads))
     if owner is not None and loads[owner] - least <= spill_over:
         return owner
-    return random.choice([r for r, n in loads.items() if n == least])
+    if not call.hashes:  # nothing to cache: the least loaded
+        return random.choice([r for r, n in loads.items() if n == least])
+    # a new prefix: to the replica holding the fewest blocks, among those not too busy, so that the prefixes (the
+    # tenants) spread evenly and each replica's cache holds its share
+    near = [r for r, n in loads.items() if n - least <= spill_over]
+    return min(near, key=lambda r: (table.owned[r], loads[r], random.random()))
 
 
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):
