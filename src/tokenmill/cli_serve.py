@@ -119,6 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
     if num_models > 1:
         raise ValueError("--replicas serves one model (each replica runs it); start one deployment per model")
+    if args.kv_events_config is not None and max(args.replicas, args.max_replicas or 0) > 1:
+        raise ValueError("--kv-events-config with several replicas is not supported yet: each engine would bind the "
+                         "same endpoint; run one replica per endpoint")
     try:
         from tokenmill.distributed.replicas import ReplicaSet, serve_replicas
     except ImportError as exc:
