@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import socket
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,11 +118,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
+    from tokenmill.engine.kv_events import KVEventsConfig
+
     if num_models > 1:
         raise ValueError("--replicas serves one model (each replica runs it); start one deployment per model")
-    if args.kv_events_config is not None and max(args.replicas, args.max_replicas or 0) > 1:
-        raise ValueError("--kv-events-config with several replicas is not supported yet: each engine would bind the "
-                         "same endpoint; run one replica per endpoint")
     try:
         from tokenmill.distributed.replicas import ReplicaSet, serve_replicas
     except ImportError as exc:
@@ -129,6 +129,8 @@ def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
                          "pip install 'tokenmill[distributed]'") from None
     replica_set = ReplicaSet(args.replicas, args.min_replicas, args.max_replicas, routing=args.routing or "prefix")
     replica_set.deployment_options()  # a bad combination fails before Ray starts
+    if (kv_events := KVEventsConfig.parse(args.kv_events_config)) is not None:
+        kv_events.for_rank(max(args.replicas, args.max_replicas or 0) - 1)  # every replica needs a port of its own
     if args.threads is None:  # Ray sets OMP_NUM_THREADS=1 in its workers: give each replica its share of the cores
         from tokenmill.hardware import available_cpus
 
@@ -137,17 +139,21 @@ def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
                    ray_address=args.ray_address)
 
 
-def server_app(args: argparse.Namespace) -> FastAPI:
+def server_app(args: argparse.Namespace, replica_rank: int = 0) -> FastAPI:
     """Load the models `tokenmill serve` was given and build the app over their engines (in the server process,
-    or in each Ray Serve replica)."""
+    or in each Ray Serve replica: `replica_rank` moves its KV event ports up by the rank)."""
+    from tokenmill.engine.kv_events import KVEventsConfig
     from tokenmill.server.launch import ModelToServe, ServerOptions, build_server_app
     from tokenmill.server.params import RequestLimits
     from tokenmill.server.result_cache import ResultCache, open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def load(model: str | None, name: str | None) -> ModelToServe:  # the LLM goes; its engine is served
-        engine_args = EngineArgs.from_cli_args(args, model=model, seed=args.seed)
+    kv_events = KVEventsConfig.parse(args.kv_events_config)
+
+    def load(model: str | None, name: str | None, rank: int) -> ModelToServe:  # the LLM goes; its engine is served
+        engine_args = EngineArgs.from_cli_args(args, model=model, seed=args.seed,
+                                               kv_events_config=kv_events and asdict(kv_events.for_rank(rank)))
         llm = engine_args.create_llm(progress=True)
         if args.chat_template is not None:
             llm.tokenizer.chat_template = _template_text(args.chat_template)
@@ -158,12 +164,15 @@ def server_app(args: argparse.Namespace) -> FastAPI:
     names = args.served_model_name or [None] * len(models)
     store = open_store(args.result_cache, args.result_cache_ttl, args.result_cache_max_entries) \
         if args.result_cache else None
-    return build_server_app([load(model, name) for model, name in zip(models, names)], ServerOptions(
+    options = ServerOptions(
         api_key=args.api_key, max_waiting=args.max_waiting, log_prompts=args.log_prompts,
         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts,
                              auto_tool_choice=args.enable_auto_tool_choice),
         max_body_bytes=args.max_body_bytes, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
-        result_cache=ResultCache(store, args.result_cache) if store else None, metrics_prefix=args.metrics_prefix))
+        result_cache=ResultCache(store, args.result_cache) if store else None, metrics_prefix=args.metrics_prefix)
+    # each engine (a model here, a replica of the one model with --replicas) publishes KV events on its own ports
+    return build_server_app([load(model, name, replica_rank + i) for i, (model, name) in enumerate(zip(models, names))],
+                            options)
 
 
 def _template_text(value: str) -> str:

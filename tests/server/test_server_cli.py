@@ -32,7 +32,6 @@ def test_short_model_name(path, name):
     (["--routing", "round-robin", "--min-replicas", "1"], "--min-replicas, --routing: needs --replicas N"),
     (["a.gguf", "b.gguf", "--replicas", "2"], "--replicas serves one model"),
     (["--replicas", "2", "--min-replicas", "1"], "give --min-replicas and --max-replicas together"),
-    (["--replicas", "2", "--kv-events-config", "{}"], "--kv-events-config with several replicas is not supported"),
     (["--result-cache", "memcached://x"], "--result-cache must be 'memory' or a Redis URL"),
     (["--result-cache", "memory", "--result-cache-ttl", "0"], "--result-cache-ttl must be > 0"),
     (["--result-cache", "memory", "--result-cache-max-entries", "0"], "--result-cache-max-entries must be >= 1"),

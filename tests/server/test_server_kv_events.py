@@ -72,6 +72,17 @@ def test_config_is_vllms_and_refuses_what_it_does_not_know():
         KVEventsConfig.parse({"enable_kv_cache_events": True, "publisher": "kafka"})
 
 
+def test_each_engine_of_several_publishes_on_its_own_ports():
+    config = KVEventsConfig.parse({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557",
+                                   "replay_endpoint": "tcp://127.0.0.1:5600"})
+    assert (config.for_rank(2).endpoint, config.for_rank(2).replay_endpoint) == ("tcp://*:5559", "tcp://127.0.0.1:5602")
+    assert config.for_rank(0) == config
+    ipc = KVEventsConfig.parse({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "ipc:///tmp/kv"})
+    assert ipc.for_rank(0).endpoint == "ipc:///tmp/kv"
+    with pytest.raises(ValueError, match="several engines need tcp://HOST:PORT"):
+        ipc.for_rank(1)
+
+
 def test_stored_and_removed_blocks_reach_a_subscriber(tmp_path):
     port, replay_port = free_port(), free_port()
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{port}",

@@ -73,11 +73,14 @@ class ReplicaSet:
 class EngineReplica:
     """One engine and the app over it; `handle` yields the response's start (status, headers), then body chunks."""
 
-    def __init__(self, app_factory: Callable[[], FastAPI]) -> None:
+    def __init__(self, app_factory: Callable[[int], FastAPI]) -> None:
+        """app_factory(rank): the app over a freshly loaded engine; the rank (0..replicas-1, reused by a replica
+        that replaces a dead one) gives each engine its own KV event ports."""
         _normal_priority()  # before the engine core is forked: it inherits this
-        self.app = app_factory()
+        context = serve.get_replica_context()
+        self.app = app_factory(context.rank.rank)
         self.models = self.app.state.models
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = context.replica_id.unique_id
         self._attached = False
 
     async def handle(self, call: HTTPCall) -> AsyncIterator[dict | bytes]:
@@ -178,12 +181,12 @@ def ingress_app(replicas: DeploymentHandle) -> FastAPI:
     return app
 
 
-def engine_deployment(app_factory: Callable[[], FastAPI], replica_set: ReplicaSet):
+def engine_deployment(app_factory: Callable[[int], FastAPI], replica_set: ReplicaSet):
     return serve.deployment(EngineReplica, name="EngineReplica", **replica_set.deployment_options()).bind(
         app_factory)
 
 
-def serve_replicas(app_factory: Callable[[], FastAPI], replica_set: ReplicaSet, *, host: str, port: int,
+def serve_replicas(app_factory: Callable[[int], FastAPI], replica_set: ReplicaSet, *, host: str, port: int,
                    ray_address: str | None) -> None:
     """Start (or join, with `ray_address`) a Ray cluster, deploy the replicas, serve HTTP on host:port from this
     process until SIGINT/SIGTERM, then take the deployment down."""

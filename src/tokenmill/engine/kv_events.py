@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from tokenmill.cache.kv_events import AllBlocksCleared, KVCacheEvent, wire_format
@@ -62,6 +62,22 @@ class KVEventsConfig:
             if getattr(config, name) < 1:
                 raise ValueError(f"kv_events_config {name} must be >= 1, got {getattr(config, name)}")
         return config if config.enable_kv_cache_events else None
+
+    def for_rank(self, rank: int) -> KVEventsConfig:
+        """The endpoints of engine `rank` of several (replicas): each TCP port moved up by the rank, as vLLM's
+        data-parallel ranks do, so every engine publishes on its own port."""
+        return replace(self, endpoint=_port_plus(self.endpoint, rank),
+                       replay_endpoint=self.replay_endpoint and _port_plus(self.replay_endpoint, rank))
+
+
+def _port_plus(endpoint: str, offset: int) -> str:
+    host, sep, port = endpoint.rpartition(":")
+    if not (endpoint.startswith("tcp://") and sep and port.isdigit()):
+        if offset:
+            raise ValueError(f"kv_events_config endpoint {endpoint!r}: several engines need tcp://HOST:PORT "
+                             "endpoints (each takes PORT + its rank)")
+        return endpoint
+    return f"{host}:{int(port) + offset}"
 
 
 class ZmqEventPublisher:
