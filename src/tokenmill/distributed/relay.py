@@ -6,10 +6,10 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import RayError
 
+from tokenmill.server.metrics import exposition
 from tokenmill.server.openai_errors import error_body
 
 logger = logging.getLogger("tokenmill.distributed")
@@ -27,20 +27,9 @@ async def relayed(chunks) -> AsyncIterator[bytes]:
 
 def merge_expositions(texts: dict[str, str]) -> bytes:
     """Each replica's /metrics, as one exposition with a `replica` label on every sample."""
-    families: dict = {}
+    families = []
     for replica, text in texts.items():
         for family in text_string_to_metric_families(text):
             family.samples = [s._replace(labels={**s.labels, "replica": replica}) for s in family.samples]
-            if (seen := families.get(family.name)) is None:
-                families[family.name] = family
-            else:
-                seen.samples.extend(family.samples)
-    return generate_latest(_Families(list(families.values())))
-
-
-class _Families:
-    def __init__(self, families: list) -> None:
-        self.families = families
-
-    def collect(self) -> list:
-        return self.families
+            families.append(family)
+    return exposition(families)

@@ -8,7 +8,7 @@ batch still buffered from there (the last `buffer_steps`), one [seq, payload] re
 vLLM's end marker. The first batch (sequence 0, sent when the engine core starts) is AllBlocksCleared, so a router
 forgets what an engine that had the same endpoint held before; a subscriber that connects later gets it by
 replay. Sockets live in one background thread of the process that runs the engine steps (the engine core), fed by
-a bounded queue (`max_queue_size`: beyond it batches are dropped and counted).
+a bounded queue (`max_queue_size`: beyond it batches are dropped, and the log says how many).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class KVEventsConfig:
     """vLLM's KVEventsConfig fields and defaults."""
 
     enable_kv_cache_events: bool = False
-    publisher: str = "null"  # "zmq" or "null" (events collected, not sent)
+    publisher: str = "null"  # "zmq" or "null" (nothing sent, as vLLM's NullEventPublisher)
     endpoint: str = "tcp://*:5557"
     replay_endpoint: str | None = None
     buffer_steps: int = 10_000
@@ -115,6 +115,9 @@ class ZmqEventPublisher:
             self._queue.put_nowait(payload)
         except queue.Full:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("KV events: %d batches dropped so far (the publisher's queue of %d is full)",
+                               self.dropped, self.config.max_queue_size)
 
     def close(self) -> None:
         if self._thread is not None:

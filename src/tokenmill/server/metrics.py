@@ -9,7 +9,7 @@ configuration in its labels, as vLLM's does.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -98,26 +98,35 @@ def render_metrics(metrics: Sequence[ServerMetrics], prefix: str = "tokenmill") 
     """Several models' metrics as one exposition: each family once, its samples told apart by `model_name`.
     prefix "vllm": every name as vLLM's (`vllm:num_requests_waiting`, ...), for scrapers that know only those
     (the Gateway API Inference Extension's endpoint picker, llm-d, KServe)."""
-    return generate_latest(_MergedRegistry([m.registry for m in metrics], prefix + ":"))
+    prefix += ":"
+    families = [family for m in metrics for family in m.registry.collect()]  # built afresh: safe to change
+    if prefix != P:
+        for family in families:
+            family.name = prefix + family.name.removeprefix(P)
+            family.samples = [s._replace(name=prefix + s.name.removeprefix(P)) for s in family.samples]
+    return exposition(families)
 
 
-class _MergedRegistry:
-    def __init__(self, registries: list[CollectorRegistry], prefix: str) -> None:
-        self.registries = registries
-        self.prefix = prefix
+def exposition(families: Iterable[Metric]) -> bytes:
+    """The text exposition of `families`, each name once: same-named families (other models', other replicas')
+    are joined, their samples told apart by their labels."""
+    merged: dict[str, Metric] = {}
+    for family in families:
+        if (seen := merged.get(family.name)) is None:
+            merged[family.name] = family
+        else:
+            seen.samples.extend(family.samples)
+    return generate_latest(_Families(list(merged.values())))
 
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        for registry in self.registries:
-            for family in registry.collect():  # built afresh on each collect, so extending or renaming is safe
-                if self.prefix != P:
-                    family.name = self.prefix + family.name.removeprefix(P)
-                    family.samples = [s._replace(name=self.prefix + s.name.removeprefix(P)) for s in family.samples]
-                if (seen := families.get(family.name)) is None:
-                    families[family.name] = family
-                else:
-                    seen.samples.extend(family.samples)
-        return iter(families.values())
+
+class _Families:
+    """A collector of ready families, as generate_latest takes one."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 class _EngineStatsCollector:

@@ -1,11 +1,12 @@
 """Result cache: a deterministic request seen before is answered from its stored outputs, without the engine.
 
 Only requests whose output is a function of the request are cached: greedy ones (temperature 0) and those with a
-`seed`. The key is a SHA-256 of the model's identity (served name, checkpoint, tokenmill version, KV cache
-configuration) and the request body in canonical JSON, less the fields that change only the response's framing
-(`stream`, `stream_options`): a streamed request replays a non-streamed one's result and the other way round,
-because what is stored are the engine's outputs (text, token ids, logprobs, finish reasons), which the endpoint's
-own formatter turns into a response exactly as it does for fresh ones. `Cache-Control: no-cache` on a request
+`seed`. The key is a SHA-256 of the model's identity (served name, checkpoint, tokenmill version, the engine
+options its outputs depend on: EngineArgs.output_identity) and the request body in canonical JSON, less the
+fields that change only the response's framing (`stream`, `stream_options`): a streamed request replays a
+non-streamed one's result and the other way round, because what is stored are the engine's outputs (text, token
+ids, logprobs, finish reasons), which the endpoint's own formatter turns into a response exactly as it does for
+fresh ones. `Cache-Control: no-cache` on a request
 skips the lookup (the fresh result is stored); `no-store` skips both.
 
 Stores: an in-process LRU (`memory`), or Redis (`redis://HOST:PORT[/DB]`), shared by every server that points at
