@@ -115,10 +115,10 @@ class QuantizedWeight:
         def per_row(t: torch.Tensor) -> torch.Tensor:
             return t.view(tiles, blocks, TILE_ROWS).transpose(1, 2).reshape(n, blocks)
 
-        return QuantizedWeight(self.bits, self._untiled_codes(), per_row(self.scales),
+        return QuantizedWeight(self.bits, self.row_qweight(), per_row(self.scales),
                                None if self.mins is None else per_row(self.mins), BLOCK)
 
-    def _untiled_codes(self) -> torch.Tensor:
+    def row_qweight(self) -> torch.Tensor:
         """qweight in the row layout."""
         _, tiles, blocks, chunks = self._tile_shape()
         q = self.qweight.view(tiles, blocks, chunks, TILE_ROWS, CHUNK_BYTES).permute(0, 3, 1, 2, 4)
@@ -129,21 +129,34 @@ class QuantizedWeight:
         n, k = self.shape
         return n, n // TILE_ROWS, k // BLOCK, self.qweight.shape[1] // (k // BLOCK) // CHUNK_BYTES
 
+    def kquant_scales(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """A q4_k or q6_k weight's scale codes in the row layout: q4_k's 6-bit scales and mins per 32 (uint8 [out,
+        in // 32] each) and float16 d, dmin per 256 ([out, in // 256, 2]); q6_k's int8 scales per 16 ([out,
+        in // 16]), no mins, and float16 d per 256 ([out, in // 256, 1])."""
+        n, tiles, blocks, _ = self._tile_shape()
+        supers = self.in_features // SUPER_BLOCK
+        if self.kquant == "q4_k":
+            codes = self.scales.view(tiles, blocks, 12)
+            low = codes[..., :TILE_ROWS]
+            words = codes[..., TILE_ROWS:]
+            high = torch.stack([words & 0x0F, words >> 4], -1).view(tiles, blocks, TILE_ROWS)
+            sc, m = (low & 15) | (high & 3) << 4, (low >> 4) | (high >> 2) << 4
+            dm = self.super_scales.view(tiles, supers, 2, TILE_ROWS).permute(0, 3, 1, 2).reshape(n, supers, 2)
+            return tuple(t.transpose(1, 2).reshape(n, blocks) for t in (sc, m)) + (dm,)
+        if self.kquant != "q6_k":
+            raise ValueError(f"{self.format_name} has no super scales")
+        sc = self.scales.view(tiles, blocks, 2, TILE_ROWS).permute(0, 3, 1, 2).reshape(n, -1)
+        d = self.super_scales.view(tiles, supers, TILE_ROWS).transpose(1, 2).reshape(n, supers, 1)
+        return sc, None, d
+
     def _expand(self) -> QuantizedWeight:
         """A k-quant as the plain row-layout format with float32 scales (and mins), the same values."""
         n, tiles, blocks, _ = self._tile_shape()
-        supers = self.in_features // SUPER_BLOCK
-        nibbles = self._untiled_codes()
+        nibbles = self.row_qweight()
         if self.kquant == "q4_k":
-            codes = self.scales.view(tiles, blocks, 12)
-            low = codes[..., :TILE_ROWS].int()
-            words = codes[..., TILE_ROWS:]
-            high = torch.stack([words & 0x0F, words >> 4], -1).view(tiles, blocks, TILE_ROWS).int()
-            sc, m = (low & 15) | (high & 3) << 4, (low >> 4) | (high >> 2) << 4
-            dm = self.super_scales.view(tiles, supers, 2, TILE_ROWS).permute(0, 3, 1, 2).float()
-            dm = dm.reshape(n, supers, 2).repeat_interleave(SUPER_BLOCK // BLOCK, dim=1)
-            sc, m = (t.transpose(1, 2).reshape(n, blocks).float() for t in (sc, m))
-            return QuantizedWeight(4, nibbles, dm[..., 0] * sc, -(dm[..., 1] * m), BLOCK)
+            sc, m, dm = self.kquant_scales()
+            dm = dm.float().repeat_interleave(SUPER_BLOCK // BLOCK, dim=1)
+            return QuantizedWeight(4, nibbles, dm[..., 0] * sc.float(), -(dm[..., 1] * m.float()), BLOCK)
         low = torch.cat([(b := nibbles.view(n, blocks, BLOCK // 2)) & 0x0F, b >> 4], -1).view(tiles, TILE_ROWS, -1)
         if self.kquant == "q5_0":  # bit 2c + half of byte (row, j): element 16 * half + 4c + j
             shifts = torch.arange(8, dtype=torch.uint8).view(4, 2)  # [chunk, half]
@@ -156,9 +169,9 @@ class QuantizedWeight:
         high = (self.qhigh.view(tiles, blocks, 2, TILE_ROWS, CHUNK_BYTES, 1, 1) >> shifts) & 3
         high = high.permute(0, 3, 1, 6, 2, 5, 4).reshape(tiles, TILE_ROWS, -1)  # -> [tile, row, block, half, chunk, j]
         codes = ((low | high << 4).to(torch.int8) - 32).reshape(n, -1)
-        sc = self.scales.view(tiles, blocks, 2, TILE_ROWS).permute(0, 3, 1, 2).reshape(n, -1).float()
-        d = self.super_scales.view(tiles, supers, TILE_ROWS).transpose(1, 2).reshape(n, supers).float()
-        return QuantizedWeight(8, codes, d.repeat_interleave(SUPER_BLOCK // 16, dim=1) * sc, None, 16)
+        sc, _, d = self.kquant_scales()
+        return QuantizedWeight(8, codes, d[..., 0].float().repeat_interleave(SUPER_BLOCK // 16, dim=1) * sc.float(),
+                               None, 16)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Integer values q as int16 [rows, in] (all rows when `rows` is None)."""
