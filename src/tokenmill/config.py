@@ -110,6 +110,7 @@ class QuantConfig:
 # (hardware.resolve_dtype).
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
+DEVICES = ("auto", "cpu", "cuda")  # EngineArgs.device; model/placement.py
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4", "turboquant")
 KV_CACHE_BITS = (2.5, 3.0, 3.5, 4.0)  # turboquant's bits per element (cache/turboquant.py)
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
@@ -139,9 +140,10 @@ class CacheConfig:
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes or a fraction in (0, 1], got {self.kv_cache_memory}")
 
-    def budget_bytes(self) -> int:
+    def budget_bytes(self, available: int | None = None) -> int:
+        """available: the memory a fraction is of (the GPU's free memory on the GPU path); None: available RAM."""
         if isinstance(self.kv_cache_memory, float) and self.kv_cache_memory <= 1:
-            return int(self.kv_cache_memory * _available_memory())
+            return int(self.kv_cache_memory * (available or _available_memory()))
         return int(self.kv_cache_memory)
 
 

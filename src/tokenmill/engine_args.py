@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import (
     DEFAULT_KV_CACHE_MEMORY,
+    DEVICES,
     DTYPE_NAMES,
     KV_CACHE_BITS,
     KV_CACHE_DTYPES,
@@ -75,7 +76,8 @@ class EngineArgs:
     Use 1 on a machine whose other cores are busy: each decode step waits at barriers for its slowest thread.
     weight_cache: keep a GGUF's repacked weights under $TOKENMILL_CACHE_DIR/weights and map them at later starts
     (model/weight_cache.py). seed: seeds the random draws of requests that bring no seed of their own (as vLLM's),
-    so a run of unseeded requests repeats; None: a fresh seed each start."""
+    so a run of unseeded requests repeats; None: a fresh seed each start. device: "cpu", "cuda" (the GPU path: Triton
+    kernels, weights and KV on the GPU; model/placement.py) or "auto" (cuda where a CUDA GPU and Triton are present)."""
 
     model: str | Path | None = None
     dtype: str = "auto"
@@ -94,12 +96,13 @@ class EngineArgs:
     threads: int | None = None
     weight_cache: bool = True
     seed: int | None = None
+    device: str = "auto"
 
     def output_identity(self) -> dict[str, Any]:
         """The settings a deterministic request's output depends on (the server's result cache keys on them)."""
         return {"model": str(self.model), "dtype": self.dtype, "quantization": self.quantization,
                 "group_size": self.group_size, "kv_cache_dtype": self.kv_cache_dtype,
-                "kv_cache_bits": self.kv_cache_bits}
+                "kv_cache_bits": self.kv_cache_bits, "device": self.device}
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -149,6 +152,9 @@ class EngineArgs:
         p.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
                        help="keep a GGUF's repacked weights on disk ($TOKENMILL_CACHE_DIR/weights) and map them at "
                             "later starts instead of repacking (default: on)")
+        p.add_argument("--device", choices=DEVICES, default="auto",
+                       help="cpu, or cuda: the GPU path (Triton kernels over the packed weights, KV on the GPU; "
+                            "needs the gpu extra); auto: cuda where a CUDA GPU and Triton are present, else cpu")
         return parser
 
     @classmethod

@@ -18,9 +18,11 @@ from tokenmill.engine_args import EngineArgs
 from tokenmill.hardware import resolve_dtype, resolve_threads
 from tokenmill.kernels import build as kernel_build
 from tokenmill.kernels import native
+from tokenmill.kernels.gpu import tensor_device as gpu_tensor_device
 from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.model.placement import default_dtype, resolve_device, to_gpu
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -50,11 +52,18 @@ class LLM:
         self.checkpoint: Checkpoint = load_checkpoint(args.model)
         self.tokenizer = self.checkpoint.tokenizer
         self.quant_config = args.quant_config(self.checkpoint)
+        self.device = resolve_device(args.device)
         # packed kernels take float32 activations; "auto" keeps bfloat16 for float weights on native-bf16 CPUs
         self.dtype = torch.float32 if self.quant_config and dtype == "auto" else resolve_dtype(dtype)
+        if dtype == "auto" and self.device == "cuda":
+            self.dtype = default_dtype(self.device)
         weight_cache = kernel_build.cache_dir() / "weights" if args.weight_cache else None
         self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress,
                                  weight_cache=weight_cache)
+        gpu = None
+        if self.device == "cuda":
+            self.model = to_gpu(self.model)
+            gpu = gpu_tensor_device()
         draft_model, draft_dtype = None, None
         if self.speculative_config is not None and self.speculative_config.method == "draft_model":
             from tokenmill.engine.spec_decode.draft_model import load_draft_model
@@ -62,7 +71,7 @@ class LLM:
             draft_model, draft_dtype = load_draft_model(self.speculative_config, args.model, self.dtype,
                                                         self.checkpoint.config.vocab_size)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
-                                self.speculative_config, draft_model, draft_dtype)
+                                self.speculative_config, draft_model, draft_dtype, gpu)
         if kv_events is not None:
             self.engine.publish_kv_events(kv_events)
         self.load_seconds = time.perf_counter() - started
@@ -74,7 +83,9 @@ class LLM:
         $TOKENMILL_FUSED_DECODE) and the KV dtype are decided deep in the stack, so read back from the result."""
         packed = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
         weights = "packed" if packed else str(self.dtype).removeprefix("torch.")
-        if native.available() and self.dtype == torch.float32:  # the native kernels take float32 activations
+        if self.device == "cuda":
+            kernels = "Triton kernels" + (" (interpreted on the CPU)" if self.engine.runner.gpu.type == "cpu" else "")
+        elif native.available() and self.dtype == torch.float32:  # the native kernels take float32 activations
             kernels = f"native kernels ({'AVX-512 VNNI' if kernel_build.isa_flags() else 'AVX2'})"
         else:
             kernels = "PyTorch kernels"

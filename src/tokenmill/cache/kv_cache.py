@@ -39,7 +39,7 @@ _SIGN_SEED = 0x5EED  # the rotation signs of layer l come from seed _SIGN_SEED +
 
 def resolve_kv_dtype(name: str, compute_dtype: torch.dtype, packed_weights: bool) -> torch.dtype:
     """The cache's element type for CacheConfig.kv_cache_dtype `name`. "auto": float16 when packed weights run
-    on the native kernels in float32 (the native-quantized default), else the compute dtype. Why: at high
+    on the native CPU kernels in float32 (the native-quantized default), else the compute dtype. Why: at high
     concurrency a float32 cache streams several times more bytes per step than the weights; float16 halves
     that (F16C converts on load), as llama.cpp's f16 and vLLM's bf16 caches do. The exact float paths (an
     explicit float dtype, unquantized weights) keep the compute dtype, so reference tests see no rounding."""
@@ -236,10 +236,17 @@ class CacheInfo:
 
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 key_offsets: torch.Tensor | None = None, turbo: tq.TurboQuant | None = None) -> None:
+                 key_offsets: torch.Tensor | None = None, turbo: tq.TurboQuant | None = None,
+                 device: torch.device | None = None) -> None:
         """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring);
-        turbo: a turboquant cache's codes (default: DEFAULT_BITS)."""
+        turbo: a turboquant cache's codes (default: DEFAULT_BITS); device: where the blocks live (None: CPU
+        memory mapped lazily; the GPU path's caches hold float or int8 elements)."""
         check_head_dim(dtype, model.head_dim)
+        on_cpu = device is None or device.type == "cpu"
+        if not on_cpu and dtype in ROTATED:
+            raise ValueError(f"kv_cache_dtype {dtype_name(dtype)} is not supported on {device.type}: use auto, "
+                             "float16, bfloat16, float32 or int8")
+        zeroed = _lazily_zeroed if on_cpu else lambda numel, t: torch.zeros(numel, dtype=t, device=device)
         if dtype == TURBOQUANT:
             turbo = turbo or tq.TurboQuant(model.head_dim)
         elif turbo is not None:
@@ -252,11 +259,11 @@ class KVCache:
         widths = {INT4: (model.head_dim // 2,) * 2}.get(dtype, (model.head_dim,) * 2)
         if turbo is not None:
             widths = (turbo.row_bytes(True), turbo.row_bytes(False))
-        self.k, self.v = (_lazily_zeroed(math.prod(rows) * w, dtype).view(*rows, w) for w in widths)
+        self.k, self.v = (zeroed(math.prod(rows) * w, dtype).view(*rows, w) for w in widths)
         self.k_scale = self.v_scale = self.signs = self.k_offsets = self.codes = None
         if dtype == torch.int8:
-            self.k_scale = _lazily_zeroed(math.prod(rows), torch.float32).view(rows)
-            self.v_scale = _lazily_zeroed(math.prod(rows), torch.float32).view(rows)
+            self.k_scale = zeroed(math.prod(rows), torch.float32).view(rows)
+            self.v_scale = zeroed(math.prod(rows), torch.float32).view(rows)
         elif dtype in ROTATED:
             groups = model.head_dim // INT4_GROUP if turbo is None else 1
             self.k_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
@@ -265,7 +272,7 @@ class KVCache:
         if turbo is not None:
             self.codes = turbo.table()
         if dtype in COMPRESSED and key_offsets is not None:
-            self.k_offsets = key_offsets.float().contiguous()
+            self.k_offsets = key_offsets.float().contiguous().to(device)
 
     def layer(self, layer: int) -> LayerKV:
         """The blocks that model layer `layer` reads and writes."""

@@ -44,8 +44,11 @@ class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, dtype: torch.dtype,
                  cache_config: CacheConfig | None = None, scheduler_config: SchedulerConfig | None = None,
                  speculative_config: SpeculativeConfig | None = None, draft_model: LlamaModel | None = None,
-                 draft_dtype: torch.dtype | None = None) -> None:
-        """draft_model (and its activation dtype, default `dtype`): for speculative_config.method 'draft_model'."""
+                 draft_dtype: torch.dtype | None = None, gpu: torch.device | None = None) -> None:
+        """draft_model (and its activation dtype, default `dtype`): for speculative_config.method 'draft_model'.
+        gpu: the GPU path's tensor device, for a model placed there (model/placement.py); None: the CPU path."""
+        if gpu is not None and speculative_config is not None:
+            raise ValueError("speculative_config is not supported with device='cuda' yet")
         self.model = model
         self.tokenizer = tokenizer
         self.cache_config = cache_config or CacheConfig()
@@ -58,16 +61,17 @@ class LLMEngine:
         self.max_model_len = asked or context
         block_size = self.cache_config.block_size
         packed = any(isinstance(m, QuantizedLinear) for m in model.modules())
-        kv_dtype = resolve_kv_dtype(self.cache_config.kv_cache_dtype, dtype, packed)
+        kv_dtype = resolve_kv_dtype(self.cache_config.kv_cache_dtype, dtype, packed and gpu is None)
         turbo = (TurboQuant(model.config.head_dim, self.cache_config.kv_cache_bits or DEFAULT_BITS)
                  if kv_dtype == TURBOQUANT else None)
         block_bytes = bytes_per_block(model.config, block_size, kv_dtype, turbo)
-        num_blocks = self.cache_config.budget_bytes() // block_bytes
+        on_cuda = gpu is not None and gpu.type == "cuda"
+        num_blocks = self.cache_config.budget_bytes(torch.cuda.mem_get_info(gpu)[0] if on_cuda else None) // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{block_bytes} bytes")
         offsets = model.key_offsets() if kv_dtype in COMPRESSED else None  # float caches store keys as they are
-        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo)
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo, gpu)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()
@@ -75,7 +79,7 @@ class LLMEngine:
                                               model.config.hidden_size)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
-        self.runner = ModelRunner(model, self.kv_cache)
+        self.runner = ModelRunner(model, self.kv_cache, gpu)
         self.parents: dict[str, ParentRequest] = {}
         self.delta_outputs = False  # outputs carry only what is new (the engine core streams them); else all so far
         self.kv_events: ZmqEventPublisher | None = None  # publish_kv_events

@@ -4,6 +4,8 @@ It reads the batch's block tables but never changes them; the scheduler and the 
 Token ids and positions are shared by all layers; attention metadata is built once per KV group (see
 cache/kv_layout.py), since each group has its own block tables and window. A sliding-window group's tables
 are cut to the blocks the chunk can see, so local layers gather and attend over the window only.
+On the GPU path (model/placement.py) every step runs the model with per-row metadata, the fused step's model,
+built on the CPU and copied to the GPU once per step.
 """
 from __future__ import annotations
 
@@ -14,21 +16,25 @@ import torch
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.model.batch import StepBatch
 from tokenmill.model.fused_decode import FusedDecoder
-from tokenmill.model.layers.paged_attention import AttentionMetadata, PrefillSpan
+from tokenmill.model.layers.paged_attention import AttentionMetadata, PrefillSpan, RowTables
 from tokenmill.model.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, gpu: torch.device | None = None) -> None:
+        """gpu: the GPU path's tensor device (a model placed by model/placement.py); None: the CPU path."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.windows = kv_cache.layout.windows
-        self.fused = FusedDecoder.build(model, kv_cache)
+        self.gpu = gpu
+        self.fused = FusedDecoder.build(model, kv_cache) if gpu is None else None
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Logits of the batch's `logits_rows`, in order: [rows, vocab]."""
+        """Logits of the batch's `logits_rows`, in order: [rows, vocab] (on the GPU path, on the GPU)."""
+        if self.gpu is not None:
+            return self._gpu_step(batch)
         if self.fused is not None and batch.num_tokens <= self.fused.max_rows:
             return self._fused_step(batch)
         masks: dict[int | None, torch.Tensor] = {}  # decode masks depend only on the window: shared by groups
@@ -40,6 +46,25 @@ class ModelRunner:
         """A step through the native decoder stack: every token is one row that attends to its own prefix (the
         rows of a prefill or verify chunk see the rows before them, written first; they attend as one run, see
         kernels/csrc/paged_attention.cpp). Metadata is built from plain lists (no masks)."""
+        x = self.model.embed(torch.tensor(batch.token_ids))
+        self.fused.run(x, torch.tensor(batch.positions), self._row_groups(batch))
+        rows = batch.logits_rows
+        return self.model.logits(x if len(rows) == batch.num_tokens else x[rows])
+
+    def _gpu_step(self, batch: StepBatch) -> torch.Tensor:
+        """The model over per-row metadata, the fused step's: the GPU kernel attends each row to its own prefix."""
+        dev = self.gpu
+        meta = [AttentionMetadata(slot_mapping=slots.to(dev), window=window,
+                                  rows=RowTables(tables.to(dev), lens.to(dev)))
+                for (tables, lens, slots), window in zip(self._row_groups(batch), self.windows)]
+        rows = batch.logits_rows
+        logits_rows = None if len(rows) == batch.num_tokens else torch.tensor(rows, dtype=torch.long).to(dev)
+        return self.model(torch.tensor(batch.token_ids).to(dev), torch.tensor(batch.positions).to(dev),
+                          self.kv_cache, meta, logits_rows)
+
+    def _row_groups(self, batch: StepBatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per KV group: every row's block table (padded with block 0), its key count counted from its table's
+        first block, and its cache slot."""
         bs = self.block_size
         groups = []
         for g, window in enumerate(self.windows):
@@ -55,10 +80,7 @@ class ModelRunner:
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]
             groups.append((torch.tensor(padded), torch.tensor(lens), torch.tensor(slots)))
-        x = self.model.embed(torch.tensor(batch.token_ids))
-        self.fused.run(x, torch.tensor(batch.positions), groups)
-        rows = batch.logits_rows
-        return self.model.logits(x if len(rows) == batch.num_tokens else x[rows])
+        return groups
 
     def _first_visible_block(self, start: int, window: int | None) -> int:
         """The first block a chunk starting at position `start` can see (0 without a sliding window)."""
@@ -124,4 +146,4 @@ class ModelRunner:
         n = len(token_ids)
         span = PrefillSpan(0, n, n, torch.empty(0, dtype=torch.long))
         meta = [AttentionMetadata(slot_mapping=None, prefills=[span], window=w) for w in self.windows]
-        return torch.tensor(token_ids), torch.arange(n), self.kv_cache, meta
+        return torch.tensor(token_ids, device=self.gpu), torch.arange(n, device=self.gpu), self.kv_cache, meta

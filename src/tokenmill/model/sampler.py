@@ -108,10 +108,19 @@ class StepLogits:
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
         self.raw_logprobs = logits.log_softmax(-1)
-        self.argmax = logits.argmax(-1).tolist()
+        argmax = logits.argmax(-1)
+        self.argmax = argmax.tolist()
+        self._argmax_logprobs = self.raw_logprobs.gather(-1, argmax[:, None]).view(-1).tolist()
+
+    def row(self, row: int) -> torch.Tensor:
+        """One row's logits on the CPU, where logits processors and requests' generators work (on the GPU path a
+        copy of that row only)."""
+        return self.logits[row].cpu()
 
     def sampled(self, row: int, token: int, top_n: int | None) -> SampledToken:
         """token as drawn from `row`, with its raw logprob (and rank and the top-N alternatives if asked)."""
+        if top_n is None and token == self.argmax[row]:
+            return SampledToken(token, self._argmax_logprobs[row], 0, [])
         logprobs = self.raw_logprobs[row]
         if top_n is None:
             return SampledToken(token, float(logprobs[token]), 0, [])
@@ -128,7 +137,7 @@ def sample(step: StepLogits, row: int, params: SamplingParams, prompt_ids: list[
     if params.greedy and allowed is None and not changes_logits(params, rules):
         token = step.argmax[row]
     else:
-        processed = process_logits(step.logits[row], params, prompt_ids, output_ids, rules, allowed)
+        processed = process_logits(step.row(row), params, prompt_ids, output_ids, rules, allowed)
         token = int(processed.argmax()) if params.greedy else \
             int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
     return step.sampled(row, token, params.logprobs)

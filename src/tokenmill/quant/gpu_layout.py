@@ -47,6 +47,10 @@ class GpuWeight:
         return self.low.shape[1] * (1 if self.low.dtype == torch.int8 else 2)
 
     @property
+    def format_name(self) -> str:
+        return self.fmt.upper() if self.fmt in ZERO or self.fmt == "q4_k" else f"{self.fmt}_g{self.group}"
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.gpu import interpreting
 from tokenmill.quant.gpu_layout import FORMATS, GpuWeight
 
 
@@ -117,9 +118,13 @@ def linear(x: torch.Tensor, w: GpuWeight, split: int | None = None) -> torch.Ten
     enough programs for two per multiprocessor; a divisor of the K tiles is taken)."""
     m, k = x.shape
     n = w.out_features
+    if m == 0:
+        return torch.empty(0, n, dtype=torch.float32, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 64 else 128
+    if interpreting():  # NumPy runs the programs one by one: few, wide ones
+        block_n = min(1024, max(64, triton.next_power_of_2(n)))
     block_k = _block_k(k)
     tiles = k // block_k
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

@@ -10,6 +10,8 @@ keys past its length are masked. Prefill chunks run one SDPA call
 each, reading earlier context from the cache when the chunk follows cached tokens.
 Sliding-window layers get their KV group's metadata with `window` set: block tables start at the block of
 the window's first key (`PrefillSpan.key_start`), and the masks also cut keys older than the window.
+On the GPU path the runner gives per-row metadata instead (`rows`: each token its own block table and key count,
+as the fused CPU step has them) and one Triton kernel attends for every kind of row (kernels/gpu/attention.py).
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ class PrefillSpan:
 
 
 @dataclass
+class RowTables:
+    """Per-row attention metadata (the GPU path): row t attends to the first lens[t] keys of tables[t]."""
+
+    tables: torch.Tensor  # [T, max_blocks] block ids, padded with block 0; with a window, from its first block
+    lens: torch.Tensor  # [T] keys up to and including row t's own, counted from its table's first slot
+
+
+@dataclass
 class AttentionMetadata:
     """One KV group's view of a step (see cache/kv_layout.py): its slots, block tables and window."""
 
@@ -44,11 +54,14 @@ class AttentionMetadata:
     # first block (the native kernel's positions; it applies the window itself)
     prefills: list[PrefillSpan] = field(default_factory=list)
     window: int | None = None  # a query at position p sees keys p - window < k <= p; None: all k <= p
+    rows: RowTables | None = None  # the GPU path's metadata: every row by itself (no decode or prefill fields)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KV, D]; cache: this layer's blocks."""
+    if meta.rows is not None:
+        return _gpu_attention(q, k, v, cache, meta, scale)
     use_native = native.enabled_for(q) and k.stride(0) == v.stride(0) and cache.k.dtype in layer_ops.CACHE_DTYPES
     if meta.slot_mapping is not None:
         if use_native:
@@ -68,6 +81,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         rows = slice(span.start, span.start + span.num_tokens)
         out[rows] = _prefill(q[rows], k[rows], v[rows], cache, span, meta.window, scale)
     return out
+
+
+def _gpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, meta: AttentionMetadata,
+                   scale: float) -> torch.Tensor:
+    from tokenmill.kernels.gpu.attention import paged_attention as gpu_paged_attention
+
+    _store(k, cache.side(True), meta.slot_mapping)
+    _store(v, cache.side(False), meta.slot_mapping)
+    return gpu_paged_attention(q, cache.k, cache.v, meta.rows.tables, meta.rows.lens, scale, meta.window or 0,
+                               cache.k_scale, cache.v_scale)
 
 
 def _store(x: torch.Tensor, side: CacheSide, slots: torch.Tensor) -> None:
@@ -121,8 +144,8 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, 
     if cached == 0 and (window is None or t <= window):
         mask, causal = None, True
     else:
-        query_pos = torch.arange(cached, span.context_len)[:, None]
-        key_pos = torch.arange(key_start, span.context_len)[None, :]
+        query_pos = torch.arange(cached, span.context_len, device=q.device)[:, None]
+        key_pos = torch.arange(key_start, span.context_len, device=q.device)[None, :]
         mask = key_pos <= query_pos
         if window is not None:
             mask &= key_pos > query_pos - window

@@ -17,6 +17,8 @@ keeps the kernel up to LARGE_MATRIX_KERNEL_ROWS rows: writing that copy costs ~5
 takes for 64 rows.
 A fused projection whose parts come in different formats (a GGUF Q4_K_M file stores v_proj as Q6_K next to
 Q4_K q/k) keeps one packed part per format and concatenates their outputs.
+On the GPU path (model/placement.py) the parts are GpuWeights and every row count runs the Triton kernel
+(kernels/gpu/qlinear.py), imported only there: a CPU run never imports Triton.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 
 from tokenmill.hardware import has_native_bf16
 from tokenmill.kernels import quant_ops
+from tokenmill.quant.gpu_layout import GpuWeight, gpu_layout
 from tokenmill.quant.weights import QuantizedWeight
 
 DEFAULT_MAX_KERNEL_ROWS = 24
@@ -38,9 +41,9 @@ GEMM_DTYPE = torch.bfloat16 if has_native_bf16() else torch.float32
 
 
 class PackedMatrix(nn.Module):
-    """One QuantizedWeight's tensors as buffers, so they show up in state_dict and memory accounting."""
+    """One packed weight's tensors as buffers, so they show up in state_dict and memory accounting."""
 
-    def __init__(self, weight: QuantizedWeight) -> None:
+    def __init__(self, weight: QuantizedWeight | GpuWeight) -> None:
         super().__init__()
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
@@ -59,17 +62,28 @@ class QuantizedLinear(nn.Module):
         self.out_features = sum(w.out_features for w in weights)
         if self.in_features * self.out_features * 4 > LARGE_MATRIX_BYTES:
             max_kernel_rows = max(max_kernel_rows, LARGE_MATRIX_KERNEL_ROWS)
-        self.max_kernel_rows = max_kernel_rows if quant_ops.available() else 0
+        self.max_kernel_rows = max_kernel_rows if quant_ops.available() else -1  # -1: never (not even 0 rows)
+
+        self.on_gpu = False
 
     @property
     def nbytes(self) -> int:
         return sum(p.weight.nbytes for p in self.parts)
 
+    def to_gpu(self, device: torch.device) -> None:
+        """The parts in the GPU kernels' layout on `device` (the rest moves with the model)."""
+        self.parts = nn.ModuleList(PackedMatrix(gpu_layout(p.weight).to(device)) for p in self.parts)
+        self.on_gpu = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= self.max_kernel_rows:
-            xf = rows.float().contiguous()
-            outs = [quant_ops.linear(xf, p.weight) for p in self.parts]
+        if self.on_gpu or rows.shape[0] <= self.max_kernel_rows:
+            if self.on_gpu:
+                from tokenmill.kernels.gpu import qlinear
+                outs = [qlinear.linear(rows, p.weight) for p in self.parts]
+            else:
+                xf = rows.float().contiguous()
+                outs = [quant_ops.linear(xf, p.weight) for p in self.parts]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             out = (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
         else:
@@ -82,7 +96,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         formats = ", ".join(p.weight.format_name for p in self.parts)
-        return f"in={self.in_features}, out={self.out_features}, {formats}"
+        return f"in={self.in_features}, out={self.out_features}, {formats}{' (GPU layout)' * self.on_gpu}"
 
 
 class QuantizedEmbedding(nn.Module):
@@ -92,10 +106,20 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         self.packed = PackedMatrix(weight)
         self.dtype = dtype
+        self.on_gpu = False
 
     @property
-    def weight(self) -> QuantizedWeight:
+    def weight(self) -> QuantizedWeight | GpuWeight:
         return self.packed.weight
 
+    def to_gpu(self, device: torch.device) -> None:
+        self.packed = PackedMatrix(gpu_layout(self.weight).to(device))
+        self.on_gpu = True
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return quant_ops.dequantize(self.weight, ids.reshape(-1)).to(self.dtype).view(*ids.shape, -1)
+        if self.on_gpu:
+            from tokenmill.kernels.gpu import qlinear
+            rows = qlinear.dequantize(self.weight, ids)
+        else:
+            rows = quant_ops.dequantize(self.weight, ids.reshape(-1))
+        return rows.to(self.dtype).view(*ids.shape, -1)

@@ -1,0 +1,66 @@
+"""The GPU path end to end (device="cuda": packed weights in the GPU layout, per-row paged attention, the engine's
+batching, chunked prefill and prefix caching unchanged) gives the CPU path's greedy tokens on small random Qwen2
+and Gemma 3 checkpoints, float32 on both sides. The CPU side runs without its native kernels (plain PyTorch, the
+same float math as the Triton kernels: the native ones quantize activations to int8)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+from hf_reference import greedy
+from test_hf_architectures import GEMMA, VOCAB, _randomize, _save
+from tokenmill import LLM
+from tokenmill.kernels import native
+
+PROMPTS = [[(i * 7919 + 13 * j) % 40000 + 100 for i in range(n)] for j, n in enumerate((21, 5, 34))]
+
+
+@pytest.fixture(autouse=True)
+def plain_cpu_kernels(monkeypatch, device):
+    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")
+    native.library.cache_clear()
+    yield
+    monkeypatch.undo()
+    native.library.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, tokenizer_dir):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+                                         max_position_embeddings=256, initializer_range=0.1)).eval()
+    _randomize(model, "bias", 0.5)
+    folder = tmp_path_factory.mktemp("qwen2")
+    _save(folder, model, tokenizer_dir)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory, tokenizer_dir):
+    torch.manual_seed(1)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA, num_hidden_layers=4, sliding_window=8)).eval()
+    _randomize(model, "norm", 0.5)
+    folder = tmp_path_factory.mktemp("gemma3")
+    _save(folder, model, tokenizer_dir)
+    return folder
+
+
+def _tokens(folder, device: str, **kwargs) -> list[list[int]]:
+    llm = LLM(str(folder), dtype="float32", device=device, block_size=4, max_num_batched_tokens=16,
+              kv_cache_memory=1 << 22, weight_cache=False, **kwargs)
+    if device == "cuda":
+        assert llm.engine.runner.gpu is not None and llm.engine.runner.fused is None
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(8))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"quantization": "int4"}, {"quantization": "int8", "kv_cache_dtype": "int8"}],
+                         ids=["float", "int4", "int8-kv-int8"])
+def test_qwen2_greedy_equals_cpu_path(qwen2, kwargs):
+    assert _tokens(qwen2, "cuda", **kwargs) == _tokens(qwen2, "cpu", **kwargs)
+
+
+def test_gemma3_sliding_windows_greedy_equals_cpu_path(gemma3):
+    assert _tokens(gemma3, "cuda", quantization="int4") == _tokens(gemma3, "cpu", quantization="int4")
