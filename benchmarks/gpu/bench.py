@@ -1,0 +1,145 @@
+"""The GPU path on a lent GPU (issue 25): correctness against the CPU path, then batch-1 decode bandwidth and
+throughput at 1/16/64/256 concurrent requests. Run by benchmarks/gpu/run_on_device.sh; writes JSON.
+
+  TOKENMILL_NATIVE_KERNELS=0 python benchmarks/gpu/bench.py correctness --model M.gguf --out c.json
+  python benchmarks/gpu/bench.py speed --model M.gguf --out s.json
+
+correctness: greedy tokens of the GPU path (float32, then its bfloat16 default) against the CPU path in float32
+without its native kernels (plain PyTorch: the same float math; the native kernels quantize activations to int8),
+on a batch of prompts; where tokens part, the CPU run's margin between its top two logprobs at that step says
+whether it is a near-tie.
+speed: the GPU path's default (bfloat16 activations, bfloat16 KV). Batch-1 decode: 256 tokens after a 128-token
+prompt, less the time of the prompt and first token; bandwidth = bytes of weights one token streams (embedding
+row excluded) x tokens/s, against the GPU's nominal HBM bandwidth and a measured device-to-device copy.
+Throughput: N distinct 128-token prompts, 256 output tokens each (ignore_eos), offline continuous batching.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.model.build import weight_bytes_per_token
+
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # nominal (NVIDIA data sheets; H100 SXM)
+PROMPT_TOKENS, OUTPUT_TOKENS = 128, 256
+
+
+def _prompts(n: int, length: int = PROMPT_TOKENS, seed: int = 0) -> list[dict]:
+    """n distinct prompts of random token ids (below 30000: every model here has more)."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(100, 30000, (length,), generator=g).tolist()} for _ in range(n)]
+
+
+def _environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                "multiprocessors": props.multi_processor_count}
+    return env
+
+
+def _copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy (best of 5)."""
+    a = torch.empty(2**30, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def correctness(model: str, steps: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=2)
+    cpu = LLM(model, dtype="float32", device="cpu", weight_cache=False)
+    prompts = _prompts(4, 32)
+    want = [o.outputs[0] for o in cpu.generate(prompts, params)]
+    del cpu
+    result = {"steps": steps, "prompts": len(prompts)}
+    for dtype in ("float32", "auto"):
+        gpu = LLM(model, dtype=dtype, device="cuda", weight_cache=False)
+        got = [o.outputs[0].token_ids for o in gpu.generate(prompts, params)]
+        rows = []
+        for w, g in zip(want, got):
+            first = next((i for i, (a, b) in enumerate(zip(w.token_ids, g)) if a != b), None)
+            margin = None
+            if first is not None:
+                top = sorted(w.logprobs[first].values(), key=lambda lp: -lp.logprob)
+                margin = top[0].logprob - top[1].logprob if len(top) > 1 else None
+            rows.append({"first_divergence": first, "cpu_top2_margin_there": margin})
+        result[f"gpu_{str(gpu.dtype).removeprefix('torch.')}"] = {"equal": all(r["first_divergence"] is None
+                                                                                for r in rows), "prompts": rows}
+        del gpu
+        torch.cuda.empty_cache()
+    return result
+
+
+def speed(model: str, concurrency: list[int], kv_memory: str) -> dict:
+    llm = LLM(model, device="cuda", max_num_seqs=max(concurrency), max_num_batched_tokens=8192,
+              kv_cache_memory=float(kv_memory) if "." in kv_memory else int(kv_memory), weight_cache=False)
+    out: dict = {"describe": llm.describe(), "weight_bytes_per_token": weight_bytes_per_token(llm.model)}
+    name = torch.cuda.get_device_properties(0).name
+    peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+    out["hbm_nominal_bytes_per_s"], out["copy_bytes_per_s"] = peak, _copy_bandwidth()
+    prompt = _prompts(1, seed=1)
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up: Triton compiles
+
+    def timed(prompts: list, tokens: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = min(timed(prompt, 1) for _ in range(3))
+    whole = min(timed(prompt, OUTPUT_TOKENS + 1) for _ in range(3))
+    tps = OUTPUT_TOKENS / (whole - first)
+    out["batch1_decode"] = {"tokens_per_s": tps, "bytes_per_s": tps * out["weight_bytes_per_token"],
+                            "pct_of_hbm": None if peak is None else 100 * tps * out["weight_bytes_per_token"] / peak,
+                            "pct_of_copy": 100 * tps * out["weight_bytes_per_token"] / out["copy_bytes_per_s"]}
+    out["throughput"] = []
+    for n in concurrency:
+        prompts = _prompts(n, seed=100 + n)
+        seconds = timed(prompts, OUTPUT_TOKENS)
+        out["throughput"].append({"concurrency": n, "seconds": seconds,
+                                  "output_tokens_per_s": n * OUTPUT_TOKENS / seconds})
+        print(json.dumps(out["throughput"][-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["correctness", "speed"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=16, help="correctness: greedy tokens per prompt")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--kv-cache-memory", default="0.5", help="bytes, or a fraction of free GPU memory")
+    args = parser.parse_args()
+    result = {"environment": _environment(), "model": args.model}
+    if args.what == "correctness":
+        result |= correctness(args.model, args.steps)
+    else:
+        result |= speed(args.model, args.concurrency, args.kv_cache_memory)
+    text = json.dumps(result, indent=1)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
