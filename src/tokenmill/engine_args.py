@@ -77,7 +77,9 @@ class EngineArgs:
     weight_cache: keep a GGUF's repacked weights under $TOKENMILL_CACHE_DIR/weights and map them at later starts
     (model/weight_cache.py). seed: seeds the random draws of requests that bring no seed of their own (as vLLM's),
     so a run of unseeded requests repeats; None: a fresh seed each start. device: "cpu", "cuda" (the GPU path: Triton
-    kernels, weights and KV on the GPU; model/placement.py) or "auto" (cuda where a CUDA GPU and Triton are present)."""
+    kernels, weights and KV on the GPU; model/placement.py) or "auto" (cuda where a CUDA GPU and Triton are present).
+    enforce_eager: the GPU path runs every step eagerly instead of replaying decode steps as CUDA graphs
+    (model/decode_graphs.py); the CPU path is always eager."""
 
     model: str | Path | None = None
     dtype: str = "auto"
@@ -97,6 +99,7 @@ class EngineArgs:
     weight_cache: bool = True
     seed: int | None = None
     device: str = "auto"
+    enforce_eager: bool = False
 
     def output_identity(self) -> dict[str, Any]:
         """The settings a deterministic request's output depends on (the server's result cache keys on them)."""
@@ -155,6 +158,8 @@ class EngineArgs:
         p.add_argument("--device", choices=DEVICES, default="auto",
                        help="cpu, or cuda: the GPU path (Triton kernels over the packed weights, KV on the GPU; "
                             "needs the gpu extra); auto: cuda where a CUDA GPU and Triton are present, else cpu")
+        p.add_argument("--enforce-eager", action="store_true",
+                       help="GPU path: run decode steps eagerly instead of as CUDA graphs (the CPU path always is)")
         return parser
 
     @classmethod

@@ -71,7 +71,7 @@ class LLM:
             draft_model, draft_dtype = load_draft_model(self.speculative_config, args.model, self.dtype,
                                                         self.checkpoint.config.vocab_size)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
-                                self.speculative_config, draft_model, draft_dtype, gpu)
+                                self.speculative_config, draft_model, draft_dtype, gpu, args.enforce_eager)
         if kv_events is not None:
             self.engine.publish_kv_events(kv_events)
         self.load_seconds = time.perf_counter() - started

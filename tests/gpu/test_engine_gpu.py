@@ -1,7 +1,8 @@
 """The GPU path end to end (device="cuda": packed weights in the GPU layout, per-row paged attention, the engine's
 batching, chunked prefill and prefix caching unchanged) gives the CPU path's greedy tokens on small random Qwen2
 and Gemma 3 checkpoints, float32 on both sides. The CPU side runs without its native kernels (plain PyTorch, the
-same float math as the Triton kernels: the native ones quantize activations to int8)."""
+same float math as the Triton kernels: the native ones quantize activations to int8). Decode steps run padded to
+the CUDA graphs' fixed sizes (eagerly: no GPU here; model/decode_graphs.py) unless enforce_eager."""
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,9 @@ def _tokens(folder, device: str, **kwargs) -> list[list[int]]:
     llm = LLM(str(folder), dtype="float32", device=device, block_size=4, max_num_batched_tokens=16,
               kv_cache_memory=1 << 22, weight_cache=False, **kwargs)
     if device == "cuda":
-        assert llm.engine.runner.gpu is not None and llm.engine.runner.fused is None
+        runner = llm.engine.runner
+        assert runner.gpu is not None and runner.fused is None
+        assert (runner.decode_graphs is None) == kwargs.get("enforce_eager", False)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(8))
     return [o.outputs[0].token_ids for o in outs]
 
@@ -60,6 +63,11 @@ def _tokens(folder, device: str, **kwargs) -> list[list[int]]:
                          ids=["float", "int4", "int8-kv-int8"])
 def test_qwen2_greedy_equals_cpu_path(qwen2, kwargs):
     assert _tokens(qwen2, "cuda", **kwargs) == _tokens(qwen2, "cpu", **kwargs)
+
+
+def test_eager_steps_equal_fixed_size_steps(qwen2):
+    eager = _tokens(qwen2, "cuda", quantization="int4", enforce_eager=True)
+    assert eager == _tokens(qwen2, "cuda", quantization="int4")
 
 
 def test_gemma3_sliding_windows_greedy_equals_cpu_path(gemma3):

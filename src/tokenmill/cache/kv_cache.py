@@ -237,10 +237,12 @@ class CacheInfo:
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  key_offsets: torch.Tensor | None = None, turbo: tq.TurboQuant | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, padding_block: bool = False) -> None:
         """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring);
         turbo: a turboquant cache's codes (default: DEFAULT_BITS); device: where the blocks live (None: CPU
-        memory mapped lazily; the GPU path's caches hold float or int8 elements)."""
+        memory mapped lazily; the GPU path's caches hold float or int8 elements); padding_block: one block more,
+        id num_blocks, that no request gets: padding rows of fixed-size steps write and read it
+        (model/decode_graphs.py)."""
         check_head_dim(dtype, model.head_dim)
         on_cpu = device is None or device.type == "cpu"
         if not on_cpu and dtype in ROTATED:
@@ -255,7 +257,8 @@ class KVCache:
         self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype),
                               bytes_per_block(model, block_size, dtype, turbo), turbo and turbo.bits)
         self.layout = KVLayout.from_config(model)
-        rows = (self.layout.slots, num_blocks, block_size, model.num_kv_heads)
+        self.padding_block = num_blocks if padding_block else None
+        rows = (self.layout.slots, num_blocks + padding_block, block_size, model.num_kv_heads)
         widths = {INT4: (model.head_dim // 2,) * 2}.get(dtype, (model.head_dim,) * 2)
         if turbo is not None:
             widths = (turbo.row_bytes(True), turbo.row_bytes(False))

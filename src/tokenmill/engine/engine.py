@@ -29,6 +29,7 @@ from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.engine.structured_output import GrammarCompiler
 from tokenmill.model.batch import BatchChunk, StepBatch
+from tokenmill.model.decode_graphs import DecodeGraphs
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
@@ -44,9 +45,11 @@ class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, dtype: torch.dtype,
                  cache_config: CacheConfig | None = None, scheduler_config: SchedulerConfig | None = None,
                  speculative_config: SpeculativeConfig | None = None, draft_model: LlamaModel | None = None,
-                 draft_dtype: torch.dtype | None = None, gpu: torch.device | None = None) -> None:
+                 draft_dtype: torch.dtype | None = None, gpu: torch.device | None = None,
+                 enforce_eager: bool = False) -> None:
         """draft_model (and its activation dtype, default `dtype`): for speculative_config.method 'draft_model'.
-        gpu: the GPU path's tensor device, for a model placed there (model/placement.py); None: the CPU path."""
+        gpu: the GPU path's tensor device, for a model placed there (model/placement.py); None: the CPU path.
+        enforce_eager: the GPU path runs decode steps eagerly, not at fixed sizes as CUDA graphs (vLLM's flag)."""
         if gpu is not None and speculative_config is not None:
             raise ValueError("speculative_config is not supported with device='cuda' yet")
         self.model = model
@@ -71,7 +74,8 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{block_bytes} bytes")
         offsets = model.key_offsets() if kv_dtype in COMPRESSED else None  # float caches store keys as they are
-        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo, gpu)
+        self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo, gpu,
+                                padding_block=gpu is not None)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()
@@ -79,7 +83,11 @@ class LLMEngine:
                                               model.config.hidden_size)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
-        self.runner = ModelRunner(model, self.kv_cache, gpu)
+        graphs = None
+        if gpu is not None and not enforce_eager:
+            graphs = DecodeGraphs(model, self.kv_cache, gpu, self.scheduler_config.max_num_seqs,
+                                  -(-self.max_model_len // block_size))
+        self.runner = ModelRunner(model, self.kv_cache, gpu, graphs)
         self.parents: dict[str, ParentRequest] = {}
         self.delta_outputs = False  # outputs carry only what is new (the engine core streams them); else all so far
         self.kv_events: ZmqEventPublisher | None = None  # publish_kv_events

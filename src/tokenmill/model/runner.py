@@ -15,20 +15,24 @@ import torch
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.model.batch import StepBatch
+from tokenmill.model.decode_graphs import DecodeGraphs
 from tokenmill.model.fused_decode import FusedDecoder
 from tokenmill.model.layers.paged_attention import AttentionMetadata, PrefillSpan, RowTables
 from tokenmill.model.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, gpu: torch.device | None = None) -> None:
-        """gpu: the GPU path's tensor device (a model placed by model/placement.py); None: the CPU path."""
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, gpu: torch.device | None = None,
+                 decode_graphs: DecodeGraphs | None = None) -> None:
+        """gpu: the GPU path's tensor device (a model placed by model/placement.py); None: the CPU path.
+        decode_graphs: the GPU path's fixed-size decode steps (None: every step eager)."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.windows = kv_cache.layout.windows
         self.gpu = gpu
         self.fused = FusedDecoder.build(model, kv_cache) if gpu is None else None
+        self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
@@ -53,10 +57,12 @@ class ModelRunner:
 
     def _gpu_step(self, batch: StepBatch) -> torch.Tensor:
         """The model over per-row metadata, the fused step's: the GPU kernel attends each row to its own prefix."""
-        dev = self.gpu
+        dev, groups = self.gpu, self._row_groups(batch)
+        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            return self.decode_graphs.run(batch, groups)
         meta = [AttentionMetadata(slot_mapping=slots.to(dev), window=window,
                                   rows=RowTables(tables.to(dev), lens.to(dev)))
-                for (tables, lens, slots), window in zip(self._row_groups(batch), self.windows)]
+                for (tables, lens, slots), window in zip(groups, self.windows)]
         rows = batch.logits_rows
         logits_rows = None if len(rows) == batch.num_tokens else torch.tensor(rows, dtype=torch.long).to(dev)
         return self.model(torch.tensor(batch.token_ids).to(dev), torch.tensor(batch.positions).to(dev),
