@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.cache.kv_cache import quantize_int8
+from tokenmill.cache.kv_cache import dequantize_int4, quantize_int4, quantize_int8
 from tokenmill.kernels import layer_ops, native
 
 pytest.importorskip("triton", reason="the GPU path's kernels need Triton: pip install 'tokenmill[gpu]'")
@@ -57,11 +57,17 @@ def test_float_cache_matches_reference_and_native(heads, kv_heads, dim, window, 
         torch.testing.assert_close(got, cpu, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8, torch.uint8])
 def test_narrow_caches(dtype, device):
+    """float16, int8 and int4 codes (the int4 cache's rows are rotated ones; attention is the same in any basis, so
+    random rows stand for them here; the rotation's own test is the engine's, test_engine_gpu.py)."""
     q, keys, values, tables, lens = _case(12, 2, 128, seed=1)
     scale = 128 ** -0.5
-    if dtype == torch.int8:
+    if dtype == torch.uint8:
+        (kc, ks), (vc, vs) = quantize_int4(keys), quantize_int4(values)
+        want = _reference(q, dequantize_int4(kc, ks), dequantize_int4(vc, vs), tables, lens, scale, 0)
+        args = dict(k_scale=ks.to(device), v_scale=vs.to(device))
+    elif dtype == torch.int8:
         (kc, ks), (vc, vs) = quantize_int8(keys), quantize_int8(values)
         want = _reference(q, kc.float() * ks[..., None], vc.float() * vs[..., None], tables, lens, scale, 0)
         args = dict(k_scale=ks.to(device), v_scale=vs.to(device))
@@ -72,7 +78,7 @@ def test_narrow_caches(dtype, device):
     got = paged_attention(q.to(device), kc.to(device), vc.to(device), tables.to(device), lens.to(device), scale,
                           **args).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    if native.enabled_for(q):
+    if native.enabled_for(q) and dtype != torch.uint8:  # the native int4 reader rotates q itself
         cpu = layer_ops.paged_decode_attention(q, kc, vc, tables, lens, scale, 0, args.get("k_scale"),
                                                args.get("v_scale"))
         torch.testing.assert_close(got, cpu, rtol=1e-4, atol=1e-5)

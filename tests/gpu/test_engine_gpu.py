@@ -1,7 +1,8 @@
 """The GPU path end to end (device="cuda": packed weights in the GPU layout, per-row paged attention, the engine's
 batching, chunked prefill and prefix caching unchanged) gives the CPU path's greedy tokens on small random Qwen2
 and Gemma 3 checkpoints, float32 on both sides. The CPU side runs without its native kernels (plain PyTorch, the
-same float math as the Triton kernels: the native ones quantize activations to int8). Decode steps run padded to
+same float math as the Triton kernels: the native ones quantize activations to int8; its dequantize-and-multiply
+path in float32, not the bfloat16 it takes on CPUs with native bfloat16). Decode steps run padded to
 the CUDA graphs' fixed sizes (eagerly: no GPU here; model/decode_graphs.py) unless enforce_eager."""
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from hf_reference import greedy
 from test_hf_architectures import GEMMA, VOCAB, _randomize, _save
 from tokenmill import LLM
 from tokenmill.kernels import native
+from tokenmill.model.layers import quantized
 
 PROMPTS = [[(i * 7919 + 13 * j) % 40000 + 100 for i in range(n)] for j, n in enumerate((21, 5, 34))]
 
 
 @pytest.fixture(autouse=True)
 def plain_cpu_kernels(monkeypatch, device):
+    monkeypatch.setattr(quantized, "GEMM_DTYPE", torch.float32)
     monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")
     native.library.cache_clear()
     yield
@@ -29,8 +32,8 @@ def plain_cpu_kernels(monkeypatch, device):
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory, tokenizer_dir):
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                         num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=256, vocab_size=VOCAB,
                                          max_position_embeddings=256, initializer_range=0.1)).eval()
     _randomize(model, "bias", 0.5)
     folder = tmp_path_factory.mktemp("qwen2")
@@ -59,8 +62,8 @@ def _tokens(folder, device: str, **kwargs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"quantization": "int4"}, {"quantization": "int8", "kv_cache_dtype": "int8"}],
-                         ids=["float", "int4", "int8-kv-int8"])
+@pytest.mark.parametrize("kwargs", [{}, {"quantization": "int4"}, {"quantization": "int8", "kv_cache_dtype": "int8"},
+                                    {"kv_cache_dtype": "int4"}], ids=["float", "int4", "int8-kv-int8", "kv-int4"])
 def test_qwen2_greedy_equals_cpu_path(qwen2, kwargs):
     assert _tokens(qwen2, "cuda", **kwargs) == _tokens(qwen2, "cpu", **kwargs)
 

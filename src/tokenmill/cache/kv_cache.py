@@ -245,9 +245,9 @@ class KVCache:
         (model/decode_graphs.py)."""
         check_head_dim(dtype, model.head_dim)
         on_cpu = device is None or device.type == "cpu"
-        if not on_cpu and dtype in ROTATED:
-            raise ValueError(f"kv_cache_dtype {dtype_name(dtype)} is not supported on {device.type}: use auto, "
-                             "float16, bfloat16, float32 or int8")
+        if not on_cpu and dtype == TURBOQUANT:
+            raise ValueError(f"kv_cache_dtype turboquant is not supported on {device.type}: use auto, float16, "
+                             "bfloat16, float32, int8 or int4")
         zeroed = _lazily_zeroed if on_cpu else lambda numel, t: torch.zeros(numel, dtype=t, device=device)
         if dtype == TURBOQUANT:
             turbo = turbo or tq.TurboQuant(model.head_dim)
@@ -271,7 +271,8 @@ class KVCache:
             groups = model.head_dim // INT4_GROUP if turbo is None else 1
             self.k_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
             self.v_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
-            self.signs = torch.stack([rotation_signs(layer, model.head_dim) for layer in range(model.num_layers)])
+            self.signs = torch.stack([rotation_signs(layer, model.head_dim)
+                                      for layer in range(model.num_layers)]).to(device)
         if turbo is not None:
             self.codes = turbo.table()
         if dtype in COMPRESSED and key_offsets is not None:

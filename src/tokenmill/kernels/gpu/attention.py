@@ -4,8 +4,10 @@ step's model, kernels/csrc/paged_attention.cpp): row t sees the first lens[t] ke
 and itself), or, with a sliding window, the last `window` of them. A program takes one row and one KV head; the
 query heads sharing that KV head (GQA) are the rows of its products.
 
-Caches: float32, float16 or bfloat16 elements, or int8 codes with a float32 scale per token and head (applied to
-the scores and to the probabilities, so the codes go to the tensor cores as they are).
+Caches (cache/kv_cache.py): float32, float16 or bfloat16 elements; int8 codes with a float32 scale per token and
+head; int4 codes (two per byte, per 32: byte j holds element j low and j + 16 high) with a float16 scale per 32,
+x = scale * (code - 8), in the rotated space: the caller turns queries by the rotation and outputs back. Codes
+are decoded in registers; no dequantized copy of the cache is made.
 """
 from __future__ import annotations
 
@@ -14,11 +16,31 @@ import triton
 import triton.language as tl
 
 
+FLOAT, INT8, INT4 = 0, 1, 2  # the kernel's KV_FMT
+
+
+@triton.jit
+def _load_rows(cache, scales, row, srow, d, valid, D: tl.constexpr, KV_FMT: tl.constexpr):
+    """Float32 values [rows, BLOCK_D] of the valid cache rows at element offsets `row` (scales at `srow`)."""
+    mask = valid[:, None] & (d < D)
+    if KV_FMT == 2:
+        byte = tl.load(cache + row[:, None] + (d // 32) * 16 + d % 16, mask=mask, other=0).to(tl.int32)
+        codes = (byte >> ((d % 32) // 16 * 4)) & 15
+        group_scale = tl.load(scales + srow[:, None] + d // 32, mask=mask, other=0.0).to(tl.float32)
+        values = group_scale * (codes - 8).to(tl.float32)
+    elif KV_FMT == 1:
+        values = tl.load(cache + row[:, None] + d, mask=mask, other=0).to(tl.float32)
+        values = values * tl.load(scales + srow, mask=valid, other=0.0)[:, None]
+    else:
+        values = tl.load(cache + row[:, None] + d, mask=mask, other=0.0).to(tl.float32)
+    return values
+
+
 @triton.jit
 def _attention_kernel(q, k, v, k_scale, v_scale, tables, lens, out, scale, window,
-                      stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_tab,
-                      stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr,
+                      stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                      stride_tab, stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FMT: tl.constexpr,
                       IEEE: tl.constexpr):
     t, kv = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, BLOCK_G)[:, None]
@@ -37,23 +59,18 @@ def _attention_kernel(q, k, v, k_scale, v_scale, tables, lens, out, scale, windo
         valid = (pos >= start) & (pos < length)
         block = tl.load(tables + t * stride_tab + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv * stride_ch
-        kv_mask = valid[:, None] & (d < D)
-        keys = tl.load(k + row[:, None] + d, mask=kv_mask, other=0.0).to(query.dtype)
+        srow = block * stride_sb + (pos % BLOCK_SIZE) * stride_st + kv * stride_sh
+        keys = _load_rows(k, k_scale, row, srow, d, valid, D, KV_FMT).to(query.dtype)
         if IEEE:
             s = tl.dot(query, tl.trans(keys), input_precision="ieee")
         else:
             s = tl.dot(query, tl.trans(keys))
-        if INT8:
-            srow = block * stride_sb + (pos % BLOCK_SIZE) * stride_st + kv
-            s = s * tl.load(k_scale + srow, mask=valid, other=0.0)[None, :]
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if INT8:
-            p = p * tl.load(v_scale + srow, mask=valid, other=0.0)[None, :]
-        values = tl.load(v + row[:, None] + d, mask=kv_mask, other=0.0).to(query.dtype)
+        values = _load_rows(v, v_scale, row, srow, d, valid, D, KV_FMT).to(query.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
         else:
@@ -66,9 +83,10 @@ def _attention_kernel(q, k, v, k_scale, v_scale, tables, lens, out, scale, windo
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                     lens: torch.Tensor, scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """q [T, heads, D]; caches [blocks, block_size, kv_heads, D] (int8: with scales [blocks, block_size,
-    kv_heads]); tables [T, width] block ids per row; lens [T] keys row t sees, counted from its table's first
-    slot; window: keys a row sees at most (0: all). -> [T, heads, D] in q's dtype."""
+    """q [T, heads, D]; caches [blocks, block_size, kv_heads, D] (int4: D / 2 bytes) with, for int8, scales
+    [blocks, block_size, kv_heads], for int4 [blocks, block_size, kv_heads, D / 32]; tables [T, width] block
+    ids per row; lens [T] keys row t sees, counted from its table's first slot; window: keys a row sees at most
+    (0: all). -> [T, heads, D] in q's dtype (int4: in the rotated space, as q is)."""
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
@@ -76,17 +94,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     if rows == 0:
         return out
-    int8 = k_cache.dtype == torch.int8
-    if int8 and (k_scale is None or v_scale is None or k_scale.stride() != v_scale.stride()
-                 or k_scale.stride(-1) != 1):
-        raise ValueError("an int8 cache needs K and V scales [blocks, block_size, kv_heads] of one layout")
-    scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)  # never read without INT8
+    fmt = {torch.int8: INT8, torch.uint8: INT4}.get(k_cache.dtype, FLOAT)
+    if fmt != FLOAT and (k_scale is None or v_scale is None or k_scale.stride() != v_scale.stride()
+                         or k_scale.stride(-1) != 1):
+        raise ValueError("an int8 or int4 cache needs K and V scales of one layout")
+    scales = (k_scale, v_scale) if fmt != FLOAT else (k_cache, v_cache)  # never read for float caches
     group = heads // kv_heads
     tables = tables if tables.stride(-1) == 1 else tables.contiguous()
     _attention_kernel[(rows, kv_heads)](
         q, k_cache, v_cache, *scales, tables, lens, out, scale, window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        scales[0].stride(0), scales[0].stride(1), tables.stride(0), out.stride(0), out.stride(1),
+        scales[0].stride(0), scales[0].stride(1), scales[0].stride(2), tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_N=32, BLOCK_SIZE=block_size, INT8=int8, IEEE=q.dtype == torch.float32)
+        BLOCK_N=32, BLOCK_SIZE=block_size, KV_FMT=fmt, IEEE=q.dtype == torch.float32)
     return out

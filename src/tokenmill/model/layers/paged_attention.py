@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokenmill.cache.kv_cache import TURBOQUANT, CacheSide, LayerKV
+from tokenmill.cache.kv_cache import TURBOQUANT, CacheSide, LayerKV, rotate, unrotate
 from tokenmill.kernels import layer_ops, native
 
 
@@ -89,8 +89,11 @@ def _gpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Lay
 
     _store(k, cache.side(True), meta.slot_mapping)
     _store(v, cache.side(False), meta.slot_mapping)
-    return gpu_paged_attention(q, cache.k, cache.v, meta.rows.tables, meta.rows.lens, scale, meta.window or 0,
-                               cache.k_scale, cache.v_scale)
+    if cache.signs is not None:  # an int4 cache holds rotated rows: attend in the rotated space
+        q = rotate(q.float(), cache.signs).to(q.dtype)
+    out = gpu_paged_attention(q, cache.k, cache.v, meta.rows.tables, meta.rows.lens, scale, meta.window or 0,
+                              cache.k_scale, cache.v_scale)
+    return out if cache.signs is None else unrotate(out.float(), cache.signs).to(out.dtype)
 
 
 def _store(x: torch.Tensor, side: CacheSide, slots: torch.Tensor) -> None:
