@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 FLOAT, INT8, INT4 = 0, 1, 2  # the kernel's KV_FMT
 
 
