@@ -55,14 +55,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    on_gpu = False  # the GPU path's Triton kernel (model/placement.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = _ACTIVATIONS[config.hidden_act]
 
+    def to_gpu(self, device: torch.device) -> None:
+        self.on_gpu = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.on_gpu:
+            from tokenmill.kernels.gpu import layer_ops as gpu_ops
+            return self.down_proj(gpu_ops.act_and_mul(gate_up, gelu=self.act is not F.silu))
         if native.enabled_for(gate_up) and gate_up.is_contiguous():
             return self.down_proj(layer_ops.act_and_mul(gate_up, gelu=self.act is not F.silu))
         gate, up = gate_up.chunk(2, dim=-1)

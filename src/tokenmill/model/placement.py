@@ -9,7 +9,6 @@ import torch
 
 from tokenmill.config import DEVICES
 from tokenmill.kernels import gpu
-from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 
 
@@ -33,9 +32,11 @@ def default_dtype(device: str) -> torch.dtype | None:
 
 
 def to_gpu(model: LlamaModel) -> LlamaModel:
-    """The model on the GPU path, in place: packed layers in the GPU layout, then all tensors on the GPU."""
+    """The model on the GPU path, in place: packed layers in the GPU layout, the layers with GPU kernels
+    (QuantizedLinear, QuantizedEmbedding, RMSNorm, RotaryEmbedding, MLP: their `to_gpu`) switched to them, then all
+    tensors on the GPU."""
     device = gpu.tensor_device()
     for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        if hasattr(module, "to_gpu"):
             module.to_gpu(device)
     return model.to(device)

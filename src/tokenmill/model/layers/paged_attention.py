@@ -85,10 +85,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
 
 def _gpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, meta: AttentionMetadata,
                    scale: float) -> torch.Tensor:
+    from tokenmill.kernels.gpu import layer_ops as gpu_ops
     from tokenmill.kernels.gpu.attention import paged_attention as gpu_paged_attention
 
-    _store(k, cache.side(True), meta.slot_mapping)
-    _store(v, cache.side(False), meta.slot_mapping)
+    if cache.k_scale is None and k.stride() == v.stride():  # a float cache: one kernel writes both
+        gpu_ops.write_kv(k, v, meta.slot_mapping, cache.k, cache.v)
+    else:
+        _store(k, cache.side(True), meta.slot_mapping)
+        _store(v, cache.side(False), meta.slot_mapping)
     if cache.signs is not None:  # an int4 cache holds rotated rows: attend in the rotated space
         q = rotate(q.float(), cache.signs).to(q.dtype)
     out = gpu_paged_attention(q, cache.k, cache.v, meta.rows.tables, meta.rows.lens, scale, meta.window or 0,

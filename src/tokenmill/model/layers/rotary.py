@@ -42,6 +42,8 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Holds cos/sin tables for every position up to the model's context length."""
 
+    on_gpu = False  # the GPU path's Triton kernel (model/placement.py)
+
     def __init__(self, inv_freq: torch.Tensor, max_positions: int) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
@@ -49,8 +51,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def to_gpu(self, device: torch.device) -> None:
+        self.on_gpu = True
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, dim], k: [T, kv_heads, dim], positions: [T]. The native kernel rotates in place."""
+        """q: [T, heads, dim], k: [T, kv_heads, dim], positions: [T]. The native and GPU kernels rotate in place."""
+        if self.on_gpu and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from tokenmill.kernels.gpu import layer_ops as gpu_ops
+            gpu_ops.rotary_(positions, q, k, self.cos, self.sin)
+            return q, k
         if native.enabled_for(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
             layer_ops.rotary_(positions, q, k, self.cos, self.sin)
             return q, k
