@@ -47,9 +47,7 @@ def _attention_kernel(q, k, v, k_scale, v_scale, tables, lens, out, scale, windo
     q_mask = (g < GROUP) & (d < D)
     query = tl.load(q + t * stride_qt + (kv * GROUP + g) * stride_qh + d, mask=q_mask, other=0.0)
     length = tl.load(lens + t).to(tl.int32)
-    start = 0
-    if window > 0:
-        start = tl.maximum(length - window, 0)
+    start = tl.where(window > 0, tl.maximum(length - window, 0), 0)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
