@@ -24,12 +24,13 @@ def interpreting() -> bool:
 def tensor_device() -> torch.device:
     """Where the GPU path keeps its tensors: the CUDA GPU, or the CPU when only the interpreter can run the kernels."""
     if not triton_installed():
-        raise RuntimeError("the GPU path needs Triton: pip install 'tokenmill[gpu]'")
+        raise ValueError("device='cuda' needs Triton: pip install 'tokenmill[gpu]'")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if interpreting():
         return torch.device("cpu")
-    raise RuntimeError("the GPU path needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
+    raise ValueError("device='cuda' needs a CUDA GPU and a CUDA build of torch (this torch sees none); "
+                     "TRITON_INTERPRET=1 runs the GPU path's kernels on the CPU, slowly, for tests")
 
 
 def available() -> bool:
