@@ -79,7 +79,9 @@ class EngineArgs:
     so a run of unseeded requests repeats; None: a fresh seed each start. device: "cpu", "cuda" (the GPU path: Triton
     kernels, weights and KV on the GPU; model/placement.py) or "auto" (cuda where a CUDA GPU and Triton are present).
     enforce_eager: the GPU path runs every step eagerly instead of replaying decode steps as CUDA graphs
-    (model/decode_graphs.py); the CPU path is always eager."""
+    (model/decode_graphs.py); the CPU path is always eager. tensor_parallel_size: processes the model's heads and FFN
+    channels are split over (torch.distributed, gloo; CPU path; distributed/tensor_parallel.py); threads and
+    kv_cache_memory are then per process."""
 
     model: str | Path | None = None
     dtype: str = "auto"
@@ -100,12 +102,14 @@ class EngineArgs:
     seed: int | None = None
     device: str = "auto"
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1
 
     def output_identity(self) -> dict[str, Any]:
         """The settings a deterministic request's output depends on (the server's result cache keys on them)."""
         return {"model": str(self.model), "dtype": self.dtype, "quantization": self.quantization,
                 "group_size": self.group_size, "kv_cache_dtype": self.kv_cache_dtype,
-                "kv_cache_bits": self.kv_cache_bits, "device": self.device}
+                "kv_cache_bits": self.kv_cache_bits, "device": self.device,
+                "tensor_parallel_size": self.tensor_parallel_size}
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -158,6 +162,9 @@ class EngineArgs:
         p.add_argument("--device", choices=DEVICES, default="auto",
                        help="cpu, or cuda: the GPU path (Triton kernels over the packed weights, KV on the GPU; "
                             "needs the gpu extra); auto: cuda where a CUDA GPU and Triton are present, else cpu")
+        p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                       help="split the model's attention heads and FFN channels over N processes (torch.distributed, "
+                            "gloo; CPU path); --threads and --kv-cache-memory are then per process")
         p.add_argument("--enforce-eager", action="store_true",
                        help="GPU path: run decode steps eagerly instead of as CUDA graphs (the CPU path always is)")
         return parser

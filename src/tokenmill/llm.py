@@ -43,7 +43,11 @@ class LLM:
                  progress: bool = False, **kwargs: Any) -> None:
         started = time.perf_counter()
         self.engine_args = args = EngineArgs(model, dtype, quantization, **kwargs)
-        torch.set_num_threads(resolve_threads(args.threads))  # before the model builds: repacking runs on these
+        tp = args.tensor_parallel_size
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+        threads = resolve_threads(args.threads) if tp == 1 else max(1, resolve_threads(args.threads) // tp)
+        torch.set_num_threads(threads)  # before the model builds: repacking runs on these
         if args.seed is not None:
             torch.manual_seed(args.seed)  # the generator of unseeded requests (the engine core inherits it)
         cache_config, scheduler_config = args.cache_config(), args.scheduler_config()  # bad settings fail fast
@@ -58,8 +62,15 @@ class LLM:
         if dtype == "auto" and self.device == "cuda":
             self.dtype = default_dtype(self.device)
         weight_cache = kernel_build.cache_dir() / "weights" if args.weight_cache else None
-        self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress,
-                                 weight_cache=weight_cache)
+        if tp > 1:
+            if self.device != "cpu":
+                raise ValueError("tensor_parallel_size > 1 runs on the CPU path: use device='cpu'")
+            from tokenmill.distributed import tensor_parallel
+            self.model = tensor_parallel.build_shard(self.checkpoint, tensor_parallel.Shard(0, tp), self.dtype,
+                                                     self.quant_config, progress)
+        else:
+            self.model = build_model(self.checkpoint, self.dtype, self.quant_config, progress=progress,
+                                     weight_cache=weight_cache)
         gpu = None
         if self.device == "cuda":
             self.model = to_gpu(self.model)
@@ -72,6 +83,8 @@ class LLM:
                                                         self.checkpoint.config.vocab_size)
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
                                 self.speculative_config, draft_model, draft_dtype, gpu, args.enforce_eager)
+        if tp > 1:
+            tensor_parallel.start(args, self.engine, self.dtype, self.quant_config, threads)
         if kv_events is not None:
             self.engine.publish_kv_events(kv_events)
         self.load_seconds = time.perf_counter() - started
@@ -92,8 +105,16 @@ class LLM:
         step = "fused decode step" if self.engine.runner.fused is not None else "module decode step"
         kv = self.engine.kv_cache.info.kv_cache_dtype
         spec = f", speculative {self.speculative_config.method}" if self.speculative_config else ""
+        if self.engine_args.tensor_parallel_size > 1:
+            spec += f", tensor parallel over {self.engine_args.tensor_parallel_size} processes"
         name = self.config.name or self.checkpoint.path.name
         return f"{name}: {weights} weights on {kernels}, {step}, KV {kv}, {torch.get_num_threads()} threads{spec}"
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do without them; they also end with this process)."""
+        close = getattr(self.engine.runner, "close", None)
+        if close is not None:
+            close()
 
     def cache_info(self) -> CacheInfo:
         """The KV cache's blocks, block size, element type and bytes per block."""

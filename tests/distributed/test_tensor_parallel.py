@@ -1,0 +1,103 @@
+"""Tensor parallelism (distributed/tensor_parallel.py): shards slice packed GGUF blocks exactly, and tp=2 and tp=3
+engines (real worker processes, gloo all-reduces) give the greedy tokens of tp=1."""
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from hf_reference import greedy
+from test_hf_architectures import VOCAB, _randomize, _save
+from test_quantized_linear import _gguf_tensor
+from tokenmill import LLM, SamplingParams
+from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.sharding import Shard, _columns, _rows, shard_checkpoint
+
+PROMPTS = [[(i * 7919 + 13 * j) % 40000 + 100 for i in range(n)] for j, n in enumerate((21, 5, 34))]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q4_1, Q.Q8_0])
+def test_packed_rows_and_columns_slice_exactly(qtype):
+    t = _gguf_tensor(qtype, 16, 1024)
+    full = t.dequantize()
+    assert torch.equal(_rows(t, 8, 8).dequantize(), full[8:16])
+    assert torch.equal(_columns(t, 256, 512).dequantize(), full[:, 256:768])
+    with pytest.raises(ValueError, match="blocks"):
+        _columns(t, 16, 256 if qtype in (Q.Q4_K, Q.Q6_K) else 17)
+
+
+def test_default_model_shards_cover_every_head_and_channel():
+    ckpt = load_checkpoint()  # SmolLM2: 9 heads, 3 KV heads, 1536 channels in Q4_1 blocks of 32
+    shards = [shard_checkpoint(ckpt, Shard(r, 3)) for r in range(3)]
+    assert [s.config.num_kv_heads for s in shards] == [1, 1, 1]
+    assert sum(s.config.intermediate_size for s in shards) == 1536
+    name = "layers.0.mlp.down_proj.weight"
+    joined = torch.cat([s.weights[name].dequantize() for s in shards], dim=1)
+    assert torch.equal(joined, ckpt.weights[name].dequantize())
+    q = "layers.0.self_attn.q_proj.weight"
+    assert torch.equal(torch.cat([s.weights[q].dequantize() for s in shards]), ckpt.weights[q].dequantize())
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide the model's 3 KV heads"):
+        shard_checkpoint(ckpt, Shard(0, 2))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, tokenizer_dir):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=256, vocab_size=VOCAB,
+                                         max_position_embeddings=256, initializer_range=0.1)).eval()
+    _randomize(model, "bias", 0.5)
+    folder = tmp_path_factory.mktemp("qwen2")
+    _save(folder, model, tokenizer_dir)
+    return folder
+
+
+def _tokens(model, **kwargs) -> tuple[list[list[int]], torch.Tensor]:
+    llm = LLM(str(model), block_size=4, max_num_batched_tokens=16, kv_cache_memory=1 << 22, **kwargs)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(8))
+        score = llm.score(PROMPTS[0])
+    finally:
+        llm.close()
+    return [o.outputs[0].token_ids for o in outs], score
+
+
+@pytest.mark.parametrize("kwargs", [{"dtype": "float32"}, {"quantization": "int4"}], ids=["float32", "int4"])
+def test_tp2_greedy_equals_tp1(qwen2, kwargs):
+    tokens, score = _tokens(qwen2, **kwargs)
+    tp_tokens, tp_score = _tokens(qwen2, tensor_parallel_size=2, **kwargs)
+    assert tp_tokens == tokens
+    torch.testing.assert_close(tp_score, score, rtol=1e-4, atol=1e-4)  # prompt scoring goes through the ranks too
+
+
+def test_tp_errors_name_the_setting(qwen2):
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide the model's 2 KV heads"):
+        LLM(str(qwen2), tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        LLM(str(qwen2), tensor_parallel_size=0)
+
+
+NEAR_TIE = 0.02  # logprob margin under which a summation-order difference may flip the argmax
+
+
+@pytest.mark.slow
+def test_default_model_tp3_follows_tp1_on_the_reference_prompts():
+    """The embedded model (3 KV heads: tp=3), packed Q4_1 weights on the native kernels: the shards' partial sums
+    add in another order than one rank's, so tokens may part only where tp=1's top two are within NEAR_TIE."""
+    from test_reference_greedy import ALL, NUM_TOKENS, _prompt_ids
+
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
+    runs = []
+    for tp in (1, 3):
+        llm = LLM(tensor_parallel_size=tp)
+        try:
+            prompts = [{"prompt_token_ids": _prompt_ids(llm, p, chat)} for p, chat in ALL]
+            runs.append([o.outputs[0] for o in llm.generate(prompts, params)])
+        finally:
+            llm.close()
+    for one, three in zip(*runs):
+        first = next((i for i, (a, b) in enumerate(zip(one.token_ids, three.token_ids)) if a != b), None)
+        if first is not None:
+            top = sorted(lp.logprob for lp in one.logprobs[first].values())[-2:]
+            assert top[1] - top[0] < NEAR_TIE, f"parted at step {first} with a margin of {top[1] - top[0]:.4f}"
