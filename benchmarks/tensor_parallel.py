@@ -3,6 +3,9 @@ tensor-parallel engine per process), rounds interleaved, medians reported.
 
   python benchmarks/tensor_parallel.py --model qwen2.5-coder-1.5b --tp 1 2 --rounds 3 --out results.json
 
+--unfused-baseline adds tp=1 with the module path (TOKENMILL_FUSED_DECODE=0), the path every tensor-parallel rank
+runs, to tell the cost of splitting from the cost of leaving the fused native step.
+
 One run: load, warm up, then batch-1 decode (128 tokens after a 64-token prompt, less the prompt and first token)
 and batch-8 decode (8 distinct prompts, 64 tokens each, the whole generate); prints JSON.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,18 +50,22 @@ def main() -> None:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--unfused-baseline", action="store_true")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child's single run
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one_run(args.model, args.one)))
         return
-    runs: dict[int, list[dict]] = {tp: [] for tp in args.tp}
+    variants = {f"tp={tp}": (tp, {}) for tp in args.tp}
+    if args.unfused_baseline:
+        variants["tp=1 module path"] = (1, {"TOKENMILL_FUSED_DECODE": "0"})
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
-        for tp in args.tp:
+        for name, (tp, env) in variants.items():
             out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", str(tp)],
-                                 capture_output=True, text=True, check=True).stdout
-            runs[tp].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {round_ + 1} tp={tp}: {runs[tp][-1]}", flush=True)
+                                 capture_output=True, text=True, check=True, env=os.environ | env).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {round_ + 1} {name}: {runs[name][-1]}", flush=True)
     summary = {tp: {key: statistics.median(r[key] for r in rs) for key in ("batch1_decode_tok_s", "batch8_tok_s")}
                | {"describe": rs[0]["describe"], "runs": rs} for tp, rs in runs.items()}
     print(json.dumps({tp: {k: v for k, v in s.items() if k != "runs"} for tp, s in summary.items()}, indent=1))
