@@ -36,13 +36,19 @@ def _randomize(model, pattern: str, std: float) -> None:
                 p.normal_(0, std)
 
 
-def test_qwen2_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
+def small_qwen2(folder, tokenizer_dir, hidden_size: int = 64) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2 (4 heads, 2 KV heads, FFN twice the width) with random biases, saved in `folder`."""
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                         num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=hidden_size, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=2 * hidden_size, vocab_size=VOCAB,
                                          max_position_embeddings=256, initializer_range=0.1)).eval()
     _randomize(model, "bias", 0.5)
-    _save(tmp_path, model, tokenizer_dir)
+    _save(folder, model, tokenizer_dir)
+    return model
+
+
+def test_qwen2_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
+    model = small_qwen2(tmp_path, tokenizer_dir)
     llm = LLM(str(tmp_path), dtype="float32")
     cfg = llm.config
     assert cfg.architecture == "qwen2" and cfg.attention_bias and not cfg.attention_out_bias

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hf_reference import greedy
-from test_hf_architectures import VOCAB, _randomize, _save
+from test_hf_architectures import small_qwen2
 from test_quantized_linear import _gguf_tensor
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import QuantConfig
@@ -62,13 +61,8 @@ def test_default_model_shard_projections_sum_to_the_whole():
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory, tokenizer_dir):
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                         num_hidden_layers=2, intermediate_size=256, vocab_size=VOCAB,
-                                         max_position_embeddings=256, initializer_range=0.1)).eval()
-    _randomize(model, "bias", 0.5)
     folder = tmp_path_factory.mktemp("qwen2")
-    _save(folder, model, tokenizer_dir)
+    small_qwen2(folder, tokenizer_dir, hidden_size=128)  # head_dim 32: the int4 cache's smallest
     return folder
 
 

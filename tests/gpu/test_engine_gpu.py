@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from hf_reference import greedy
-from test_hf_architectures import GEMMA, VOCAB, _randomize, _save
+from test_hf_architectures import GEMMA, _randomize, _save, small_qwen2
 from tokenmill import LLM
 from tokenmill.kernels import native
 from tokenmill.model.layers import quantized
@@ -31,13 +31,8 @@ def plain_cpu_kernels(monkeypatch, device):
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory, tokenizer_dir):
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                         num_hidden_layers=2, intermediate_size=256, vocab_size=VOCAB,
-                                         max_position_embeddings=256, initializer_range=0.1)).eval()
-    _randomize(model, "bias", 0.5)
     folder = tmp_path_factory.mktemp("qwen2")
-    _save(folder, model, tokenizer_dir)
+    small_qwen2(folder, tokenizer_dir, hidden_size=128)  # head_dim 32: the int4 cache's smallest
     return folder
 
 
