@@ -84,7 +84,7 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, self.dtype, cache_config, scheduler_config,
                                 self.speculative_config, draft_model, draft_dtype, gpu, args.enforce_eager)
         if tp > 1:
-            tensor_parallel.start(args, self.engine, self.dtype, self.quant_config, threads)
+            tensor_parallel.attach(args, self.engine, self.dtype, self.quant_config, threads)
         if kv_events is not None:
             self.engine.publish_kv_events(kv_events)
         self.load_seconds = time.perf_counter() - started

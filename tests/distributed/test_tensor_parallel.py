@@ -2,6 +2,10 @@
 engines (real worker processes, gloo all-reduces) give the greedy tokens of tp=1."""
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import httpx
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -117,3 +121,38 @@ def test_default_model_tp3_follows_tp1_on_the_reference_prompts():
         if first is not None:
             top = sorted(lp.logprob for lp in one.logprobs[first].values())[-2:]
             assert top[1] - top[0] < NEAR_TIE, f"parted at step {first} with a margin of {top[1] - top[0]:.4f}"
+
+
+def test_served_with_tp3_answers_as_tp1(tmp_path):
+    """`tokenmill serve -tp 3` (float32): the engine core, forked from the API process, starts its own workers; the
+    answer is the offline tp=1 engine's, and the workers end with the server."""
+    from serverproc import MODEL_NAME, start_server, stop, wait_healthy
+
+    llm = LLM(dtype="float32")
+    want = llm.generate("The capital of France is", greedy(16))[0].outputs[0].text
+    server = start_server(tmp_path, "-tp", "3")
+    try:
+        wait_healthy(server)
+        body = {"model": MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["text"] == want
+        assert "tensor parallel: 3 ranks" in server.log()
+        assert len(_workers()) == 2
+    finally:
+        stop(server)
+    deadline = time.monotonic() + 10
+    while _workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _workers()
+
+
+def _workers() -> list[int]:
+    """Pids of running tensor-parallel worker processes."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"tokenmill.distributed.tensor_parallel" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids

@@ -137,6 +137,7 @@ def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, hea
     engine.delta_outputs = True
     if engine.kv_events is not None:  # bound now, so routers subscribe before the first step
         engine.kv_events.start()
+    engine.runner.start()  # in this process: tensor-parallel workers cannot be inherited across the fork
     core = EngineCore(engine, outputs, heartbeat)
     threading.Thread(target=_read_commands, args=(commands, core.inbox), name="tokenmill-commands",
                      daemon=True).start()

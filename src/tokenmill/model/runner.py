@@ -34,6 +34,10 @@ class ModelRunner:
         self.fused = FusedDecoder.build(model, kv_cache) if gpu is None else None
         self.decode_graphs = decode_graphs
 
+    def start(self) -> None:
+        """Ready the runner in the process that will run the steps (the engine core calls it): nothing to do for one
+        process; a tensor-parallel runner starts its workers (distributed/tensor_parallel.py)."""
+
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits of the batch's `logits_rows`, in order: [rows, vocab] (on the GPU path, on the GPU)."""
