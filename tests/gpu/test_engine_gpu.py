@@ -6,6 +6,7 @@ path in float32, not the bfloat16 it takes on CPUs with native bfloat16). Decode
 the CUDA graphs' fixed sizes (eagerly: no GPU here; model/decode_graphs.py) unless enforce_eager."""
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -70,3 +71,23 @@ def test_eager_steps_equal_fixed_size_steps(qwen2):
 
 def test_gemma3_sliding_windows_greedy_equals_cpu_path(gemma3):
     assert _tokens(gemma3, "cuda", quantization="int4") == _tokens(gemma3, "cpu", quantization="int4")
+
+
+def test_served_gpu_path_runs_its_core_in_a_thread(qwen2, tmp_path):
+    """`tokenmill serve --device cuda`: the engine core is a thread of the API process (a CUDA context cannot cross
+    the fork the CPU path's core is made by); its answer is the offline GPU path's, streamed and not."""
+    from serverproc import start_server, stop, wait_healthy
+
+    prompt = PROMPTS[0]
+    llm = LLM(str(qwen2), dtype="float32", device="cuda", kv_cache_memory=1 << 22, weight_cache=False)
+    want = llm.generate({"prompt_token_ids": prompt}, greedy(8))[0].outputs[0].text
+    server = start_server(tmp_path, "--model", str(qwen2), "--device", "cuda", "--no-weight-cache")
+    try:
+        wait_healthy(server)
+        name = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": name, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+        assert reply["choices"][0]["text"] == want
+        assert f"engine core running in process {server.proc.pid}" in server.log()
+    finally:
+        stop(server)

@@ -16,6 +16,9 @@ pages copy-on-write (neither side writes them: one copy in memory). Two GNU Open
   worker wake-ups per decode token; tests/test_async_engine.py checks it), so that team is released before
   the fork. The core then waits like `LLM.generate` does.
 
+On the GPU path the core is a thread of the API process instead (CoreThread): a CUDA context does not survive a
+fork, and the GPU does the arithmetic, so the GIL is shared with the HTTP loop only for the step's Python.
+
 The messages, one way each, are in engine/messages.py. The engine here emits delta outputs (only what is new
 each step), which go to the API process as they are.
 """
@@ -25,6 +28,7 @@ import ctypes
 import gc
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -75,10 +79,29 @@ class Heartbeat:
 class EngineCoreHandle:
     """The API process's side of a running engine core."""
 
-    process: BaseProcess
+    process: BaseProcess | CoreThread
     commands: Connection  # send EngineCoreRequest / Abort / Shutdown
     outputs: Connection  # recv_bytes -> pickled CoreOutputs
     heartbeat: Heartbeat
+
+
+class CoreThread(threading.Thread):
+    """The engine core as a thread of this process (the GPU path), with the surface of a process handle."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(name="tokenmill-engine-core", daemon=True)
+        self.core_args = args
+        self.exitcode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self) -> None:
+        self.exitcode = _core_main(*self.core_args, own_process=False)
+
+    def kill(self) -> None:
+        logger.warning("the engine core is a thread of this process: it stops with the process")
 
 
 def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
@@ -86,6 +109,10 @@ def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
     cmd_recv, cmd_send = ctx.Pipe(duplex=False)
     out_recv, out_send = ctx.Pipe(duplex=False)
     heartbeat = Heartbeat(ctx.RawArray(ctypes.c_double, [time.monotonic()] * 2))
+    if engine.runner.gpu is not None:
+        thread = CoreThread(engine, cmd_recv, out_send, heartbeat, ())
+        thread.start()
+        return EngineCoreHandle(thread, cmd_send, out_recv, heartbeat)
     process = ctx.Process(target=_core_main, args=(engine, cmd_recv, out_send, heartbeat, (cmd_send, out_recv)),
                           name="tokenmill-engine-core", daemon=True)
     gc.freeze()  # the child's collector would otherwise write to every inherited object, copying their pages
@@ -126,14 +153,16 @@ def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
 
 
 def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, heartbeat: Heartbeat,
-               parent_ends: tuple) -> None:
+               parent_ends: tuple, own_process: bool = True) -> int:
+    """The core's life; its exit code (a process exits with it)."""
     for conn in parent_ends:
         conn.close()
     # The API process decides when the engine stops: Ctrl-C (or a service manager's SIGTERM) reaches the whole
     # process group, and the server's drain still needs the engine after it. The API process stops this one
     # through the pipe, also at its exit (AsyncEngine registers that), and a vanished parent is an EOF.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if own_process:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     engine.delta_outputs = True
     if engine.kv_events is not None:  # bound now, so routers subscribe before the first step
         engine.kv_events.start()
@@ -145,8 +174,10 @@ def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, hea
     loop = threading.Thread(target=core.run, name="tokenmill-engine")
     loop.start()
     loop.join()
-    if core.fatal is not None:
-        sys.exit(1)
+    code = 0 if core.fatal is None else 1
+    if own_process and code:
+        sys.exit(code)
+    return code
 
 
 def _beat_forever(heartbeat: Heartbeat) -> None:
