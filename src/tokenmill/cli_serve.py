@@ -127,7 +127,11 @@ def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
     except ImportError as exc:
         raise ValueError(f"--replicas runs on Ray Serve, which is not installed ({exc}): "
                          "pip install 'tokenmill[distributed]'") from None
-    replica_set = ReplicaSet(args.replicas, args.min_replicas, args.max_replicas, routing=args.routing or "prefix")
+    from tokenmill.model.placement import resolve_device
+
+    gpus = int(resolve_device(args.device) == "cuda")  # Ray shows a replica only the GPUs it asks for
+    replica_set = ReplicaSet(args.replicas, args.min_replicas, args.max_replicas, routing=args.routing or "prefix",
+                             gpus=gpus)
     replica_set.deployment_options()  # a bad combination fails before Ray starts
     if (kv_events := KVEventsConfig.parse(args.kv_events_config)) is not None:
         kv_events.for_rank(max(args.replicas, args.max_replicas or 0) - 1)  # every replica needs a port of its own

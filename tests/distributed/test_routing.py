@@ -114,3 +114,5 @@ def test_autoscaling_bounds_reach_ray_serve():
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2,
                                              "target_ongoing_requests": 8.0}
     assert "num_replicas" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 0, "num_gpus": 0}
+    assert ReplicaSet(2, gpus=1).deployment_options()["ray_actor_options"]["num_gpus"] == 1  # the GPU path

@@ -50,11 +50,13 @@ class ReplicaSet:
     max_ongoing_requests: int = 512  # per replica; beyond it the router waits for room
     routing: str = "prefix"  # or "round-robin"
     spill_over: int = 4  # a prefix-affine replica may have this many more requests queued than the least loaded
+    gpus: int = 0  # per replica (the GPU path): Ray Serve places each on its own GPU and shows it only that one
 
     def deployment_options(self) -> dict:
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("give --min-replicas and --max-replicas together (or neither)")
-        options: dict = {"max_ongoing_requests": self.max_ongoing_requests, "ray_actor_options": {"num_cpus": 0},
+        options: dict = {"max_ongoing_requests": self.max_ongoing_requests,
+                         "ray_actor_options": {"num_cpus": 0, "num_gpus": self.gpus},
                          "request_router_config": RequestRouterConfig(
                              request_router_class="tokenmill.distributed.routing:PrefixAffinityRouter",
                              request_router_kwargs={"policy": self.routing, "spill_over": self.spill_over})}
