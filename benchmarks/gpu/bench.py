@@ -24,6 +24,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.build import weight_bytes_per_token
+from tokenmill.model.layers import quantized
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # nominal (NVIDIA data sheets; H100 SXM)
 PROMPT_TOKENS, OUTPUT_TOKENS = 128, 256
@@ -64,6 +65,8 @@ def _copy_bandwidth() -> float:
 
 
 def correctness(model: str, steps: int) -> dict:
+    # the CPU side's dequantize-and-multiply in float32, not the bfloat16 it takes on CPUs with native bfloat16
+    quantized.GEMM_DTYPE = torch.float32
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=2)
     cpu = LLM(model, dtype="float32", device="cpu", weight_cache=False)
     prompts = _prompts(4, 32)
