@@ -1,8 +1,17 @@
-"""Shared fixtures: the real default model in float32 and bfloat16, and the transformers reference on the same GGUF."""
+"""Shared fixtures: the real default model in float32 and bfloat16, and the transformers reference on the same GGUF.
+
+Without a CUDA GPU, the GPU path's Triton kernels run under Triton's interpreter (tests/gpu). Triton reads
+TRITON_INTERPRET when a kernel is defined, its own library's included, and test modules import it early (importing
+transformers' models imports Triton), so it is set here, before any test module is collected."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tokenmill import LLM
 from tokenmill.model.loader.default_model import default_model_path

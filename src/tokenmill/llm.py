@@ -102,7 +102,13 @@ class LLM:
             kernels = f"native kernels ({'AVX-512 VNNI' if kernel_build.isa_flags() else 'AVX2'})"
         else:
             kernels = "PyTorch kernels"
-        step = "fused decode step" if self.engine.runner.fused is not None else "module decode step"
+        runner = self.engine.runner
+        step = "fused decode step" if runner.fused is not None else "module decode step"
+        if runner.gpu is not None:
+            graphs = runner.decode_graphs
+            step = "eager steps" if graphs is None else \
+                f"decode steps as CUDA graphs ({len(graphs.graphs)} sizes)" if graphs.graphs else \
+                "decode steps at fixed sizes, eager (no CUDA)"
         kv = self.engine.kv_cache.info.kv_cache_dtype
         spec = f", speculative {self.speculative_config.method}" if self.speculative_config else ""
         if self.engine_args.tensor_parallel_size > 1:
