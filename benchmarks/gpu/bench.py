@@ -8,10 +8,11 @@ correctness: greedy tokens of the GPU path (float32, then its bfloat16 default) 
 without its native kernels (plain PyTorch: the same float math; the native kernels quantize activations to int8),
 on a batch of prompts; where tokens part, the CPU run's margin between its top two logprobs at that step says
 whether it is a near-tie.
-speed: the GPU path's default (bfloat16 activations, bfloat16 KV). Batch-1 decode: 256 tokens after a 128-token
-prompt, less the time of the prompt and first token; bandwidth = bytes of weights one token streams (embedding
-row excluded) x tokens/s, against the GPU's nominal HBM bandwidth and a measured device-to-device copy.
-Throughput: N distinct 128-token prompts, 256 output tokens each (ignore_eos), offline continuous batching.
+speed: the GPU path's default (bfloat16 activations, bfloat16 KV, decode steps as CUDA graphs). Batch-1 decode: 256
+tokens after a 128-token prompt, less the time of the prompt and first token; bandwidth = bytes of weights one
+token streams (embedding row excluded) x tokens/s, against the GPU's nominal HBM bandwidth and a measured
+device-to-device copy; once more with enforce_eager (no graphs). Throughput: N distinct 128-token prompts, 256
+output tokens each (ignore_eos), offline continuous batching.
 """
 from __future__ import annotations
 
@@ -91,36 +92,47 @@ def correctness(model: str, steps: int) -> dict:
     return result
 
 
+def _timed(llm: LLM, prompts: list, tokens: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _batch1_tokens_per_s(llm: LLM) -> float:
+    """Decode tok/s of one request: OUTPUT_TOKENS after the first, best of 3 (after a warm-up that compiles)."""
+    prompt = _prompts(1, seed=1)
+    _timed(llm, prompt, 16)
+    first = min(_timed(llm, prompt, 1) for _ in range(3))
+    whole = min(_timed(llm, prompt, OUTPUT_TOKENS + 1) for _ in range(3))
+    return OUTPUT_TOKENS / (whole - first)
+
+
 def speed(model: str, concurrency: list[int], kv_memory: str) -> dict:
-    llm = LLM(model, device="cuda", max_num_seqs=max(concurrency), max_num_batched_tokens=8192,
-              kv_cache_memory=float(kv_memory) if "." in kv_memory else int(kv_memory), weight_cache=False)
-    out: dict = {"describe": llm.describe(), "weight_bytes_per_token": weight_bytes_per_token(llm.model)}
+    kv = float(kv_memory) if "." in kv_memory else int(kv_memory)
+    llm = LLM(model, device="cuda", max_num_seqs=max(concurrency), max_num_batched_tokens=8192, kv_cache_memory=kv,
+              weight_cache=False)
+    per_token = weight_bytes_per_token(llm.model)
+    out: dict = {"describe": llm.describe(), "weight_bytes_per_token": per_token}
     name = torch.cuda.get_device_properties(0).name
     peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
     out["hbm_nominal_bytes_per_s"], out["copy_bytes_per_s"] = peak, _copy_bandwidth()
-    prompt = _prompts(1, seed=1)
-    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up: Triton compiles
-
-    def timed(prompts: list, tokens: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    first = min(timed(prompt, 1) for _ in range(3))
-    whole = min(timed(prompt, OUTPUT_TOKENS + 1) for _ in range(3))
-    tps = OUTPUT_TOKENS / (whole - first)
-    out["batch1_decode"] = {"tokens_per_s": tps, "bytes_per_s": tps * out["weight_bytes_per_token"],
-                            "pct_of_hbm": None if peak is None else 100 * tps * out["weight_bytes_per_token"] / peak,
-                            "pct_of_copy": 100 * tps * out["weight_bytes_per_token"] / out["copy_bytes_per_s"]}
+    tps = _batch1_tokens_per_s(llm)
+    out["batch1_decode"] = {"tokens_per_s": tps, "bytes_per_s": tps * per_token,
+                            "pct_of_hbm": None if peak is None else 100 * tps * per_token / peak,
+                            "pct_of_copy": 100 * tps * per_token / out["copy_bytes_per_s"]}
+    print(json.dumps(out["batch1_decode"]), flush=True)
     out["throughput"] = []
     for n in concurrency:
-        prompts = _prompts(n, seed=100 + n)
-        seconds = timed(prompts, OUTPUT_TOKENS)
+        seconds = _timed(llm, _prompts(n, seed=100 + n), OUTPUT_TOKENS)
         out["throughput"].append({"concurrency": n, "seconds": seconds,
                                   "output_tokens_per_s": n * OUTPUT_TOKENS / seconds})
         print(json.dumps(out["throughput"][-1]), flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    eager = LLM(model, device="cuda", enforce_eager=True, kv_cache_memory=kv, weight_cache=False)
+    out["batch1_decode_eager_tokens_per_s"] = _batch1_tokens_per_s(eager)  # what the CUDA graphs save
     return out
 
 
