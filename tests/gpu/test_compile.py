@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("triton", reason="the GPU path's kernels need Triton: pip install 'tokenmill[gpu]'")
 
 
+@pytest.mark.slow  # 30-50 s with Triton's cache cold
 def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     script = Path(__file__).with_name("compile_for_gpu.py")

@@ -64,11 +64,13 @@ def test_qwen2_greedy_equals_cpu_path(qwen2, kwargs):
     assert _tokens(qwen2, "cuda", **kwargs) == _tokens(qwen2, "cpu", **kwargs)
 
 
+@pytest.mark.slow  # 20 s under the interpreter
 def test_eager_steps_equal_fixed_size_steps(qwen2):
     eager = _tokens(qwen2, "cuda", quantization="int4", enforce_eager=True)
     assert eager == _tokens(qwen2, "cuda", quantization="int4")
 
 
+@pytest.mark.slow  # 15 s under the interpreter
 def test_gemma3_sliding_windows_greedy_equals_cpu_path(gemma3):
     assert _tokens(gemma3, "cuda", quantization="int4") == _tokens(gemma3, "cpu", quantization="int4")
 
