@@ -3,6 +3,8 @@ throughput at 1/16/64/256 concurrent requests. Run by benchmarks/gpu/run_on_devi
 
   TOKENMILL_NATIVE_KERNELS=0 python benchmarks/gpu/bench.py correctness --model M.gguf --out c.json
   python benchmarks/gpu/bench.py speed --model M.gguf --out s.json
+  BENCH_OUTPUT_TOKENS=16 TRITON_INTERPRET=1 python benchmarks/gpu/bench.py speed --model TINY --concurrency 1 4 \
+      --kv-cache-memory 4194304 --out s.json     # a dry run of the script on a CPU (no timing meaning)
 
 correctness: greedy tokens of the GPU path (float32, then its bfloat16 default) against the CPU path in float32
 without its native kernels (plain PyTorch: the same float math; the native kernels quantize activations to int8),
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -28,7 +31,8 @@ from tokenmill.model.build import weight_bytes_per_token
 from tokenmill.model.layers import quantized
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # nominal (NVIDIA data sheets; H100 SXM)
-PROMPT_TOKENS, OUTPUT_TOKENS = 128, 256
+PROMPT_TOKENS = 128
+OUTPUT_TOKENS = int(os.environ.get("BENCH_OUTPUT_TOKENS", 256))  # fewer for a dry run under the interpreter
 
 
 def _prompts(n: int, length: int = PROMPT_TOKENS, seed: int = 0) -> list[dict]:
@@ -51,8 +55,15 @@ def _environment() -> dict:
     return env
 
 
-def _copy_bandwidth() -> float:
+def _synchronize() -> None:
+    if torch.cuda.is_available():  # (a dry run under Triton's interpreter has none)
+        torch.cuda.synchronize()
+
+
+def _copy_bandwidth() -> float | None:
     """Bytes read + written per second by a 2 GiB device-to-device copy (best of 5)."""
+    if not torch.cuda.is_available():
+        return None
     a = torch.empty(2**30, dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
     best = float("inf")
@@ -93,10 +104,10 @@ def correctness(model: str, steps: int) -> dict:
 
 
 def _timed(llm: LLM, prompts: list, tokens: int) -> float:
-    torch.cuda.synchronize()
+    _synchronize()
     start = time.perf_counter()
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
-    torch.cuda.synchronize()
+    _synchronize()
     return time.perf_counter() - start
 
 
@@ -115,13 +126,14 @@ def speed(model: str, concurrency: list[int], kv_memory: str) -> dict:
               weight_cache=False)
     per_token = weight_bytes_per_token(llm.model)
     out: dict = {"describe": llm.describe(), "weight_bytes_per_token": per_token}
-    name = torch.cuda.get_device_properties(0).name
+    name = torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else ""
     peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
-    out["hbm_nominal_bytes_per_s"], out["copy_bytes_per_s"] = peak, _copy_bandwidth()
+    copy = _copy_bandwidth()
+    out["hbm_nominal_bytes_per_s"], out["copy_bytes_per_s"] = peak, copy
     tps = _batch1_tokens_per_s(llm)
     out["batch1_decode"] = {"tokens_per_s": tps, "bytes_per_s": tps * per_token,
                             "pct_of_hbm": None if peak is None else 100 * tps * per_token / peak,
-                            "pct_of_copy": 100 * tps * per_token / out["copy_bytes_per_s"]}
+                            "pct_of_copy": None if copy is None else 100 * tps * per_token / copy}
     print(json.dumps(out["batch1_decode"]), flush=True)
     out["throughput"] = []
     for n in concurrency:
