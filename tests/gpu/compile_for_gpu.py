@@ -26,12 +26,12 @@ def main() -> int:
     count = 0
     for fmt, (low, scales, mins) in WEIGHTS.items():
         ptrs = {"low": f"*{low}", "high": "*u8", "scales": f"*{scales}", "mins": f"*{mins}", "supers": "*fp16",
-                "out": "*fp32"}
+                "bias": "*fp32", "out": "*fp32"}
         for x, (bm, bn, bk), split in (("bf16", (16, 64, 128), 1), ("bf16", (64, 128, 64), 0),
                                        ("fp32", (16, 64, 128), 0)):
-            _compile(qlinear._qlinear_kernel, ptrs | {"x": f"*{x}"},
+            _compile(qlinear._qlinear_kernel, ptrs | {"x": f"*{x}", "out": "*fp32" if split else f"*{x}"},
                      dict(FMT=fmt, GROUP=16 if fmt == 3 else 32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split,
-                          IEEE=x == "fp32"))
+                          IEEE=x == "fp32", HAS_BIAS=not split))
             count += 1
         _compile(qlinear._dequantize_kernel, ptrs | {"ids": "*i64", "K": "i32"},
                  dict(FMT=fmt, GROUP=16 if fmt == 3 else 32, BLOCK_K=128))

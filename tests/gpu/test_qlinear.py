@@ -52,6 +52,18 @@ def test_qlinear_matches_the_dequantized_product(name, rows, split, device):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_bias_and_output_dtype(split, device):
+    """The bias added in float32 and the sum rounded once to the output dtype, split or not."""
+    w = WEIGHTS["Q6_K"]
+    g = torch.Generator().manual_seed(3)
+    x, bias = torch.randn(3, w.in_features, generator=g), torch.randn(w.out_features, generator=g)
+    want = (x @ w.dequantize().T + bias).half()
+    got = qlinear.linear(x.to(device), gpu_layout(w).to(device), bias.to(device), torch.float16, split=split).cpu()
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
 def test_half_precision_activations(device):
     w = WEIGHTS["Q4_K"]
     x = torch.randn(5, w.in_features, generator=torch.Generator().manual_seed(1))

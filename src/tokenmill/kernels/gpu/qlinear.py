@@ -61,9 +61,9 @@ def _tile(low, high, scales, mins, supers, n, k0, K, FMT: tl.constexpr, GROUP: t
 
 
 @triton.jit
-def _qlinear_kernel(x, low, high, scales, mins, supers, out, M, N, K, stride_xm, tiles_per_split,
+def _qlinear_kernel(x, low, high, scales, mins, supers, bias, out, M, N, K, stride_xm, tiles_per_split,
                     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [1, BN]
@@ -83,10 +83,12 @@ def _qlinear_kernel(x, low, high, scales, mins, supers, out, M, N, K, stride_xm,
             acc += tl.dot(x_lo, w_lo.to(x_lo.dtype))
             acc += tl.dot(x_hi, w_hi.to(x_hi.dtype))
     mask = (rows < M) & (cols < N)
-    if SPLIT:
+    if SPLIT:  # float32 partial sums; the caller adds the bias and rounds
         tl.atomic_add(out + rows * N + cols, acc, mask=mask)
     else:
-        tl.store(out + rows * N + cols, acc, mask=mask)
+        if HAS_BIAS:
+            acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(out + rows * N + cols, acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -113,13 +115,16 @@ def _multiprocessors(device: torch.device) -> int:
     return 1 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def linear(x: torch.Tensor, w: GpuWeight, split: int | None = None) -> torch.Tensor:
-    """x [M, in] (float32, float16 or bfloat16) @ W^T -> float32 [M, out]. `split`: K splits at most (default:
-    enough programs for two per multiprocessor; a divisor of the K tiles is taken)."""
+def linear(x: torch.Tensor, w: GpuWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+           split: int | None = None) -> torch.Tensor:
+    """x [M, in] (float32, float16 or bfloat16) @ W^T (+ bias, float32 [out]) -> [M, out] in out_dtype (default
+    float32), rounded once. `split`: K splits at most (default: enough programs for two per multiprocessor; a
+    divisor of the K tiles is taken); split products sum in float32 first."""
     m, k = x.shape
     n = w.out_features
+    out_dtype = out_dtype or torch.float32
     if m == 0:
-        return torch.empty(0, n, dtype=torch.float32, device=x.device)
+        return torch.empty(0, n, dtype=out_dtype, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 64 else 128
@@ -132,12 +137,15 @@ def linear(x: torch.Tensor, w: GpuWeight, split: int | None = None) -> torch.Ten
         split = max(1, 2 * _multiprocessors(x.device) // programs)
     split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)  # splits of whole, equal tile counts
     per_split = tiles // split
-    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x.device)
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
+        torch.empty(m, n, dtype=out_dtype, device=x.device)
     tensors, fmt, group = _args(w)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    _qlinear_kernel[grid](x, *tensors, out, m, n, k, x.stride(0), per_split, FMT=fmt, GROUP=group,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split > 1,
-                          IEEE=x.dtype == torch.float32)
+    _qlinear_kernel[grid](x, *tensors, w.scales if bias is None else bias, out, m, n, k, x.stride(0), per_split,
+                          FMT=fmt, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split > 1,
+                          IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None)
+    if split > 1:
+        out = (out if bias is None else out.add_(bias)).to(out_dtype)
     return out
 
 

@@ -77,13 +77,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.on_gpu or rows.shape[0] <= self.max_kernel_rows:
-            if self.on_gpu:
-                from tokenmill.kernels.gpu import qlinear
-                outs = [qlinear.linear(rows, p.weight) for p in self.parts]
-            else:
-                xf = rows.float().contiguous()
-                outs = [quant_ops.linear(xf, p.weight) for p in self.parts]
+        if self.on_gpu:
+            return self._gpu_forward(rows).view(*x.shape[:-1], self.out_features)
+        if rows.shape[0] <= self.max_kernel_rows:
+            xf = rows.float().contiguous()
+            outs = [quant_ops.linear(xf, p.weight) for p in self.parts]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             out = (out if self.bias is None else out.add_(self.bias)).to(x.dtype)
         else:
@@ -93,6 +91,18 @@ class QuantizedLinear(nn.Module):
             if self.bias is not None:
                 out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _gpu_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """The Triton kernel per part, each adding its slice of the bias and writing rows' dtype."""
+        from tokenmill.kernels.gpu import qlinear
+
+        outs, start = [], 0
+        for p in self.parts:
+            n = p.weight.out_features
+            bias = None if self.bias is None else self.bias[start:start + n]
+            outs.append(qlinear.linear(rows, p.weight, bias, rows.dtype))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         formats = ", ".join(p.weight.format_name for p in self.parts)
