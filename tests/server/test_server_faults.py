@@ -63,7 +63,8 @@ def test_poisoned_requests_beside_eight_greedy_streams(srv):
         t.start()
     for poison in POISONS:
         for stream in (False, True):
-            content = json.dumps({"prompt": "hi", "max_tokens": 4, "stream": stream, **poison})  # NaN/Infinity raw
+            # NaN/Infinity raw; EOS ignored: a sampled poison may draw it within 4 tokens, and a 200 must run to length
+            content = json.dumps({"prompt": "hi", "max_tokens": 4, "stream": stream, "ignore_eos": True, **poison})
             r = httpx.post(f"{srv.url}/v1/completions", content=content, timeout=60,
                            headers={"Content-Type": "application/json"})
             assert r.status_code in (200, 400), (poison, r.status_code, r.text)
