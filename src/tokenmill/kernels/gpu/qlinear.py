@@ -9,6 +9,8 @@ all stream weights.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -111,6 +113,21 @@ def _args(w: GpuWeight) -> tuple:
     return tuple(w.scales if a is None else a for a in t), FORMATS.index(w.fmt), w.group
 
 
+@functools.lru_cache(maxsize=4096)
+def _config(m: int, n: int, k: int, multiprocessors: int, split: int | None) -> tuple[int, int, int, int]:
+    """Block sizes and K splits of one product shape (cached: the decode loop asks for the same few every step)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if m <= 64 else 128
+    if interpreting():  # NumPy runs the programs one by one: few, wide ones
+        block_n = min(1024, max(64, triton.next_power_of_2(n)))
+    block_k = _block_k(k)
+    tiles = k // block_k
+    if split is None:
+        split = max(1, 2 * multiprocessors // (triton.cdiv(m, block_m) * triton.cdiv(n, block_n)))
+    split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)  # splits of whole, equal tile counts
+    return block_m, block_n, block_k, split
+
+
 def _multiprocessors(device: torch.device) -> int:
     return 1 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -126,17 +143,8 @@ def linear(x: torch.Tensor, w: GpuWeight, bias: torch.Tensor | None = None, out_
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64 if m <= 64 else 128
-    if interpreting():  # NumPy runs the programs one by one: few, wide ones
-        block_n = min(1024, max(64, triton.next_power_of_2(n)))
-    block_k = _block_k(k)
-    tiles = k // block_k
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split is None:
-        split = max(1, 2 * _multiprocessors(x.device) // programs)
-    split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)  # splits of whole, equal tile counts
-    per_split = tiles // split
+    block_m, block_n, block_k, split = _config(m, n, k, _multiprocessors(x.device), split)
+    per_split = k // block_k // split
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=out_dtype, device=x.device)
     tensors, fmt, group = _args(w)
