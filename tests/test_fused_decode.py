@@ -208,9 +208,9 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(bits, group, tiled):
     torch.manual_seed(0)
     w = quantize_rtn(torch.randn(40, 576), bits, group)
     w = w.tile() if tiled else w
-    x = torch.randn(23, 576)
+    x = torch.randn(83, 576)  # 64 rows and more: AMX tile products where the CPU has them
     alone = torch.cat([quant_ops.linear(x[i:i + 1].contiguous(), w) for i in range(len(x))])
-    for m in (2, 3, 4, 5, 7, 16, 23):
+    for m in (2, 3, 4, 5, 7, 16, 23, 64, 83):
         assert torch.equal(quant_ops.linear(x[:m].contiguous(), w), alone[:m])
 
 

@@ -157,6 +157,28 @@ def test_vnni_build_gives_bit_identical_outputs(qtype, tiled, rows):
     assert torch.equal(*outs)
 
 
+@pytest.mark.skipif(not (quant_ops.available() and build.AMX_CPU_FLAGS | build.VNNI_CPU_FLAGS <= cpu_flags()),
+                    reason="CPU lacks AMX")
+@pytest.mark.parametrize("rows", [64, 65, 89, 100])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_0])
+def test_amx_build_gives_bit_identical_outputs(qtype, rows):
+    """AMX's tile products (64 rows and more: whole 16s of rows, the rest on zmm) give the VNNI build's outputs bit
+    for bit, for every packed format (72 rows leave an odd tile for the ymm path)."""
+    weight = repack(_gguf_tensor(qtype, 72, 512, seed=rows)).tile()
+    x = torch.randn(rows, 512) * 3
+    outs = []
+    for flags in (build.VNNI_CXXFLAGS, build.AMX_CXXFLAGS):
+        out = torch.empty(rows, 72)
+        matrix = ctypes.byref(quant_ops.QMatrix.of(weight))
+        build.load_library(flags).tm_linear(x.data_ptr(), rows, matrix, out.data_ptr())
+        outs.append(out)
+    assert build.load_library(build.AMX_CXXFLAGS).tm_amx_in_use()
+    assert not build.load_library(build.VNNI_CXXFLAGS).tm_amx_in_use()
+    assert torch.equal(*outs)
+    ref = x @ weight.dequantize().T
+    assert (outs[1] - ref).abs().max() <= KERNEL_RTOL * ref.abs().max()
+
+
 @pytest.mark.parametrize("bits,group,scale_dtype", [(4, 32, torch.float16), (4, 64, torch.float32),
                                                     (8, None, torch.float32), (8, 32, torch.float16)])
 def test_tiled_layout_keeps_every_value(bits, group, scale_dtype):

@@ -99,7 +99,7 @@ class LLM:
         if self.device == "cuda":
             kernels = "Triton kernels" + (" (interpreted on the CPU)" if self.engine.runner.gpu.type == "cpu" else "")
         elif native.available() and self.dtype == torch.float32:  # the native kernels take float32 activations
-            kernels = f"native kernels ({'AVX-512 VNNI' if kernel_build.isa_flags() else 'AVX2'})"
+            kernels = f"native kernels ({kernel_build.isa_name(native.library())})"
         else:
             kernels = "PyTorch kernels"
         runner = self.engine.runner

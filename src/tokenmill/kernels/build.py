@@ -29,12 +29,25 @@ REQUIRED_FLAGS = frozenset({"avx2", "fma", "f16c"})
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 VNNI_CXXFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_int8"})
+AMX_CXXFLAGS = (*VNNI_CXXFLAGS, "-mamx-tile", "-mamx-int8")
 
 
 def isa_flags() -> tuple[str, ...]:
     """Compiler flags beyond AVX2 that this CPU allows: AVX512-VNNI makes each int8 dot one instruction
-    (vpdpbusd) instead of three. The integer sums are the same, so results do not change with the build."""
-    return VNNI_CXXFLAGS if VNNI_CPU_FLAGS <= cpu_flags() else ()
+    (vpdpbusd) instead of three; AMX multiplies 16 rows by 16 over a 32-block in one (products of 16 rows and
+    more). The integer sums are the same, so results do not change with the build."""
+    flags = cpu_flags()
+    if not VNNI_CPU_FLAGS <= flags:
+        return ()
+    return AMX_CXXFLAGS if AMX_CPU_FLAGS <= flags else VNNI_CXXFLAGS
+
+
+def isa_name(lib: ctypes.CDLL) -> str:
+    """What the kernel build `lib` runs on here, in words (for logs and benchmark records)."""
+    if lib.tm_amx_in_use():
+        return "AVX-512 VNNI + AMX"
+    return "AVX-512 VNNI" if isa_flags() else "AVX2"
 
 
 class KernelBuildError(RuntimeError):
@@ -102,6 +115,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.tm_amx_in_use.argtypes, lib.tm_amx_in_use.restype = [], ctypes.c_int
     return lib
 
 

@@ -251,6 +251,8 @@ void tm_linear(const float* x, int M, const QMatrix* w, float* out) {
   }
 }
 
+int tm_amx_in_use() { return amx_in_use(); }
+
 // Float32 rows of the weight: all N rows when rows == nullptr, else the listed ones (an embedding lookup).
 void tm_dequantize(const QMatrix* w, const int64_t* rows, int64_t num_rows, float* out) {
   const int K = w->K, nb = K / QK;

@@ -29,6 +29,12 @@
 #include <string.h>
 
 #include <type_traits>
+#include <vector>
+
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "quant_linear.h"
 #include "simd_int8.h"
@@ -257,6 +263,22 @@ inline typename V::I shift16(typename V::I v, int n) {
   return n >= 0 ? V::shl16(v, n) : V::shr16(v, -n);
 }
 
+// The codes of chunk c of the tile(s) at q (low nibbles) and qh (high bits) of a block, as bytes: ql the chunk's
+// elements 4c..4c+3, qhi 16+4c..16+4c+3 (Q6_K: 0..63, Q5_0: 0..31; the offset not taken off).
+template <typename V, Kind KIND>
+inline void high_bit_codes(const uint8_t* q, const uint8_t* qh, int nb, int c, typename V::I& ql, typename V::I& qhi) {
+  using I = typename V::I;
+  constexpr bool q6 = KIND == Kind::kQ6K;
+  constexpr int high_bytes = q6 ? 64 : 32;
+  const I h = V::load(qh + (q6 && c >= 2 ? 32 : 0), static_cast<int64_t>(nb) * high_bytes);
+  const I mask = V::set1_8(q6 ? 0x30 : 0x10);
+  // the high bits of this chunk's low-nibble and high-nibble elements, moved to bit 4 (and 5)
+  const int lo_shift = q6 ? (c % 2 ? 0 : 4) : 4 - 2 * c, hi_shift = q6 ? (c % 2 ? -2 : 2) : 3 - 2 * c;
+  const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
+  ql = V::or_(V::nibbles(p, 0), V::and_(shift16<V>(h, lo_shift), mask));
+  qhi = V::or_(V::nibbles(p, 4), V::and_(shift16<V>(h, hi_shift), mask));
+}
+
 // Integer block sums of the formats whose codes are a low nibble and high bits (Q6_K: 2, offset 32; Q5_0: 1,
 // offset 16), one per 16-element half (Q6_K gives each half its own scale): lo[i] lane r = (q_r - offset) . x_i
 // over the block's first 16 elements, hi[i] over its last 16. Codes are unsigned bytes (below 64) against signed
@@ -272,7 +294,6 @@ inline void high_bit_block_sums(const QMatrix& w, int64_t t, int b, const QActiv
   const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * high_bytes;
   prefetch_ahead(q, 128);
   prefetch_ahead(qh, high_bytes);
-  const I mask = V::set1_8(q6 ? 0x30 : 0x10);
 #ifdef TM_HAS_TILE16
   if constexpr (kPairChunks<V, MT>) {
     const __m512i xb = x_block(x.q + b * QK), low = _mm512_set1_epi8(0x0F), zmask = _mm512_set1_epi8(q6 ? 0x30 : 0x10);
@@ -295,15 +316,10 @@ inline void high_bit_block_sums(const QMatrix& w, int64_t t, int b, const QActiv
   }
 #endif
   for (int i = 0; i < MT; ++i) lo[i] = hi[i] = V::zero();
-  I h = V::load(qh, static_cast<int64_t>(nb) * high_bytes);
   I lo16[MT], hi16[MT];  // without VNNI: int16 sums of two chunks stay below 2 * 2 * 63 * 127 = 32004
   for (int c = 0; c < 4; ++c) {
-    if (q6 && c == 2) h = V::load(qh + 32, static_cast<int64_t>(nb) * high_bytes);
-    // the high bits of this chunk's low-nibble and high-nibble elements, moved to bit 4 (and 5)
-    const int lo_shift = q6 ? (c % 2 ? 0 : 4) : 4 - 2 * c, hi_shift = q6 ? (c % 2 ? -2 : 2) : 3 - 2 * c;
-    const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
-    const I ql = V::or_(V::nibbles(p, 0), V::and_(shift16<V>(h, lo_shift), mask));
-    const I qhi = V::or_(V::nibbles(p, 4), V::and_(shift16<V>(h, hi_shift), mask));
+    I ql, qhi;
+    high_bit_codes<V, KIND>(q, qh, nb, c, ql, qhi);
     for (int i = 0; i < MT; ++i) {
       const int8_t* xc = x.q + static_cast<int64_t>(i) * K + b * QK + 4 * c;
       const I xl = V::set1(chunk_at(xc)), xh = V::set1(chunk_at(xc + 16));
@@ -395,6 +411,219 @@ void qmatmul_tiles(const QMatrix& w, const QActivations& a, int M, float* out, i
     store_tile_all_rows<V, KIND>(w, static_cast<int64_t>(g) * V::kTiles, a, M, out, ldo, bias, accumulate);
 }
 
+#if defined(TM_HAS_TILE16) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define TM_HAS_AMX 1
+// AMX (Xeon 4th generation on): one tile product multiplies 16 activation rows by 16 weight rows over a whole
+// 32-block (8192 byte products), where the zmm loop needs 128 vpdpbusd. The int32 block sums it gives are the zmm
+// loop's (signed activations against the codes: tdpbsud, or tdpbssd for int8), and the float arithmetic after
+// them is the same per output, so a row's result does not change with the path (verify chunks must reproduce
+// decoding). Per group of 16 weight rows, its codes are laid out once as the products' B tiles (K/4 rows of
+// 16 x 4 bytes per block) and its scales expanded to floats, both reused for every 16 activation rows; the
+// rows past the last 16 take the zmm loop.
+
+// Linux hands AMX's 8 KB of tile state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM); a child
+// forked after it keeps the permission.
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+}
+
+// Two sets of tile registers, so a block's products run while the previous block's sums are scaled. One 32-block
+// product per set: A (16 activation rows x 32 bytes), B (8 code rows of 16 x 4 bytes), C (16 x 16 int32) in tmm0-2
+// and tmm3-5. Q6_K's 16-halves have scales of their own: A's halves (16 x 16 bytes) in tmm0-1, B's (4 rows)
+// in tmm2-3, shared by both sets; C's halves in tmm4-5 and tmm6-7.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr TileConfig tile_config(bool halves) {
+  TileConfig c{};
+  const uint16_t colsb[2][8] = {{32, 64, 64, 32, 64, 64, 0, 0}, {16, 16, 64, 64, 64, 64, 64, 64}};
+  const uint8_t rows[2][8] = {{16, 8, 16, 16, 8, 16, 0, 0}, {16, 16, 4, 4, 16, 16, 16, 16}};
+  for (int i = 0; i < 8; ++i) {
+    c.colsb[i] = colsb[halves][i];
+    c.rows[i] = rows[halves][i];
+  }
+  return c;
+}
+
+// C += A . B: int8 weights are signed, every other format's codes unsigned.
+#define TM_TILE_DOT(KIND, c, a, b) \
+  do {                             \
+    if constexpr (KIND == Kind::kInt8) _tile_dpbssd(c, a, b); else _tile_dpbsud(c, a, b); \
+  } while (0)
+
+// Block b's products for 16 activation rows at xb (as amx_activations lays them out) against its B tile(s) at bt, in set S,
+// stored as int32 rows of 16 in c (kQ6K: the first halves', then the second halves' at c + 256). GCC's tile
+// intrinsics take register numbers as literals.
+template <Kind KIND, int S>
+inline void amx_block(const int8_t* xb, const uint8_t* bt, int32_t* c) {
+  if constexpr (KIND == Kind::kQ6K) {
+    _tile_loadd(0, xb, 32);
+    _tile_loadd(1, xb + 16, 32);
+    _tile_loadd(2, bt, 64);
+    _tile_loadd(3, bt + 256, 64);
+    if constexpr (S == 0) {
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_dpbsud(4, 0, 2);
+      _tile_dpbsud(5, 1, 3);
+      _tile_stored(4, c, 64);
+      _tile_stored(5, c + 256, 64);
+    } else {
+      _tile_zero(6);
+      _tile_zero(7);
+      _tile_dpbsud(6, 0, 2);
+      _tile_dpbsud(7, 1, 3);
+      _tile_stored(6, c, 64);
+      _tile_stored(7, c + 256, 64);
+    }
+  } else if constexpr (S == 0) {
+    _tile_loadd(0, xb, 32);
+    _tile_loadd(1, bt, 64);
+    _tile_zero(2);
+    TM_TILE_DOT(KIND, 2, 0, 1);
+    _tile_stored(2, c, 64);
+  } else {
+    _tile_loadd(3, xb, 32);
+    _tile_loadd(4, bt, 64);
+    _tile_zero(5);
+    TM_TILE_DOT(KIND, 5, 3, 4);
+    _tile_stored(5, c, 64);
+  }
+}
+#undef TM_TILE_DOT
+
+constexpr int kAmxRows = 16;  // activation rows per tile product
+// Fewer rows stay on the zmm loop: laying out a group's weights costs as much as ~2 tile passes over it, and per
+// pass the products' float scaling (the same work as the zmm loop's) is most of the time (Qwen2.5-1.5B's shapes
+// on 2 cores, AVX-512 + AMX: Q4_K 0.8x at 16 rows, ~1.0x at 32, 1.15-1.3x from 64; Q6_K 1.0x, 1.3x, 1.5x).
+constexpr int kAmxMinRows = 64;
+
+// Tiles t and t + 1 as the products' B tiles, block after block (kQ6K: the first halves' 4 rows, then the
+// second halves'), and per block their 16 rows' scales s and mins m (block_scales8) as floats in scales.
+template <Kind KIND>
+void amx_weights(const QMatrix& w, int64_t t, uint8_t* codes, float* scales) {
+  using V = Tile16;
+  const int nb = w.K / QK;
+  for (int b = 0; b < nb; ++b) {
+    __m512i rows[8];
+    if constexpr (KIND == Kind::kInt8) {
+      const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 256;
+      for (int c = 0; c < 8; ++c) rows[c] = V::load(q + c * 32, static_cast<int64_t>(nb) * 256);
+    } else if constexpr (KIND == Kind::kQ6K || KIND == Kind::kQ5_0) {
+      const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
+      const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * (KIND == Kind::kQ6K ? 64 : 32);
+      for (int c = 0; c < 4; ++c) high_bit_codes<V, KIND>(q, qh, nb, c, rows[c], rows[4 + c]);
+    } else {
+      const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
+      for (int c = 0; c < 4; ++c) {
+        const __m512i p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
+        rows[c] = V::nibbles(p, 0);
+        rows[4 + c] = V::nibbles(p, 4);
+      }
+    }
+    for (int c = 0; c < 8; ++c) _mm512_storeu_si512(codes + (static_cast<int64_t>(b) * 8 + c) * 64, rows[c]);
+    __m256 s8[2], m8[2];
+    for (int j = 0; j < 2; ++j) block_scales8<KIND>(w, t + j, b, s8[j], m8[j]);
+    V::storef(scales + b * 32, V::join(s8));
+    V::storef(scales + b * 32 + 16, V::join(m8));
+  }
+}
+
+// The activation rows' codes of each 16 rows and block as the products' A tile: 16 x 32 bytes, contiguous (read
+// with the rows K bytes apart, a tile load touches 16 lines for 32 bytes of each and held the products back).
+void amx_activations(const QActivations& a, int M, int K, int8_t* packed) {
+  const int nb = K / QK;
+  for (int m0 = 0; m0 + kAmxRows <= M; m0 += kAmxRows)
+    for (int b = 0; b < nb; ++b)
+      for (int i = 0; i < kAmxRows; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + ((static_cast<int64_t>(m0) * nb + b * kAmxRows + i) * QK)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + static_cast<int64_t>(m0 + i) * K + b * QK)));
+}
+
+// Rows m0..m0+15 against tiles t and t + 1 (laid out by amx_weights): tile_rows' arithmetic on the integer sums
+// the tile products give.
+template <Kind KIND>
+void amx_rows(const QMatrix& w, int64_t t, const uint8_t* codes, const float* scales, const QActivations& a,
+              const int8_t* packed, int m0, float* out, int64_t ldo, const float* bias, bool accumulate) {
+  using V = Tile16;
+  const int K = w.K, nb = K / QK;
+  const QActivations x = a.from(m0, K);
+  alignas(64) int32_t sums[2][2 * kAmxRows * 16];  // a set's C tiles, as stored
+  __m512 r[kAmxRows];
+  for (int i = 0; i < kAmxRows; ++i) r[i] = V::zerof();
+  const auto product = [&](auto set, int b) {
+    if (b < nb)
+      amx_block<KIND, decltype(set)::value>(packed + (static_cast<int64_t>(m0) * nb + b * kAmxRows) * QK,
+                                            codes + static_cast<int64_t>(b) * 512, sums[set]);
+  };
+  product(std::integral_constant<int, 0>{}, 0);
+  for (int b = 0; b < nb; ++b) {
+    if (b % 2)
+      product(std::integral_constant<int, 0>{}, b + 1);
+    else
+      product(std::integral_constant<int, 1>{}, b + 1);
+    const int32_t* c0 = sums[b % 2];
+    const int32_t* c1 = c0 + 256;
+    const __m512 ws = V::loadf(scales + b * 32), wm = V::loadf(scales + b * 32 + 16);
+    for (int i = 0; i < kAmxRows; ++i) {
+      const __m512 xd = V::bcast(x.d + i * nb + b);
+      if constexpr (KIND == Kind::kQ6K || KIND == Kind::kQ5_0) {
+        constexpr int offset = KIND == Kind::kQ6K ? 32 : 16;
+        const int32_t* h = x.h + static_cast<int64_t>(i) * (K / 16) + 2 * b;
+        const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(c0 + 16 * i), _mm512_set1_epi32(offset * h[0]));
+        if constexpr (KIND == Kind::kQ6K) {
+          const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(c1 + 16 * i), _mm512_set1_epi32(offset * h[1]));
+          r[i] = V::fmadd(V::cvt(lo), V::mul(ws, xd), r[i]);
+          r[i] = V::fmadd(V::cvt(hi), V::mul(wm, xd), r[i]);
+        } else {  // the zmm loop's (lo - 16 h0) + (hi - 16 h1), as one sum
+          r[i] = V::fmadd(V::cvt(_mm512_sub_epi32(lo, _mm512_set1_epi32(offset * h[1]))), V::mul(ws, xd), r[i]);
+        }
+      } else {
+        r[i] = V::fmadd(V::cvt(_mm512_load_si512(c0 + 16 * i)), V::mul(ws, xd), r[i]);
+        if constexpr (KIND != Kind::kInt8) r[i] = V::fmadd(wm, V::bcast(x.s + i * nb + b), r[i]);
+      }
+    }
+  }
+  const __m512 bv = bias ? V::loadf(bias + t * 8) : V::zerof();
+  for (int i = 0; i < kAmxRows; ++i) {
+    float* o = out + static_cast<int64_t>(m0 + i) * ldo + t * 8;
+    const __m512 v = V::add(r[i], bv);
+    V::storef(o, accumulate ? V::add(V::loadf(o), v) : v);
+  }
+}
+
+// qmatmul_tiles for M >= kAmxRows: tile products for the whole 16s of rows, the zmm loop for the rest.
+template <Kind KIND>
+void qmatmul_amx(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
+                 bool accumulate) {
+  static constexpr TileConfig config = tile_config(KIND == Kind::kQ6K);
+  const int nb = w.K / QK, groups = w.N / 16, whole = M / kAmxRows * kAmxRows;
+  thread_local std::vector<uint8_t> codes;
+  thread_local std::vector<float> scales;
+  thread_local std::vector<int8_t> packed;  // each thread its own copy: no barrier before the products
+  codes.resize(static_cast<size_t>(nb) * 512);
+  scales.resize(static_cast<size_t>(nb) * 32);
+  packed.resize(static_cast<size_t>(whole) * w.K);
+  amx_activations(a, M, w.K, packed.data());
+  _tile_loadconfig(&config);
+#pragma omp for schedule(static)
+  for (int g = 0; g < groups; ++g) {
+    const int64_t t = 2 * static_cast<int64_t>(g);
+    amx_weights<KIND>(w, t, codes.data(), scales.data());
+    for (int m = 0; m < whole; m += kAmxRows)
+      amx_rows<KIND>(w, t, codes.data(), scales.data(), a, packed.data(), m, out, ldo, bias, accumulate);
+    by_groups<Tile16::kRows>(M - whole, [&](auto rows, int m) {
+      store_tile<Tile16, KIND, decltype(rows)::value>(w, t, a, whole + m, out, ldo, bias, accumulate);
+    });
+  }
+  _tile_release();
+}
+#endif
+
 // zmm pairs of tiles above Tile8::kRows activation rows: one pass over the weights where ymm needs two
 // (int4, 5-8 rows: 1.0-1.65x faster on Zen 4; a batch-1 verify of 4 drafts is 5 rows), 1.3-1.45x at 16-512 rows;
 // int8 (SmolLM2's 49k x 576 output layer), 16-64 rows: 1.25x over ymm with the same offset trick. Up to 4 rows,
@@ -404,7 +633,12 @@ void qmatmul_kind(const QMatrix& w, const QActivations& a, int M, float* out, in
                   bool accumulate) {
 #ifdef TM_HAS_TILE16
   if (M > Tile8::kRows) {
-    qmatmul_tiles<Tile16, KIND>(w, a, M, out, ldo, bias, accumulate);
+#ifdef TM_HAS_AMX
+    if (M >= kAmxMinRows && amx_permitted())
+      qmatmul_amx<KIND>(w, a, M, out, ldo, bias, accumulate);
+    else
+#endif
+      qmatmul_tiles<Tile16, KIND>(w, a, M, out, ldo, bias, accumulate);
     if ((w.N / 8) % 2 == 0) return;
     // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
 #pragma omp single
@@ -439,6 +673,14 @@ void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, i
     qmatmul_kind<Kind::kInt4>(w, a, M, out, ldo, bias, accumulate);
   else
     qmatmul_kind<Kind::kInt8>(w, a, M, out, ldo, bias, accumulate);
+}
+
+bool amx_in_use() {
+#ifdef TM_HAS_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
 }
 
 void dequantize_kquant_block(const QMatrix& w, int64_t n, int b, float* out) {
