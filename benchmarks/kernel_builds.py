@@ -7,21 +7,27 @@ Run:  python benchmarks/kernel_builds.py --model qwen2.5-coder-1.5b --out benchm
 Per round and build: the time to the first token of a --prompt-len prompt of random tokens (prefix caching off,
 so every round prefills it all; the fused step runs it in chunks of max_num_batched_tokens rows), and a decode
 of --batch sequences for --decode-tokens tokens each after a short prompt (decode steps of --batch rows).
-Builds: AVX2, AVX-512 VNNI, and AVX-512 VNNI + AMX (tile products for 64 rows and more), as the CPU allows.
+Builds: AVX2, AVX-512 VNNI, and AVX-512 VNNI + AMX (tile products for 32 rows and more), as the CPU allows.
 Reports medians; the builds give bit-identical outputs (tests/test_quantized_linear.py), checked here too.
+--matmul-rows R1 R2 ...: also one product of each distinct packed matrix of the first layer and the LM head, per
+row count, per build (GMAC/s), to find where a build starts to pay.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import random
 import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from tokenmill import LLM, SamplingParams
 from tokenmill.hardware import cpu_flags, describe
-from tokenmill.kernels import build, native
+from tokenmill.kernels import build, native, quant_ops
+from tokenmill.model.layers.quantized import QuantizedLinear
 
 
 def builds() -> dict[str, tuple[str, ...]]:
@@ -38,6 +44,35 @@ def use(flags: tuple[str, ...]) -> None:
     native.library.cache_clear()
 
 
+def matmul_lines(llm: LLM, kinds: dict[str, tuple[str, ...]], rows: list[int], rounds: int) -> list[str]:
+    """GMAC/s of one tm_linear per packed matrix shape and format (first layer, LM head), builds taking turns."""
+    matrices = {}
+    for name, module in llm.model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            for part in module.parts:
+                w = part.weight
+                matrices.setdefault((w.kquant or f"int{w.bits}", w.out_features, w.in_features), (name, w))
+    header = " | ".join(f"{name} GMAC/s" for name in kinds)
+    lines = ["", f"| matrix | format | N x K | rows | {header} | best |",
+             "|---|---|---|---:|" + "---:|" * len(kinds) + "---|"]
+    for (fmt, n, k), (name, w) in matrices.items():
+        matrix = ctypes.byref(quant_ops.QMatrix.of(w))
+        for m in rows:
+            x, out = torch.randn(m, k), torch.empty(m, n)
+            times: dict[str, list[float]] = {kind: [] for kind in kinds}
+            for r in range(rounds + 1):
+                for kind, flags in kinds.items():
+                    lib = build.load_library(flags)
+                    started = time.perf_counter()
+                    lib.tm_linear(x.data_ptr(), m, matrix, out.data_ptr())
+                    if r:
+                        times[kind].append(time.perf_counter() - started)
+            rates = {kind: m * n * k / statistics.median(t) / 1e9 for kind, t in times.items()}
+            cells = " | ".join(f"{rates[kind]:.0f}" for kind in kinds)
+            lines.append(f"| {name} | {fmt} | {n} x {k} | {m} | {cells} | {max(rates, key=rates.get)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -45,6 +80,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--matmul-rows", type=int, nargs="*", default=[])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     llm = LLM(args.model, enable_prefix_caching=False)
@@ -78,6 +114,8 @@ def main() -> None:
                      f"{statistics.median(times[name]['decode']):.1f} |")
     same = all(t == next(iter(tokens.values())) for t in tokens.values())
     lines.append(f"greedy tokens identical across builds: {same}")
+    if args.matmul_rows:
+        lines += matmul_lines(llm, kinds, args.matmul_rows, args.rounds)
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

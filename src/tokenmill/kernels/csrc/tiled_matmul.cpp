@@ -459,7 +459,7 @@ constexpr TileConfig tile_config(bool halves) {
 // stored as int32 rows of 16 in c (kQ6K: the first halves', then the second halves' at c + 256). GCC's tile
 // intrinsics take register numbers as literals.
 template <Kind KIND, int S>
-inline void amx_block(const int8_t* xb, const uint8_t* bt, int32_t* c) {
+__attribute__((always_inline)) inline void amx_block(const int8_t* xb, const uint8_t* bt, int32_t* c) {
   if constexpr (KIND == Kind::kQ6K) {
     _tile_loadd(0, xb, 32);
     _tile_loadd(1, xb + 16, 32);
@@ -497,10 +497,12 @@ inline void amx_block(const int8_t* xb, const uint8_t* bt, int32_t* c) {
 #undef TM_TILE_DOT
 
 constexpr int kAmxRows = 16;  // activation rows per tile product
-// Fewer rows stay on the zmm loop: laying out a group's weights costs as much as ~2 tile passes over it, and per
-// pass the products' float scaling (the same work as the zmm loop's) is most of the time (Qwen2.5-1.5B's shapes
-// on 2 cores, AVX-512 + AMX: Q4_K 0.8x at 16 rows, ~1.0x at 32, 1.15-1.3x from 64; Q6_K 1.0x, 1.3x, 1.5x).
-constexpr int kAmxMinRows = 64;
+
+// Fewer rows stay on the zmm loop: laying out a group's weights costs about a tile pass over it, and per pass the
+// products' float scaling (the zmm loop's own arithmetic) is much of the time (Qwen2.5-1.5B's shapes on 2 cores,
+// AVX-512 + AMX, benchmarks/kernel_builds.py: Q4_K 0.9-1.0x at 16 rows, 1.15-1.2x at 32, 1.3-1.45x from 64;
+// Q6_K 1.1x, 1.2x, 1.45x).
+constexpr int kAmxMinRows = 32;
 
 // Tiles t and t + 1 as the products' B tiles, block after block (kQ6K: the first halves' 4 rows, then the
 // second halves'), and per block their 16 rows' scales s and mins m (block_scales8) as floats in scales.
@@ -554,21 +556,24 @@ void amx_rows(const QMatrix& w, int64_t t, const uint8_t* codes, const float* sc
   const QActivations x = a.from(m0, K);
   alignas(64) int32_t sums[2][2 * kAmxRows * 16];  // a set's C tiles, as stored
   __m512 r[kAmxRows];
+#pragma GCC unroll 16
   for (int i = 0; i < kAmxRows; ++i) r[i] = V::zerof();
-  const auto product = [&](auto set, int b) {
-    if (b < nb)
-      amx_block<KIND, decltype(set)::value>(packed + (static_cast<int64_t>(m0) * nb + b * kAmxRows) * QK,
-                                            codes + static_cast<int64_t>(b) * 512, sums[set]);
-  };
-  product(std::integral_constant<int, 0>{}, 0);
+  // Block b + 1's products run while block b's sums are scaled.
+  const int8_t* xa = packed + static_cast<int64_t>(m0) * nb * QK;
+  amx_block<KIND, 0>(xa, codes, sums[0]);
   for (int b = 0; b < nb; ++b) {
-    if (b % 2)
-      product(std::integral_constant<int, 0>{}, b + 1);
-    else
-      product(std::integral_constant<int, 1>{}, b + 1);
+    if (b + 1 < nb) {
+      const int8_t* xn = xa + static_cast<int64_t>(b + 1) * kAmxRows * QK;
+      const uint8_t* cn = codes + static_cast<int64_t>(b + 1) * 512;
+      if (b % 2)
+        amx_block<KIND, 0>(xn, cn, sums[0]);
+      else
+        amx_block<KIND, 1>(xn, cn, sums[1]);
+    }
     const int32_t* c0 = sums[b % 2];
     const int32_t* c1 = c0 + 256;
     const __m512 ws = V::loadf(scales + b * 32), wm = V::loadf(scales + b * 32 + 16);
+#pragma GCC unroll 16
     for (int i = 0; i < kAmxRows; ++i) {
       const __m512 xd = V::bcast(x.d + i * nb + b);
       if constexpr (KIND == Kind::kQ6K || KIND == Kind::kQ5_0) {
@@ -589,6 +594,7 @@ void amx_rows(const QMatrix& w, int64_t t, const uint8_t* codes, const float* sc
     }
   }
   const __m512 bv = bias ? V::loadf(bias + t * 8) : V::zerof();
+#pragma GCC unroll 16  // every index a constant, so r can stay in registers
   for (int i = 0; i < kAmxRows; ++i) {
     float* o = out + static_cast<int64_t>(m0 + i) * ldo + t * 8;
     const __m512 v = V::add(r[i], bv);
