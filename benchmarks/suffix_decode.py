@@ -1,4 +1,5 @@
-"""Issue 23 scoreboard: suffix decoding against prompt lookup (n-gram) and no speculation, on work that repeats text.
+"""Issue 23 scoreboard: suffix decoding, prompt lookup (n-gram) and their per-request mix against no speculation, on
+work that repeats text.
 
 Run:  python benchmarks/suffix_decode.py --model qwen2.5-coder-1.5b --out benchmarks/results/suffix_decode_qwen
       (quiet machine; --model omitted: the default model)
@@ -31,6 +32,7 @@ CONFIGS = {
     "none": None,
     "ngram k=7": {"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
     "suffix k=16": {"method": "suffix", "num_speculative_tokens": 16},
+    "mix k=16": {"method": "mix", "num_speculative_tokens": 16, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
 }
 EDITS = [
     ("src/tokenmill/engine/spec_decode/metrics.py",
@@ -114,8 +116,9 @@ def main() -> None:
 
 def _forget_outputs(llm: LLM) -> None:
     speculator = llm.engine.speculator
-    if speculator is not None and isinstance(speculator.proposer, SuffixProposer):
-        speculator.proposer.cache.clear()
+    for proposer in speculator.proposers.values() if speculator is not None else ():
+        if isinstance(proposer, SuffixProposer):
+            proposer.cache.clear()
 
 
 if __name__ == "__main__":

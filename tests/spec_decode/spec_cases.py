@@ -47,11 +47,7 @@ def check_pools(engine: LLMEngine) -> None:
     """Ref counts equal the table entries holding each block, free exactly when unreferenced; each running
     request holds blocks for its computed tokens only (rejected drafts rolled back); published blocks hash
     the request's final tokens."""
-    managers = [engine.kv_manager]
-    proposer = engine.speculator.proposer if engine.speculator else None
-    if hasattr(proposer, "kv"):
-        managers.append(proposer.kv)
-    for kv in managers:
+    for kv in _managers(engine):
         pool = kv.pool
         refs = Counter(b for tables in kv.block_tables.values() for t in tables for b in t if b != NULL_BLOCK)
         assert [b.ref_count for b in pool.blocks] == [refs[i] for i in range(pool.num_blocks)]
@@ -66,8 +62,13 @@ def check_pools(engine: LLMEngine) -> None:
             assert kv.pool.blocks[table[i]].block_hash in (None, hashes[i])
 
 
+def _managers(engine: LLMEngine) -> list:
+    """The target's KV cache manager and any a proposer keeps (a draft model's)."""
+    proposers = engine.speculator.proposers.values() if engine.speculator else ()
+    return [engine.kv_manager] + [p.kv for p in proposers if hasattr(p, "kv")]
+
+
 def all_free(engine: LLMEngine) -> None:
     check_pools(engine)
-    for kv in [engine.kv_manager] + ([engine.speculator.proposer.kv]
-                                     if hasattr(engine.speculator.proposer, "kv") else []):
+    for kv in _managers(engine):
         assert kv.pool.num_free == kv.pool.num_blocks and not kv.block_tables

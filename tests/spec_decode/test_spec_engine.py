@@ -68,10 +68,11 @@ def greedy_case(plain):
     {**NGRAM, "mode": "always"},
     NGRAM,
     {"method": "suffix", "num_speculative_tokens": 6, "mode": "always"},
+    {"method": "mix", "num_speculative_tokens": 6, "mode": "always"},
     {"method": "draft_model", "num_speculative_tokens": 4, "mode": "always"},  # the target itself: all accepted
     {"method": "draft_model", "num_speculative_tokens": 3, "num_layers": 1},
     {"method": "draft_model", "num_speculative_tokens": 3, "quantization": "int8", "mode": "always"},
-], ids=["ngram-always", "ngram-auto", "suffix", "draft-self", "draft-1-layer", "draft-int8"])
+], ids=["ngram-always", "ngram-auto", "suffix", "mix", "draft-self", "draft-1-layer", "draft-int8"])
 def test_greedy_outputs_identical_with_speculation(tiny_dir, greedy_case, spec):
     prompts, params, expected = greedy_case
     llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=2**24, speculative_config=spec)
@@ -81,6 +82,10 @@ def test_greedy_outputs_identical_with_speculation(tiny_dir, greedy_case, spec):
     assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens > 0
     assert sum(stats.spec_accepted_per_pos) == stats.spec_num_accepted_tokens
     assert list(stats.spec_accepted_per_pos) == sorted(stats.spec_accepted_per_pos, reverse=True)
+    by_method = stats.spec_by_method  # per proposer, summing to the totals
+    assert [c.method for c in by_method] == list(llm.speculative_config.proposer_methods)
+    assert sum(c.num_accepted_tokens for c in by_method) == stats.spec_num_accepted_tokens
+    assert sum(c.num_drafts for c in by_method) == stats.spec_num_drafts
     if spec.get("model") is None and spec["method"] == "draft_model" and "num_layers" not in spec \
             and "quantization" not in spec:
         assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
@@ -114,7 +119,7 @@ def _oracle_engine(llm: LLM, references, cache: CacheConfig, seed: int) -> LLMEn
     engine = LLMEngine(llm.model, llm.tokenizer, llm.dtype, cache,
                        SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=96),
                        SpeculativeConfig("ngram", 5, mode="always"))
-    engine.speculator = Speculator(engine.speculator.config, NoisyOracle(references, 0.3, seed))
+    engine.speculator = Speculator(engine.speculator.config, {"ngram": NoisyOracle(references, 0.3, seed)})
     return engine
 
 

@@ -9,14 +9,17 @@ def test_metrics_endpoint_exports_vllm_named_spec_counters():
     from types import SimpleNamespace
 
     from tokenmill.cache.kv_cache import CacheInfo
-    from tokenmill.engine.scheduler import SchedulerStats
+    from tokenmill.engine.scheduler import SchedulerStats, SpecCounters
     from tokenmill.server.metrics import ServerMetrics, render_metrics
 
     cache = CacheInfo(10, 16, "float16", 4096)
 
-    stats = SchedulerStats(1, 0, 2, 10, 0.5, 0, 0, 0, 7, spec_num_drafts=4, spec_num_draft_tokens=12,
-                           spec_num_accepted_tokens=7, spec_accepted_per_pos=(4, 2, 1), spec_method="suffix",
-                           spec_propose_seconds=0.25)
+    # a "mix" config: the counters per proposer it chose (they sum to the totals)
+    stats = SchedulerStats(1, 0, 2, 10, 0.5, 0, 0, 0, 7, spec_num_drafts=5, spec_num_draft_tokens=14,
+                           spec_num_accepted_tokens=8, spec_accepted_per_pos=(5, 2, 1), spec_method="mix",
+                           spec_propose_seconds=0.3,
+                           spec_by_method=(SpecCounters("suffix", 4, 12, 7, (4, 2, 1), 0.25),
+                                           SpecCounters("ngram", 1, 2, 1, (1, 0, 0), 0.05)))
     assert SchedulerStats(*vars(stats).values()) == stats  # the engine core process sends the fields as a tuple
     text = render_metrics([ServerMetrics(SimpleNamespace(stats=stats, cache_info=cache), "m")]).decode()
     for line in ('tokenmill:spec_decode_num_drafts_total{method="suffix",model_name="m"} 4.0',
@@ -24,8 +27,12 @@ def test_metrics_endpoint_exports_vllm_named_spec_counters():
                  'tokenmill:spec_decode_num_accepted_tokens_total{method="suffix",model_name="m"} 7.0',
                  'tokenmill:spec_decode_propose_seconds_total{method="suffix",model_name="m"} 0.25',
                  'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{method="suffix",model_name="m",position="2"} '
+                 '1.0',
+                 'tokenmill:spec_decode_num_drafts_total{method="ngram",model_name="m"} 1.0',
+                 'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{method="ngram",model_name="m",position="0"} '
                  '1.0'):
         assert line in text
+    assert 'method="mix"' not in text  # per proposer only: summing over `method` gives the totals
     plain = render_metrics([ServerMetrics(SimpleNamespace(stats=SchedulerStats(0, 0, 0, 10, 0.0, 0, 0, 0, 0),
                                                           cache_info=cache), "m")])
     assert b"spec_decode" not in plain  # not configured: not exported (as vLLM)

@@ -1,9 +1,11 @@
 """Speculative decoding's parts on their own: config validation, n-gram lookup, the rejection sampler (its
-output distribution by chi-square at ALPHA), greedy verification and the adaptive controller."""
+output distribution by chi-square at ALPHA), greedy verification, the adaptive controller and the choice between
+proposers of a "mix" config."""
 from __future__ import annotations
 
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from spec_cases import ALPHA, chi_square_pvalue
 from tokenmill.engine.spec_decode.adaptive import WARMUP_STEPS, AdaptiveController
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.ngram import ngram_lookup
+from tokenmill.engine.spec_decode.proposer import Draft
 from tokenmill.engine.spec_decode.rejection import greedy_verify, rejection_sample
+from tokenmill.engine.spec_decode.speculator import Speculator
 
 
 @pytest.mark.parametrize("value,field", [
@@ -29,6 +33,8 @@ from tokenmill.engine.spec_decode.rejection import greedy_verify, rejection_samp
     ({"method": "ngram", "num_speculative_tokens": 4, "draft_tokens": 3}, "draft_tokens"),
     ({"method": "draft_model", "num_speculative_tokens": 4, "quantization": "int3"}, "quantization"),
     ({"method": "draft_model", "num_speculative_tokens": 4, "num_layers": 0}, "num_layers"),
+    ({"method": "mix", "num_speculative_tokens": 4, "model": "x.gguf"}, "model"),
+    ({"method": "mixed", "num_speculative_tokens": 4}, "method"),
     ("{not json", "JSON"),
     ([1, 2], "dict"),
 ])
@@ -41,7 +47,59 @@ def test_config_from_json_and_off_by_default():
     config = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 7}')
     assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max, config.mode) == (
         "ngram", 4, 7, "auto")
+    assert config.proposer_methods == ("ngram",)
     assert SpeculativeConfig.parse(None) is None
+    mix = SpeculativeConfig.parse({"method": "mix", "num_speculative_tokens": 8, "prompt_lookup_max": 6,
+                                   "suffix_decoding_max_tree_depth": 32})  # both proposers' fields apply
+    assert mix.proposer_methods == ("suffix", "ngram")
+    assert (mix.prompt_lookup_max, mix.suffix_decoding_max_tree_depth) == (6, 32)
+
+
+class _Fixed:
+    """A proposer that always drafts `tokens` (cut to the length asked), or nothing."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens, self.calls = tokens, 0
+
+    def propose(self, requests, num_tokens):
+        self.calls += 1
+        return [Draft(self.tokens[:k]) for k in num_tokens]
+
+    def learn(self, finished):
+        pass
+
+    def retain(self, request_ids):
+        pass
+
+
+def _decoding(request_id: str) -> SimpleNamespace:
+    """What Speculator.propose reads of a request that is about to decode."""
+    return SimpleNamespace(request_id=request_id, num_tokens=10, num_computed_tokens=9, max_tokens=100,
+                           num_prompt_tokens=5, grammar=None, draft_token_ids=[])
+
+
+def test_mix_drafts_each_request_with_the_proposer_it_accepts_best():
+    config = SpeculativeConfig("mix", 3, mode="always")
+    suffix, ngram = _Fixed([1, 2, 3]), _Fixed([7, 8, 9])
+    speculator = Speculator(config, {"suffix": suffix, "ngram": ngram})
+    a, b = _decoding("a"), _decoding("b")
+    speculator.propose([a, b])
+    assert a.draft_token_ids == b.draft_token_ids == [1, 2, 3]  # no evidence yet: the first proposer
+    for _ in range(3):  # a rejects suffix's drafts; ngram's prior for it is still the untried 1/2
+        speculator.controller.observe_acceptance("a", 3, 0, "suffix")
+        speculator.controller.observe_acceptance("b", 3, 3, "suffix")
+    speculator.propose([a, b])
+    assert a.draft_token_ids == [7, 8, 9] and b.draft_token_ids == [1, 2, 3]
+    assert {r: m for r, (m, _) in speculator.drafts.items()} == {"a": "ngram", "b": "suffix"}
+
+
+def test_mix_falls_back_to_the_next_proposer_when_the_first_has_nothing():
+    empty, ngram = _Fixed([]), _Fixed([7, 8])
+    speculator = Speculator(SpeculativeConfig("mix", 2, mode="always"), {"suffix": empty, "ngram": ngram})
+    request = _decoding("r")
+    speculator.propose([request])
+    assert request.draft_token_ids == [7, 8] and speculator.drafts["r"][0] == "ngram"
+    assert (empty.calls, ngram.calls) == (1, 1)
 
 
 

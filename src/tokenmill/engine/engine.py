@@ -23,7 +23,7 @@ from tokenmill.engine.input_processor import EngineCoreRequest, InputProcessor
 from tokenmill.engine.kv_events import KVEventsConfig, ZmqEventPublisher
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request, token_logprobs
-from tokenmill.engine.scheduler import Scheduler, SchedulerStats
+from tokenmill.engine.scheduler import Scheduler, SchedulerStats, SpecCounters
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.engine.stop_strings import StopStrings
@@ -214,10 +214,14 @@ class LLMEngine:
         if self.speculator is None:
             return stats
         spec = self.speculator.stats
+        by_method = tuple(SpecCounters(method, m.num_drafts, m.num_draft_tokens, m.num_accepted_tokens,
+                                       tuple(m.accepted_per_pos), m.propose_seconds)
+                          for method, m in self.speculator.method_stats.items())
         return dataclasses.replace(stats, spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
                                    spec_num_accepted_tokens=spec.num_accepted_tokens,
                                    spec_accepted_per_pos=tuple(spec.accepted_per_pos),
-                                   spec_method=self.speculator.config.method, spec_propose_seconds=spec.propose_seconds)
+                                   spec_method=self.speculator.config.method, spec_propose_seconds=spec.propose_seconds,
+                                   spec_by_method=by_method)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token (or several) this step."""

@@ -53,6 +53,18 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+@dataclass(frozen=True)
+class SpecCounters:
+    """One proposer's speculation counters, cumulative (a "mix" config has one per proposer it chooses from)."""
+
+    method: str
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: tuple[int, ...]
+    propose_seconds: float
+
+
 @dataclass
 class SchedulerStats:
     num_running: int
@@ -69,8 +81,9 @@ class SchedulerStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: tuple[int, ...] = ()
-    spec_method: str = ""  # the proposer: ngram, suffix or draft_model
+    spec_method: str = ""  # the proposer: ngram, suffix, draft_model or mix
     spec_propose_seconds: float = 0.0  # cumulative time spent proposing drafts
+    spec_by_method: tuple[SpecCounters, ...] = ()  # the same, per proposer
 
 
 class Scheduler:

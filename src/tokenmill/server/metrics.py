@@ -158,21 +158,23 @@ class _EngineStatsCollector:
             yield from self._spec_decode(s)
 
     def _spec_decode(self, s: SchedulerStats) -> Iterator[Metric]:
-        """vLLM's counters, labelled with the proposer (`method`), and the time spent proposing."""
-        labels = [self.model_name, s.spec_method]
-        for name, doc, value in (
-                ("spec_decode_num_drafts", "Verified speculative proposals.", s.spec_num_drafts),
-                ("spec_decode_num_draft_tokens", "Proposed (draft) tokens verified.", s.spec_num_draft_tokens),
-                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens),
-                ("spec_decode_propose_seconds", "Time spent proposing drafts.", s.spec_propose_seconds)):
+        """vLLM's counters, labelled with the proposer (`method`; a "mix" config's per proposer it chose), and
+        the time spent proposing."""
+        for name, doc, field in (
+                ("spec_decode_num_drafts", "Verified speculative proposals.", "num_drafts"),
+                ("spec_decode_num_draft_tokens", "Proposed (draft) tokens verified.", "num_draft_tokens"),
+                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", "num_accepted_tokens"),
+                ("spec_decode_propose_seconds", "Time spent proposing drafts.", "propose_seconds")):
             metric = CounterMetricFamily(P + name, doc, labels=["model_name", "method"])
-            metric.add_metric(labels, value)
+            for counters in s.spec_by_method:
+                metric.add_metric([self.model_name, counters.method], getattr(counters, field))
             yield metric
         per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
                                       "Draft tokens accepted, by position in the draft.",
                                       labels=["model_name", "method", "position"])
-        for position, count in enumerate(s.spec_accepted_per_pos):
-            per_pos.add_metric(labels + [str(position)], count)
+        for counters in s.spec_by_method:
+            for position, count in enumerate(counters.accepted_per_pos):
+                per_pos.add_metric([self.model_name, counters.method, str(position)], count)
         yield per_pos
 
 

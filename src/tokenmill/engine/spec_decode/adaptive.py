@@ -8,6 +8,8 @@ maximises expected tokens per second over the whole step (Dinkelbach iterations;
 k shrinks as acceptance drops, and goes to 0 for everyone once a bigger batch makes tokens expensive relative to
 the step's fixed cost: then the step is an ordinary decode step. Nothing here is a tuned threshold: the
 comparison of "tokens/s with" against "tokens/s without" falls out of the fitted costs.
+Acceptance is kept per request and proposer (a "mix" config drafts each request with the proposer it accepts
+best, config.py), with each proposer's recent acceptance over all requests as the prior.
 """
 from __future__ import annotations
 
@@ -51,20 +53,25 @@ class AdaptiveController:
         self.step_time = StepTimeModel()
         self.draft_seconds = 0.0  # forgotten sums: proposer seconds and draft tokens, their ratio is p
         self.draft_tokens = 0.0
-        self.acceptance: dict[str, list[float]] = {}  # request -> [accepted, rejections], forgotten sums
-        self.overall = [0.0, 0.0]  # the same over all requests
+        # (request, proposer) -> [accepted, rejections], forgotten sums; the same per proposer over all requests
+        self.acceptance: dict[tuple[str, str], list[float]] = {}
+        self.overall: dict[str, list[float]] = {}
 
-    def alpha(self, request_id: str) -> float:
-        """Per-token acceptance estimate (geometric model). The prior, worth two observations, is what recent
-        requests' drafts were accepted at (itself from a Beta(1, 1) prior): a new request in a workload that copies
-        starts with long drafts, one in open chat with short ones or none."""
-        accepted, rejections = self.acceptance.get(request_id, (0.0, 0.0))
-        overall_accepted, overall_rejections = self.overall
+    def alpha(self, request_id: str, method: str = "") -> float:
+        """Per-token acceptance estimate (geometric model) of `method`'s drafts for the request. The prior, worth
+        two observations, is what recent requests' drafts from it were accepted at (itself from a Beta(1, 1)
+        prior): a new request in a workload that copies starts with long drafts, one in open chat with short ones
+        or none."""
+        accepted, rejections = self.acceptance.get((request_id, method), (0.0, 0.0))
+        overall_accepted, overall_rejections = self.overall.get(method, (0.0, 0.0))
         prior = (overall_accepted + 1.0) / (overall_accepted + overall_rejections + 2.0)
         return (accepted + 2.0 * prior) / (accepted + rejections + 2.0)
 
-    def plan(self, request_ids: Sequence[str], limits: Sequence[int]) -> list[int]:
-        """Tokens to propose for each decoding request (each at most its limit and max_tokens)."""
+    def plan(self, request_ids: Sequence[str], limits: Sequence[int],
+             methods: Sequence[str] | None = None) -> list[int]:
+        """Tokens to propose for each decoding request (each at most its limit and max_tokens), drafted by
+        methods[i] (default: the one proposer)."""
+        methods = methods or [""] * len(request_ids)
         caps = [max(0, min(self.max_tokens, limit)) for limit in limits]
         if self.mode == "never":
             return [0] * len(caps)
@@ -72,7 +79,7 @@ class AdaptiveController:
             return caps
         a, b, c = self.step_time.coefficients()
         per_token = b + (self.draft_seconds / self.draft_tokens if self.draft_tokens else 0.0)
-        gains = [_cumulative_gains(self.alpha(r), cap) for r, cap in zip(request_ids, caps)]
+        gains = [_cumulative_gains(self.alpha(r, m), cap) for r, m, cap in zip(request_ids, methods, caps)]
         ks = [0] * len(caps)
         for _ in range(8):  # Dinkelbach: rate = N/D, then maximise N - rate * D; converges in a few rounds
             tokens = len(caps) + sum(g[k] for g, k in zip(gains, ks))
@@ -86,9 +93,9 @@ class AdaptiveController:
             if new == ks:
                 break
             ks = new
-        for request_id, k in zip(request_ids, ks):
-            if not k and request_id in self.acceptance:
-                self.acceptance[request_id] = [v * IDLE_DECAY for v in self.acceptance[request_id]]
+        for key, k in zip(zip(request_ids, methods), ks):
+            if not k and key in self.acceptance:
+                self.acceptance[key] = [v * IDLE_DECAY for v in self.acceptance[key]]
         return ks
 
     def observe_step(self, num_tokens: int, num_verify_chunks: int, seconds: float) -> None:
@@ -98,15 +105,17 @@ class AdaptiveController:
         self.draft_seconds = DECAY * self.draft_seconds + seconds
         self.draft_tokens = DECAY * self.draft_tokens + num_tokens
 
-    def observe_acceptance(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
+    def observe_acceptance(self, request_id: str, num_draft_tokens: int, num_accepted: int, method: str = "") -> None:
         rejected = num_accepted < num_draft_tokens
-        accepted, rejections = self.acceptance.get(request_id, (0.0, 0.0))
-        self.acceptance[request_id] = [ACCEPT_DECAY * accepted + num_accepted, ACCEPT_DECAY * rejections + rejected]
-        self.overall = [OVERALL_DECAY * self.overall[0] + num_accepted, OVERALL_DECAY * self.overall[1] + rejected]
+        accepted, rejections = self.acceptance.get((request_id, method), (0.0, 0.0))
+        self.acceptance[request_id, method] = [ACCEPT_DECAY * accepted + num_accepted,
+                                               ACCEPT_DECAY * rejections + rejected]
+        overall = self.overall.get(method, (0.0, 0.0))
+        self.overall[method] = [OVERALL_DECAY * overall[0] + num_accepted, OVERALL_DECAY * overall[1] + rejected]
 
     def retain(self, request_ids: set[str]) -> None:
-        for request_id in set(self.acceptance) - request_ids:
-            del self.acceptance[request_id]
+        for key in [key for key in self.acceptance if key[0] not in request_ids]:
+            del self.acceptance[key]
 
 
 def _cumulative_gains(alpha: float, cap: int) -> list[float]:

@@ -7,7 +7,8 @@ from typing import Any
 
 from tokenmill.config import QUANTIZATION_METHODS
 
-METHODS = ("ngram", "suffix", "draft_model")
+METHODS = ("ngram", "suffix", "draft_model", "mix")
+MIX_METHODS = ("suffix", "ngram")  # what "mix" chooses between, per request (the model-free proposers)
 # fields that belong to one method: given with another, they would be silently ignored, so they are refused
 METHOD_FIELDS = {
     "ngram": ("prompt_lookup_min", "prompt_lookup_max"),
@@ -21,7 +22,8 @@ MODES = ("auto", "always", "never")
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """method "ngram" (prompt lookup), "suffix" (suffix decoding: the request's own tokens and recent requests'
-    outputs, suffix.py) or "draft_model" (a smaller model sharing the target's vocabulary).
+    outputs, suffix.py), "draft_model" (a smaller model sharing the target's vocabulary) or "mix" (suffix and
+    ngram both ready, each request drafted by the one whose drafts it has accepted best; their fields apply).
 
     mode: "auto" proposes per request and per step only what measured step times say pays off; "always"
     proposes `num_speculative_tokens` every step; "never" loads the proposer but never speculates (A/B runs).
@@ -77,6 +79,11 @@ class SpeculativeConfig:
         if self.num_layers is not None:
             _check_int("num_layers", self.num_layers, 1)
 
+    @property
+    def proposer_methods(self) -> tuple[str, ...]:
+        """The proposers this config runs: both of MIX_METHODS for "mix", else its method."""
+        return MIX_METHODS if self.method == "mix" else (self.method,)
+
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
         """A config, a dict or its JSON text (the CLI's --speculative-config); None stays None (no speculation)."""
@@ -100,7 +107,7 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config.{name} is required")
         for method, names in METHOD_FIELDS.items():
             for name in names:
-                if name in value and value["method"] != method:
+                if name in value and value["method"] not in (method, "mix" if method in MIX_METHODS else method):
                     raise ValueError(f"speculative_config.{name} is for method {method!r}, not {value['method']!r}")
         return cls(**value)
 

@@ -263,22 +263,6 @@ inline typename V::I shift16(typename V::I v, int n) {
   return n >= 0 ? V::shl16(v, n) : V::shr16(v, -n);
 }
 
-// The codes of chunk c of the tile(s) at q (low nibbles) and qh (high bits) of a block, as bytes: ql the chunk's
-// elements 4c..4c+3, qhi 16+4c..16+4c+3 (Q6_K: 0..63, Q5_0: 0..31; the offset not taken off).
-template <typename V, Kind KIND>
-inline void high_bit_codes(const uint8_t* q, const uint8_t* qh, int nb, int c, typename V::I& ql, typename V::I& qhi) {
-  using I = typename V::I;
-  constexpr bool q6 = KIND == Kind::kQ6K;
-  constexpr int high_bytes = q6 ? 64 : 32;
-  const I h = V::load(qh + (q6 && c >= 2 ? 32 : 0), static_cast<int64_t>(nb) * high_bytes);
-  const I mask = V::set1_8(q6 ? 0x30 : 0x10);
-  // the high bits of this chunk's low-nibble and high-nibble elements, moved to bit 4 (and 5)
-  const int lo_shift = q6 ? (c % 2 ? 0 : 4) : 4 - 2 * c, hi_shift = q6 ? (c % 2 ? -2 : 2) : 3 - 2 * c;
-  const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
-  ql = V::or_(V::nibbles(p, 0), V::and_(shift16<V>(h, lo_shift), mask));
-  qhi = V::or_(V::nibbles(p, 4), V::and_(shift16<V>(h, hi_shift), mask));
-}
-
 // Integer block sums of the formats whose codes are a low nibble and high bits (Q6_K: 2, offset 32; Q5_0: 1,
 // offset 16), one per 16-element half (Q6_K gives each half its own scale): lo[i] lane r = (q_r - offset) . x_i
 // over the block's first 16 elements, hi[i] over its last 16. Codes are unsigned bytes (below 64) against signed
@@ -294,6 +278,7 @@ inline void high_bit_block_sums(const QMatrix& w, int64_t t, int b, const QActiv
   const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * high_bytes;
   prefetch_ahead(q, 128);
   prefetch_ahead(qh, high_bytes);
+  const I mask = V::set1_8(q6 ? 0x30 : 0x10);
 #ifdef TM_HAS_TILE16
   if constexpr (kPairChunks<V, MT>) {
     const __m512i xb = x_block(x.q + b * QK), low = _mm512_set1_epi8(0x0F), zmask = _mm512_set1_epi8(q6 ? 0x30 : 0x10);
@@ -316,10 +301,15 @@ inline void high_bit_block_sums(const QMatrix& w, int64_t t, int b, const QActiv
   }
 #endif
   for (int i = 0; i < MT; ++i) lo[i] = hi[i] = V::zero();
+  I h = V::load(qh, static_cast<int64_t>(nb) * high_bytes);
   I lo16[MT], hi16[MT];  // without VNNI: int16 sums of two chunks stay below 2 * 2 * 63 * 127 = 32004
   for (int c = 0; c < 4; ++c) {
-    I ql, qhi;
-    high_bit_codes<V, KIND>(q, qh, nb, c, ql, qhi);
+    if (q6 && c == 2) h = V::load(qh + 32, static_cast<int64_t>(nb) * high_bytes);
+    // the high bits of this chunk's low-nibble and high-nibble elements, moved to bit 4 (and 5)
+    const int lo_shift = q6 ? (c % 2 ? 0 : 4) : 4 - 2 * c, hi_shift = q6 ? (c % 2 ? -2 : 2) : 3 - 2 * c;
+    const I p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
+    const I ql = V::or_(V::nibbles(p, 0), V::and_(shift16<V>(h, lo_shift), mask));
+    const I qhi = V::or_(V::nibbles(p, 4), V::and_(shift16<V>(h, hi_shift), mask));
     for (int i = 0; i < MT; ++i) {
       const int8_t* xc = x.q + static_cast<int64_t>(i) * K + b * QK + 4 * c;
       const I xl = V::set1(chunk_at(xc)), xh = V::set1(chunk_at(xc + 16));
@@ -430,24 +420,12 @@ bool amx_permitted() {
 
 // Two sets of tile registers, so a block's products run while the previous block's sums are scaled. One 32-block
 // product per set: A (16 activation rows x 32 bytes), B (8 code rows of 16 x 4 bytes), C (16 x 16 int32) in tmm0-2
-// and tmm3-5. Q6_K's 16-halves have scales of their own: A's halves (16 x 16 bytes) in tmm0-1, B's (4 rows)
-// in tmm2-3, shared by both sets; C's halves in tmm4-5 and tmm6-7.
+// and tmm3-5.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16];
-  uint8_t rows[16];
+  uint16_t colsb[16] = {32, 64, 64, 32, 64, 64};
+  uint8_t rows[16] = {16, 8, 16, 16, 8, 16};
 };
-
-constexpr TileConfig tile_config(bool halves) {
-  TileConfig c{};
-  const uint16_t colsb[2][8] = {{32, 64, 64, 32, 64, 64, 0, 0}, {16, 16, 64, 64, 64, 64, 64, 64}};
-  const uint8_t rows[2][8] = {{16, 8, 16, 16, 8, 16, 0, 0}, {16, 16, 4, 4, 16, 16, 16, 16}};
-  for (int i = 0; i < 8; ++i) {
-    c.colsb[i] = colsb[halves][i];
-    c.rows[i] = rows[halves][i];
-  }
-  return c;
-}
 
 // C += A . B: int8 weights are signed, every other format's codes unsigned.
 #define TM_TILE_DOT(KIND, c, a, b) \
@@ -455,32 +433,11 @@ constexpr TileConfig tile_config(bool halves) {
     if constexpr (KIND == Kind::kInt8) _tile_dpbssd(c, a, b); else _tile_dpbsud(c, a, b); \
   } while (0)
 
-// Block b's products for 16 activation rows at xb (as amx_activations lays them out) against its B tile(s) at bt, in set S,
-// stored as int32 rows of 16 in c (kQ6K: the first halves', then the second halves' at c + 256). GCC's tile
-// intrinsics take register numbers as literals.
+// Block b's products for 16 activation rows at xb (as amx_activations lays them out) against its B tile at bt, in
+// set S, stored as int32 rows of 16 in c. GCC's tile intrinsics take register numbers as literals.
 template <Kind KIND, int S>
 __attribute__((always_inline)) inline void amx_block(const int8_t* xb, const uint8_t* bt, int32_t* c) {
-  if constexpr (KIND == Kind::kQ6K) {
-    _tile_loadd(0, xb, 32);
-    _tile_loadd(1, xb + 16, 32);
-    _tile_loadd(2, bt, 64);
-    _tile_loadd(3, bt + 256, 64);
-    if constexpr (S == 0) {
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_dpbsud(4, 0, 2);
-      _tile_dpbsud(5, 1, 3);
-      _tile_stored(4, c, 64);
-      _tile_stored(5, c + 256, 64);
-    } else {
-      _tile_zero(6);
-      _tile_zero(7);
-      _tile_dpbsud(6, 0, 2);
-      _tile_dpbsud(7, 1, 3);
-      _tile_stored(6, c, 64);
-      _tile_stored(7, c + 256, 64);
-    }
-  } else if constexpr (S == 0) {
+  if constexpr (S == 0) {
     _tile_loadd(0, xb, 32);
     _tile_loadd(1, bt, 64);
     _tile_zero(2);
@@ -498,14 +455,17 @@ __attribute__((always_inline)) inline void amx_block(const int8_t* xb, const uin
 
 constexpr int kAmxRows = 16;  // activation rows per tile product
 
-// Fewer rows stay on the zmm loop: laying out a group's weights costs about a tile pass over it, and per pass the
-// products' float scaling (the zmm loop's own arithmetic) is much of the time (Qwen2.5-1.5B's shapes on 2 cores,
-// AVX-512 + AMX, benchmarks/kernel_builds.py: Q4_K 0.9-1.0x at 16 rows, 1.15-1.2x at 32, 1.3-1.45x from 64;
-// Q6_K 1.1x, 1.2x, 1.45x).
-constexpr int kAmxMinRows = 32;
+// Where tile products pay, by format (0: never). Laying out a group's weights costs about a tile pass over it, and
+// per pass the float scaling of the block sums (the zmm loop's own arithmetic) is much of the time, so the gain
+// is in the integer work: most for int8, least for Q6_K, whose two scales per block double the scaling (2 cores,
+// AVX-512 + AMX, Qwen2.5-1.5B-sized products, benchmarks/kernel_builds.py; AMX / zmm at 32, 64 and 512 rows:
+// Q8_0 1.3x, 1.55x, 1.8x; Q5_0 1.1x, 1.35x, 1.3x; Q4_K 1.0-1.2x, 1.2-1.45x, 1.3x; Q4_1 1.0x, 1.15x, 1.25x;
+// Q6_K 0.8x, 0.9x, 0.95x).
+template <Kind KIND>
+constexpr int kAmxMinRows = KIND == Kind::kQ6K ? 0 : KIND == Kind::kInt8 ? 32 : 64;
 
-// Tiles t and t + 1 as the products' B tiles, block after block (kQ6K: the first halves' 4 rows, then the
-// second halves'), and per block their 16 rows' scales s and mins m (block_scales8) as floats in scales.
+// Tiles t and t + 1 as the products' B tiles, block after block, and per block their 16 rows' scales s and mins m
+// (block_scales8) as floats in scales.
 template <Kind KIND>
 void amx_weights(const QMatrix& w, int64_t t, uint8_t* codes, float* scales) {
   using V = Tile16;
@@ -515,10 +475,16 @@ void amx_weights(const QMatrix& w, int64_t t, uint8_t* codes, float* scales) {
     if constexpr (KIND == Kind::kInt8) {
       const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 256;
       for (int c = 0; c < 8; ++c) rows[c] = V::load(q + c * 32, static_cast<int64_t>(nb) * 256);
-    } else if constexpr (KIND == Kind::kQ6K || KIND == Kind::kQ5_0) {
+    } else if constexpr (KIND == Kind::kQ5_0) {
       const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
-      const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * (KIND == Kind::kQ6K ? 64 : 32);
-      for (int c = 0; c < 4; ++c) high_bit_codes<V, KIND>(q, qh, nb, c, rows[c], rows[4 + c]);
+      const uint8_t* qh = static_cast<const uint8_t*>(w.qh) + (t * nb + b) * 32;
+      const __m512i mask = V::set1_8(0x10), h = V::load(qh, static_cast<int64_t>(nb) * 32);
+      for (int c = 0; c < 4; ++c) {  // the codes of high_bit_block_sums (its shifts)
+        const int lo_shift = 4 - 2 * c, hi_shift = 3 - 2 * c;
+        const __m512i p = V::load(q + c * 32, static_cast<int64_t>(nb) * 128);
+        rows[c] = V::or_(V::nibbles(p, 0), V::and_(shift16<V>(h, lo_shift), mask));
+        rows[4 + c] = V::or_(V::nibbles(p, 4), V::and_(shift16<V>(h, hi_shift), mask));
+      }
     } else {
       const uint8_t* q = static_cast<const uint8_t*>(w.q) + (t * nb + b) * 128;
       for (int c = 0; c < 4; ++c) {
@@ -554,7 +520,7 @@ void amx_rows(const QMatrix& w, int64_t t, const uint8_t* codes, const float* sc
   using V = Tile16;
   const int K = w.K, nb = K / QK;
   const QActivations x = a.from(m0, K);
-  alignas(64) int32_t sums[2][2 * kAmxRows * 16];  // a set's C tiles, as stored
+  alignas(64) int32_t sums[2][kAmxRows * 16];  // each set's C tile, as stored
   __m512 r[kAmxRows];
 #pragma GCC unroll 16
   for (int i = 0; i < kAmxRows; ++i) r[i] = V::zerof();
@@ -570,27 +536,17 @@ void amx_rows(const QMatrix& w, int64_t t, const uint8_t* codes, const float* sc
       else
         amx_block<KIND, 1>(xn, cn, sums[1]);
     }
-    const int32_t* c0 = sums[b % 2];
-    const int32_t* c1 = c0 + 256;
+    const int32_t* c = sums[b % 2];
     const __m512 ws = V::loadf(scales + b * 32), wm = V::loadf(scales + b * 32 + 16);
 #pragma GCC unroll 16
     for (int i = 0; i < kAmxRows; ++i) {
-      const __m512 xd = V::bcast(x.d + i * nb + b);
-      if constexpr (KIND == Kind::kQ6K || KIND == Kind::kQ5_0) {
-        constexpr int offset = KIND == Kind::kQ6K ? 32 : 16;
+      __m512i s = _mm512_load_si512(c + 16 * i);
+      if constexpr (KIND == Kind::kQ5_0) {  // the zmm loop's (lo - 16 h0) + (hi - 16 h1), as one sum
         const int32_t* h = x.h + static_cast<int64_t>(i) * (K / 16) + 2 * b;
-        const __m512i lo = _mm512_sub_epi32(_mm512_load_si512(c0 + 16 * i), _mm512_set1_epi32(offset * h[0]));
-        if constexpr (KIND == Kind::kQ6K) {
-          const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(c1 + 16 * i), _mm512_set1_epi32(offset * h[1]));
-          r[i] = V::fmadd(V::cvt(lo), V::mul(ws, xd), r[i]);
-          r[i] = V::fmadd(V::cvt(hi), V::mul(wm, xd), r[i]);
-        } else {  // the zmm loop's (lo - 16 h0) + (hi - 16 h1), as one sum
-          r[i] = V::fmadd(V::cvt(_mm512_sub_epi32(lo, _mm512_set1_epi32(offset * h[1]))), V::mul(ws, xd), r[i]);
-        }
-      } else {
-        r[i] = V::fmadd(V::cvt(_mm512_load_si512(c0 + 16 * i)), V::mul(ws, xd), r[i]);
-        if constexpr (KIND != Kind::kInt8) r[i] = V::fmadd(wm, V::bcast(x.s + i * nb + b), r[i]);
+        s = _mm512_sub_epi32(_mm512_sub_epi32(s, _mm512_set1_epi32(16 * h[0])), _mm512_set1_epi32(16 * h[1]));
       }
+      r[i] = V::fmadd(V::cvt(s), V::mul(ws, V::bcast(x.d + i * nb + b)), r[i]);
+      if constexpr (KIND == Kind::kInt4 || KIND == Kind::kQ4K) r[i] = V::fmadd(wm, V::bcast(x.s + i * nb + b), r[i]);
     }
   }
   const __m512 bv = bias ? V::loadf(bias + t * 8) : V::zerof();
@@ -606,7 +562,7 @@ void amx_rows(const QMatrix& w, int64_t t, const uint8_t* codes, const float* sc
 template <Kind KIND>
 void qmatmul_amx(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                  bool accumulate) {
-  static constexpr TileConfig config = tile_config(KIND == Kind::kQ6K);
+  static const TileConfig config;
   const int nb = w.K / QK, groups = w.N / 16, whole = M / kAmxRows * kAmxRows;
   thread_local std::vector<uint8_t> codes;
   thread_local std::vector<float> scales;
@@ -639,12 +595,16 @@ void qmatmul_kind(const QMatrix& w, const QActivations& a, int M, float* out, in
                   bool accumulate) {
 #ifdef TM_HAS_TILE16
   if (M > Tile8::kRows) {
+    bool tiles = true;
 #ifdef TM_HAS_AMX
-    if (M >= kAmxMinRows && amx_permitted())
-      qmatmul_amx<KIND>(w, a, M, out, ldo, bias, accumulate);
-    else
+    if constexpr (kAmxMinRows<KIND> > 0) {
+      if (M >= kAmxMinRows<KIND> && amx_permitted()) {
+        qmatmul_amx<KIND>(w, a, M, out, ldo, bias, accumulate);
+        tiles = false;
+      }
+    }
 #endif
-      qmatmul_tiles<Tile16, KIND>(w, a, M, out, ldo, bias, accumulate);
+    if (tiles) qmatmul_tiles<Tile16, KIND>(w, a, M, out, ldo, bias, accumulate);
     if ((w.N / 8) % 2 == 0) return;
     // the odd last tile: one thread, ymm (an orphaned `single`; its implied barrier keeps the team together)
 #pragma omp single
