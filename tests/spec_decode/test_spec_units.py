@@ -93,6 +93,21 @@ def test_mix_drafts_each_request_with_the_proposer_it_accepts_best():
     assert {r: m for r, (m, _) in speculator.drafts.items()} == {"a": "ngram", "b": "suffix"}
 
 
+@pytest.mark.parametrize("methods", [("suffix",), ("suffix", "ngram")])
+def test_draft_length_follows_the_acceptance_of_the_proposer_that_drafts(methods):
+    """The plan sizes a request's draft from the acceptance of the proposer that will draft it (with one proposer,
+    the request's own): well-accepted drafts grow to the cap where the same cost model gives untried ones less."""
+    speculator = Speculator(SpeculativeConfig("mix" if len(methods) > 1 else methods[0], 8),
+                            {m: _Fixed(list(range(8))) for m in methods})
+    speculator.controller = _trained(a=0.02, b=0.01, c=0.0)
+    speculator.controller.max_tokens = 8
+    fresh, good = _decoding("fresh"), _decoding("good")
+    for _ in range(5):
+        speculator.controller.observe_acceptance("good", 8, 8, speculator._key(methods[0]))
+    speculator.propose([fresh, good])
+    assert len(good.draft_token_ids) == 8 > len(fresh.draft_token_ids)
+
+
 def test_mix_falls_back_to_the_next_proposer_when_the_first_has_nothing():
     empty, ngram = _Fixed([]), _Fixed([7, 8])
     speculator = Speculator(SpeculativeConfig("mix", 2, mode="always"), {"suffix": empty, "ngram": ngram})

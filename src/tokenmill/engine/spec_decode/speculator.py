@@ -49,7 +49,7 @@ class Speculator:
         ranked = [sorted(self.proposers, key=lambda m, r=r: -self._alpha(r, m)) for r in decoding]
         # the target's token after the drafts counts toward max_tokens too, so positions never pass the limit
         limits = [r.max_tokens - (r.num_tokens - r.num_prompt_tokens) - 1 for r in decoding]
-        plan = self.controller.plan([r.request_id for r in decoding], limits, [methods[0] for methods in ranked])
+        plan = self.controller.plan([r.request_id for r in decoding], limits, [self._key(m[0]) for m in ranked])
         pending = [(r, k, methods) for r, k, methods in zip(decoding, plan, ranked) if k > 0]
         while pending:  # by each request's next proposer, until it drafts something or none is left
             for method in self.proposers:
