@@ -35,8 +35,8 @@ AMX_CXXFLAGS = (*VNNI_CXXFLAGS, "-mamx-tile", "-mamx-int8")
 
 def isa_flags() -> tuple[str, ...]:
     """Compiler flags beyond AVX2 that this CPU allows: AVX512-VNNI makes each int8 dot one instruction
-    (vpdpbusd) instead of three; AMX multiplies 16 rows by 16 over a 32-block in one (products of 16 rows and
-    more). The integer sums are the same, so results do not change with the build."""
+    (vpdpbusd) instead of three; AMX multiplies 16 rows by 16 over a 32-block in one (products of 32-64 rows and
+    more, tiled_matmul.cpp's kAmxMinRows). The integer sums are the same, so results do not change with the build."""
     flags = cpu_flags()
     if not VNNI_CPU_FLAGS <= flags:
         return ()

@@ -21,6 +21,14 @@ class SpecDecodeStats:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
+    @classmethod
+    def merged(cls, parts: list[SpecDecodeStats]) -> SpecDecodeStats:
+        """The counters of several proposers together."""
+        return cls(sum(p.num_drafts for p in parts), sum(p.num_draft_tokens for p in parts),
+                   sum(p.num_accepted_tokens for p in parts),
+                   [sum(counts) for counts in zip(*(p.accepted_per_pos for p in parts))],
+                   sum(p.propose_seconds for p in parts))
+
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0

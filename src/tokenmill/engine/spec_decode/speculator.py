@@ -33,10 +33,14 @@ class Speculator:
         self.config = config
         self.proposers = proposers
         self.controller = AdaptiveController(config.num_speculative_tokens, config.mode)
-        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self.method_stats = {m: SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
                              for m in proposers}
         self.drafts: dict[str, tuple[str, Draft]] = {}  # request -> (method, its draft) of this step
+
+    @property
+    def stats(self) -> SpecDecodeStats:
+        """All proposers' counters together."""
+        return SpecDecodeStats.merged(list(self.method_stats.values()))
 
     def propose(self, running: Sequence[Request]) -> None:
         """Set draft_token_ids of the running requests about to decode (others get none); the scheduler
@@ -71,7 +75,6 @@ class Speculator:
         started = time.perf_counter()
         drafts = self.proposers[method].propose([r for r, _ in group], [k for _, k in group])
         seconds = time.perf_counter() - started
-        self.stats.propose_seconds += seconds
         self.method_stats[method].propose_seconds += seconds
         self.controller.observe_proposal(sum(len(d.token_ids) for d in drafts), seconds)
         return drafts
@@ -103,7 +106,6 @@ class Speculator:
             else:
                 q = draft.probs[:len(draft_ids)] if draft.probs is not None else None
                 tokens = rejection_sample(processed.softmax(-1), draft_ids, q, request.generator)
-        self.stats.observe(len(draft_ids), len(tokens) - 1)
         self.method_stats[method].observe(len(draft_ids), len(tokens) - 1)
         self.controller.observe_acceptance(request.request_id, len(draft_ids), len(tokens) - 1, self._key(method))
         return [step.sampled(first_row + i, token, params.logprobs) for i, token in enumerate(tokens)]

@@ -63,7 +63,7 @@ void qmatmul(const QMatrix& w, const QActivations& a, int M, float* out, int64_t
 void qmatmul_tiled(const QMatrix& w, const QActivations& a, int M, float* out, int64_t ldo, const float* bias,
                    bool accumulate);
 
-// Whether products of 16 rows and more run on AMX tiles here (an AMX build, and the OS granted the tile state).
+// Whether large enough products run on AMX tiles here (an AMX build, and the OS granted the tile state).
 bool amx_in_use();
 
 // The 32 float values of a k-quant's (or Q5_0's) row n, block b, exactly as its expansion dequantizes them.
