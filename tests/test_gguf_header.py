@@ -63,3 +63,18 @@ def test_not_gguf(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(ModelLoadError, match=str(path)):
         read_gguf_header(path)
+
+
+def test_string_arrays_decode_when_read(small_gguf: Path, tmp_path: Path) -> None:
+    """A vocabulary is walked, not decoded, by the header read (most starts never need it); a bad string in it is a
+    clear error when the array is read."""
+    data = bytearray(small_gguf.read_bytes())
+    token = TOKENS[-1].encode()
+    at = data.index(len(token).to_bytes(8, "little") + token) + 8
+    data[at] = 0xFF  # no UTF-8 sequence starts with this byte
+    broken = tmp_path / "bad_token.gguf"
+    broken.write_bytes(bytes(data))
+    tokens = read_gguf_header(broken).metadata["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(TOKENS)
+    with pytest.raises(ModelLoadError, match="not UTF-8"):
+        tokens[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,43 @@ def _tensor_info(cursor: _Cursor) -> TensorInfo:
     return TensorInfo(name, tuple(reversed(dims)), qtype, cursor.scalar("Q"))
 
 
+class StringArray(Sequence[str]):
+    """A header's string array, kept as its raw bytes (8-byte length, then UTF-8, per item) until first read."""
+
+    def __init__(self, raw: bytes, count: int, path: Path, offset: int) -> None:
+        self._raw, self._count, self._path, self._offset = raw, count, path, offset
+        self._items: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # an int or a slice, as a list takes them
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:  # as a list compares: item by item, with any sequence of strings
+        return isinstance(other, Sequence) and not isinstance(other, str) and self._decoded() == list(other)
+
+    __hash__ = None  # mutable-looking, as a list
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            raw, position, unpack, items = self._raw, 0, _U64.unpack_from, []
+            try:
+                for _ in range(self._count):
+                    (length,) = unpack(raw, position)
+                    position += 8
+                    items.append(raw[position : position + length].decode("utf-8"))
+                    position += length
+            except UnicodeDecodeError as exc:
+                raise ModelLoadError(f"{self._path}: a header string near byte {self._offset + position} is not "
+                                     "UTF-8") from exc
+            self._items = items
+        return self._items
+
+
 class _Cursor:
     """Reads little-endian values from the header, advancing `position`; running off the end is a clear error."""
 
@@ -149,24 +187,20 @@ class _Cursor:
             return [self.value(item_type) for _ in range(count)]
         raise ModelLoadError(f"{self.path}: unknown GGUF value type {value_type} at byte {self.position}")
 
-    def _strings(self, count: int) -> list[str]:
-        """An array of strings (a vocabulary, merges): the hot loop of the whole header, so kept tight."""
-        buffer, position, unpack = self.buffer, self.position, _U64.unpack_from
-        strings = []
+    def _strings(self, count: int) -> StringArray:
+        """An array of strings (a vocabulary, merges): only walked here, decoded when first read. The walk is the
+        hot loop of the whole header, so kept tight; most starts never read these (the tokenizer is cached)."""
+        buffer, start, unpack = self.buffer, self.position, _U64.unpack_from
+        position = start
         try:
             for _ in range(count):
-                (length,) = unpack(buffer, position)
-                position += 8
-                strings.append(buffer[position : position + length].decode("utf-8"))
-                position += length
+                position += 8 + unpack(buffer, position)[0]
         except struct.error:
             position = len(buffer) + 1  # the length prefix ran off the end: reported just below
-        except UnicodeDecodeError as exc:
-            raise ModelLoadError(f"{self.path}: a header string near byte {position} is not UTF-8") from exc
         if position > len(buffer):
             raise ModelLoadError(f"{self.path} ends inside its GGUF header (truncated or not a GGUF file)")
         self.position = position
-        return strings
+        return StringArray(buffer[start:position], count, self.path, start)
 
     def _need(self, size: int) -> None:
         if self.position + size > len(self.buffer):
