@@ -23,7 +23,7 @@ CASES = {
 
 @pytest.fixture
 def async_engine(llm_f32) -> Iterator[AsyncEngine]:
-    engine = AsyncEngine(llm_f32.engine)
+    engine = AsyncEngine.of_engine(llm_f32.engine)
     yield engine
     engine.shutdown()
 

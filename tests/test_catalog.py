@@ -16,8 +16,9 @@ import pytest
 
 from gguf_files import write_small_gguf
 from tokenmill.errors import ModelLoadError, UnsupportedModelError
-from tokenmill.model.loader import catalog, load_checkpoint, load_tokenizer, packaged, resolve_model_path
+from tokenmill.model.loader import catalog, load_tokenizer, packaged, resolve_model_path
 from tokenmill.model.loader.catalog import ModelInfo, get_cache_dir, list_models, resolve_model
+from tokenmill.model.loader.checkpoint import load_checkpoint
 from tokenmill.model.loader.gguf_header import read_gguf_header
 from tokenmill.model.loader.packaged import ModelPart, PackagedModel
 

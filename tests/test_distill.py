@@ -15,7 +15,7 @@ from tokenmill.compress import prune
 from tokenmill.compress.distill import DistillOptions, distill, layers_to_drop
 from tokenmill.compress.perplexity import shipped_text
 from tokenmill.compress.quantize import float_weights
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

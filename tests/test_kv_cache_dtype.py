@@ -13,7 +13,7 @@ from tokenmill.cache.kv_cache import bytes_per_block, resolve_kv_dtype
 from tokenmill.cli import build_parser
 from tokenmill.config import CacheConfig
 from tokenmill.kernels import native
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 PROMPTS = [{"prompt_token_ids": [(i * 7919 + j * 104729) % 40000 + 100 for i in range(n)]}
            for j, n in enumerate((5, 21, 40))]

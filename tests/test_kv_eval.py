@@ -14,7 +14,7 @@ from tokenmill import LLM
 from tokenmill.cli import main
 from tokenmill.compress.passkey import FILLER, passkey_prompt
 from tokenmill.compress.perplexity import shipped_text
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

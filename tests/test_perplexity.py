@@ -13,7 +13,7 @@ from tinymodel import write_tiny_llama
 from tokenmill import LLM
 from tokenmill.cli import main
 from tokenmill.compress.perplexity import perplexity, shipped_text, sliding_windows
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import UnsupportedModelError
 from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
-from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.model.loader.checkpoint import Checkpoint, load_checkpoint
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.quant.checkpoint import save_checkpoint
 from tokenmill.quant.grid import Grid

@@ -14,7 +14,7 @@ from tokenmill.config import QuantConfig
 from tokenmill.model import weight_cache
 from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 NATIVE = QuantConfig("native")
 

@@ -79,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from tokenmill.model.loader import load_checkpoint
+    from tokenmill.model.loader.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.model)
     cfg = ckpt.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import logging
 import os
 import socket
@@ -16,6 +17,9 @@ from tokenmill.engine_args import EngineArgs
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from tokenmill.engine.core_proc import EngineCoreHandle
+    from tokenmill.engine.engine import LLMEngine
 
 REPLICA_FLAGS = ("--min-replicas", "--max-replicas", "--ray-address", "--routing")
 
@@ -103,23 +107,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     _check_can_listen(args.host, args.port)
-    from tokenmill.server.result_cache import open_store
-
-    if args.result_cache:  # a bad URL or bound fails now, not after the models load
-        open_store(args.result_cache, args.result_cache_ttl, args.result_cache_max_entries)
     if args.replicas is not None:
         _serve_replicas(args, len(models))
         return
     if given := [flag for flag in REPLICA_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]:
         raise ValueError(f"{', '.join(given)}: needs --replicas N (Ray Serve replicas)")
-    from tokenmill.server.launch import serve  # after the checks: a bad option fails at once
+    app = server_app(args)  # first: it starts the engine cores before this process imports the server
+    from tokenmill.server.launch import serve
 
-    serve(server_app(args), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
 
 
 def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
     from tokenmill.engine.kv_events import KVEventsConfig
+    from tokenmill.server.result_cache import open_store
 
+    if args.result_cache:  # a bad URL or bound fails now, not after Ray and the replicas start
+        open_store(args.result_cache, args.result_cache_ttl, args.result_cache_max_entries)
     if num_models > 1:
         raise ValueError("--replicas serves one model (each replica runs it); start one deployment per model")
     try:
@@ -144,39 +148,69 @@ def _serve_replicas(args: argparse.Namespace, num_models: int) -> None:
 
 
 def server_app(args: argparse.Namespace, replica_rank: int = 0) -> FastAPI:
-    """Load the models `tokenmill serve` was given and build the app over their engines (in the server process,
-    or in each Ray Serve replica: `replica_rank` moves its KV event ports up by the rank)."""
+    """Start an engine core per model `tokenmill serve` was given and build the app over them (in the server
+    process, or in each Ray Serve replica: `replica_rank` moves its KV event ports up by the rank)."""
     from tokenmill.engine.kv_events import KVEventsConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kv_events = KVEventsConfig.parse(args.kv_events_config)
+    template = None if args.chat_template is None else _template_text(args.chat_template)
+    models = _served_models(args)
+    names = args.served_model_name or [None] * len(models)
+    # each engine (a model here, a replica of the one model with --replicas) publishes KV events on its own ports
+    engine_args = [EngineArgs.from_cli_args(args, model=model, seed=args.seed,
+                                            kv_events_config=kv_events and asdict(kv_events.for_rank(replica_rank + i)))
+                   for i, model in enumerate(models)]
+    # The cores start first and build their engines while this process imports the server and loads tokenizers:
+    # ready when the slower side is, not after both.
+    cores = [_start_core(e) for e in engine_args]
+
+    from tokenmill.model.loader import load_tokenizer, resolve_model_path
     from tokenmill.server.launch import ModelToServe, ServerOptions, build_server_app
     from tokenmill.server.params import RequestLimits
     from tokenmill.server.result_cache import ResultCache, open_store
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def to_serve(core: EngineCoreHandle, e: EngineArgs, name: str | None) -> ModelToServe:
+        path = resolve_model_path(e.model)
+        tokenizer = load_tokenizer(path)
+        if template is not None:
+            tokenizer.chat_template = template
+        identity = {**e.output_identity(), "chat_template": args.chat_template}
+        return ModelToServe(core, tokenizer, path, e.model, name, identity)
 
-    kv_events = KVEventsConfig.parse(args.kv_events_config)
-
-    def load(model: str | None, name: str | None, rank: int) -> ModelToServe:  # the LLM goes; its engine is served
-        engine_args = EngineArgs.from_cli_args(args, model=model, seed=args.seed,
-                                               kv_events_config=kv_events and asdict(kv_events.for_rank(rank)))
-        llm = engine_args.create_llm(progress=True)
-        if args.chat_template is not None:
-            llm.tokenizer.chat_template = _template_text(args.chat_template)
-        identity = {**engine_args.output_identity(), "chat_template": args.chat_template}
-        return ModelToServe(llm.engine, llm.checkpoint.path, model, name, identity)
-
-    models = _served_models(args)
-    names = args.served_model_name or [None] * len(models)
     store = open_store(args.result_cache, args.result_cache_ttl, args.result_cache_max_entries) \
-        if args.result_cache else None
+        if args.result_cache else None  # a bad URL or bound fails here, while the cores still load
+    served = [to_serve(core, e, name) for core, e, name in zip(cores, engine_args, names)]
     options = ServerOptions(
         api_key=args.api_key, max_waiting=args.max_waiting, log_prompts=args.log_prompts,
         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts,
                              auto_tool_choice=args.enable_auto_tool_choice),
         max_body_bytes=args.max_body_bytes, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
         result_cache=ResultCache(store, args.result_cache) if store else None, metrics_prefix=args.metrics_prefix)
-    # each engine (a model here, a replica of the one model with --replicas) publishes KV events on its own ports
-    return build_server_app([load(model, name, replica_rank + i) for i, (model, name) in enumerate(zip(models, names))],
-                            options)
+    return build_server_app(served, options)
+
+
+def _start_core(engine_args: EngineArgs) -> EngineCoreHandle:
+    """A core that builds its own engine where the engine surely runs on the CPU; otherwise the engine is built
+    here first and, on the GPU, its core is a thread of this process (a CUDA context does not survive a fork)."""
+    from tokenmill.engine.core_proc import start_engine_core
+
+    if _surely_cpu(engine_args.device):
+        return start_engine_core(partial(_build_engine, engine_args))
+    engine = _build_engine(engine_args)
+    return start_engine_core(lambda: engine, in_thread=engine.runner.gpu is not None)
+
+
+def _build_engine(engine_args: EngineArgs) -> LLMEngine:
+    return engine_args.create_llm(progress=True).engine
+
+
+def _surely_cpu(device: str) -> bool:
+    """Whether `device` resolves to the CPU, known without importing torch: asked for, or "auto" where there is no
+    NVIDIA driver (its control device) or no Triton, both of which the GPU path needs."""
+    if device != "auto":
+        return device == "cpu"
+    return not (Path("/dev/nvidiactl").exists() and importlib.util.find_spec("triton") is not None)
 
 
 def _template_text(value: str) -> str:

@@ -147,6 +147,17 @@ class CacheConfig:
         return int(self.kv_cache_memory)
 
 
+@dataclass(frozen=True)
+class CacheInfo:
+    """What LLM.cache_info() and /metrics' cache_config_info report (vLLM's cache config info)."""
+
+    num_blocks: int
+    block_size: int
+    kv_cache_dtype: str
+    bytes_per_block: int
+    kv_cache_bits: float | None = None  # turboquant's bits per element
+
+
 def _available_memory() -> int:
     with open("/proc/meminfo") as f:
         for line in f:

@@ -23,7 +23,7 @@ from tokenmill.config import (
 
 if TYPE_CHECKING:
     from tokenmill.llm import LLM
-    from tokenmill.model.loader import Checkpoint
+    from tokenmill.model.loader.checkpoint import Checkpoint
 
 _UNIT_BYTES = {"": 1, "b": 1, **{f"{u}{b}": 1000 ** (i + 1) for i, u in enumerate("kmgt") for b in ("", "b")},
                **{f"{u}ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")}}

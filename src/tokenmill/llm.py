@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenmill.cache.kv_cache import CacheInfo
+from tokenmill.config import CacheInfo
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.kv_events import KVEventsConfig
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
@@ -21,7 +21,7 @@ from tokenmill.kernels import native
 from tokenmill.kernels.gpu import tensor_device as gpu_tensor_device
 from tokenmill.model.build import build_model
 from tokenmill.model.layers.quantized import QuantizedLinear
-from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.model.loader.checkpoint import Checkpoint, load_checkpoint
 from tokenmill.model.placement import default_dtype, resolve_device, to_gpu
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput

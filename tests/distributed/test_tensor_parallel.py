@@ -16,7 +16,7 @@ from test_quantized_linear import _gguf_tensor
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import QuantConfig
 from tokenmill.model.build import build_model
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 from tokenmill.model.sharding import Shard, _columns, _rows, shard_checkpoint
 
 PROMPTS = [[(i * 7919 + 13 * j) % 40000 + 100 for i in range(n)] for j, n in enumerate((21, 5, 34))]

@@ -1,12 +1,19 @@
-"""`tokenmill serve` options that fail before anything loads, and the default served model name."""
+"""`tokenmill serve` options that fail before anything loads, an engine that fails to start, the default served
+model name, and what the API process imports."""
 from __future__ import annotations
 
+import json
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from serverproc import start_server, stop, wait_healthy
+from tokenmill.bench.peers import free_port
 from tokenmill.server.launch import short_model_name
 
 
@@ -51,3 +58,37 @@ def test_plain_serve_never_imports_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_engine_start_failure_is_a_clean_error():
+    """The engine core builds and starts its engine in its own process; what stops it there (here: its KV event
+    port is taken) reaches the command as the same clean error, not a server that never gets healthy."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{port}"})
+        proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(free_port()),
+                               "--kv-events-config", config], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: kv_events_config: cannot open tcp://127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_api_process_never_loads_torch(tmp_path):
+    """The API process tokenizes, validates and formats; torch (and the model) are the engine core's. Checked in
+    the processes' memory maps after serving each kind of request, so a lazy import on a request path counts too."""
+    server = start_server(tmp_path)
+    try:
+        wait_healthy(server)
+        for path, body in [("/v1/completions", {"prompt": "Hello", "max_tokens": 4, "logprobs": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                                     "response_format": {"type": "json_object"}}),
+                           ("/v1/embeddings", {"input": "Hello"})]:
+            assert httpx.post(server.url + path, json=body, timeout=120).status_code == 200
+        assert httpx.get(server.url + "/metrics", timeout=30).status_code == 200
+        core_pid = int(re.search(r"engine core running in process (\d+)", server.log()).group(1))
+        assert "libtorch" in Path(f"/proc/{core_pid}/maps").read_text()
+        assert "libtorch" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+    finally:
+        stop(server)

@@ -29,7 +29,7 @@ MARK = "Xylophone-fault"
 
 @contextmanager
 def app_server(engine: LLMEngine) -> Iterator[tuple[str, AsyncEngine]]:
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine.of_engine(engine)
     port = free_port()
     app = build_app(ModelRegistry([ServerState.create(async_engine, "m")]))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenmill.cache.kv_cache import CacheInfo
-from tokenmill.engine.scheduler import SchedulerStats
+from tokenmill.config import CacheInfo
+from tokenmill.engine.stats import SchedulerStats
 from tokenmill.server.metrics import ServerMetrics, render_metrics
 from tokenmill.server.models import ModelRegistry
 

@@ -7,7 +7,7 @@ import pytest
 from spec_cases import VOCAB
 from tinymodel import write_tiny_llama
 from tokenmill import LLM
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.proposer import Draft
 from tokenmill.engine.spec_decode.speculator import Speculator
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 
 def _greedy_mix(plain: LLM, prompts: list[list[int]]) -> list[SamplingParams]:

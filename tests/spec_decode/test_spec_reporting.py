@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from tinymodel import write_tiny_llama
-from tokenmill.model.loader import load_checkpoint
+from tokenmill.model.loader.checkpoint import load_checkpoint
 
 
 def test_metrics_endpoint_exports_vllm_named_spec_counters():
     from types import SimpleNamespace
 
-    from tokenmill.cache.kv_cache import CacheInfo
-    from tokenmill.engine.scheduler import SchedulerStats, SpecCounters
+    from tokenmill.config import CacheInfo
+    from tokenmill.engine.stats import SchedulerStats, SpecCounters
     from tokenmill.server.metrics import ServerMetrics, render_metrics
 
     cache = CacheInfo(10, 16, "float16", 4096)

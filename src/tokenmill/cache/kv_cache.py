@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from tokenmill.cache import turboquant as tq
 from tokenmill.cache.kv_layout import KVLayout
-from tokenmill.config import ModelConfig
+from tokenmill.config import CacheInfo, ModelConfig
 from tokenmill.kernels.native import available as kernels_available
 
 INT4 = torch.uint8  # the element type of an int4 cache: two 4-bit codes per byte
@@ -221,17 +220,6 @@ def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     buffer = mmap.mmap(-1, numel * itemsize + 64)
     return torch.frombuffer(buffer, dtype=dtype, count=numel)
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    """What LLM.cache_info() and /metrics' cache_config_info report (vLLM's cache config info)."""
-
-    num_blocks: int
-    block_size: int
-    kv_cache_dtype: str
-    bytes_per_block: int
-    kv_cache_bits: float | None = None  # turboquant's bits per element
 
 
 class KVCache:

@@ -173,7 +173,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from tokenmill.compress.perplexity import read_text
     from tokenmill.compress.quantize import QuantizeOptions, check_output_dir, quantize_checkpoint
-    from tokenmill.model.loader import load_checkpoint
+    from tokenmill.model.loader.checkpoint import load_checkpoint
 
     options = QuantizeOptions(args.method, args.group_size, args.algorithm)  # bad options fail before loading
     if args.calibration is not None and options.algorithm == "rtn":

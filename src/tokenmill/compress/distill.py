@@ -28,7 +28,7 @@ from tokenmill.compress.prune import block_influence, drop_layers, least_influen
 from tokenmill.compress.quantize import float_weights
 from tokenmill.llm import LLM
 from tokenmill.model.build import build_model, checkpoint_state
-from tokenmill.model.loader import Checkpoint
+from tokenmill.model.loader.checkpoint import Checkpoint
 from tokenmill.model.runner import ModelRunner
 from tokenmill.quant.checkpoint import save_checkpoint
 from tokenmill.sampling_params import SamplingParams

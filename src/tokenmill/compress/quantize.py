@@ -21,7 +21,7 @@ from tokenmill.compress.gptq import gptq
 from tokenmill.compress.perplexity import Scorer
 from tokenmill.config import ModelConfig
 from tokenmill.model.build import build_model
-from tokenmill.model.loader import Checkpoint, Weight
+from tokenmill.model.loader.checkpoint import Checkpoint, Weight
 from tokenmill.model.runner import ModelRunner
 from tokenmill.quant.checkpoint import save_checkpoint
 from tokenmill.quant.grid import Grid

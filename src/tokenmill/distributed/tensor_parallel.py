@@ -32,7 +32,7 @@ from tokenmill.engine_args import EngineArgs
 from tokenmill.model.build import build_model
 from tokenmill.model.layers.parallel import make_row_parallel
 from tokenmill.model.llama import LlamaModel
-from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.model.loader.checkpoint import Checkpoint, load_checkpoint
 from tokenmill.model.runner import ModelRunner
 from tokenmill.model.sharding import Shard, shard_checkpoint
 

@@ -16,19 +16,26 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.util import Finalize
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.core_proc import (
     HEARTBEAT_INTERVAL,
     LOOP_BEAT,
     PROCESS_BEAT,
+    EngineCoreHandle,
     start_engine_core,
     stop_engine_core,
+    wait_until_up,
 )
-from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.messages import Abort, CoreOutputs, EmbedRequest, RequestDelta
-from tokenmill.engine.scheduler import SchedulerStats
+from tokenmill.engine.stats import SchedulerStats
+from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the API process never imports torch (engine/core_proc.py says why)
+    from tokenmill.engine.engine import LLMEngine
 
 logger = logging.getLogger("tokenmill.engine")
 # /health turns 503 when the core process missed this many seconds of beats (stopped, frozen), or when its
@@ -64,16 +71,21 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
+    def __init__(self, core: EngineCoreHandle, tokenizer: Tokenizer, max_waiting: int | None = None,
                  on_dead: Callable[[str], None] | None = None) -> None:
-        """Starts the engine core process from `engine` and keeps only its input processor: the caller may drop
-        the engine (the server does, so its model's memory is the core's alone). on_dead(reason) runs once, in
+        """Serve a started engine core (core_proc.start_engine_core), waiting until it is up (or raising why it
+        could not start); `tokenizer` is this process's, for the input processor. on_dead(reason) runs once, in
         the event loop, when the core process exits or its loop dies."""
-        self.input_processor = engine.input_processor
+        try:
+            facts = wait_until_up(core)
+        except BaseException:
+            stop_engine_core(core, 5.0)
+            raise
+        self.input_processor = InputProcessor(tokenizer, facts.max_model_len, facts.vocab_size, facts.hidden_size)
         self.max_waiting = max_waiting
         self.on_dead = on_dead
-        self.stats: SchedulerStats = engine.stats()
-        self.cache_info = engine.kv_cache.info
+        self.stats = SchedulerStats(*facts.stats)
+        self.cache_info = facts.cache_info
         self._streams: dict[str, _Stream] = {}
         self._fatal: str | None = None
         self._stopping = False
@@ -81,11 +93,19 @@ class AsyncEngine:
         self._sequences_applied = 0
         self._send_lock = threading.Lock()  # shutdown() may run in another thread than the handlers
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._core = start_engine_core(engine)
+        self._core = core
         # Stop the core when this object goes away or the interpreter exits, before multiprocessing joins its
         # children at exit (the core ignores SIGTERM, so that join would otherwise wait forever).
         self._finalizer = Finalize(self, stop_engine_core, args=(self._core, 5.0), exitpriority=10)
         logger.info("engine core running in process %d", self.core_pid)
+
+    @classmethod
+    def of_engine(cls, engine: LLMEngine, max_waiting: int | None = None,
+                  on_dead: Callable[[str], None] | None = None) -> AsyncEngine:
+        """Serve an engine built in this process: its core is forked from here (sharing the weights' pages) and
+        the caller may drop the engine."""
+        return cls(start_engine_core(lambda: engine, in_thread=engine.runner.gpu is not None), engine.tokenizer,
+                   max_waiting, on_dead)
 
     @property
     def is_alive(self) -> bool:

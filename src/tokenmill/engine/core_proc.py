@@ -6,15 +6,20 @@ is hundreds of short torch ops, each of which must take the GIL back, so every m
 for Python's 5 ms switch interval. Here the step loop owns its process's GIL; the API process only tokenizes,
 validates and formats.
 
-The child is forked from the process that built the model, so it starts at once and shares the weights'
-pages copy-on-write (neither side writes them: one copy in memory). Two GNU OpenMP (libgomp) details:
+The core builds its engine itself: `tokenmill serve` forks it before this process has imported torch, so the
+core's imports and weight loading overlap the API process's own start (its imports, tokenizer, app), and the
+server is ready when the slower of the two is. An engine already built in this process (`lambda: engine`: tests,
+the offline API) is forked too, and its weights' pages are then shared copy-on-write (neither side writes them).
+Either way the core's first message says it is up (CoreFacts: what the API process needs of the engine) or why it
+could not start (CoreStartFailure: the build's own exception, raised again in the API process). This module
+imports no torch for that reason. Two GNU OpenMP (libgomp) details:
 - A forked child cannot run a parallel region on the thread that forked if that thread had a team (its worker
   threads were not copied: it hangs); a new thread gets a fresh team, so the step loop runs in a new thread.
 - libgomp lets idle workers spin between parallel regions only while it manages no more threads than there are
   CPUs; above that they sleep after ~100 spins and every parallel op pays a futex wake-up. The team that built
-  the model would still be counted in the child and push the core's own team over that limit (dozens of
-  worker wake-ups per decode token; tests/test_async_engine.py checks it), so that team is released before
-  the fork. The core then waits like `LLM.generate` does.
+  the model would still be counted and push the core's own team over that limit (dozens of worker wake-ups per
+  decode token; tests/test_async_engine.py checks it), so that team is released before the fork and again after
+  a build in the core. The core then waits like `LLM.generate` does.
 
 On the GPU path the core is a thread of the API process instead (CoreThread): a CUDA context does not survive a
 fork, and the GPU does the arithmetic, so the GIL is shared with the HTTP loop only for the step's Python.
@@ -35,24 +40,28 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
-import torch
-
-from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.input_processor import EngineCoreRequest
 from tokenmill.engine.messages import (
     Abort,
+    CoreFacts,
     CoreOutputs,
+    CoreStartFailure,
     Embedding,
     EmbedRequest,
+    EngineCoreRequest,
     RequestDelta,
     RequestFailure,
     Shutdown,
 )
 from tokenmill.outputs import RequestOutput
+
+if TYPE_CHECKING:  # not imported here: this process may fork the core before importing torch
+    from tokenmill.engine.engine import LLMEngine
 
 logger = logging.getLogger("tokenmill.engine")
 
@@ -104,24 +113,41 @@ class CoreThread(threading.Thread):
         logger.warning("the engine core is a thread of this process: it stops with the process")
 
 
-def start_engine_core(engine: LLMEngine) -> EngineCoreHandle:
+def start_engine_core(build: Callable[[], LLMEngine], in_thread: bool = False) -> EngineCoreHandle:
+    """Run the engine that `build()` returns in a core process forked now (in_thread: a thread of this process, the
+    GPU path); `build` runs in the core (an engine built here is passed as `lambda: engine`). wait_until_up then
+    says when the core runs, or raises why it could not start."""
     ctx = multiprocessing.get_context("fork")
     cmd_recv, cmd_send = ctx.Pipe(duplex=False)
     out_recv, out_send = ctx.Pipe(duplex=False)
     heartbeat = Heartbeat(ctx.RawArray(ctypes.c_double, [time.monotonic()] * 2))
-    if engine.runner.gpu is not None:
-        thread = CoreThread(engine, cmd_recv, out_send, heartbeat, ())
+    if in_thread:
+        thread = CoreThread(build, cmd_recv, out_send, heartbeat, ())
         thread.start()
         return EngineCoreHandle(thread, cmd_send, out_recv, heartbeat)
-    process = ctx.Process(target=_core_main, args=(engine, cmd_recv, out_send, heartbeat, (cmd_send, out_recv)),
+    process = ctx.Process(target=_core_main, args=(build, cmd_recv, out_send, heartbeat, (cmd_send, out_recv)),
                           name="tokenmill-engine-core", daemon=True)
     gc.freeze()  # the child's collector would otherwise write to every inherited object, copying their pages
     _release_openmp_team()
     process.start()
-    process._args = ()  # the child has its copy; this process must not keep the engine (and its model) alive
+    process._args = ()  # the child has its copy; this process must not keep an engine (and its model) alive
     cmd_recv.close()  # the child's ends: if this process kept them, the child would never see EOF
     out_send.close()
     return EngineCoreHandle(process, cmd_send, out_recv, heartbeat)
+
+
+def wait_until_up(handle: EngineCoreHandle) -> CoreFacts:
+    """Block until the core's first message: its facts, or the exception its start raised (raised here)."""
+    try:
+        message = pickle.loads(handle.outputs.recv_bytes())
+    except (EOFError, OSError):
+        handle.process.join(5.0)
+        raise RuntimeError(f"the engine core exited while starting (code {handle.process.exitcode}); its output "
+                           "above says why") from None
+    if isinstance(message, CoreStartFailure):
+        handle.process.join(5.0)
+        raise message.error
+    return message
 
 
 def _release_openmp_team() -> None:
@@ -152,25 +178,36 @@ def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
         handle.process.join()
 
 
-def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, heartbeat: Heartbeat,
+def _core_main(build: Callable[[], LLMEngine], commands: Connection, outputs: Connection, heartbeat: Heartbeat,
                parent_ends: tuple, own_process: bool = True) -> int:
     """The core's life; its exit code (a process exits with it)."""
     for conn in parent_ends:
         conn.close()
-    # The API process decides when the engine stops: Ctrl-C (or a service manager's SIGTERM) reaches the whole
-    # process group, and the server's drain still needs the engine after it. The API process stops this one
-    # through the pipe, also at its exit (AsyncEngine registers that), and a vanished parent is an EOF.
+    # The API process decides when the engine stops: Ctrl-C (or, once serving, a service manager's SIGTERM) reaches
+    # the whole process group, and the server's drain still needs the engine after it. The API process stops this
+    # one through the pipe, also at its exit (AsyncEngine registers that), and a vanished parent is an EOF.
     if own_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_beat_forever, args=(heartbeat,), name="tokenmill-heartbeat", daemon=True).start()
+    try:
+        engine = build()
+        engine.delta_outputs = True
+        if engine.kv_events is not None:  # bound now, so routers subscribe before the first step
+            engine.kv_events.start()
+        engine.runner.start()  # in this process: tensor-parallel workers cannot be inherited across a fork
+    except Exception as exc:  # the API process raises it (a bad model, a port in use) and exits
+        outputs.send_bytes(pickle.dumps(CoreStartFailure(_picklable(exc)), protocol=pickle.HIGHEST_PROTOCOL))
+        if own_process:
+            sys.exit(1)
+        return 1
+    if own_process:  # until now a SIGTERM (the API process failing at its own start) ends this one as well
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    engine.delta_outputs = True
-    if engine.kv_events is not None:  # bound now, so routers subscribe before the first step
-        engine.kv_events.start()
-    engine.runner.start()  # in this process: tensor-parallel workers cannot be inherited across the fork
+    _release_openmp_team()  # the build's team (see the module docstring)
     core = EngineCore(engine, outputs, heartbeat)
+    heartbeat.beat(LOOP_BEAT)
+    outputs.send_bytes(pickle.dumps(CoreFacts.of(engine), protocol=pickle.HIGHEST_PROTOCOL))
     threading.Thread(target=_read_commands, args=(commands, core.inbox), name="tokenmill-commands",
                      daemon=True).start()
-    threading.Thread(target=_beat_forever, args=(heartbeat,), name="tokenmill-heartbeat", daemon=True).start()
     loop = threading.Thread(target=core.run, name="tokenmill-engine")
     loop.start()
     loop.join()
@@ -178,6 +215,15 @@ def _core_main(engine: LLMEngine, commands: Connection, outputs: Connection, hea
     if own_process and code:
         sys.exit(code)
     return code
+
+
+def _picklable(exc: Exception) -> Exception:
+    """`exc` if it survives the pipe, else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # an exception class whose constructor does not take its own args back
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _beat_forever(heartbeat: Heartbeat) -> None:
@@ -208,6 +254,8 @@ class EngineCore:
     fatal: str | None = None
 
     def run(self) -> None:
+        import torch  # here, not at the top: the module stays importable before torch (see the docstring)
+
         torch.set_num_threads(torch.get_num_threads())  # this new thread's OpenMP team: the engine's --threads
         try:
             while self._apply_commands(block=not self.engine.has_unfinished()):

@@ -19,13 +19,15 @@ from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.input_processor import EngineCoreRequest, InputProcessor
+from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.kv_events import KVEventsConfig, ZmqEventPublisher
+from tokenmill.engine.messages import EngineCoreRequest
 from tokenmill.engine.parent_request import ParentRequest
 from tokenmill.engine.request import Request, token_logprobs
-from tokenmill.engine.scheduler import Scheduler, SchedulerStats, SpecCounters
+from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
 from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
+from tokenmill.engine.stats import SchedulerStats, SpecCounters
 from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.engine.structured_output import GrammarCompiler
 from tokenmill.model.batch import BatchChunk, StepBatch

@@ -6,26 +6,13 @@ the model: it tokenizes and validates while the engine core process steps, and e
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tokenmill.engine.structured_output import grammar_text
+from tokenmill.engine.grammar import grammar_text
+from tokenmill.engine.messages import EngineCoreRequest
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
-
-
-@dataclass
-class EngineCoreRequest:
-    """What crosses into the engine core: a validated request, its prompt already tokenized."""
-
-    request_id: str
-    prompt: str | None  # the text, when the client sent text
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int  # params.max_tokens capped by the context
-    priority: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: the same in both processes
 
 
 @dataclass(frozen=True)

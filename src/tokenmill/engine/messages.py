@@ -1,15 +1,35 @@
 """What crosses the pipe between the API process and the engine core process, one way each.
 
-In: EngineCoreRequest (engine/input_processor.py), EmbedRequest, Abort, Shutdown. Out, once per step: CoreOutputs,
-with a RequestDelta per request that advanced, holding only what is new (so a message stays small however long the
-sequences grow), and the embeddings computed since the last. NamedTuples: typed, and they pickle nearly as cheaply
-as bare tuples, which matters when steps take milliseconds.
+In: EngineCoreRequest, EmbedRequest, Abort, Shutdown. Out: first CoreFacts (the core is up) or CoreStartFailure,
+then once per step CoreOutputs, with a RequestDelta per request that advanced, holding only what is new (so a
+message stays small however long the sequences grow), and the embeddings computed since the last. NamedTuples:
+typed, and they pickle nearly as cheaply as bare tuples, which matters when steps take milliseconds.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
+from tokenmill.config import CacheInfo
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the API process, which reads these messages, imports no torch
+    from tokenmill.engine.engine import LLMEngine
+
+
+@dataclass
+class EngineCoreRequest:
+    """What crosses into the engine core: a validated request, its prompt already tokenized."""
+
+    request_id: str
+    prompt: str | None  # the text, when the client sent text
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens capped by the context
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: the same in both processes
 
 
 class EmbedRequest(NamedTuple):
@@ -78,3 +98,26 @@ class CoreOutputs(NamedTuple):
     sequences_applied: int  # sequences of the requests added so far (the API process counts them for backpressure)
     fatal: str | None  # why the step loop died, or None
     embeddings: tuple[Embedding, ...] = ()
+
+
+class CoreFacts(NamedTuple):
+    """The core's first message: its engine is built and running, and what the API process needs of it."""
+
+    max_model_len: int
+    vocab_size: int
+    hidden_size: int
+    stats: tuple  # SchedulerStats' fields, in order
+    cache_info: CacheInfo
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> CoreFacts:
+        p = engine.input_processor
+        return cls(p.max_model_len, p.vocab_size, p.hidden_size, tuple(vars(engine.stats()).values()),
+                   engine.kv_cache.info)
+
+
+class CoreStartFailure(NamedTuple):
+    """The core's first message when its engine could not be built or started: the exception, raised again in the
+    API process (as a RuntimeError naming it where it does not pickle)."""
+
+    error: Exception

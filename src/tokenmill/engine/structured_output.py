@@ -1,5 +1,5 @@
-"""Structured output: a request's constraint (JSON schema, any JSON object, regex, choice, grammar) compiled by
-llguidance, and each sequence's matcher, whose mask of allowed next tokens the sampler applies.
+"""Structured output: each sequence's matcher over a request's grammar (engine/grammar.py), whose mask of allowed
+next tokens the sampler applies.
 
 Why llguidance: one Rust wheel with no dependencies; it computes each step's mask on demand from an Earley parser
 walking the tokenizer's token trie (no ahead-of-time automaton over the vocabulary, so a new schema costs
@@ -10,41 +10,13 @@ outlines-core builds its whole index ahead.
 from __future__ import annotations
 
 import functools
-import json
 
 import llguidance
 import torch
 
+from tokenmill.engine.grammar import grammar_text
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.sampling_params import StructuredOutputsParams
-
-
-def grammar_text(spec: StructuredOutputsParams) -> str:
-    """llguidance's grammar for `spec`, validated; a ValueError starting "structured_outputs" says what is wrong."""
-    key = json.dumps({k: v for k, v in vars(spec).items() if v not in (None, False)}, sort_keys=True)
-    return _compiled(key)
-
-
-@functools.lru_cache(maxsize=256)
-def _compiled(key: str) -> str:
-    (kind, value), = json.loads(key).items()
-    try:
-        if kind == "json":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(value if isinstance(value, str)
-                                                                    else json.dumps(value))
-        elif kind == "json_object":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
-        elif kind == "regex":
-            grammar = llguidance.LLMatcher.grammar_from_regex(value)
-        elif kind == "choice":
-            grammar = llguidance.grammar_from("choice", json.dumps(value))
-        else:
-            grammar = llguidance.grammar_from("grammar", value)  # Lark, or GBNF converted to Lark
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"structured_outputs {kind} is not valid: {exc}") from None
-    if error := llguidance.LLMatcher.validate_grammar(grammar):
-        raise ValueError(f"structured_outputs {kind} is not valid: {error}")
-    return grammar
 
 
 class GrammarMatcher:

@@ -16,7 +16,7 @@ from tokenmill.model.gemma3 import Gemma3Model
 from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from tokenmill.model.layers.rotary import RotaryEmbedding, inverse_frequencies
 from tokenmill.model.llama import LlamaModel
-from tokenmill.model.loader import Checkpoint, Weight
+from tokenmill.model.loader.checkpoint import Checkpoint, Weight
 from tokenmill.quant.gguf_blocks import NATIVE_TYPES, repack
 from tokenmill.quant.packed import PackedTensor
 from tokenmill.quant.weights import QuantizedWeight, quantize_rtn

@@ -20,7 +20,7 @@ import gguf
 import torch
 
 from tokenmill.errors import UnsupportedModelError
-from tokenmill.model.loader import Checkpoint, Weight
+from tokenmill.model.loader.checkpoint import Checkpoint, Weight
 from tokenmill.quant.packed import PackedTensor
 
 _NAME = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(weight|bias)$")

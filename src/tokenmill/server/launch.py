@@ -8,8 +8,6 @@ supervisor (systemd, Kubernetes) restarts it, instead of living on as a server t
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import re
 import signal
@@ -23,7 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.core_proc import EngineCoreHandle
+from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.server.app import build_app
 from tokenmill.server.body_limit import DEFAULT_MAX_BODY_BYTES
 from tokenmill.server.models import ModelRegistry
@@ -78,10 +77,11 @@ def short_model_name(path: Path) -> str:
 
 @dataclass
 class ModelToServe:
-    """A built engine, its checkpoint's path, the name or path it was asked for by, and the id clients should send
-    (None: the checkpoint's short name)."""
+    """A started engine core, this process's tokenizer of its model, the checkpoint's path, the name or path it was
+    asked for by, and the id clients should send (None: the checkpoint's short name)."""
 
-    engine: LLMEngine | None  # dropped once its engine core runs
+    core: EngineCoreHandle
+    tokenizer: Tokenizer
     path: Path
     model_arg: str | None = None
     served_model_name: str | None = None
@@ -104,14 +104,11 @@ class ServerOptions:
 
 
 def build_server_app(models: Sequence[ModelToServe], options: ServerOptions) -> FastAPI:
-    """Each model gets its own engine core process (started here, after every model has loaded, so each core
-    shares all weights copy-on-write) and its own `max_waiting` queue limit; the result cache serves them all."""
+    """Each model has its own engine core (waited for here, until it is up) and its own `max_waiting` queue limit;
+    the result cache serves them all."""
     o = options
     registry = ModelRegistry([_start(m, o.max_waiting, o.log_prompts, o.limits, o.result_cache) for m in models],
                              o.metrics_prefix)
-    for m in models:  # each engine core holds its model now; this process keeps tokenizers only
-        m.engine = None
-    _release_memory()
     for m in registry.models:
         logger.info("serving %s as %r", m.model_root, m.served_model_name)
     logger.info("API key %s, result cache %s; requests without `model` go to %r",
@@ -136,23 +133,11 @@ def serve(app: FastAPI, *, host: str, port: int, shutdown_timeout: float) -> Non
         raise SystemExit(1)
 
 
-def _release_memory() -> None:
-    """Free the dropped models now and give their pages back to the OS: the engines froze their objects out of
-    the collector's sight, and glibc keeps freed heap pages (weights were allocated there) until trimmed."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()  # what is left lives as long as the server: out of the collector's sight again, as before
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        logger.debug("malloc_trim is not available")
-
-
 def _start(model: ModelToServe, max_waiting: int | None, log_prompts: bool, limits: RequestLimits,
            result_cache: ResultCache | None) -> ServerState:
     path = model.path
     name = model.served_model_name or short_model_name(path)
     aliases = {str(path), *([model.model_arg] if model.model_arg else [])} - {name}
-    return ServerState.create(AsyncEngine(model.engine, max_waiting=max_waiting), name, model_root=str(path),
+    return ServerState.create(AsyncEngine(model.core, model.tokenizer, max_waiting), name, model_root=str(path),
                               accepted_model_names=frozenset(aliases), log_prompts=log_prompts, limits=limits,
                               result_cache=result_cache, identity=model.identity)

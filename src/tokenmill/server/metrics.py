@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.engine.scheduler import SchedulerStats
+from tokenmill.engine.stats import SchedulerStats
 from tokenmill.outputs import RequestOutput
 
 P = "tokenmill:"

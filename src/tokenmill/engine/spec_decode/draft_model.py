@@ -24,7 +24,7 @@ from tokenmill.engine.spec_decode.proposer import Draft
 from tokenmill.model.batch import BatchChunk, StepBatch
 from tokenmill.model.build import build_model
 from tokenmill.model.llama import LlamaModel
-from tokenmill.model.loader import Checkpoint, load_checkpoint
+from tokenmill.model.loader.checkpoint import Checkpoint, load_checkpoint
 from tokenmill.model.runner import ModelRunner
 from tokenmill.model.sampler import process_logits
 

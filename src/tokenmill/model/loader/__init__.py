@@ -1,48 +1,16 @@
-"""Turn a model reference (None, a .gguf file, an HF directory, a catalog name) into a Checkpoint: config, weights,
-tokenizer."""
+"""Turn a model reference (None, a .gguf file, an HF directory, a catalog name) into a path and a tokenizer;
+checkpoint.py reads the rest (config, weights). Nothing here imports torch: the server's API process loads its
+tokenizers with this while its engine cores import torch and build the models."""
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tokenmill.config import ModelConfig
-from tokenmill.kernels.build import cache_dir
-from tokenmill.model.loader import gguf as gguf_loader
-from tokenmill.model.loader import safetensors_dir
-from tokenmill.model.loader.catalog import resolve_model
+from tokenmill.model.loader.catalog import get_cache_dir, resolve_model
 from tokenmill.model.loader.default_model import default_model_path
 from tokenmill.model.loader.gguf_header import read_gguf_header
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.model.tokenizer import cache as tokenizer_cache
-from tokenmill.quant.packed import PackedTensor
-from tokenmill.quant.weights import QuantizedWeight
-
-Weight = torch.Tensor | PackedTensor | QuantizedWeight
-
-
-@dataclass
-class Checkpoint:
-    """Everything read from disk, before any module is built."""
-
-    path: Path
-    format: str  # "gguf" | "safetensors"
-    config: ModelConfig
-    weights: dict[str, Weight]
-    tokenizer: Tokenizer
-    size_bytes: int
-
-    @property
-    def is_quantized(self) -> bool:
-        return any(isinstance(w, QuantizedWeight) or (isinstance(w, PackedTensor) and w.is_quantized)
-                   for w in self.weights.values())
-
-    def weight_types(self) -> Counter[str]:
-        """How many tensors of each storage type (GGUF quant type or torch dtype)."""
-        return Counter(_storage_type(w) for w in self.weights.values())
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -60,50 +28,10 @@ def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
     path = resolve_model_path(model)
     if path.is_dir():
         return Tokenizer.from_hf_dir(path)
-    return _gguf_tokenizer(path, lambda: read_gguf_header(path).metadata)
+    return gguf_tokenizer(path, lambda: read_gguf_header(path).metadata)
 
 
-def load_checkpoint(model: str | Path | None = None) -> Checkpoint:
-    path = resolve_model_path(model)
-    if path.is_dir():
-        return _load_hf_dir(path)
-    return _load_gguf(path)
-
-
-def _load_gguf(path: Path) -> Checkpoint:
-    header = gguf_loader.open_gguf(path)
-    meta = gguf_loader.read_metadata(header)
-    config = gguf_loader.config_from_metadata(meta, {t.name for t in header.tensors})
-    return Checkpoint(
-        path=path,
-        format="gguf",
-        config=config,
-        weights=gguf_loader.read_tensors(header, config),
-        tokenizer=_gguf_tokenizer(path, lambda: meta),
-        size_bytes=path.stat().st_size,
-    )
-
-
-def _gguf_tokenizer(path: Path, metadata: Callable[[], dict]) -> Tokenizer:
+def gguf_tokenizer(path: Path, metadata: Callable[[], dict]) -> Tokenizer:
     """From the tokenizer cache under $TOKENMILL_CACHE_DIR/tokenizers, built from the metadata on a miss."""
-    return tokenizer_cache.cached(cache_dir() / "tokenizers", path, lambda: Tokenizer.from_gguf_metadata(metadata()))
-
-
-def _load_hf_dir(path: Path) -> Checkpoint:
-    config = safetensors_dir.config_from_hf(path)
-    return Checkpoint(
-        path=path,
-        format="safetensors",
-        config=config,
-        weights=safetensors_dir.read_tensors(path, config),
-        tokenizer=Tokenizer.from_hf_dir(path),
-        size_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
-    )
-
-
-def _storage_type(w: Weight) -> str:
-    if isinstance(w, PackedTensor):
-        return w.qtype.name
-    if isinstance(w, QuantizedWeight):
-        return w.format_name
-    return str(w.dtype).removeprefix("torch.")
+    return tokenizer_cache.cached(get_cache_dir() / "tokenizers", path,
+                                  lambda: Tokenizer.from_gguf_metadata(metadata()))
