@@ -164,6 +164,16 @@ def _release_openmp_team() -> None:
             logger.debug("could not release the OpenMP team of %s", path)
 
 
+def release_freed_memory() -> None:
+    """Give the pages of what a start freed back to the OS: parsing a tokenizer's JSON or a GGUF header leaves
+    hundreds of MB of freed heap that glibc would otherwise keep for this process."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        logger.debug("malloc_trim is not available")
+
+
 def stop_engine_core(handle: EngineCoreHandle, timeout: float) -> None:
     """Ask the core to stop (it aborts what is left), wait up to `timeout` s, then kill it. Idempotent."""
     if handle.process.is_alive():
@@ -203,6 +213,7 @@ def _core_main(build: Callable[[], LLMEngine], commands: Connection, outputs: Co
     if own_process:  # until now a SIGTERM (the API process failing at its own start) ends this one as well
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _release_openmp_team()  # the build's team (see the module docstring)
+    release_freed_memory()
     core = EngineCore(engine, outputs, heartbeat)
     heartbeat.beat(LOOP_BEAT)
     outputs.send_bytes(pickle.dumps(CoreFacts.of(engine), protocol=pickle.HIGHEST_PROTOCOL))

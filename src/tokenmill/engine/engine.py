@@ -128,7 +128,7 @@ class LLMEngine:
         params, ids = request.params, request.prompt_token_ids
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
         stop_strings = StopStrings(params.stop)  # one automaton for the n sequences
-        rules = TokenRules(params.min_tokens, tuple(sorted(stop_ids)), self._bad_words(params.bad_words))
+        rules = TokenRules(params.min_tokens, tuple(sorted(stop_ids)), request.bad_words_token_ids)
         children = [Request(
             request_id=request.request_id if params.num_sequences == 1 else f"{index}_{request.request_id}",
             prompt_token_ids=ids,
@@ -189,12 +189,6 @@ class LLMEngine:
         step = StepLogits(self.runner.score(ids))
         return [None] + [token_logprobs(step.sampled(i, token, top_n), self._token_text)
                          for i, token in enumerate(ids[1:])]
-
-    def _bad_words(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
-        """Each word's token ids as it would appear alone and after a space (vLLM's two spellings)."""
-        spellings = {tuple(self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
-                     for word in words for prefix in ("", " ")}
-        return tuple(sorted(s for s in spellings if s))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown or finished)."""

@@ -33,7 +33,14 @@ class InputProcessor:
             grammar_text(params.structured_outputs)  # compiled (and cached) here, so a bad one fails the caller
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(room, params.max_tokens)
-        return EngineCoreRequest(request_id, text, ids, params, max_tokens, priority)
+        return EngineCoreRequest(request_id, text, ids, params, max_tokens, priority,
+                                 bad_words_token_ids=self._bad_words(params.bad_words))
+
+    def _bad_words(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Each word's token ids as it would appear alone and after a space (vLLM's two spellings)."""
+        spellings = {tuple(self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
+                     for word in words for prefix in ("", " ")}
+        return tuple(sorted(s for s in spellings if s))
 
     def prompt(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt, checked: not empty, ids in the vocabulary, room for a token."""

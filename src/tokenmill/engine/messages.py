@@ -30,6 +30,7 @@ class EngineCoreRequest:
     max_tokens: int  # params.max_tokens capped by the context
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: the same in both processes
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words, tokenized (the core never encodes)
 
 
 class EmbedRequest(NamedTuple):

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.engine.core_proc import EngineCoreHandle
+from tokenmill.engine.core_proc import EngineCoreHandle, release_freed_memory
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.server.app import build_app
 from tokenmill.server.body_limit import DEFAULT_MAX_BODY_BYTES
@@ -109,6 +109,7 @@ def build_server_app(models: Sequence[ModelToServe], options: ServerOptions) -> 
     o = options
     registry = ModelRegistry([_start(m, o.max_waiting, o.log_prompts, o.limits, o.result_cache) for m in models],
                              o.metrics_prefix)
+    release_freed_memory()  # the tokenizers' parsing, in this process
     for m in registry.models:
         logger.info("serving %s as %r", m.model_root, m.served_model_name)
     logger.info("API key %s, result cache %s; requests without `model` go to %r",

@@ -31,7 +31,8 @@ def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
     return gguf_tokenizer(path, lambda: read_gguf_header(path).metadata)
 
 
-def gguf_tokenizer(path: Path, metadata: Callable[[], dict]) -> Tokenizer:
-    """From the tokenizer cache under $TOKENMILL_CACHE_DIR/tokenizers, built from the metadata on a miss."""
+def gguf_tokenizer(path: Path, metadata: Callable[[], dict], decode_only: bool = False) -> Tokenizer:
+    """From the tokenizer cache under $TOKENMILL_CACHE_DIR/tokenizers (decode_only: as Tokenizer.loads), built from
+    the metadata on a miss."""
     return tokenizer_cache.cached(get_cache_dir() / "tokenizers", path,
-                                  lambda: Tokenizer.from_gguf_metadata(metadata()))
+                                  lambda: Tokenizer.from_gguf_metadata(metadata()), decode_only)

@@ -54,7 +54,7 @@ def _load_gguf(path: Path) -> Checkpoint:
         format="gguf",
         config=config,
         weights=gguf_loader.read_tensors(header, config),
-        tokenizer=gguf_tokenizer(path, lambda: meta),
+        tokenizer=gguf_tokenizer(path, lambda: meta, decode_only=True),  # the engine's: see Tokenizer.loads
         size_bytes=path.stat().st_size,
     )
 

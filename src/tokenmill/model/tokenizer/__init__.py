@@ -46,7 +46,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: tokenizers.Tokenizer,
+        backend: tokenizers.Tokenizer | str,
         *,
         bos_token_id: int | None,
         eos_token_id: int | None,
@@ -54,16 +54,23 @@ class Tokenizer:
         add_bos: bool = False,
         chat_template: str | None = None,
         extra_stop_ids: Iterable[int] = (),
+        decoder: tokenizers.Tokenizer | None = None,
     ) -> None:
+        """`backend`: the tokenizers library's tokenizer, or its JSON, then parsed when first needed (encoding);
+        `decoder`: one that decodes alike at a fraction of the load time and memory (decoder_json), so an engine
+        core, which only decodes, never parses the rest."""
         if add_bos and bos_token_id is None:
             raise ModelLoadError("the tokenizer asks for a BOS token at the start of prompts but defines none")
-        self._backend = backend
+        self._backend_json = backend if isinstance(backend, str) else None
+        if not isinstance(backend, str):
+            self._backend = backend
+        self._decoder = decoder if decoder is not None else self._backend
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = self._decoder.get_vocab_size(with_added_tokens=True)
         self.stop_token_ids = self._end_of_turn_ids() | set(extra_stop_ids)
         if eos_token_id is not None:
             self.stop_token_ids.add(eos_token_id)
@@ -113,23 +120,33 @@ class Tokenizer:
             extra_stop_ids=model_eos_ids,
         )
 
+    @functools.cached_property
+    def _backend(self) -> tokenizers.Tokenizer:
+        return tokenizers.Tokenizer.from_str(self._backend_json)
+
     def backend_json(self) -> str:
         """The tokenizers library's JSON of the backend (what llguidance reads the vocabulary from)."""
-        return self._backend.to_str()
+        return self._backend_json if self._backend_json is not None else self._backend.to_str()
 
     def dumps(self) -> str:
-        """This tokenizer as one JSON text (the backend's own JSON and the special-token facts), for `loads`."""
-        return json.dumps({"backend": self.backend_json(), "bos_token_id": self.bos_token_id,
+        """This tokenizer as one JSON text (the backend's own JSON, its decoder_json and the special-token facts),
+        for `loads`."""
+        backend = self.backend_json()
+        return json.dumps({"backend": backend, "decoder": decoder_json(backend), "bos_token_id": self.bos_token_id,
                            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                            "add_bos": self.add_bos, "chat_template": self.chat_template,
                            "stop_token_ids": sorted(self.stop_token_ids)})
 
     @classmethod
-    def loads(cls, text: str) -> Tokenizer:
-        """The tokenizer `dumps` wrote."""
+    def loads(cls, text: str, decode_only: bool = False) -> Tokenizer:
+        """The tokenizer `dumps` wrote; decode_only: its decode-only twin, the rest parsed if ever used (an engine
+        core only decodes: its requests come tokenized)."""
         facts = json.loads(text)
-        backend = tokenizers.Tokenizer.from_str(facts.pop("backend"))
-        return cls(backend, extra_stop_ids=facts.pop("stop_token_ids"), **facts)
+        backend, decoder = facts.pop("backend"), facts.pop("decoder")
+        if decode_only and decoder is not None:
+            return cls(backend, extra_stop_ids=facts.pop("stop_token_ids"),
+                       decoder=tokenizers.Tokenizer.from_str(decoder), **facts)
+        return cls(tokenizers.Tokenizer.from_str(backend), extra_stop_ids=facts.pop("stop_token_ids"), **facts)
 
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Write tokenizer.json + tokenizer_config.json, so `from_hf_dir(folder)` rebuilds this tokenizer."""
@@ -160,7 +177,7 @@ class Tokenizer:
         code models are trained on (Qwen2.5-Coder's <|fim_prefix|> ..., StarCoder's <fim_prefix> ...); a
         ValueError starting "suffix" for a vocabulary without such tokens."""
         for spelling in _FIM_TOKENS:
-            ids = [self._backend.token_to_id(token) for token in spelling]
+            ids = [self._decoder.token_to_id(token) for token in spelling]
             if None not in ids:
                 pre, suf, mid = ids
                 encode = functools.partial(self.encode, add_special_tokens=False)
@@ -170,11 +187,11 @@ class Tokenizer:
                          f"{' / '.join(s[0] for s in _FIM_TOKENS)} tokens")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._decoder.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
         """Vocabulary spellings ('Ġworld' byte-level, '▁world' SentencePiece), for debugging and logprob displays."""
-        return [self._backend.id_to_token(token_id) for token_id in ids]
+        return [self._decoder.id_to_token(token_id) for token_id in ids]
 
     def apply_chat_template(
         self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False,
@@ -196,14 +213,27 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _token_text(self, token_id: int | None) -> str | None:
-        return None if token_id is None else self._backend.id_to_token(token_id)
+        return None if token_id is None else self._decoder.id_to_token(token_id)
 
     def _end_of_turn_ids(self) -> set[int]:
         return {
             token_id
-            for token_id, token in self._backend.get_added_tokens_decoder().items()
+            for token_id, token in self._decoder.get_added_tokens_decoder().items()
             if token.special and token.content in _END_OF_TURN_TOKENS
         }
+
+
+def decoder_json(backend_json: str) -> str | None:
+    """A tokenizer that decodes exactly as `backend_json`'s: the same vocabulary (as a WordLevel model, without the
+    merges), added tokens and decoder, without what only encoding needs (normalizer, pre-tokenizer, merges), so it
+    loads in a fraction of the time. None for a model that is not BPE (a Unigram vocabulary is a scored list)."""
+    spec = json.loads(backend_json)
+    if spec["model"].get("type") != "BPE":
+        return None
+    vocab = spec["model"]["vocab"]
+    spec.update(model={"type": "WordLevel", "vocab": vocab, "unk_token": next(iter(vocab))}, normalizer=None,
+                pre_tokenizer=None, post_processor=None)
+    return json.dumps(spec, ensure_ascii=False)
 
 
 def _optional_int(value: Any) -> int | None:
