@@ -98,3 +98,13 @@ def test_loaded_tokenizer_decodes_as_the_built_one_without_parsing_the_encoder(g
     assert loaded.convert_ids_to_tokens(ids) == built.convert_ids_to_tokens(ids)
     assert loaded.backend_json() == built.backend_json() and "_backend" not in vars(loaded)
     assert loaded.encode(TEXTS[0]) == built.encode(TEXTS[0]) and "_backend" in vars(loaded)
+
+
+def test_entries_of_deleted_files_are_removed(gguf, tmp_path):
+    folder = tmp_path / "tokenizers"
+    tokenizer_cache.cached(folder, gguf, _build(gguf, []))
+    other = shutil.copyfile(gguf, tmp_path / "other.gguf")
+    gguf.unlink()
+    tokenizer_cache.cached(folder, other, _build(other, []))
+    entries = list(folder.iterdir())
+    assert len(entries) == 1 and entries[0].read_text(encoding="utf-8").startswith(str(other.resolve()))

@@ -102,3 +102,14 @@ def _index_formats(folder):
     import json
 
     return {json.loads(p.read_text())["format"] for p in folder.glob("*.json")}
+
+
+def test_entries_of_deleted_checkpoints_are_removed(gguf, tmp_path):
+    """A model file that is gone leaves no gigabytes behind: the next entry written removes its entries."""
+    folder = tmp_path / "weights"
+    _build(gguf, folder)
+    other = shutil.copyfile(gguf, tmp_path / "other.gguf")
+    gguf.unlink()
+    _build(other, folder)
+    entries = _entries(folder)
+    assert len(entries) == 2 and all(str(other.resolve()) in (folder / e).read_text() for e in entries if e.endswith(".json"))

@@ -113,7 +113,8 @@ def _weight(data: torch.Tensor, part: dict) -> QuantizedWeight:
 
 
 def _remove_stale(folder: Path, checkpoint: Path, fmt: str, keep: str) -> None:
-    """Entries of the same checkpoint and format under another key: the file or the layout changed since."""
+    """Entries of the same checkpoint and format under another key (the file or the layout changed since), and
+    entries of checkpoints that are gone."""
     for index_path in folder.glob("*.json"):
         if index_path.stem == keep:
             continue
@@ -121,6 +122,7 @@ def _remove_stale(folder: Path, checkpoint: Path, fmt: str, keep: str) -> None:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError):
             continue
-        if index.get("checkpoint") == str(checkpoint.resolve()) and index.get("format") == fmt:
+        owner = index.get("checkpoint")
+        if (owner == str(checkpoint.resolve()) and index.get("format") == fmt) or not Path(str(owner)).exists():
             index_path.unlink(missing_ok=True)
             index_path.with_suffix(".bin").unlink(missing_ok=True)

@@ -68,14 +68,15 @@ def _digest(text: str) -> str:
 
 
 def _remove_stale(folder: Path, name: str, keep: Path) -> None:
-    """Entries of the same file under another key: it changed since, or the tokenizers library did."""
+    """Entries of the same file under another key (it changed since, or the tokenizers library did) and entries of
+    files that are gone."""
     for entry in folder.glob("*.json"):
         if entry == keep:
             continue
         try:
             with entry.open(encoding="utf-8") as f:
-                stale = f.readline().rstrip("\n") == name
+                owner = f.readline().rstrip("\n")
         except (OSError, UnicodeDecodeError):
             continue
-        if stale:
+        if owner == name or not Path(owner).exists():
             entry.unlink(missing_ok=True)
