@@ -193,12 +193,11 @@ def server_app(args: argparse.Namespace, replica_rank: int = 0) -> FastAPI:
 def _start_core(engine_args: EngineArgs) -> EngineCoreHandle:
     """A core that builds its own engine where the engine surely runs on the CPU; otherwise the engine is built
     here first and, on the GPU, its core is a thread of this process (a CUDA context does not survive a fork)."""
-    from tokenmill.engine.core_proc import start_engine_core
+    from tokenmill.engine.core_proc import start_built_engine_core, start_engine_core
 
     if _surely_cpu(engine_args.device):
         return start_engine_core(partial(_build_engine, engine_args))
-    engine = _build_engine(engine_args)
-    return start_engine_core(lambda: engine, in_thread=engine.runner.gpu is not None)
+    return start_built_engine_core(_build_engine(engine_args))
 
 
 def _build_engine(engine_args: EngineArgs) -> LLMEngine:

@@ -23,7 +23,7 @@ from tokenmill.engine.core_proc import (
     LOOP_BEAT,
     PROCESS_BEAT,
     EngineCoreHandle,
-    start_engine_core,
+    start_built_engine_core,
     stop_engine_core,
     wait_until_up,
 )
@@ -104,8 +104,7 @@ class AsyncEngine:
                   on_dead: Callable[[str], None] | None = None) -> AsyncEngine:
         """Serve an engine built in this process: its core is forked from here (sharing the weights' pages) and
         the caller may drop the engine."""
-        return cls(start_engine_core(lambda: engine, in_thread=engine.runner.gpu is not None), engine.tokenizer,
-                   max_waiting, on_dead)
+        return cls(start_built_engine_core(engine), engine.tokenizer, max_waiting, on_dead)
 
     @property
     def is_alive(self) -> bool:

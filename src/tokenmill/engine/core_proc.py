@@ -136,6 +136,12 @@ def start_engine_core(build: Callable[[], LLMEngine], in_thread: bool = False) -
     return EngineCoreHandle(process, cmd_send, out_recv, heartbeat)
 
 
+def start_built_engine_core(engine: LLMEngine) -> EngineCoreHandle:
+    """The core of an engine built in this process: forked from here (sharing the weights' pages), or a thread of
+    this process on the GPU path."""
+    return start_engine_core(lambda: engine, in_thread=engine.runner.gpu is not None)
+
+
 def wait_until_up(handle: EngineCoreHandle) -> CoreFacts:
     """Block until the core's first message: its facts, or the exception its start raised (raised here)."""
     try:

@@ -55,10 +55,10 @@ def cached(folder: Path, checkpoint: Path, build: Callable[[], Tokenizer], decod
 
 
 def _read(path: Path, decode_only: bool) -> Tokenizer:
-    """The entry's tokenizer, once its digest matches: the encoding backend in it is only parsed when first used,
-    so damage inside it would otherwise surface at a request."""
+    """The entry's tokenizer. Decode-only, its digest is checked first: the encoding backend is then only parsed
+    when first used, so damage inside it would otherwise surface at a request (loaded whole, parsing checks it)."""
     _, digest, text = path.read_text(encoding="utf-8").split("\n", 2)
-    if _digest(text) != digest:
+    if decode_only and _digest(text) != digest:
         raise ValueError("its digest does not match its contents")
     return Tokenizer.loads(text, decode_only)
 
