@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.cache.kv_cache import ROTATED, TURBOQUANT, bytes_per_head_row, encode, resolve_kv_dtype, rotation_signs
+from tokenmill.cache.kv_cache import ROTATED, TURBOQUANT, bytes_per_head_row, encode, resolve_kv_dtype, rotation
 from tokenmill.cache.turboquant import TurboQuant
 from tokenmill.hardware import describe
 from tokenmill.kernels import layer_ops
@@ -28,7 +28,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 2, 128, 16
 
 
 def caches(batch: int, length: int, dtype: torch.dtype, turbo: TurboQuant | None, seed: int = 0):
-    """Random keys and values as the cache holds them (with the rotation signs and turboquant's codes), block
+    """Random keys and values as the cache holds them (with the rotation's vectors and turboquant's codes), block
     tables scattered over the pool, and the bytes of K and V the call streams."""
     blocks_per_seq = length // BLOCK
     num_blocks = batch * blocks_per_seq
@@ -36,12 +36,12 @@ def caches(batch: int, length: int, dtype: torch.dtype, turbo: TurboQuant | None
     k, v = (torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
     tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_seq)
     lens = torch.full((batch,), length, dtype=torch.int64)
-    signs = rotation_signs(0, HEAD_DIM) if dtype in ROTATED else None
-    (kc, ks), (vc, vs) = (encode(x, dtype, signs, None, code)
-                          for x, code in ((k, turbo and turbo.key), (v, turbo and turbo.value)))
+    turns = rotation(0, KV_HEADS, HEAD_DIM) if dtype in ROTATED else None
+    (kc, ks), (vc, vs) = (encode(x, dtype, None if turns is None else turns[part], None, code)
+                          for part, x, code in ((1, k, turbo and turbo.key), (2, v, turbo and turbo.value)))
     row_bytes = sum(bytes_per_head_row(HEAD_DIM, dtype, turbo, key) for key in (True, False))
     nbytes = num_blocks * BLOCK * KV_HEADS * row_bytes
-    return (kc, vc, ks, vs, signs, turbo and turbo.table()), tables, lens, nbytes
+    return (kc, vc, ks, vs, turns, turbo and turbo.table()), tables, lens, nbytes
 
 
 def main() -> None:

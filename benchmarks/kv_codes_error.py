@@ -24,9 +24,8 @@ import tokenmill.model.llama as llama
 from tokenmill import LLM
 from tokenmill.cache import kv_cache
 from tokenmill.cache import turboquant as tq
-from tokenmill.compress.cli import EVAL_TEXT
-from tokenmill.compress.perplexity import shipped_text
 from tokenmill.hardware import describe
+from tokenmill.texts import EVAL_TEXT, shipped_text
 
 QUERIES = 256
 

@@ -33,6 +33,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.bench.datasets import builtin_prompts
 from tokenmill.hardware import describe
 from tokenmill.model.loader.default_model import default_model_path
+from tokenmill.texts import EVAL_TEXT, shipped_text
 
 CONFIGS = {
     "none": None,
@@ -55,7 +56,7 @@ CODE = '''def average(values):
 
 
 def grounded_prompts() -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "src/tokenmill/compress/data/eval_en.txt").read_text()
+    text = shipped_text(EVAL_TEXT)
     passages = [p for p in text.split("\n\n") if len(p) > 300]
     prompts = []
     for i, passage in enumerate(passages[:8]):

@@ -26,6 +26,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.bench.datasets import builtin_prompts
 from tokenmill.engine.spec_decode.suffix import SuffixProposer
 from tokenmill.hardware import describe
+from tokenmill.texts import EVAL_TEXT, shipped_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -52,7 +53,7 @@ def code_edit() -> list[list[dict]]:
 
 
 def rag() -> list[list[dict]]:
-    text = (ROOT / "src/tokenmill/compress/data/eval_en.txt").read_text()
+    text = shipped_text(EVAL_TEXT)
     passages = [p[:1200] for p in text.split("\n\n") if len(p) > 600]
     return [[{"role": "user", "content": f"Document:\n{passage}\n\nQuestion: {question}"}]
             for passage, question in zip(passages[2:], QUESTIONS)]

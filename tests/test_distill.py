@@ -13,9 +13,9 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main
 from tokenmill.compress import prune
 from tokenmill.compress.distill import DistillOptions, distill, layers_to_drop
-from tokenmill.compress.perplexity import shipped_text
 from tokenmill.compress.quantize import float_weights
 from tokenmill.model.loader.checkpoint import load_checkpoint
+from tokenmill.texts import shipped_text
 
 
 @pytest.fixture(scope="module")

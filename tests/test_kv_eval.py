@@ -13,8 +13,8 @@ from tinymodel import write_tiny_llama
 from tokenmill import LLM
 from tokenmill.cli import main
 from tokenmill.compress.passkey import FILLER, passkey_prompt
-from tokenmill.compress.perplexity import shipped_text
 from tokenmill.model.loader.checkpoint import load_checkpoint
+from tokenmill.texts import shipped_text
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,23 @@ def test_rotation_keeps_dot_products_and_inverts(d):
     torch.testing.assert_close(kv_cache.unrotate(rk, signs), k, rtol=1e-5, atol=1e-5)
 
 
+def test_smoothed_rotation_keeps_scores_and_inverts():
+    """Key smoothing folded into the rotation: queries turned by their vector, keys by theirs, give the scores of
+    the plain vectors; each side turns back exactly; without factors the three vectors are the signs, so the plain
+    path's arithmetic is unchanged."""
+    kv_heads, d = 2, 64
+    torch.manual_seed(0)
+    plain = kv_cache.rotation(5, kv_heads, d)
+    assert all(torch.equal(plain[part], kv_cache.rotation_signs(5, d).expand(kv_heads, d)) for part in range(3))
+    turns = kv_cache.rotation(5, kv_heads, d, torch.rand(kv_heads, d) * 8 + 0.1)
+    q, k, v = torch.randn(9, kv_heads, d), torch.randn(7, kv_heads, d) * 10, torch.randn(7, kv_heads, d)
+    rq, rk, rv = (kv_cache.rotate(x, turns[part]) for part, x in enumerate((q, k, v)))
+    torch.testing.assert_close(torch.einsum("qhd,khd->hqk", rq, rk), torch.einsum("qhd,khd->hqk", q, k),
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(kv_cache.unrotate(rk, turns[1]), k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv_cache.unrotate(rv, turns[2]), v, rtol=1e-5, atol=1e-5)
+
+
 def test_rotation_spreads_outlier_channels_over_the_row():
     """Why rotate: a large channel in a group sets that group's step for all its 32 values. Rotated, the row's
     energy is spread evenly over every coordinate, so with an outlier channel in each group (keys have several)
@@ -70,19 +87,22 @@ def test_int4_codes_are_within_a_step():
 
 
 @needs_kernels
-def test_write_kv_int4_stores_what_the_pytorch_encoder_computes(kernel_build):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_write_kv_int4_stores_what_the_pytorch_encoder_computes(kernel_build, smoothed):
     """Per token, KV head and group of 32: the native write (rotate, then quantize) and cache/kv_cache.py's
-    encode store the same codes and scales, bit for bit, on both builds (a zero row: codes 8, scale 0)."""
+    encode store the same codes and scales, bit for bit, on both builds (a zero row: codes 8, scale 0), with the
+    plain rotation and with keys smoothed."""
     kv_heads, d = 2, 64
+    smoothing = torch.rand(kv_heads, d) * 3 + 0.25 if smoothed else None
     caches = [torch.zeros(4, 2, kv_heads, d // 2, dtype=kv_cache.INT4) for _ in range(2)]
     scales = [torch.zeros(4, 2, kv_heads, d // 32, dtype=torch.float16) for _ in range(2)]
-    signs = kv_cache.rotation_signs(1, d)
+    rotation = kv_cache.rotation(1, kv_heads, d, smoothing)
     kv = torch.randn(3, 2, kv_heads, d) * torch.tensor([0.01, 1.0, 300.0])[:, None, None, None]
     kv[1, 0, 1] = 0.0
     slots = torch.tensor([5, 0, 3])
-    layer_ops.write_kv(kv[:, 0], kv[:, 1], slots, caches[0], caches[1], scales[0], scales[1], signs)
+    layer_ops.write_kv(kv[:, 0], kv[:, 1], slots, caches[0], caches[1], scales[0], scales[1], rotation)
     for i in range(2):
-        codes, row_scales = kv_cache.encode(kv[:, i], kv_cache.INT4, signs)
+        codes, row_scales = kv_cache.encode(kv[:, i], kv_cache.INT4, rotation[1 + i])
         assert torch.equal(caches[i].view(8, kv_heads, d // 2)[slots], codes)
         assert torch.equal(scales[i].view(8, kv_heads, d // 32)[slots], row_scales)
     assert (caches[0].view(8, kv_heads, d // 2)[0, 1] == 0x88).all()
@@ -91,24 +111,26 @@ def test_write_kv_int4_stores_what_the_pytorch_encoder_computes(kernel_build):
 
 @needs_kernels
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention_over_int4_codes_matches_attention_over_decoded_rows(kernel_build, window):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_paged_attention_over_int4_codes_matches_attention_over_decoded_rows(kernel_build, window, smoothed):
     """The kernel attends in the rotated space straight from the codes; the reference decodes the same codes
-    (dequantize, turn back by R^T) and runs SDPA: equal within float32 rounding of the two orders, both builds."""
+    (dequantize, turn back by R^T) and runs SDPA: equal within float32 rounding of the two orders, both builds;
+    with smoothed keys the kernel turns the queries by the smoothed vector and the reference keys back by theirs."""
     torch.manual_seed(0)
     blocks, bs, kv, heads, d = 12, 4, 2, 6, 64
     k_cache, v_cache = (torch.randint(0, 256, (blocks, bs, kv, d // 2), dtype=torch.uint8) for _ in range(2))
     scales = [(torch.rand(blocks, bs, kv, d // 32) * 0.05).half() for _ in range(2)]
-    signs = kv_cache.rotation_signs(2, d)
+    rotation = kv_cache.rotation(2, kv, d, torch.rand(kv, d) * 3 + 0.25 if smoothed else None)
     tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11], [8, 0, 0, 0]])
     lens = torch.tensor([10, 16, 1])
     q = torch.randn(3, heads + 4, d)[:, :heads]  # strided token rows
-    out = layer_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, *scales, signs)
+    out = layer_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, *scales, rotation)
 
-    def rows(cache, scale, b):
+    def rows(cache, scale, b, part):
         return kv_cache.decode(cache[tables[b]].reshape(-1, kv, d // 2)[: lens[b]],
-                               scale[tables[b]].reshape(-1, kv, d // 32)[: lens[b]], signs, torch.float32)
+                               scale[tables[b]].reshape(-1, kv, d // 32)[: lens[b]], rotation[part], torch.float32)
 
-    assert_matches_sdpa(out, q, [(rows(k_cache, scales[0], b), rows(v_cache, scales[1], b)) for b in range(3)],
+    assert_matches_sdpa(out, q, [(rows(k_cache, scales[0], b, 1), rows(v_cache, scales[1], b, 2)) for b in range(3)],
                         window, 0.25, rtol=1e-4)
 
 

@@ -86,14 +86,15 @@ def test_write_kv_turboquant_stores_what_the_pytorch_encoder_computes(bits):
     kv_heads, d = 2, 64
     turbo = tq.TurboQuant(d, bits)
     caches, scales = _caches(turbo, 4, 2, kv_heads)
-    signs = kv_cache.rotation_signs(1, d)
+    rotation = kv_cache.rotation(1, kv_heads, d, torch.rand(kv_heads, d) * 3 + 0.25)  # keys smoothed
     offset = torch.randn(kv_heads, d)
     kv = torch.randn(3, 2, kv_heads, d) * torch.tensor([0.01, 1.0, 300.0])[:, None, None, None]
     kv[1, 0, 1] = offset[1]  # a key equal to its offset: all codes of a zero row, scale 0
     slots = torch.tensor([5, 0, 3])
-    layer_ops.write_kv(kv[:, 0], kv[:, 1], slots, *caches, *scales, signs, offset, turbo.table())
+    layer_ops.write_kv(kv[:, 0], kv[:, 1], slots, *caches, *scales, rotation, offset, turbo.table())
     for i, code in enumerate((turbo.key, turbo.value)):
-        codes, row_scales = kv_cache.encode(kv[:, i], kv_cache.TURBOQUANT, signs, offset if i == 0 else None, code)
+        codes, row_scales = kv_cache.encode(kv[:, i], kv_cache.TURBOQUANT, rotation[1 + i], offset if i == 0 else None,
+                                            code)
         stored = caches[i].view(torch.uint8).view(8, kv_heads, -1)[slots]
         assert (tq._decode_codes(stored, code) != tq._decode_codes(codes.view(torch.uint8), code)).float().mean() < 0.01
         torch.testing.assert_close(scales[i].view(8, kv_heads, 1)[slots], row_scales, rtol=1e-3, atol=0)
@@ -113,16 +114,17 @@ def test_paged_attention_over_turboquant_codes_matches_attention_over_decoded_ro
     caches = [torch.randint(0, 256, (blocks, bs, kv, turbo.row_bytes(key)), dtype=torch.uint8).view(kv_cache.TURBOQUANT)
               for key in (True, False)]
     scales = [(torch.rand(blocks, bs, kv, 1) * 0.5).half() for _ in range(2)]
-    signs = kv_cache.rotation_signs(2, d)
+    rotation = kv_cache.rotation(2, kv, d, torch.rand(kv, d) * 3 + 0.25)  # keys smoothed
     tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11], [8, 0, 0, 0]])
     lens = torch.tensor([10, 16, 1])
     q = torch.randn(3, heads + 4, d)[:, :heads]  # strided token rows
-    out = layer_ops.paged_decode_attention(q, *caches, tables, lens, 0.25, window, *scales, signs, turbo.table())
+    out = layer_ops.paged_decode_attention(q, *caches, tables, lens, 0.25, window, *scales, rotation, turbo.table())
 
     def rows(i, b):
         code = (turbo.key, turbo.value)[i]
         return kv_cache.decode(caches[i].index_select(0, tables[b]).reshape(-1, kv, turbo.row_bytes(i == 0))[: lens[b]],
-                               scales[i][tables[b]].reshape(-1, kv, 1)[: lens[b]], signs, torch.float32, code)
+                               scales[i][tables[b]].reshape(-1, kv, 1)[: lens[b]], rotation[1 + i], torch.float32,
+                               code)
 
     assert_matches_sdpa(out, q, [(rows(0, b), rows(1, b)) for b in range(3)], window, 0.25, rtol=1e-4)
 

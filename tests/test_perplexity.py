@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from tinymodel import write_tiny_llama
 from tokenmill import LLM
 from tokenmill.cli import main
-from tokenmill.compress.perplexity import perplexity, shipped_text, sliding_windows
+from tokenmill.compress.perplexity import perplexity, sliding_windows
 from tokenmill.model.loader.checkpoint import load_checkpoint
+from tokenmill.texts import shipped_text
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from tokenmill.cli import main
 from tokenmill.compress.awq import awq
 from tokenmill.compress.calibration import LinearInputs
 from tokenmill.compress.gptq import gptq_quantize
-from tokenmill.compress.perplexity import shipped_text
 from tokenmill.compress.quantize import QuantizeOptions, calibrate, float_weights, model_scorer, quantize_weights
 from tokenmill.config import CacheConfig, QuantConfig
 from tokenmill.engine.engine import LLMEngine
@@ -29,6 +28,7 @@ from tokenmill.quant.checkpoint import save_checkpoint
 from tokenmill.quant.grid import Grid
 from tokenmill.quant.weights import QuantizedWeight
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.texts import shipped_text
 
 CALIBRATION_TOKENS = 384
 NEW_TOKENS = 12

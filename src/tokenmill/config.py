@@ -125,6 +125,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; see cache/kv_cache.py resolve_kv_dtype
     kv_cache_bits: float | None = None  # turboquant only: one of KV_CACHE_BITS, default 3.5
+    kv_cache_smoothing: bool | None = None  # int4, turboquant: keys smoothed (model/kv_smoothing.py); None: where
+    # it can be (the CPU path in one process), True: or fail, False: never
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -137,6 +139,9 @@ class CacheConfig:
         if self.kv_cache_bits is not None and self.kv_cache_bits not in KV_CACHE_BITS:
             raise ValueError(f"kv_cache_bits must be one of {', '.join(map(str, KV_CACHE_BITS))}, got "
                              f"{self.kv_cache_bits}")
+        if self.kv_cache_smoothing and self.kv_cache_dtype not in ("int4", "turboquant"):
+            raise ValueError(f"kv_cache_smoothing smooths the keys of the rotated caches (int4, turboquant); "
+                             f"kv_cache_dtype is {self.kv_cache_dtype!r}")
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes or a fraction in (0, 1], got {self.kv_cache_memory}")
 

@@ -64,7 +64,10 @@ class EngineArgs:
     fraction in (0, 1] of available memory. kv_cache_dtype: "auto" (float16 under packed weights, else the
     compute dtype), "float32", "float16", "bfloat16", "int8" (codes with a scale per token and KV head), "int4"
     (rotated, 4-bit codes per group of 32) or "turboquant" (rotated, Lloyd-Max codes at kv_cache_bits per element,
-    2.5-4, default 3.5; cache/kv_cache.py).
+    2.5-4, default 3.5; cache/kv_cache.py). kv_cache_smoothing: int4 and turboquant caches divide keys and multiply
+    queries by calibrated per-channel factors before the rotation (scores unchanged, less quantization error in
+    them; model/kv_smoothing.py); None: on for those caches on the CPU path in one process, True: on (an error
+    where it cannot be), False: off.
     speculative_config: as vLLM's, a dict (or its JSON text), e.g.
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
     {"method": "suffix", "num_speculative_tokens": 16} or
@@ -91,6 +94,7 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_dtype: str = "auto"
     kv_cache_bits: float | None = None
+    kv_cache_smoothing: bool | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
@@ -108,7 +112,8 @@ class EngineArgs:
         """The settings a deterministic request's output depends on (the server's result cache keys on them)."""
         return {"model": str(self.model), "dtype": self.dtype, "quantization": self.quantization,
                 "group_size": self.group_size, "kv_cache_dtype": self.kv_cache_dtype,
-                "kv_cache_bits": self.kv_cache_bits, "device": self.device,
+                "kv_cache_bits": self.kv_cache_bits, "kv_cache_smoothing": self.kv_cache_smoothing,
+                "device": self.device,
                 "tensor_parallel_size": self.tensor_parallel_size}
 
     @staticmethod
@@ -140,6 +145,10 @@ class EngineArgs:
                             "turboquant: rotated, Lloyd-Max codes at --kv-cache-bits per element")
         p.add_argument("--kv-cache-bits", type=float, default=None, choices=KV_CACHE_BITS,
                        help="turboquant's bits per element (default 3.5)")
+        p.add_argument("--kv-cache-smoothing", action=argparse.BooleanOptionalAction, default=None,
+                       help="int4, turboquant: divide keys and multiply queries by calibrated per-channel factors "
+                            "before the rotation (scores unchanged, less quantization error; SmoothAttention); "
+                            "default: on for those caches on the CPU path without tensor parallelism")
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--max-model-len", type=int, default=None)
@@ -187,7 +196,7 @@ class EngineArgs:
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_memory, self.enable_prefix_caching, self.kv_cache_dtype,
-                           self.kv_cache_bits)
+                           self.kv_cache_bits, self.kv_cache_smoothing)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)

@@ -65,6 +65,10 @@ class LLM:
         if tp > 1:
             if self.device != "cpu":
                 raise ValueError("tensor_parallel_size > 1 runs on the CPU path: use device='cpu'")
+            if cache_config.kv_cache_smoothing:
+                raise ValueError("kv_cache_smoothing is not supported with tensor_parallel_size > 1 (its calibration "
+                                 "runs the whole model in one process): leave it unset or False")
+            cache_config.kv_cache_smoothing = False
             from tokenmill.distributed import tensor_parallel
             self.model = tensor_parallel.build_shard(self.checkpoint, tensor_parallel.Shard(0, tp), self.dtype,
                                                      self.quant_config, progress)

@@ -12,6 +12,10 @@ byte budget. Compressed caches (CacheConfig.kv_cache_dtype):
   distribution at `kv_cache_bits` per element on average (2.5-4; keys half a bit more than values;
   cache/turboquant.py) with one float16 scale per row; stored as torch.bits8 (opaque bytes) [..., code bytes]
   and float16 scales [..., 1].
+Rotated caches may also smooth keys (SmoothAttention, QServe): per layer, KV head and channel a factor s
+(model/kv_smoothing.py) that keys are divided by and queries multiplied by before the rotation, so q.k is unchanged
+while channels where keys are large and queries small stop setting the codes' range; it is folded into the rotation
+(`rotation`: queries turned by H diag(signs * s), keys by H diag(signs / s), values by H diag(signs)).
 All three store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's
 k bias, hundreds in its first layers): every key loses the same vector, so each query's scores move by one
 constant and the softmax is unchanged, while the codes no longer spend their range on it."""
@@ -120,8 +124,19 @@ def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 
 
 def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """R^T x = signs * (H x) / sqrt(D): rotate's inverse."""
-    return fwht(x) * _norm(x.shape[-1]) * signs
+    """rotate's inverse: (H x) / sqrt(D) / signs (R^T x where signs are +-1)."""
+    return fwht(x) * _norm(x.shape[-1]) / signs
+
+
+def rotation(layer: int, kv_heads: int, head_dim: int, smoothing: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer `layer`'s rotation vectors [3, kv_heads, head_dim] float32: the queries' (signs * s), the keys'
+    (signs / s) and the values' (signs), s the keys' smoothing factors [kv_heads, head_dim] (None: 1, the plain
+    rotation, whose three vectors are the signs; csrc/paged_attention.h RotationPart)."""
+    signs = rotation_signs(layer, head_dim).expand(kv_heads, head_dim)
+    if smoothing is None:
+        return signs.expand(3, kv_heads, head_dim).contiguous()
+    s = smoothing.float()
+    return torch.stack((signs * s, signs / s, signs)).contiguous()
 
 
 def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +206,8 @@ class CacheSide(NamedTuple):
 class LayerKV(NamedTuple):
     """One model layer's view of the cache: K and V [num_blocks, block_size, kv_heads, width] (head_dim; int4:
     head_dim / 2; turboquant: code bytes), the scales of int8 ([..., kv_heads]), int4 ([..., kv_heads,
-    head_dim / 32]) and turboquant ([..., kv_heads, 1]) caches, the rotation signs [head_dim] and the
+    head_dim / 32]) and turboquant ([..., kv_heads, 1]) caches, the rotation's vectors [3, kv_heads, head_dim]
+    (`rotation`) and the
     compressed caches' key offset [kv_heads, head_dim] (None otherwise), turboquant's codes (as the native
     kernels read them, TurboQuant.table, and as the PyTorch path does)."""
 
@@ -206,8 +222,12 @@ class LayerKV(NamedTuple):
 
     def side(self, key: bool) -> CacheSide:
         if key:
-            return CacheSide(self.k, self.k_scale, self.signs, self.k_offset, self.turbo and self.turbo.key)
-        return CacheSide(self.v, self.v_scale, self.signs, None, self.turbo and self.turbo.value)
+            return CacheSide(self.k, self.k_scale, self.rotation(1), self.k_offset, self.turbo and self.turbo.key)
+        return CacheSide(self.v, self.v_scale, self.rotation(2), None, self.turbo and self.turbo.value)
+
+    def rotation(self, part: int) -> torch.Tensor | None:
+        """Rotated caches: the vectors [kv_heads, head_dim] that turn queries (0), keys (1) or values (2)."""
+        return None if self.signs is None else self.signs[part]
 
 
 def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -225,8 +245,10 @@ def _lazily_zeroed(numel: int, dtype: torch.dtype) -> torch.Tensor:
 class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  key_offsets: torch.Tensor | None = None, turbo: tq.TurboQuant | None = None,
-                 device: torch.device | None = None, padding_block: bool = False) -> None:
+                 device: torch.device | None = None, padding_block: bool = False,
+                 smoothing: torch.Tensor | None = None) -> None:
         """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring);
+        smoothing: [layers, kv_heads, head_dim], the keys' smoothing factors of a rotated cache (None: none);
         turbo: a turboquant cache's codes (default: DEFAULT_BITS); device: where the blocks live (None: CPU
         memory mapped lazily; the GPU path's caches hold float or int8 elements); padding_block: one block more,
         id num_blocks, that no request gets: padding rows of fixed-size steps write and read it
@@ -241,7 +263,10 @@ class KVCache:
             turbo = turbo or tq.TurboQuant(model.head_dim)
         elif turbo is not None:
             raise ValueError(f"turboquant codes given for a {dtype_name(dtype)} cache")
+        if smoothing is not None and dtype not in ROTATED:
+            raise ValueError(f"key smoothing given for a {dtype_name(dtype)} cache (only int4 and turboquant rotate)")
         self.num_blocks, self.block_size, self.dtype, self.turbo = num_blocks, block_size, dtype, turbo
+        self.smoothed = smoothing is not None  # keys smoothed (model/kv_smoothing.py)
         self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype),
                               bytes_per_block(model, block_size, dtype, turbo), turbo and turbo.bits)
         self.layout = KVLayout.from_config(model)
@@ -259,7 +284,8 @@ class KVCache:
             groups = model.head_dim // INT4_GROUP if turbo is None else 1
             self.k_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
             self.v_scale = _lazily_zeroed(math.prod(rows) * groups, torch.float16).view(*rows, groups)
-            self.signs = torch.stack([rotation_signs(layer, model.head_dim)
+            self.signs = torch.stack([rotation(layer, model.num_kv_heads, model.head_dim,
+                                               None if smoothing is None else smoothing[layer])
                                       for layer in range(model.num_layers)]).to(device)
         if turbo is not None:
             self.codes = turbo.table()

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING
 
 from tokenmill.config import KV_CACHE_BITS, KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.engine_args import EngineArgs
+from tokenmill.texts import CALIBRATION_TEXT, EVAL_TEXT, shipped_text
 
 if TYPE_CHECKING:
     import torch
 
     from tokenmill.llm import LLM
 
-EVAL_TEXT = "eval_en.txt"
-CALIBRATION_TEXT = "calibration_en.txt"
 CACHED_CHUNK = 64  # tokens per step when scoring through the KV cache
 
 
@@ -48,20 +47,25 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (inputs per scale)")
 
 
-def _add_kv_bits_arg(p: argparse.ArgumentParser) -> None:
+def _add_kv_code_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bits", type=float, default=None, choices=KV_CACHE_BITS,
                    help="turboquant's bits per element (default 3.5)")
+    p.add_argument("--kv-cache-smoothing", action=argparse.BooleanOptionalAction, default=None,
+                   help="int4, turboquant: keys smoothed by calibrated per-channel factors (default: on)")
 
 
 def _cache_name(llm: LLM) -> str:
     info = llm.cache_info()
-    return info.kv_cache_dtype + (f" {info.kv_cache_bits} bits" if info.kv_cache_bits else "")
+    bits = f" {info.kv_cache_bits} bits" if info.kv_cache_bits else ""
+    return info.kv_cache_dtype + bits + (", keys smoothed" if llm.engine.kv_cache.smoothed else "")
 
 
-def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto", kv_cache_bits: float | None = None) -> LLM:
+def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto", kv_cache_bits: float | None = None,
+              kv_cache_smoothing: bool | None = None) -> LLM:
     """The model to evaluate; a KV cache that holds any window (backed lazily: only the blocks in use cost)."""
     llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**30,
-                     kv_cache_dtype=kv_cache_dtype, kv_cache_bits=kv_cache_bits).create_llm(progress=True)
+                     kv_cache_dtype=kv_cache_dtype, kv_cache_bits=kv_cache_bits,
+                     kv_cache_smoothing=kv_cache_smoothing).create_llm(progress=True)
     if args.context_len > llm.engine.max_model_len:
         raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
     return llm
@@ -91,7 +95,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
         raise ValueError("--max-num-batched-tokens sets the chunks of scoring through the KV cache: it needs "
                          "--kv-cache-dtype (without it, each window is scored in one uncached pass)")
     text = _eval_text(args)
-    llm = _eval_llm(args, args.kv_cache_dtype or "auto", args.kv_cache_bits)
+    llm = _eval_llm(args, args.kv_cache_dtype or "auto", args.kv_cache_bits, args.kv_cache_smoothing)
     ids = llm.tokenizer.encode(text)[: args.max_tokens]
     score = llm.score if args.kv_cache_dtype is None else _cache_scorer(llm, args.max_num_batched_tokens)
     result = perplexity(score, ids, args.context_len, args.stride, progress=True)
@@ -112,6 +116,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
                     "dtype": str(llm.dtype).removeprefix("torch."),
                     "quantization": asdict(quant) if quant else None,
                     "kv_cache_dtype": llm.cache_info().kv_cache_dtype if args.kv_cache_dtype else None,
+                    "kv_cache_smoothed": llm.engine.kv_cache.smoothed,
                     **asdict(result), "tokens_per_second": result.tokens_per_second, "hardware": describe()}
         Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
 
@@ -122,7 +127,7 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
 
     text = _eval_text(args)
     reference = _eval_llm(args, args.reference_kv_cache_dtype)
-    test = _eval_llm(args, args.kv_cache_dtype, args.kv_cache_bits)
+    test = _eval_llm(args, args.kv_cache_dtype, args.kv_cache_bits, args.kv_cache_smoothing)
     ids = reference.tokenizer.encode(text)[: args.max_tokens]
     chunk = args.max_num_batched_tokens
     result = kl_divergence(_cache_scorer(reference, chunk), _cache_scorer(test, chunk), ids, args.context_len,
@@ -140,6 +145,7 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
     if args.save_result:
         document = {"model": str(reference.checkpoint.path), "dataset": str(args.dataset or EVAL_TEXT),
                     "kv_cache_dtype": test.cache_info().kv_cache_dtype, "kv_cache_bits": args.kv_cache_bits,
+                    "kv_cache_smoothed": test.engine.kv_cache.smoothed,
                     "reference_kv_cache_dtype": reference.cache_info().kv_cache_dtype, "chunk": chunk,
                     "context_len": args.context_len, "stride": args.stride, **asdict(result),
                     "perplexity_change": result.perplexity_change, "hardware": describe()}
@@ -154,7 +160,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
         raise ValueError("--lengths must be >= 64 tokens and --depths fractions in [0, 1]")
     llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**31,
                      kv_cache_dtype=args.kv_cache_dtype, kv_cache_bits=args.kv_cache_bits,
-                     max_model_len=max(args.lengths) + 64,
+                     kv_cache_smoothing=args.kv_cache_smoothing, max_model_len=max(args.lengths) + 64,
                      max_num_batched_tokens=args.max_num_batched_tokens).create_llm(progress=True)
     trials = run_passkey(llm, args.lengths, args.depths, args.seed, progress=True)
     print(f"model         {llm.checkpoint.path}")
@@ -165,7 +171,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
         print(f"{length:>6} tokens  {sum(t.found for t in mine)}/{len(mine)} found  (depths {args.depths}: {found})")
     if args.save_result:
         document = {"model": str(llm.checkpoint.path), "kv_cache_dtype": llm.cache_info().kv_cache_dtype,
-                    "kv_cache_bits": args.kv_cache_bits,
+                    "kv_cache_bits": args.kv_cache_bits, "kv_cache_smoothed": llm.engine.kv_cache.smoothed,
                     "trials": [{**asdict(t), "found": t.found} for t in trials], "hardware": describe()}
         Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
 
@@ -190,7 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from tokenmill.compress.distill import DistillOptions, distill, teacher_samples
-    from tokenmill.compress.perplexity import read_text, shipped_text
+    from tokenmill.compress.perplexity import read_text
     from tokenmill.compress.quantize import check_output_dir
     from tokenmill.hardware import describe
 
@@ -228,14 +234,14 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                      help="score through a KV cache of this type, in chunks (default: each window in one uncached "
                           "pass)")
-    _add_kv_bits_arg(ppl)
+    _add_kv_code_args(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
     kld = ev_sub.add_parser("kld", help="KL divergence of next-token distributions with a KV cache type against "
                                         "another (default float16), both in the loop")
     _add_eval_args(kld)
     kld.add_argument("--kv-cache-dtype", required=True, choices=KV_CACHE_DTYPES)
     kld.add_argument("--reference-kv-cache-dtype", default="float16", choices=KV_CACHE_DTYPES)
-    _add_kv_bits_arg(kld)
+    _add_kv_code_args(kld)
     kld.set_defaults(func=cmd_eval_kld)
     pk = ev_sub.add_parser("passkey", help="passkey retrieval: a number hidden at depths of long filler text")
     _add_model_arg(pk)
@@ -243,7 +249,7 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                     help="where the key sits, as fractions of the filler")
     pk.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
-    _add_kv_bits_arg(pk)
+    _add_kv_code_args(pk)
     pk.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk")
     pk.add_argument("--seed", type=int, default=0, help="draws the keys")
     pk.add_argument("--save-result", default=None, metavar="FILE.json")

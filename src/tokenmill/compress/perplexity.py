@@ -10,19 +10,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tokenmill.texts import shipped_text
+
 Scorer = Callable[[Sequence[int]], torch.Tensor]  # token ids -> logits [len, vocab] at every position
-
-
-def shipped_text(name: str) -> str:
-    """A text shipped with tokenmill: "eval_en.txt" (held out) or "calibration_en.txt"."""
-    return resources.files("tokenmill.compress").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def read_text(path: str | Path | None, default: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from tokenmill.cache.kv_cache import COMPRESSED, TURBOQUANT, KVCache, bytes_per_block, resolve_kv_dtype
+from tokenmill.cache.kv_cache import COMPRESSED, ROTATED, TURBOQUANT, KVCache, bytes_per_block, resolve_kv_dtype
 from tokenmill.cache.kv_cache_manager import KVCacheManager
 from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
 from tokenmill.config import CacheConfig, SchedulerConfig
@@ -32,6 +32,7 @@ from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.engine.structured_output import GrammarCompiler
 from tokenmill.model.batch import BatchChunk, StepBatch
 from tokenmill.model.decode_graphs import DecodeGraphs
+from tokenmill.model.kv_smoothing import key_smoothing
 from tokenmill.model.layers.quantized import QuantizedLinear
 from tokenmill.model.llama import LlamaModel
 from tokenmill.model.runner import ModelRunner
@@ -76,8 +77,11 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{block_bytes} bytes")
         offsets = model.key_offsets() if kv_dtype in COMPRESSED else None  # float caches store keys as they are
+        smoothing = None
+        if self._smooths_keys(kv_dtype, gpu):
+            smoothing = key_smoothing(model, tokenizer, offsets)
         self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo, gpu,
-                                padding_block=gpu is not None)
+                                padding_block=gpu is not None, smoothing=smoothing)
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
                                          self.kv_cache.layout.windows)
         self._fit_max_model_len()
@@ -101,6 +105,13 @@ class LLMEngine:
         # allocations trigger (a visible share of a batch-1 step); as vLLM does, move them out of the collector's
         # sight.
         gc.freeze()
+
+    def _smooths_keys(self, kv_dtype: torch.dtype, gpu: torch.device | None) -> bool:
+        """CacheConfig.kv_cache_smoothing resolved: on for rotated caches on the CPU path unless turned off."""
+        asked = self.cache_config.kv_cache_smoothing
+        if asked and gpu is not None:
+            raise ValueError("kv_cache_smoothing is not supported on the GPU path yet: leave it unset or False")
+        return kv_dtype in ROTATED and gpu is None and asked is not False
 
     def _fit_max_model_len(self) -> None:
         """A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).

@@ -9,7 +9,7 @@ three (two) per layer, which matters when decoding is bound by per-call overhead
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxi
 
 
 class Attention(nn.Module):
+    observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None  # sees (layer, q, k) as attention gets
+    # them, after RoPE (a calibration's statistics: model/kv_smoothing.py)
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -50,6 +53,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
+        if self.observer is not None:
+            self.observer(self.layer_idx, q, k)
         out = paged_attention(q, k, v, kv.layer(self.layer_idx), meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 

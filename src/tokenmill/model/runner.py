@@ -153,7 +153,13 @@ class ModelRunner:
     def uncached_inputs(self, token_ids: Sequence[int]) -> tuple:
         """The model's inputs for one whole sequence attending only to itself, writing no KV cache (`score`'s;
         outside inference mode, for training)."""
-        n = len(token_ids)
-        span = PrefillSpan(0, n, n, torch.empty(0, dtype=torch.long))
-        meta = [AttentionMetadata(slot_mapping=None, prefills=[span], window=w) for w in self.windows]
-        return torch.tensor(token_ids, device=self.gpu), torch.arange(n, device=self.gpu), self.kv_cache, meta
+        return uncached_inputs(token_ids, self.kv_cache, self.gpu)
+
+
+def uncached_inputs(token_ids: Sequence[int], kv_cache: KVCache, device: torch.device | None = None) -> tuple:
+    """The model's inputs (ids, positions, cache, metadata) for one sequence attending only to itself: no slot of
+    `kv_cache` is read or written."""
+    n = len(token_ids)
+    span = PrefillSpan(0, n, n, torch.empty(0, dtype=torch.long))
+    meta = [AttentionMetadata(slot_mapping=None, prefills=[span], window=w) for w in kv_cache.layout.windows]
+    return torch.tensor(token_ids, device=device), torch.arange(n, device=device), kv_cache, meta

@@ -36,7 +36,7 @@ struct Layer {
   void* v_cache;
   void* k_scale;  // compressed caches: their scales (tm::KVCacheRef); else null
   void* v_scale;
-  const float* signs;  // int4, turboquant: the layer's rotation signs [D]; else null
+  const float* signs;  // int4, turboquant: the layer's rotation vectors [3][KV][D] (tm::KVCacheRef); else null
   const float* k_offset;  // compressed: [KV, D] taken off each key before it is quantized (tm::KVCacheRef); or null
   const tm::RowCodes* codes;  // turboquant: the keys' and values' codes; else null
   const float* cos;  // [positions, D] this layer's RoPE tables

@@ -306,7 +306,8 @@ inline void fwht(float* x, int D) {
       }
 }
 
-// x <- R x = H (signs * x) / sqrt(D), and its inverse x <- R^T x = signs * (H x) / sqrt(D).
+// x <- R x = H (signs * x) / sqrt(D), and x <- R^T x = signs * (H x) / sqrt(D) (its inverse where signs are +-1: the
+// values' vector; KVCacheRef::rotation).
 inline void rotate(float* x, const float* signs, int D) {
   for (int i = 0; i < D; ++i) x[i] *= signs[i];
   fwht(x, D);
@@ -320,7 +321,8 @@ inline void unrotate(float* x, const float* signs, int D) {
   for (int i = 0; i < D; ++i) x[i] = x[i] * norm * signs[i];
 }
 
-// Attention in the rotated space (int4, turboquant caches): queries turned by R, outputs back by R^T.
+// Attention in the rotated space (int4, turboquant caches): queries turned by their vector of KV head kvh (the keys'
+// smoothing factors folded in), outputs back by the values' R^T.
 template <typename CK, typename CV = CK>
 void rotated_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride,
                             float scale, float* out, int64_t out_stride) {
@@ -332,14 +334,14 @@ void rotated_attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, 
       for (int g = 0; g < G; ++g) {
         float* row = rq.data() + static_cast<int64_t>(r * G + g) * D;
         std::memcpy(row, q + r * q_stride + g * D, D * sizeof(float));
-        rotate(row, kv.cache.signs, D);
+        rotate(row, kv.cache.rotation(kRotateQueries, kvh, kv.KV, D), D);
       }
     attention_task<CK, CV>(kv, b, rows, kvh, G, rq.data(), static_cast<int64_t>(G) * D, scale, ro.data(),
                       static_cast<int64_t>(G) * D);
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < G; ++g) {
         float* row = ro.data() + static_cast<int64_t>(r * G + g) * D;
-        unrotate(row, kv.cache.signs, D);
+        unrotate(row, kv.cache.rotation(kRotateValues, kvh, kv.KV, D), D);
         std::memcpy(out + r * out_stride + g * D, row, D * sizeof(float));
       }
 }
@@ -470,7 +472,7 @@ void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, c
           quantize_head(row.data(), D, static_cast<int8_t*>(caches[c]) + head * D, static_cast<float*>(scales[c]) + head);
           continue;
         }
-        rotate(row.data(), cache.signs, D);
+        rotate(row.data(), cache.rotation(c == 0 ? kRotateKeys : kRotateValues, h, KV, D), D);
         if (cache.type == kKVTurboQuant) {
           const RowCodes& codes = cache.codes[c];
           quantize_head_tq(row.data(), codes, static_cast<uint8_t*>(caches[c]) + head * codes.row_bytes,

@@ -25,17 +25,27 @@ struct RowCodes {
   float bounds[2][32];  // 2^bits - 1 ascending decision boundaries each, the rest +inf
 };
 
+// The rotation's three vectors per KV head (cache/kv_cache.py rotation): R = H diag(vector) / sqrt(D) turns queries
+// by signs * s and keys by signs / s (s: the keys' smoothing factors, 1 without smoothing, so q.k is unchanged) and
+// values by the signs alone (outputs come back by R^T with the same vector).
+enum RotationPart : int { kRotateQueries = 0, kRotateKeys = 1, kRotateValues = 2 };
+
 struct KVCacheRef {  // one layer's K and V
   void* k;  // [blocks, block_size, KV, D] (int4: D / 2 bytes per head row)
   void* v;
   void* k_scale;  // int8: float32 [blocks, block_size, KV]; int4: float16 [blocks, block_size, KV, D / 32]; else null
   void* v_scale;
-  const float* signs;  // int4: the rotation's signs [D]; else null
+  const float* signs;  // int4, turboquant: the rotation's vectors [3][KV][D] (RotationPart); else null
   const float* k_offset;  // int8, int4, turboquant: [KV, D] subtracted from each key before it is quantized (a vector every
                           // key of the layer loses alike: each query's scores move by one constant, the softmax
                           // stays); null: none
   const RowCodes* codes;  // turboquant: [2] the keys' and the values' codes; else null
   int type;  // KVType
+
+  // The vector that turns part `part` of KV head `head`'s rows.
+  const float* rotation(int part, int head, int KV, int D) const {
+    return signs + (static_cast<int64_t>(part) * KV + head) * D;
+  }
 };
 
 struct PagedKV {

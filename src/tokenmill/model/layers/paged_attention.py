@@ -93,11 +93,14 @@ def _gpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Lay
     else:
         _store(k, cache.side(True), meta.slot_mapping)
         _store(v, cache.side(False), meta.slot_mapping)
-    if cache.signs is not None:  # an int4 cache holds rotated rows: attend in the rotated space
-        q = rotate(q.float(), cache.signs).to(q.dtype)
-    out = gpu_paged_attention(q, cache.k, cache.v, meta.rows.tables, meta.rows.lens, scale, meta.window or 0,
-                              cache.k_scale, cache.v_scale)
-    return out if cache.signs is None else unrotate(out.float(), cache.signs).to(out.dtype)
+    if cache.signs is None:
+        return gpu_paged_attention(q, cache.k, cache.v, meta.rows.tables, meta.rows.lens, scale, meta.window or 0,
+                                   cache.k_scale, cache.v_scale)
+    group = q.shape[1] // cache.k.shape[2]  # an int4 cache holds rotated rows: attend in the rotated space
+    queries, values = (cache.rotation(part).repeat_interleave(group, 0) for part in (0, 2))
+    out = gpu_paged_attention(rotate(q.float(), queries).to(q.dtype), cache.k, cache.v, meta.rows.tables,
+                              meta.rows.lens, scale, meta.window or 0, cache.k_scale, cache.v_scale)
+    return unrotate(out.float(), values).to(out.dtype)
 
 
 def _store(x: torch.Tensor, side: CacheSide, slots: torch.Tensor) -> None:
