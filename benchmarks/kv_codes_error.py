@@ -6,9 +6,11 @@ One uncached pass over the first --tokens tokens of the shipped held-out text re
 then, per layer, the last 256 queries attend (causally, in float32) over keys and values as each cache code
 stores them: the KL divergence of the attention weights from exact keys (how far the keys' codes move the
 softmax) and the relative error of the attention output (keys and values together), averaged over layers.
-Compared: int4; turboquant with keys and values at the bits given (kv_cache_bits B stores keys at B + 1 and
-values at B - 1); and the same key bits spent as QJL (Zandieh et al., 2024) spends them: one bit
-fewer on codes plus the 1-bit signs of a Gaussian projection of the residual, read as its unbiased estimate.
+Compared: int4; turboquant with keys and values at the bits given (kv_cache_bits B stores keys at B + 0.5 and
+values at B - 0.5); the same key bits spent as QJL (Zandieh et al., 2024) spends them: one bit
+fewer on codes plus the 1-bit signs of a Gaussian projection of the residual, read as its unbiased estimate; and
+int4 and the shipped turboquant widths with keys smoothed by the engine's factors (model/kv_smoothing.py, computed
+from the calibration text, not the text measured here).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tokenmill import LLM
 from tokenmill.cache import kv_cache
 from tokenmill.cache import turboquant as tq
 from tokenmill.hardware import describe
+from tokenmill.model.kv_smoothing import key_smoothing
 from tokenmill.texts import EVAL_TEXT, shipped_text
 
 QUERIES = 256
@@ -86,6 +89,7 @@ def main() -> None:
     llm = LLM(args.model, kv_cache_memory=2**28)
     layers = capture(llm, llm.tokenizer.encode(shipped_text(EVAL_TEXT))[: args.tokens])
     offsets = llm.model.key_offsets()
+    factors = key_smoothing(llm.model, llm.tokenizer, offsets)
     variants = {"int4": (kv_cache.INT4, None, None, False)}
     widths = [(3.0, 2.0), (2.5, 2.5), (3.5, 2.5), (3.0, 3.0), (4.0, 3.0), (3.5, 3.5), (4.5, 2.5), (4.0, 4.0),
               (5.0, 3.0), (4.5, 3.5)]
@@ -93,11 +97,17 @@ def main() -> None:
         variants[f"turboquant K{key_bits:g} V{value_bits:g}"] = (kv_cache.TURBOQUANT, key_bits, value_bits, False)
     for key_bits in (3.0, 4.0):
         variants[f"QJL K{key_bits - 1:g}+1 V{key_bits:g}"] = (kv_cache.TURBOQUANT, key_bits, key_bits, True)
+    smoothed = {"int4, keys smoothed": (kv_cache.INT4, None, None, False)}
+    for key_bits, value_bits in widths[:6:2] + [(4.0, 4.0)]:  # the shipped widths: K3 V2, K3.5 V2.5, K4 V3, K4 V4
+        smoothed[f"turboquant K{key_bits:g} V{value_bits:g}, keys smoothed"] = (kv_cache.TURBOQUANT, key_bits,
+                                                                               value_bits, False)
+    variants |= smoothed
     totals = {name: [0.0, 0.0] for name in variants}
     for layer, (q, k, v, scale) in enumerate(layers):
         q = q[-QUERIES:]
         weights, out = attention(q, k, v, scale)
         signs = kv_cache.rotation_signs(layer, k.shape[-1])
+        turned = kv_cache.rotation(layer, k.shape[1], k.shape[-1], factors[layer])[1]  # the smoothed keys' vectors
         offset = None if offsets is None else offsets[layer]
         for name, (dtype, key_bits, value_bits, qjl) in variants.items():
             key_code = key_bits and tq.RowCode(k.shape[-1], key_bits)
@@ -105,7 +115,7 @@ def main() -> None:
             if qjl:
                 keys = qjl_keys(k if offset is None else k - offset, signs, key_bits, layer)
             else:
-                keys = coded(k, dtype, signs, offset, key_code)
+                keys = coded(k, dtype, turned if name in smoothed else signs, offset, key_code)
             keys = keys if offset is None else keys + offset
             w, o = attention(q, keys, coded(v, dtype, signs, None, value_code), scale)
             kl = (weights * (weights.clamp_min(1e-30).log() - w.clamp_min(1e-30).log())).sum(-1).mean().item()

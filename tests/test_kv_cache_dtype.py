@@ -38,6 +38,17 @@ def test_kv_cache_bits_is_turboquants_and_one_of_four():
     assert (args.kv_cache_dtype, args.kv_cache_bits) == ("turboquant", 3.0)
 
 
+def test_kv_cache_smoothing_is_for_the_rotated_caches_in_one_process():
+    with pytest.raises(ValueError, match="kv_cache_smoothing smooths the keys of the rotated caches"):
+        CacheConfig(kv_cache_dtype="float16", kv_cache_smoothing=True)
+    assert CacheConfig(kv_cache_dtype="turboquant", kv_cache_smoothing=True).kv_cache_smoothing
+    args = build_parser().parse_args(["serve", "--kv-cache-dtype", "int4", "--no-kv-cache-smoothing"])
+    assert args.kv_cache_smoothing is False
+    assert build_parser().parse_args(["serve"]).kv_cache_smoothing is None
+    with pytest.raises(ValueError, match="kv_cache_smoothing is not supported with tensor_parallel_size > 1"):
+        LLM(kv_cache_dtype="int4", kv_cache_smoothing=True, tensor_parallel_size=2)
+
+
 def test_auto_picks_float16_only_for_packed_weights_on_native_kernels():
     assert resolve_kv_dtype("auto", torch.float32, packed_weights=False) == torch.float32
     assert resolve_kv_dtype("auto", torch.bfloat16, packed_weights=True) == torch.bfloat16

@@ -6,22 +6,36 @@ barely read; s = (rms of the key channel / rms of the query channel) ** ALPHA pe
 (after RoPE, keys minus the layer's key offset) moves range to the channels queries read. The root mean squares
 come from one uncached pass over the first CALIBRATION_TOKENS tokens of the shipped calibration text;
 cache/kv_cache.py folds s into the rotation, so the kernels do no extra work. ALPHA = 0.25: of 0, 0.25 and 0.5
-the only one that lowered the keys' attention KL on both SmolLM2 and Qwen2.5 (BENCHMARKS.md)."""
+the only one that lowered the keys' attention KL on both SmolLM2 and Qwen2.5 (BENCHMARKS.md).
+
+The pass costs a start seconds on a 1.5B model, so the factors are kept under $TOKENMILL_CACHE_DIR/kv_smoothing,
+keyed by a fingerprint of the model (its config, each tensor's name, shape, type and first and last bytes) and of
+this calibration (FORMAT_VERSION, ALPHA, CALIBRATION_TOKENS)."""
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.model.llama import LlamaModel
+from tokenmill.model.loader.catalog import get_cache_dir
 from tokenmill.model.runner import uncached_inputs
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.texts import CALIBRATION_TEXT, shipped_text
 
+logger = logging.getLogger("tokenmill.model")
+
 ALPHA = 0.25
 CALIBRATION_TOKENS = 256
+FORMAT_VERSION = 1  # bump when what the factors are computed from changes
+_SAMPLE = 1024  # elements of each tensor's start and end the fingerprint reads
 _RATIO_RANGE = (1e-4, 1e4)  # a channel one side never uses gets a bounded factor, never 0 or inf
 
 
@@ -56,8 +70,40 @@ def channel_rms(model: LlamaModel, token_ids: list[int], key_offsets: torch.Tens
     return (squares / len(token_ids)).sqrt()
 
 
-def key_smoothing(model: LlamaModel, tokenizer: Tokenizer, key_offsets: torch.Tensor | None) -> torch.Tensor:
-    """The keys' smoothing factors s [layers, kv_heads, head_dim] float32 (module docstring)."""
+def key_smoothing(model: LlamaModel, tokenizer: Tokenizer, key_offsets: torch.Tensor | None,
+                  cache: Path | None = None) -> torch.Tensor:
+    """The keys' smoothing factors s [layers, kv_heads, head_dim] float32 (module docstring), from the cache
+    folder (default: $TOKENMILL_CACHE_DIR/kv_smoothing) when it holds this model's, else computed and kept there."""
+    config = model.config
+    shape = (config.num_layers, config.num_kv_heads, config.head_dim)
+    path = (cache or get_cache_dir() / "kv_smoothing") / f"{fingerprint(model)}.pt"
+    try:
+        factors = torch.load(path, weights_only=True)
+        if factors.shape == shape and factors.dtype == torch.float32 and bool(factors.isfinite().all()):
+            return factors
+    except (OSError, RuntimeError, ValueError, EOFError):
+        pass  # none yet, or unreadable: computed again and replaced
     ids = tokenizer.encode(shipped_text(CALIBRATION_TEXT))[:CALIBRATION_TOKENS]
     queries, keys = channel_rms(model, ids, key_offsets)
-    return (keys / queries.clamp_min(1e-30)).clamp(*_RATIO_RANGE).pow(ALPHA).float()
+    factors = (keys / queries.clamp_min(1e-30)).clamp(*_RATIO_RANGE).pow(ALPHA).float()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as out:
+            torch.save(factors, out)
+        os.replace(out.name, path)
+    except OSError as exc:  # a read-only cache costs the next start the pass again, nothing else
+        logger.warning("could not keep the KV cache's key smoothing factors in %s: %s", path.parent, exc)
+    return factors
+
+
+def fingerprint(model: LlamaModel) -> str:
+    """Names a model's factors: its config and every tensor's name, shape, type and first and last _SAMPLE
+    elements, with this calibration's settings."""
+    digest = hashlib.blake2b(f"{FORMAT_VERSION} {ALPHA} {CALIBRATION_TOKENS} {model.config!r}".encode(),
+                             digest_size=12)
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        for part in (flat[:_SAMPLE], flat[-_SAMPLE:]):
+            digest.update(part.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
