@@ -66,7 +66,7 @@ def channel_rms(model: LlamaModel, token_ids: list[int], key_offsets: torch.Tens
 
     cache = KVCache(config, 1, 16, torch.float32)  # an uncached pass reads and writes no slot
     with _observing(model, observe):
-        model(*uncached_inputs(token_ids, cache))
+        model.hidden_states(*uncached_inputs(token_ids, cache))  # no logits: the LM head's rows would be most of it
     return (squares / len(token_ids)).sqrt()
 
 
