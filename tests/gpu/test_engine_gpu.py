@@ -59,7 +59,8 @@ def _tokens(folder, device: str, **kwargs) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"quantization": "int4"}, {"quantization": "int8", "kv_cache_dtype": "int8"},
-                                    {"kv_cache_dtype": "int4"}], ids=["float", "int4", "int8-kv-int8", "kv-int4"])
+                                    {"kv_cache_dtype": "int4", "kv_cache_smoothing": False}],  # GPU path: no smoothing
+                         ids=["float", "int4", "int8-kv-int8", "kv-int4"])
 def test_qwen2_greedy_equals_cpu_path(qwen2, kwargs):
     assert _tokens(qwen2, "cuda", **kwargs) == _tokens(qwen2, "cpu", **kwargs)
 

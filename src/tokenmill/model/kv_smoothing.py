@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,10 +82,10 @@ def key_smoothing(model: LlamaModel, tokenizer: Tokenizer, key_offsets: torch.Te
         factors = torch.load(path, weights_only=True)
         if factors.shape == shape and factors.dtype == torch.float32 and bool(factors.isfinite().all()):
             return factors
-    except (OSError, RuntimeError, ValueError, EOFError):
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
         pass  # none yet, or unreadable: computed again and replaced
-    ids = tokenizer.encode(shipped_text(CALIBRATION_TEXT))[:CALIBRATION_TOKENS]
-    queries, keys = channel_rms(model, ids, key_offsets)
+    ids = [t for t in tokenizer.encode(shipped_text(CALIBRATION_TEXT)) if t < config.vocab_size][:CALIBRATION_TOKENS]
+    queries, keys = channel_rms(model, ids, key_offsets)  # (ids past the model's rows: a test model's tokenizer)
     factors = (keys / queries.clamp_min(1e-30)).clamp(*_RATIO_RANGE).pow(ALPHA).float()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
