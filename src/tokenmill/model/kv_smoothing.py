@@ -8,7 +8,7 @@ come from one uncached pass over the first CALIBRATION_TOKENS tokens of the ship
 cache/kv_cache.py folds s into the rotation, so the kernels do no extra work. ALPHA = 0.25: of 0, 0.25 and 0.5
 the only one that lowered the keys' attention KL on both SmolLM2 and Qwen2.5 (BENCHMARKS.md).
 
-The pass costs a start seconds on a 1.5B model, so the factors are kept under $TOKENMILL_CACHE_DIR/kv_smoothing,
+The pass adds seconds to a start on a 1.5B model, so the factors are kept under $TOKENMILL_CACHE_DIR/kv_smoothing,
 keyed by a fingerprint of the model (its config, each tensor's name, shape, type and first and last bytes) and of
 this calibration (FORMAT_VERSION, ALPHA, CALIBRATION_TOKENS)."""
 from __future__ import annotations

@@ -26,8 +26,8 @@ _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxi
 
 
 class Attention(nn.Module):
-    observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None  # sees (layer, q, k) as attention gets
-    # them, after RoPE (a calibration's statistics: model/kv_smoothing.py)
+    observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None  # on the module path, sees (layer, q, k)
+    # as attention gets them, after RoPE (a calibration's statistics: model/kv_smoothing.py)
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
