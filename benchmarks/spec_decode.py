@@ -30,10 +30,9 @@ from pathlib import Path
 from quantized import PEERS, llama_bench
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench.datasets import builtin_prompts
 from tokenmill.hardware import describe
 from tokenmill.model.loader.default_model import default_model_path
-from tokenmill.texts import EVAL_TEXT, shipped_text
+from tokenmill.texts import EVAL_TEXT, builtin_prompts, shipped_text
 
 CONFIGS = {
     "none": None,

@@ -23,10 +23,9 @@ from pathlib import Path
 
 from spec_decode import measure_interleaved
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench.datasets import builtin_prompts
 from tokenmill.engine.spec_decode.suffix import SuffixProposer
 from tokenmill.hardware import describe
-from tokenmill.texts import EVAL_TEXT, shipped_text
+from tokenmill.texts import EVAL_TEXT, builtin_prompts, shipped_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

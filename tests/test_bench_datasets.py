@@ -10,11 +10,11 @@ from tokenmill.bench import BenchError
 from tokenmill.bench.datasets import (
     DatasetConfig,
     build_requests,
-    builtin_prompts,
     load_tokenizer,
     parse_range,
     sharegpt_requests,
 )
+from tokenmill.texts import builtin_prompts
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import json
 import random
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.bench import BenchError
+from tokenmill.texts import builtin_prompts
 
 if TYPE_CHECKING:
     from tokenmill.model.tokenizer import Tokenizer
@@ -64,13 +64,6 @@ def parse_range(text: str) -> LengthRange:
     if not 1 <= lo <= hi:
         raise BenchError(f"a length range needs 1 <= MIN <= MAX, got {text!r}")
     return lo, hi
-
-
-@cache
-def builtin_prompts() -> tuple[dict[str, Any], ...]:
-    """The shipped prompt set: dicts with id, category and prompt."""
-    text = resources.files("tokenmill.bench").joinpath("data", "prompts.json").read_text(encoding="utf-8")
-    return tuple(json.loads(text)["prompts"])
 
 
 @cache

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tokenmill.config import KV_CACHE_BITS, KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.engine_args import EngineArgs
-from tokenmill.texts import CALIBRATION_TEXT, EVAL_TEXT, shipped_text
+from tokenmill.texts import CALIBRATION_TEXT, EVAL_TEXT, HELD_OUT_PROMPTS, shipped_text
 
 if TYPE_CHECKING:
     import torch
@@ -195,13 +195,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from tokenmill.compress.distill import DistillOptions, distill, teacher_samples
+    from tokenmill.compress.distill import DistillOptions, chat_answers, distill, teacher_samples
     from tokenmill.compress.perplexity import read_text
     from tokenmill.compress.quantize import check_output_dir
     from tokenmill.hardware import describe
 
-    options = DistillOptions(args.params_fraction, args.minutes, args.seq_len, args.top_k, args.lr,
-                             args.sample_tokens, args.eval_tokens, args.seed)
+    options = DistillOptions(
+        method=args.method, params_fraction=args.params_fraction, exit_layer=args.exit_layer, minutes=args.minutes,
+        seq_len=args.seq_len, top_k=args.top_k, lr=args.lr, sample_tokens=args.sample_tokens,
+        chat_answers=args.chat_answers, eval_tokens=args.eval_tokens, seed=args.seed)
     out = Path(args.out)
     check_output_dir(out)
     teacher = EngineArgs(args.model, args.dtype, args.quantization, args.group_size).create_llm(progress=True)
@@ -209,14 +211,17 @@ def cmd_distill(args: argparse.Namespace) -> None:
     texts = [read_text(path, CALIBRATION_TEXT) for path in args.data or [None]]
     train = [encode(text) for text in texts]
     train += teacher_samples(teacher, train[0], options.sample_tokens, options.seed)
+    train += chat_answers(teacher, options.chat_answers, options.seed)
     eval_ids = encode(shipped_text(EVAL_TEXT))[: options.eval_tokens]
     result = distill(teacher, train, eval_ids, out, options, progress=True)
     share = result.student_params / result.teacher_params
     print(f"student       {out}: {result.student_params / 1e6:.1f}M of the teacher's "
           f"{result.teacher_params / 1e6:.1f}M parameters ({100 * share:.0f}%), layers {result.dropped_layers} "
-          f"dropped; pruned only: {out / 'pruned'}")
-    print(f"trained       {result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s")
-    for name, kld in (("pruned", result.pruned), ("distilled", result.distilled)):
+          f"dropped; before training: {out / 'pruned'}")
+    print(f"trained       {result.steps} steps, {result.tokens} tokens ({sum(map(len, train))} distinct) in "
+          f"{result.seconds:.0f} s")
+    for name, kld in (("pruned" if options.method == "depth" else "raw exit", result.pruned),
+                      ("distilled", result.distilled)):
         print(f"{name:<13} KL to the teacher {kld.mean:.4f} nats, same top-1 {100 * kld.top1_agreement:.1f}%, "
               f"perplexity {kld.test_perplexity:.3f} (teacher {kld.reference_perplexity:.3f}) on {EVAL_TEXT}")
     if args.save_result:
@@ -268,18 +273,24 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
                     help=f"calibration text for awq/gptq (default: the shipped {CALIBRATION_TEXT})")
     qz.add_argument("-o", "--output", required=True, metavar="OUT", help="new checkpoint directory")
     qz.set_defaults(func=cmd_quantize)
-    ds = sub.add_parser("distill", help="a smaller student of a model: depth pruning by measured layer influence, "
-                                        "then knowledge distillation on this CPU within a time budget")
+    ds = sub.add_parser("distill", help="a smaller student of a model or a draft for it, trained by knowledge "
+                                        "distillation on this CPU within a time budget")
     _add_model_arg(ds)
     ds.add_argument("--out", required=True, metavar="DIR", help="the student (DIR/pruned: before training)")
     ds.add_argument("--minutes", type=float, default=10.0, help="training time")
     ds.add_argument("--params-fraction", type=float, default=0.7, help="student parameters / teacher parameters")
-    ds.add_argument("--method", default="depth", choices=["depth"],
-                    help="depth: drop the layers of least block influence, then distill")
+    ds.add_argument("--method", default="depth", choices=["depth", "early-exit"],
+                    help="depth: drop the layers of least block influence, then distill; early-exit: a draft of the "
+                         "model's first --exit-layer layers and a trained exit layer")
+    ds.add_argument("--exit-layer", type=int, default=None,
+                    help="early-exit: the model's layers the draft keeps (default: half of them)")
     ds.add_argument("--data", nargs="+", default=None, metavar="FILE",
                     help=f"training text files (default: the shipped {CALIBRATION_TEXT}); the teacher's samples "
                          "continuing the first are added")
     ds.add_argument("--sample-tokens", type=int, default=16384, help="teacher samples to add to the training text")
+    ds.add_argument("--chat-answers", type=int, default=1,
+                    help="the teacher's answers to each built-in prompt to add (greedy, then sampled at 0.8); the "
+                         f"first {HELD_OUT_PROMPTS}, benchmarks' chat prompts, are never used")
     ds.add_argument("--seq-len", type=int, default=256)
     ds.add_argument("--top-k", type=int, default=64, help="teacher tokens per position in the KL")
     ds.add_argument("--lr", type=float, default=1e-4)
