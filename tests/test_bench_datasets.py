@@ -113,3 +113,14 @@ def test_parse_range():
     for bad in ("0", "9:3", "a", "1:b"):
         with pytest.raises(BenchError):
             parse_range(bad)
+
+
+def test_held_out_prompts_are_the_benchmarks_and_never_train():
+    from tokenmill.texts import HELD_OUT, held_out_prompts, training_prompts
+
+    chat, code = held_out_prompts("question"), held_out_prompts("code")
+    assert chat == list(builtin_prompts()[:HELD_OUT["question"]])  # the chat workloads' first 16 prompts
+    assert len(code) == HELD_OUT["code"] and {p["category"] for p in code} == {"code"}
+    train = {p["id"] for p in training_prompts()}
+    assert not train & {p["id"] for p in chat + code}
+    assert len(train) + len(chat) + len(code) == len(builtin_prompts())

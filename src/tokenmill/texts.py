@@ -10,7 +10,8 @@ from typing import Any
 
 EVAL_TEXT = "eval_en.txt"
 CALIBRATION_TEXT = "calibration_en.txt"
-HELD_OUT_PROMPTS = 16  # the first builtin prompts: benchmarks' chat workloads; distillation never trains on them
+# per category, the first builtin prompts: benchmarks' chat and code workloads, which distillation never trains on
+HELD_OUT = {"question": 16, "code": 4}
 
 
 def shipped_text(name: str) -> str:
@@ -22,3 +23,14 @@ def shipped_text(name: str) -> str:
 def builtin_prompts() -> tuple[dict[str, Any], ...]:
     """The shipped prompt set: dicts with id, category and prompt."""
     return tuple(json.loads(shipped_text("prompts.json"))["prompts"])
+
+
+def held_out_prompts(category: str) -> list[dict[str, Any]]:
+    """The first HELD_OUT[category] builtin prompts of `category`."""
+    return [p for p in builtin_prompts() if p["category"] == category][:HELD_OUT[category]]
+
+
+def training_prompts() -> list[dict[str, Any]]:
+    """The builtin prompts no benchmark holds out."""
+    held = {p["id"] for category in HELD_OUT for p in held_out_prompts(category)}
+    return [p for p in builtin_prompts() if p["id"] not in held]

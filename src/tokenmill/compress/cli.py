@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tokenmill.config import KV_CACHE_BITS, KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from tokenmill.engine_args import EngineArgs
-from tokenmill.texts import CALIBRATION_TEXT, EVAL_TEXT, HELD_OUT_PROMPTS, shipped_text
+from tokenmill.texts import CALIBRATION_TEXT, EVAL_TEXT, shipped_text
 
 if TYPE_CHECKING:
     import torch
@@ -289,8 +289,8 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
                          "continuing the first are added")
     ds.add_argument("--sample-tokens", type=int, default=16384, help="teacher samples to add to the training text")
     ds.add_argument("--chat-answers", type=int, default=1,
-                    help="the teacher's answers to each built-in prompt to add (greedy, then sampled at 0.8); the "
-                         f"first {HELD_OUT_PROMPTS}, benchmarks' chat prompts, are never used")
+                    help="the teacher's answers to each built-in prompt to add (greedy, then sampled at 0.8); those "
+                         "benchmarks hold out for their chat and code workloads are never used")
     ds.add_argument("--seq-len", type=int, default=256)
     ds.add_argument("--top-k", type=int, default=64, help="teacher tokens per position in the KL")
     ds.add_argument("--lr", type=float, default=1e-4)

@@ -43,7 +43,7 @@ from tokenmill.model.loader.checkpoint import Checkpoint
 from tokenmill.model.runner import uncached_inputs
 from tokenmill.quant.checkpoint import save_checkpoint
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.texts import HELD_OUT_PROMPTS, builtin_prompts
+from tokenmill.texts import training_prompts
 
 METHODS = ("depth", "early-exit")
 
@@ -105,9 +105,9 @@ def teacher_samples(teacher: LLM, ids: Sequence[int], num_tokens: int, seed: int
 
 
 def chat_answers(teacher: LLM, answers: int, seed: int, max_tokens: int = 256) -> list[list[int]]:
-    """Chat-templated prompt + answer sequences: the teacher answering each built-in prompt but the first
-    HELD_OUT_PROMPTS (benchmarks' chat workloads) `answers` times, greedily first, then sampled at 0.8."""
-    conversations = [[{"role": "user", "content": p["prompt"]}] for p in builtin_prompts()[HELD_OUT_PROMPTS:]]
+    """Chat-templated prompt + answer sequences: the teacher answering each built-in prompt that benchmarks do not
+    hold out `answers` times, greedily first, then sampled at 0.8."""
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in training_prompts()]
     sequences = []
     for i in range(answers):
         params = SamplingParams(temperature=0.0 if i == 0 else 0.8, max_tokens=max_tokens, seed=seed + i)
