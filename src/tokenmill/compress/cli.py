@@ -201,7 +201,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from tokenmill.hardware import describe
 
     options = DistillOptions(
-        method=args.method, params_fraction=args.params_fraction, exit_layer=args.exit_layer, minutes=args.minutes,
+        method=args.method, params_fraction=args.params_fraction, exit_layer=args.exit_layer,
+        group_size=args.qad_group_size, minutes=args.minutes,
         seq_len=args.seq_len, top_k=args.top_k, lr=args.lr, sample_tokens=args.sample_tokens,
         chat_answers=args.chat_answers, eval_tokens=args.eval_tokens, seed=args.seed)
     out = Path(args.out)
@@ -220,7 +221,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
           f"dropped; before training: {out / 'pruned'}")
     print(f"trained       {result.steps} steps, {result.tokens} tokens ({sum(map(len, train))} distinct) in "
           f"{result.seconds:.0f} s")
-    for name, kld in (("pruned" if options.method == "depth" else "raw exit", result.pruned),
+    before = {"depth": "pruned", "early-exit": "raw exit", "qad": "int4 RTN"}[options.method]
+    for name, kld in ((before, result.pruned),
                       ("distilled", result.distilled)):
         print(f"{name:<13} KL to the teacher {kld.mean:.4f} nats, same top-1 {100 * kld.top1_agreement:.1f}%, "
               f"perplexity {kld.test_perplexity:.3f} (teacher {kld.reference_perplexity:.3f}) on {EVAL_TEXT}")
@@ -273,15 +275,17 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
                     help=f"calibration text for awq/gptq (default: the shipped {CALIBRATION_TEXT})")
     qz.add_argument("-o", "--output", required=True, metavar="OUT", help="new checkpoint directory")
     qz.set_defaults(func=cmd_quantize)
-    ds = sub.add_parser("distill", help="a smaller student of a model or a draft for it, trained by knowledge "
-                                        "distillation on this CPU within a time budget")
+    ds = sub.add_parser("distill", help="a smaller student of a model, a draft for it or its int4 version, trained by "
+                                        "knowledge distillation on this CPU within a time budget")
     _add_model_arg(ds)
     ds.add_argument("--out", required=True, metavar="DIR", help="the student (DIR/pruned: before training)")
     ds.add_argument("--minutes", type=float, default=10.0, help="training time")
     ds.add_argument("--params-fraction", type=float, default=0.7, help="student parameters / teacher parameters")
-    ds.add_argument("--method", default="depth", choices=["depth", "early-exit"],
+    ds.add_argument("--method", default="depth", choices=["depth", "early-exit", "qad"],
                     help="depth: drop the layers of least block influence, then distill; early-exit: a draft of the "
-                         "model's first --exit-layer layers and a trained exit layer")
+                         "model's first --exit-layer layers and a trained exit layer; qad: the model's weights "
+                         "trained through int4 rounding, saved as int4")
+    ds.add_argument("--qad-group-size", type=int, default=64, help="qad: int4 inputs per scale and min")
     ds.add_argument("--exit-layer", type=int, default=None,
                     help="early-exit: the model's layers the draft keeps (default: half of them)")
     ds.add_argument("--data", nargs="+", default=None, metavar="FILE",

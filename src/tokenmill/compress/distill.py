@@ -1,13 +1,18 @@
-"""Knowledge distillation on this machine's CPU within a time budget, into one of two students.
+"""Knowledge distillation on this machine's CPU within a time budget, into one of three students.
 
 - depth: the teacher with its least influential layers dropped (compress/prune.py); all of it trains.
 - early-exit: the teacher's first `exit_layer` layers, frozen, then one decoder layer (a copy of the teacher's
   last) and the final norm, which train to turn the teacher's hidden state at that depth into its next-token
   distribution (LayerSkip's early exit, with a trained exit instead of the raw final norm and LM head). Written
   with the frozen layers, it is a draft model that `speculative_config` method "draft_model" loads.
+- qad (quantization-aware distillation): the teacher's own weights, their decoder linears seen through int4
+  round-to-nearest on the grid they will be saved in (a straight-through estimator passes the gradient to the
+  float weights), so training moves each weight where its rounding costs the outputs least; saved as that int4
+  checkpoint.
 
 `DIR/pruned` holds the student before training (depth: the pruned model; early-exit: the raw exit, i.e. the
-truncated self-draft), so what training adds is on record: both are scored against the teacher on held-out text.
+truncated self-draft; qad: plain round-to-nearest), so what training adds is on record: both are scored against
+the teacher on held-out text.
 
 Both train on KL(teacher || student) over the teacher's top-k tokens plus one bucket for all other tokens (a true
 divergence of the two distributions so coarsened: the student is pulled to the teacher's top-k probabilities and
@@ -28,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from tokenmill.cache.kv_cache import KVCache
 from tokenmill.compress.kld import KLDResult, kl_divergence
 from tokenmill.compress.prune import block_influence, drop_layers, least_influential, parameter_count
-from tokenmill.compress.quantize import float_weights, model_scorer
+from tokenmill.compress.quantize import QuantizeOptions, float_weights, model_scorer, quantize_weights
 from tokenmill.config import ModelConfig
 from tokenmill.hardware import has_native_bf16
 from tokenmill.llm import LLM
@@ -42,10 +48,11 @@ from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader.checkpoint import Checkpoint
 from tokenmill.model.runner import uncached_inputs
 from tokenmill.quant.checkpoint import save_checkpoint
+from tokenmill.quant.grid import Grid
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.texts import training_prompts
 
-METHODS = ("depth", "early-exit")
+METHODS = ("depth", "early-exit", "qad")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DistillOptions:
     method: str = "depth"
     params_fraction: float = 0.7  # depth: the student's parameters as a fraction of the teacher's
     exit_layer: int | None = None  # early-exit: the teacher's layers the draft keeps (None: half of them)
+    group_size: int = 64  # qad: int4 inputs per scale and min
     minutes: float = 10.0  # training time (pruning, sampling and evaluation come on top)
     seq_len: int = 256
     top_k: int = 64
@@ -70,6 +78,8 @@ class DistillOptions:
             raise ValueError(f"params_fraction must be in (0, 1], got {self.params_fraction}")
         if self.exit_layer is not None and (self.method != "early-exit" or self.exit_layer < 1):
             raise ValueError("exit_layer is for method 'early-exit' and must be >= 1")
+        if self.group_size < 32 or self.group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
         if self.minutes < 0 or self.seq_len < 2 or self.top_k < 1 or self.lr <= 0 or self.chat_answers < 0:
             raise ValueError("minutes >= 0, seq_len >= 2, top_k >= 1, lr > 0 and chat_answers >= 0 are required")
 
@@ -198,25 +208,43 @@ def distill(teacher: LLM, train_ids: Sequence[Sequence[int]], eval_ids: Sequence
                                  num_drop)
         untrained = start = drop_layers(weights, ckpt.config, drop)
         record = {"method": "depth-prune+kd", "dropped_layers": drop, "params_fraction": options.params_fraction}
-    else:
+    elif options.method == "early-exit":
         exit_layer = options.exit_layer or ckpt.config.num_layers // 2
         drop = list(range(exit_layer, ckpt.config.num_layers))
         untrained = drop_layers(weights, ckpt.config, drop)  # the raw exit: final norm and LM head at that depth
         start = with_exit_layer(weights, ckpt.config, exit_layer)
         record = {"method": "early-exit+kd", "exit_layer": exit_layer}
+    else:
+        quant = QuantizeOptions("int4", options.group_size)
+        quant.check_model(ckpt.config)
+        drop = []
+        untrained = start = (weights, ckpt.config)
+        record = {"method": "qad", "bits": 4, "group_size": options.group_size}
     record = {"teacher": str(ckpt.path), **record}
     result = DistillResult(parameter_count(weights, ckpt.config), parameter_count(*start), drop)
 
     def model(state: tuple[dict[str, torch.Tensor], ModelConfig]) -> LlamaModel:
-        return build_model(Checkpoint(ckpt.path, "safetensors", state[1], state[0], ckpt.tokenizer, 0), torch.float32)
+        built = build_model(Checkpoint(ckpt.path, "safetensors", state[1], state[0], ckpt.tokenizer, 0),
+                            torch.float32)
+        return built if options.method != "qad" else fake_quantized(built, quant.grid)
+
+    def save(path: Path, student: LlamaModel) -> None:
+        if options.method != "qad":
+            save_checkpoint(path, student.config, checkpoint_state(student), ckpt.tokenizer, {},
+                            {"distillation": record})
+            return
+        floats = checkpoint_state(without_fake_quantization(student))
+        rounded = quantize_weights(Checkpoint(ckpt.path, "safetensors", student.config, floats, ckpt.tokenizer, 0),
+                                   quant)
+        save_checkpoint(path, student.config, rounded, ckpt.tokenizer, quant.config_dict(), {"distillation": record})
 
     before = model(untrained)
-    save_checkpoint(out / "pruned", before.config, checkpoint_state(before), ckpt.tokenizer, {},
-                    {"distillation": record})
     result.pruned = kl_divergence(teacher.score, model_scorer(before), eval_ids, options.seq_len, options.seq_len // 2)
+    save(out / "pruned", before)
     del before
     student = model(start)
-    trained = student if exit_layer is None else torch.nn.ModuleList([student.layers[exit_layer], student.norm])
+    trained = {"depth": student, "early-exit": torch.nn.ModuleList([student.layers[-1], student.norm]),
+               "qad": torch.nn.ModuleList([student.layers, student.norm])}[options.method]
     targets = TeacherTargets(teacher, options.top_k, exit_layer)
     try:
         _train(student, trained, lambda i: targets(i, windows[i]), windows, options, result, progress)
@@ -226,8 +254,35 @@ def distill(teacher: LLM, train_ids: Sequence[Sequence[int]], eval_ids: Sequence
                                      options.seq_len // 2)
     record.update(minutes=options.minutes, steps=result.steps, tokens=result.tokens, lr=options.lr,
                   top_k=options.top_k)
-    save_checkpoint(out, student.config, checkpoint_state(student), ckpt.tokenizer, {}, {"distillation": record})
+    save(out, student)
     return result
+
+
+class _StraightThrough(torch.nn.Module):
+    """A weight as the grid rounds it, with the gradient of the unrounded one (straight-through estimator)."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.grid.fake(weight.detach()) - weight).detach()
+
+
+def fake_quantized(model: LlamaModel, grid: Grid) -> LlamaModel:
+    """`model` with every decoder linear's weight seen through `grid`'s round-to-nearest."""
+    for module in model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            parametrize.register_parametrization(module, "weight", _StraightThrough(grid))
+    return model
+
+
+def without_fake_quantization(model: LlamaModel) -> LlamaModel:
+    """`model` with its float weights back as plain parameters (fake_quantized's inverse)."""
+    for module in model.layers.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    return model
 
 
 def _train(student: LlamaModel, trained: torch.nn.Module,
