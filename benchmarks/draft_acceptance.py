@@ -2,7 +2,8 @@
 
 Run:  python benchmarks/draft_acceptance.py --model MODEL --draft self8=layers:8 --draft ee15=DIR ... --out DIR
 (a draft is NAME=layers:N, the target's own first N layers with its final norm and LM head, or NAME=DIR, a draft
-checkpoint such as `tokenmill distill --method early-exit` writes; quiet machine, under the CPU lock)
+checkpoint such as `tokenmill distill --method early-exit` writes, quantized as --draft-quantization says (default
+int8: a float draft would read 4-8x the bytes of the target's packed layers); quiet machine, under the CPU lock)
 
 Workloads, greedy, chat template, up to --max-tokens new tokens: chat, the 16 held-out question prompts of the
 built-in set (benchmarks' chat workload), and code, its 4 held-out code prompts; distillation never trains on
@@ -26,11 +27,11 @@ from tokenmill.texts import held_out_prompts
 WORKLOADS = {"chat": "question", "code": "code"}
 
 
-def draft_config(spec: str, k: int) -> dict:
+def draft_config(spec: str, k: int, quantization: str) -> dict:
     config = {"method": "draft_model", "num_speculative_tokens": k, "mode": "always"}
     if spec.startswith("layers:"):
         return {**config, "num_layers": int(spec.removeprefix("layers:"))}
-    return {**config, "model": spec}
+    return {**config, "model": spec, "quantization": quantization}
 
 
 def main() -> None:
@@ -38,10 +39,11 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--draft", action="append", default=[], metavar="NAME=SPEC")
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--draft-quantization", default="int8", choices=["int8", "int4"])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    configs = {"none": None, **{name: draft_config(spec, args.k)
+    configs = {"none": None, **{name: draft_config(spec, args.k, args.draft_quantization)
                                 for name, spec in (d.split("=", 1) for d in args.draft)}}
     llms = {name: LLM(args.model, speculative_config=spec) for name, spec in configs.items()}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -74,7 +76,8 @@ def main() -> None:
             print(results[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "draft_acceptance.json").write_text(json.dumps(
-        {"cpu": describe(), "model": args.model, "drafts": args.draft, "k": args.k, "results": results}, indent=1))
+        {"cpu": describe(), "model": args.model, "drafts": args.draft, "k": args.k,
+         "draft_quantization": args.draft_quantization, "results": results}, indent=1))
     base = {r["workload"]: r["tok_s"] for r in results if r["config"] == "none"}
     lines = ["| workload | draft | mean accepted length | acceptance rate | batch-1 tok/s | vs none |",
              "|---|---|---:|---:|---:|---:|"]

@@ -3,6 +3,7 @@ shapes consistent and the student loads in the engine; a few seconds of training
 (the test fails if training is a no-op); the CLI writes both students and reports both KLs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -143,3 +144,20 @@ def test_quantization_aware_distillation_beats_round_to_nearest(teacher, tmp_pat
     assert saved["qad"] < 0.7 * saved["rtn"]
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 32"):
         DistillOptions(method="qad", group_size=48)
+
+
+def test_a_run_resumes_from_its_trainer_state(teacher, tmp_path):
+    """A 2 s run leaves its trainer state; resumed to 4 s, training goes on from it (same first losses, more
+    steps) instead of starting over; other options than the run had, or no state, are refused."""
+    llm = LLM(str(teacher), dtype="float32", kv_cache_memory=2**22)
+    train = [llm.tokenizer.encode(shipped_text("calibration_en.txt"))[:256]]
+    options = DistillOptions(method="early-exit", exit_layer=2, minutes=2 / 60, seq_len=64, lr=1e-3)
+    first = distill(llm, train, train[0][:64], tmp_path / "run", options)
+    resumed = distill(llm, train, train[0][:64], tmp_path / "run", dataclasses.replace(options, minutes=4 / 60,
+                                                                                       resume=True))
+    assert resumed.steps > first.steps and resumed.losses[:first.steps] == first.losses
+    assert resumed.seconds >= 4 and resumed.distilled.mean < first.distilled.mean
+    with pytest.raises(ValueError, match="cannot resume with other lr"):
+        distill(llm, train, train[0][:64], tmp_path / "run", dataclasses.replace(options, lr=1e-4, resume=True))
+    with pytest.raises(ValueError, match="nothing to resume"):
+        distill(llm, train, train[0][:64], tmp_path / "new", dataclasses.replace(options, resume=True))

@@ -204,9 +204,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
         method=args.method, params_fraction=args.params_fraction, exit_layer=args.exit_layer,
         group_size=args.qad_group_size, minutes=args.minutes,
         seq_len=args.seq_len, top_k=args.top_k, lr=args.lr, sample_tokens=args.sample_tokens,
-        chat_answers=args.chat_answers, eval_tokens=args.eval_tokens, seed=args.seed)
+        chat_answers=args.chat_answers, eval_tokens=args.eval_tokens, seed=args.seed, resume=args.resume)
     out = Path(args.out)
-    check_output_dir(out)
+    if not args.resume:
+        check_output_dir(out)
     teacher = EngineArgs(args.model, args.dtype, args.quantization, args.group_size).create_llm(progress=True)
     encode = teacher.tokenizer.encode
     texts = [read_text(path, CALIBRATION_TEXT) for path in args.data or [None]]
@@ -300,6 +301,9 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     ds.add_argument("--lr", type=float, default=1e-4)
     ds.add_argument("--eval-tokens", type=int, default=2048, help=f"held-out tokens of {EVAL_TEXT} for the KL")
     ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--resume", action="store_true",
+                    help="continue from DIR/trainer_state.pt (written every minute) until --minutes of training; "
+                         "give the same other options")
     ds.add_argument("--save-result", default=None, metavar="FILE.json")
     _add_weight_args(ds)
     ds.set_defaults(func=cmd_distill)

@@ -20,7 +20,10 @@ to its tail mass, not just up on the top-k). The teacher is the served engine it
 kernels, no gradients); what it computes for a training window (its top-k and, for an early exit, the hidden state
 entering the exit) is kept, so a window drawn again costs only the student's step. The student runs the PyTorch
 path in float32, its matmuls in bfloat16 where the CPU has them natively. Training text: the shipped calibration
-text, user files, the teacher's samples continuing it, and the teacher's answers to the built-in prompts.
+text, user files, the teacher's samples continuing it, and the teacher's answers to the built-in prompts. The
+trainer's state (the learning weights, AdamW's moments, the window order, the counters) is written to
+DIR/trainer_state.pt every minute and at the end: options.resume continues an interrupted run from its last
+minute, or a finished one up to a larger budget.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.texts import training_prompts
 
 METHODS = ("depth", "early-exit", "qad")
+TRAINER_STATE = "trainer_state.pt"  # in the output directory: what --resume continues from
+SAVE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class DistillOptions:
     eval_tokens: int = 2048  # of the held-out text, for the KL before and after
     seed: int = 0
     bf16: bool = field(default_factory=has_native_bf16)  # the student's matmuls in bfloat16 (autocast)
+    resume: bool = False  # continue from the output directory's trainer state until `minutes` of training
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -247,7 +253,8 @@ def distill(teacher: LLM, train_ids: Sequence[Sequence[int]], eval_ids: Sequence
                "qad": torch.nn.ModuleList([student.layers, student.norm])}[options.method]
     targets = TeacherTargets(teacher, options.top_k, exit_layer)
     try:
-        _train(student, trained, lambda i: targets(i, windows[i]), windows, options, result, progress)
+        _train(student, trained, lambda i: targets(i, windows[i]), windows, options, result, out / TRAINER_STATE,
+               progress)
     finally:
         targets.close()
     result.distilled = kl_divergence(teacher.score, model_scorer(student), eval_ids, options.seq_len,
@@ -287,8 +294,11 @@ def without_fake_quantization(model: LlamaModel) -> LlamaModel:
 
 def _train(student: LlamaModel, trained: torch.nn.Module,
            targets: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-           windows: list[list[int]], options: DistillOptions, result: DistillResult, progress: bool) -> None:
-    """AdamW on `trained` (the part of `student` that learns) for options.minutes, a random window per step."""
+           windows: list[list[int]], options: DistillOptions, result: DistillResult, state_path: Path,
+           progress: bool) -> None:
+    """AdamW on `trained` (the part of `student` that learns), a random window per step, until options.minutes
+    of training; the trainer's state is written to `state_path` every SAVE_SECONDS and at the end, and read back
+    first with options.resume."""
     student.requires_grad_(False)
     for param in trained.parameters():
         param.data = param.data.clone()  # loaded with assign=True, it may be the teacher checkpoint's own tensor
@@ -296,9 +306,31 @@ def _train(student: LlamaModel, trained: torch.nn.Module,
     kv = KVCache(student.config, 1, 1, torch.float32)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=options.lr, weight_decay=0.0)
     rng = random.Random(options.seed)
-    started = time.perf_counter()
+    done = 0.0
+    if options.resume:
+        if not state_path.exists():
+            raise ValueError(f"nothing to resume: {state_path} does not exist")
+        state = torch.load(state_path, weights_only=False)
+        changed = sorted(k for k, v in _run_identity(options).items() if state["options"].get(k) != v)
+        if changed:
+            raise ValueError(f"cannot resume with other {', '.join(changed)} than the run in {state_path} had")
+        trained.load_state_dict(state["trained"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        result.steps, result.tokens, result.losses = state["steps"], state["tokens"], state["losses"]
+        done = state["seconds"]
+
+    def save() -> None:
+        result.seconds = time.perf_counter() - started
+        torch.save({"options": _run_identity(options), "trained": trained.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": rng.getstate(), "steps": result.steps,
+                    "tokens": result.tokens, "losses": result.losses, "seconds": result.seconds}, state_path)
+
+    started = time.perf_counter() - done
     deadline = started + 60 * options.minutes
-    bar = tqdm(total=round(60 * options.minutes), unit="s", desc="distilling", disable=not progress)
+    saved = time.perf_counter()
+    bar = tqdm(total=round(60 * options.minutes), initial=round(done), unit="s", desc="distilling",
+               disable=not progress)
     while time.perf_counter() < deadline:
         index = rng.randrange(len(windows))
         values, indices, hidden = targets(index)
@@ -314,6 +346,14 @@ def _train(student: LlamaModel, trained: torch.nn.Module,
         result.losses.append(loss.item())
         bar.n = min(bar.total, round(time.perf_counter() - started))
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{result.tokens / (time.perf_counter() - started):.0f}")
+        if time.perf_counter() - saved > SAVE_SECONDS:
+            save()
+            saved = time.perf_counter()
     bar.close()
-    result.seconds = time.perf_counter() - started
+    save()
     student.requires_grad_(False)
+
+
+def _run_identity(options: DistillOptions) -> dict:
+    """The options a resumed run must share with the one it continues (all but the budget)."""
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("minutes", "resume")}
