@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from tokenmill.cache.kv_cache import KVCache
+from tokenmill.compress.fake_quant import fake_quantized, without_fake_quantization
 from tokenmill.compress.kld import KLDResult, kl_divergence
 from tokenmill.compress.prune import block_influence, drop_layers, least_influential, parameter_count
 from tokenmill.compress.quantize import QuantizeOptions, float_weights, model_scorer, quantize_weights
@@ -51,7 +51,6 @@ from tokenmill.model.llama import LlamaModel
 from tokenmill.model.loader.checkpoint import Checkpoint
 from tokenmill.model.runner import uncached_inputs
 from tokenmill.quant.checkpoint import save_checkpoint
-from tokenmill.quant.grid import Grid
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.texts import training_prompts
 
@@ -263,33 +262,6 @@ def distill(teacher: LLM, train_ids: Sequence[Sequence[int]], eval_ids: Sequence
                   top_k=options.top_k)
     save(out, student)
     return result
-
-
-class _StraightThrough(torch.nn.Module):
-    """A weight as the grid rounds it, with the gradient of the unrounded one (straight-through estimator)."""
-
-    def __init__(self, grid: Grid) -> None:
-        super().__init__()
-        self.grid = grid
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.grid.fake(weight.detach()) - weight).detach()
-
-
-def fake_quantized(model: LlamaModel, grid: Grid) -> LlamaModel:
-    """`model` with every decoder linear's weight seen through `grid`'s round-to-nearest."""
-    for module in model.layers.modules():
-        if isinstance(module, torch.nn.Linear):
-            parametrize.register_parametrization(module, "weight", _StraightThrough(grid))
-    return model
-
-
-def without_fake_quantization(model: LlamaModel) -> LlamaModel:
-    """`model` with its float weights back as plain parameters (fake_quantized's inverse)."""
-    for module in model.layers.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-    return model
 
 
 def _train(student: LlamaModel, trained: torch.nn.Module,
