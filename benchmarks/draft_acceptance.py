@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.spec_stats import spec_decode_summary
 from tokenmill.hardware import describe
 from tokenmill.texts import held_out_prompts
 
@@ -65,14 +66,12 @@ def main() -> None:
             if any(ids != outputs["none"] for ids in outputs.values()):
                 raise SystemExit(f"greedy output differs between configurations on {conversation}")
         for name, llm in llms.items():
-            after, start = llm.engine.stats(), before[name]
-            drafts = after.spec_num_drafts - start.spec_num_drafts
-            proposed = after.spec_num_draft_tokens - start.spec_num_draft_tokens
-            accepted = after.spec_num_accepted_tokens - start.spec_num_accepted_tokens
+            spec = spec_decode_summary(before[name], llm.engine.stats()) or {}
             results.append({"workload": workload, "config": name, "tokens": tokens[name], "seconds": seconds[name],
-                            "tok_s": tokens[name] / seconds[name], "drafts": drafts, "accepted": accepted,
-                            "acceptance_rate": accepted / proposed if proposed else None,
-                            "mean_accepted_len": 1 + accepted / drafts if drafts else None})
+                            "tok_s": tokens[name] / seconds[name], "drafts": spec.get("num_drafts", 0),
+                            "accepted": spec.get("num_accepted_tokens", 0),
+                            "acceptance_rate": spec.get("acceptance_rate"),
+                            "mean_accepted_len": spec.get("mean_acceptance_length")})
             print(results[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "draft_acceptance.json").write_text(json.dumps(

@@ -163,8 +163,8 @@ class TeacherTargets:
         self.teacher, self.top_k = teacher, top_k
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.hidden: torch.Tensor | None = None
-        layer = None if exit_layer is None else teacher.model.layers[exit_layer - 1]
-        self.hook = layer and layer.register_forward_hook(lambda module, args, out: setattr(self, "hidden", out))
+        self.hook = None if exit_layer is None else teacher.model.layers[exit_layer - 1].register_forward_hook(
+            lambda module, args, out: setattr(self, "hidden", out))
 
     def __call__(self, index: int, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if index not in self.kept:
