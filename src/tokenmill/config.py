@@ -112,6 +112,7 @@ DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
 DEVICES = ("auto", "cpu", "cuda")  # EngineArgs.device; model/placement.py
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4", "turboquant")
+DEFAULT_RECENT_BLOCKS = 2  # CacheConfig.kv_cache_recent_blocks of int4 and turboquant caches (BENCHMARKS.md)
 KV_CACHE_BITS = (2.5, 3.0, 3.5, 4.0)  # turboquant's bits per element (cache/turboquant.py)
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM CPU's VLLM_CPU_KVCACHE_SPACE=4; backed lazily as blocks fill
 
@@ -127,6 +128,9 @@ class CacheConfig:
     kv_cache_bits: float | None = None  # turboquant only: one of KV_CACHE_BITS, default 3.5
     kv_cache_smoothing: bool | None = None  # int4, turboquant: keys smoothed (model/kv_smoothing.py); None: where
     # it can be (the CPU path in one process), True: or fail, False: never
+    kv_cache_recent_blocks: int | None = None  # compressed caches: each query's own block and the n - 1 before it
+    # read from float16 twins (cache/recent_rows.py); None: DEFAULT_RECENT_BLOCKS for int4 and turboquant where
+    # it can be (the CPU path in one process), else 0; 0: none
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -142,6 +146,11 @@ class CacheConfig:
         if self.kv_cache_smoothing and self.kv_cache_dtype not in ("int4", "turboquant"):
             raise ValueError(f"kv_cache_smoothing smooths the keys of the rotated caches (int4, turboquant); "
                              f"kv_cache_dtype is {self.kv_cache_dtype!r}")
+        if self.kv_cache_recent_blocks is not None and self.kv_cache_recent_blocks < 0:
+            raise ValueError(f"kv_cache_recent_blocks must be >= 0, got {self.kv_cache_recent_blocks}")
+        if self.kv_cache_recent_blocks and self.kv_cache_dtype not in ("int8", "int4", "turboquant"):
+            raise ValueError(f"kv_cache_recent_blocks keeps recent rows of the compressed caches (int8, int4, "
+                             f"turboquant) in float16; kv_cache_dtype is {self.kv_cache_dtype!r}")
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes or a fraction in (0, 1], got {self.kv_cache_memory}")
 
@@ -161,6 +170,7 @@ class CacheInfo:
     kv_cache_dtype: str
     bytes_per_block: int
     kv_cache_bits: float | None = None  # turboquant's bits per element
+    kv_cache_recent_blocks: int = 0  # blocks read from float16 twins (CacheConfig.kv_cache_recent_blocks)
 
 
 def _available_memory() -> int:

@@ -67,7 +67,10 @@ class EngineArgs:
     2.5-4, default 3.5; cache/kv_cache.py). kv_cache_smoothing: int4 and turboquant caches divide keys and multiply
     queries by calibrated per-channel factors before the rotation (scores unchanged, less quantization error in
     them; model/kv_smoothing.py); None: on for those caches on the CPU path in one process, True: on (an error
-    where it cannot be), False: off.
+    where it cannot be), False: off. kv_cache_recent_blocks: compressed caches keep the rows of each sequence's
+    newest blocks also in float16, and each query reads its own block and the n - 1 before it from there (KIVI's
+    full-precision window; cache/recent_rows.py); None: 2 for int4 and turboquant on the CPU path in one process,
+    else 0.
     speculative_config: as vLLM's, a dict (or its JSON text), e.g.
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
     {"method": "suffix", "num_speculative_tokens": 16} or
@@ -95,6 +98,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     kv_cache_bits: float | None = None
     kv_cache_smoothing: bool | None = None
+    kv_cache_recent_blocks: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
@@ -113,6 +117,7 @@ class EngineArgs:
         return {"model": str(self.model), "dtype": self.dtype, "quantization": self.quantization,
                 "group_size": self.group_size, "kv_cache_dtype": self.kv_cache_dtype,
                 "kv_cache_bits": self.kv_cache_bits, "kv_cache_smoothing": self.kv_cache_smoothing,
+                "kv_cache_recent_blocks": self.kv_cache_recent_blocks,
                 "device": self.device,
                 "tensor_parallel_size": self.tensor_parallel_size}
 
@@ -149,6 +154,10 @@ class EngineArgs:
                        help="int4, turboquant: divide keys and multiply queries by calibrated per-channel factors "
                             "before the rotation (scores unchanged, less quantization error; SmoothAttention); "
                             "default: on for those caches on the CPU path without tensor parallelism")
+        p.add_argument("--kv-cache-recent-blocks", type=int, default=None, metavar="N",
+                       help="int8, int4, turboquant: each query reads its own block and the N - 1 before it from "
+                            "float16 twins kept for them (KIVI's full-precision recent window); default: 2 for int4 "
+                            "and turboquant on the CPU path without tensor parallelism, else 0")
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--max-model-len", type=int, default=None)
@@ -196,7 +205,7 @@ class EngineArgs:
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_memory, self.enable_prefix_caching, self.kv_cache_dtype,
-                           self.kv_cache_bits, self.kv_cache_smoothing)
+                           self.kv_cache_bits, self.kv_cache_smoothing, self.kv_cache_recent_blocks)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)

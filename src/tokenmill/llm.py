@@ -69,6 +69,10 @@ class LLM:
                 raise ValueError("kv_cache_smoothing is not supported with tensor_parallel_size > 1 (its calibration "
                                  "runs the whole model in one process): leave it unset or False")
             cache_config.kv_cache_smoothing = False
+            if cache_config.kv_cache_recent_blocks:
+                raise ValueError("kv_cache_recent_blocks is not supported with tensor_parallel_size > 1 (the workers "
+                                 "do not see the twins' assignments): leave it unset or 0")
+            cache_config.kv_cache_recent_blocks = 0
             from tokenmill.distributed import tensor_parallel
             self.model = tensor_parallel.build_shard(self.checkpoint, tensor_parallel.Shard(0, tp), self.dtype,
                                                      self.quant_config, progress)

@@ -50,6 +50,11 @@ def check_pools(engine: LLMEngine) -> None:
     for kv in _managers(engine):
         pool = kv.pool
         refs = Counter(b for tables in kv.block_tables.values() for t in tables for b in t if b != NULL_BLOCK)
+        if kv.recent is not None:  # blocks that pay for recent rows' twins (cache/recent_rows.py)
+            refs.update(b for owned in kv.recent.owned.values() for _, paid in owned.values() for b in paid)
+            for request_id, owned in kv.recent.owned.items():
+                assert all(kv.recent.twin_of[block] >= 0 for block in owned)
+                assert set(owned) <= set(kv.block_tables[request_id][0])
         assert [b.ref_count for b in pool.blocks] == [refs[i] for i in range(pool.num_blocks)]
         assert set(pool.free_queue) == {i for i in range(pool.num_blocks) if not refs[i]}
     kv = engine.kv_manager
@@ -72,3 +77,4 @@ def all_free(engine: LLMEngine) -> None:
     check_pools(engine)
     for kv in _managers(engine):
         assert kv.pool.num_free == kv.pool.num_blocks and not kv.block_tables
+        assert kv.recent is None or not any(kv.recent.owned.values())

@@ -16,6 +16,10 @@ Rotated caches may also smooth keys (SmoothAttention, QServe): per layer, KV hea
 (model/kv_smoothing.py) that keys are divided by and queries multiplied by before the rotation, so q.k is unchanged
 while channels where keys are large and queries small stop setting the codes' range; it is folded into the rotation
 (`rotation`: queries turned by H diag(signs * s), keys by H diag(signs / s), values by H diag(signs)).
+Compressed caches may also keep recent rows (CacheConfig.kv_cache_recent_blocks, as KIVI keeps its newest tokens
+in full precision): the blocks near each sequence's end have a float16 twin holding their rows as the codes
+approximate them (rotated, keys minus the offset), and a query reads its own block and the recent_blocks - 1
+before it from there (cache/recent_rows.py assigns the twins; csrc/paged_attention.h KVCacheRef).
 All three store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's
 k bias, hundreds in its first layers): every key loses the same vector, so each query's scores move by one
 constant and the softmax is unchanged, while the codes no longer spend their range on it."""
@@ -67,6 +71,11 @@ def bytes_per_head_row(head_dim: int, dtype: torch.dtype, turbo: tq.TurboQuant |
     if dtype == TURBOQUANT:
         return turbo.row_bytes(key) + 2
     return head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+
+
+def recent_twin_bytes(model: ModelConfig, block_size: int) -> int:
+    """K and V of one float16 twin block of recent rows, over all its layers."""
+    return KVLayout.from_config(model).slots * block_size * model.num_kv_heads * model.head_dim * 2 * 2
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype, turbo: tq.TurboQuant | None = None) -> int:
@@ -219,6 +228,10 @@ class LayerKV(NamedTuple):
     k_offset: torch.Tensor | None = None
     codes: torch.Tensor | None = None
     turbo: tq.TurboQuant | None = None
+    recent_k: torch.Tensor | None = None  # recent rows: float16 twins [twins, block_size, kv_heads, head_dim]
+    recent_v: torch.Tensor | None = None
+    recent_of: torch.Tensor | None = None  # int32 [blocks]: each block's twin, -1 none
+    recent_blocks: int = 0
 
     def side(self, key: bool) -> CacheSide:
         if key:
@@ -246,13 +259,14 @@ class KVCache:
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  key_offsets: torch.Tensor | None = None, turbo: tq.TurboQuant | None = None,
                  device: torch.device | None = None, padding_block: bool = False,
-                 smoothing: torch.Tensor | None = None) -> None:
+                 smoothing: torch.Tensor | None = None, recent_blocks: int = 0, recent_twins: int = 0) -> None:
         """key_offsets: [layers, kv_heads, head_dim], taken off the keys by compressed types (module docstring);
         smoothing: [layers, kv_heads, head_dim], the keys' smoothing factors of a rotated cache (None: none);
         turbo: a turboquant cache's codes (default: DEFAULT_BITS); device: where the blocks live (None: CPU
         memory mapped lazily; the GPU path's caches hold float or int8 elements); padding_block: one block more,
         id num_blocks, that no request gets: padding rows of fixed-size steps write and read it
-        (model/decode_graphs.py)."""
+        (model/decode_graphs.py); recent_blocks, recent_twins: a compressed cache's recent rows (module docstring),
+        read from the last `recent_blocks` blocks up to each query's own, in `recent_twins` float16 twin blocks."""
         check_head_dim(dtype, model.head_dim)
         on_cpu = device is None or device.type == "cpu"
         if not on_cpu and dtype == TURBOQUANT:
@@ -263,12 +277,16 @@ class KVCache:
             turbo = turbo or tq.TurboQuant(model.head_dim)
         elif turbo is not None:
             raise ValueError(f"turboquant codes given for a {dtype_name(dtype)} cache")
+        if recent_blocks and (dtype not in COMPRESSED or not on_cpu):
+            raise ValueError(f"recent rows are kept only by compressed caches on the CPU path, not {dtype_name(dtype)} "
+                             f"on {device}")
         if smoothing is not None and dtype not in ROTATED:
             raise ValueError(f"key smoothing given for a {dtype_name(dtype)} cache (only int4 and turboquant rotate)")
         self.num_blocks, self.block_size, self.dtype, self.turbo = num_blocks, block_size, dtype, turbo
         self.smoothed = smoothing is not None  # keys smoothed (model/kv_smoothing.py)
         self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype),
-                              bytes_per_block(model, block_size, dtype, turbo), turbo and turbo.bits)
+                              bytes_per_block(model, block_size, dtype, turbo), turbo and turbo.bits,
+                              recent_blocks if recent_twins else 0)
         self.layout = KVLayout.from_config(model)
         self.padding_block = num_blocks if padding_block else None
         rows = (self.layout.slots, num_blocks + padding_block, block_size, model.num_kv_heads)
@@ -291,6 +309,13 @@ class KVCache:
             self.codes = turbo.table()
         if dtype in COMPRESSED and key_offsets is not None:
             self.k_offsets = key_offsets.float().contiguous().to(device)
+        self.recent_blocks = recent_blocks if recent_twins else 0
+        self.recent_k = self.recent_v = self.recent_of = None
+        if self.recent_blocks:
+            twin_rows = (self.layout.slots, recent_twins, block_size, model.num_kv_heads, model.head_dim)
+            self.recent_k, self.recent_v = (_lazily_zeroed(math.prod(twin_rows), torch.float16).view(twin_rows)
+                                            for _ in range(2))
+            self.recent_of = torch.full((num_blocks + padding_block,), -1, dtype=torch.int32)
 
     def layer(self, layer: int) -> LayerKV:
         """The blocks that model layer `layer` reads and writes."""
@@ -299,5 +324,7 @@ class KVCache:
             return LayerKV(self.k[slot], self.v[slot])
         signs = None if self.signs is None else self.signs[layer]
         offset = None if self.k_offsets is None else self.k_offsets[layer]
+        recent = ((self.recent_k[slot], self.recent_v[slot], self.recent_of, self.recent_blocks) if self.recent_blocks
+                  else ())
         return LayerKV(self.k[slot], self.v[slot], self.k_scale[slot], self.v_scale[slot], signs, offset, self.codes,
-                       self.turbo)
+                       self.turbo, *recent)

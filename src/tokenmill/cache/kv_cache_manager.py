@@ -12,6 +12,10 @@ hash salted with the group index), and a prefix hit needs every group to still h
 prefix. A sliding group's out-of-window blocks are freed but stay cached (in LRU order) until the pool
 reuses them, so hits work while they survive; once one is evicted, later requests hit only the prefix before
 it. (vLLM's sliding-window manager needs just the window's blocks before the hit point; a possible refinement.)
+
+With recent rows (cache/recent_rows.py) the manager also keeps each request's float16 twins, in full-attention
+groups: for the blocks of the positions it allocates and the earlier blocks of their aligned groups, given back
+once no later query reads them; prefix hits end on a group's boundary, so no window holds a shared block.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Protocol
 from tokenmill.cache.block_pool import BlockPool
 from tokenmill.cache.kv_events import BlockStored, external_hash
 from tokenmill.cache.prefix_cache import extend_block_hashes
+from tokenmill.cache.recent_rows import RecentRows, RecentTwins
 
 NULL_BLOCK = -1  # a table entry whose block left the sliding window and was freed
 
@@ -47,9 +52,11 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                 windows: Sequence[int | None] = (None,)) -> None:
-        """`windows`: one entry per KV group, its sliding window (None: full attention)."""
+                 windows: Sequence[int | None] = (None,), recent: RecentRows | None = None) -> None:
+        """`windows`: one entry per KV group, its sliding window (None: full attention); `recent`: the cache's
+        twins of recent rows (None: it keeps none)."""
         self.pool = BlockPool(num_blocks)
+        self.recent = RecentTwins(self.pool, recent) if recent else None
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.windows = tuple(windows)
@@ -69,10 +76,14 @@ class KVCacheManager:
     def max_request_tokens(self, max_chunk: int, limit: int) -> int:
         """The longest sequence (up to `limit`) whose blocks fit in the whole pool at its peak, computing up to
         `max_chunk` tokens per step: a full group holds every block, a sliding one the window plus the chunk."""
+        twin_blocks = 0 if self.recent is None else (  # the twins of its window and of a chunk's blocks
+            (self.recent.recent_blocks + max_chunk // self.block_size + 2) * self.recent.cost
+            * self.windows.count(None))
+
         def peak(num_tokens: int) -> int:
             full = self.blocks_needed(num_tokens)
-            return sum(full if w is None else min(full, (max_chunk + w - 3) // self.block_size + 2)
-                       for w in self.windows)
+            return twin_blocks + sum(full if w is None else min(full, (max_chunk + w - 3) // self.block_size + 2)
+                                     for w in self.windows)
 
         low, high = 0, limit
         while low < high:  # peak grows with the length: bisect for the last length that fits
@@ -96,6 +107,8 @@ class KVCacheManager:
             if None in ids:
                 break
             hits.append(ids)
+        if self.recent is not None:  # the first query's window must be blocks this request writes (and twins)
+            del hits[len(hits) // self.recent.recent_blocks * self.recent.recent_blocks:]
         for ids in hits:
             for block_id in ids:
                 self.pool.share(block_id)
@@ -117,11 +130,18 @@ class KVCacheManager:
         self._free_out_of_window(request)
         total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
         needed = [max(0, total - len(table)) for table in tables]
-        if sum(needed) > self.pool.num_free:
+        twins = 0
+        if self.recent is not None:
+            first = self.recent.window(request.num_computed_tokens, self.block_size)
+            full = [table for table, window in zip(tables, self.windows) if window is None]
+            twins = self.recent.missing(full, first, total - 1) * self.recent.cost
+        if sum(needed) + twins > self.pool.num_free:
             return False
         for table, count in zip(tables, needed):
             if count:
                 table.extend(self.pool.allocate(count))
+        if twins:
+            self.recent.keep(request.request_id, full, first, total - 1)
         return True
 
     def _free_out_of_window(self, request: CachedSequence) -> None:
@@ -144,6 +164,9 @@ class KVCacheManager:
         share them, then give back the sliding-window blocks it no longer needs (published ones stay cached)."""
         if self.enable_prefix_caching:
             self._publish(request)
+        if self.recent is not None:
+            self.recent.release_before(request.request_id,
+                                       self.recent.window(request.num_computed_tokens, self.block_size))
         self._free_out_of_window(request)
 
     def _publish(self, request: CachedSequence) -> None:
@@ -167,6 +190,8 @@ class KVCacheManager:
         """Give back the blocks past the request's computed tokens (the KV of rejected speculated tokens).
         They were never published: only blocks of computed, final tokens are."""
         keep = self.blocks_needed(request.num_computed_tokens)
+        if self.recent is not None:
+            self.recent.release_from(request.request_id, keep)
         for table in self.block_tables.get(request.request_id, []):
             self.pool.free(list(reversed(table[keep:])))
             del table[keep:]
@@ -175,6 +200,8 @@ class KVCacheManager:
         """Release every block of the request; tail blocks first into the free queue, so they are evicted first."""
         tables = self.block_tables.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
+        if self.recent is not None:
+            self.recent.release_all(request.request_id)
         for table in tables:
             self.pool.free([b for b in reversed(table) if b != NULL_BLOCK])
 

@@ -52,20 +52,30 @@ def _add_kv_code_args(p: argparse.ArgumentParser) -> None:
                    help="turboquant's bits per element (default 3.5)")
     p.add_argument("--kv-cache-smoothing", action=argparse.BooleanOptionalAction, default=None,
                    help="int4, turboquant: keys smoothed by calibrated per-channel factors (default: on)")
+    p.add_argument("--kv-cache-recent-blocks", type=int, default=None, metavar="N",
+                   help="compressed caches: each query's own block and the N - 1 before it read from float16 "
+                        "twins (default: 2 for int4 and turboquant)")
+
+
+def _kv_codes(args: argparse.Namespace) -> dict:
+    """The compressed cache's settings asked for (_add_kv_code_args)."""
+    return {"kv_cache_bits": args.kv_cache_bits, "kv_cache_smoothing": args.kv_cache_smoothing,
+            "kv_cache_recent_blocks": args.kv_cache_recent_blocks}
 
 
 def _cache_name(llm: LLM) -> str:
     info = llm.cache_info()
     bits = f" {info.kv_cache_bits} bits" if info.kv_cache_bits else ""
-    return info.kv_cache_dtype + bits + (", keys smoothed" if llm.engine.kv_cache.smoothed else "")
+    recent = info.kv_cache_recent_blocks
+    return (info.kv_cache_dtype + bits + (", keys smoothed" if llm.engine.kv_cache.smoothed else "")
+            + (f", {recent} recent blocks in float16" if recent else ""))
 
 
-def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto", kv_cache_bits: float | None = None,
-              kv_cache_smoothing: bool | None = None) -> LLM:
-    """The model to evaluate; a KV cache that holds any window (backed lazily: only the blocks in use cost)."""
+def _eval_llm(args: argparse.Namespace, kv_cache_dtype: str = "auto", **kv_codes) -> LLM:
+    """The model to evaluate; a KV cache that holds any window (backed lazily: only the blocks in use cost);
+    kv_codes: a compressed cache's settings (_kv_codes)."""
     llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**30,
-                     kv_cache_dtype=kv_cache_dtype, kv_cache_bits=kv_cache_bits,
-                     kv_cache_smoothing=kv_cache_smoothing).create_llm(progress=True)
+                     kv_cache_dtype=kv_cache_dtype, **kv_codes).create_llm(progress=True)
     if args.context_len > llm.engine.max_model_len:
         raise ValueError(f"--context-len {args.context_len} exceeds the model's context {llm.engine.max_model_len}")
     return llm
@@ -95,7 +105,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
         raise ValueError("--max-num-batched-tokens sets the chunks of scoring through the KV cache: it needs "
                          "--kv-cache-dtype (without it, each window is scored in one uncached pass)")
     text = _eval_text(args)
-    llm = _eval_llm(args, args.kv_cache_dtype or "auto", args.kv_cache_bits, args.kv_cache_smoothing)
+    llm = _eval_llm(args, args.kv_cache_dtype or "auto", **_kv_codes(args))
     ids = llm.tokenizer.encode(text)[: args.max_tokens]
     score = llm.score if args.kv_cache_dtype is None else _cache_scorer(llm, args.max_num_batched_tokens)
     result = perplexity(score, ids, args.context_len, args.stride, progress=True)
@@ -117,6 +127,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
                     "quantization": asdict(quant) if quant else None,
                     "kv_cache_dtype": llm.cache_info().kv_cache_dtype if args.kv_cache_dtype else None,
                     "kv_cache_smoothed": llm.engine.kv_cache.smoothed,
+                    "kv_cache_recent_blocks": llm.engine.kv_cache.recent_blocks,
                     **asdict(result), "tokens_per_second": result.tokens_per_second, "hardware": describe()}
         Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
 
@@ -127,7 +138,7 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
 
     text = _eval_text(args)
     reference = _eval_llm(args, args.reference_kv_cache_dtype)
-    test = _eval_llm(args, args.kv_cache_dtype, args.kv_cache_bits, args.kv_cache_smoothing)
+    test = _eval_llm(args, args.kv_cache_dtype, **_kv_codes(args))
     ids = reference.tokenizer.encode(text)[: args.max_tokens]
     chunk = args.max_num_batched_tokens
     result = kl_divergence(_cache_scorer(reference, chunk), _cache_scorer(test, chunk), ids, args.context_len,
@@ -146,6 +157,7 @@ def cmd_eval_kld(args: argparse.Namespace) -> None:
         document = {"model": str(reference.checkpoint.path), "dataset": str(args.dataset or EVAL_TEXT),
                     "kv_cache_dtype": test.cache_info().kv_cache_dtype, "kv_cache_bits": args.kv_cache_bits,
                     "kv_cache_smoothed": test.engine.kv_cache.smoothed,
+                    "kv_cache_recent_blocks": test.engine.kv_cache.recent_blocks,
                     "reference_kv_cache_dtype": reference.cache_info().kv_cache_dtype, "chunk": chunk,
                     "context_len": args.context_len, "stride": args.stride, **asdict(result),
                     "perplexity_change": result.perplexity_change, "hardware": describe()}
@@ -159,8 +171,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
     if min(args.lengths) < 64 or not all(0 <= d <= 1 for d in args.depths):
         raise ValueError("--lengths must be >= 64 tokens and --depths fractions in [0, 1]")
     llm = EngineArgs(args.model, args.dtype, args.quantization, args.group_size, kv_cache_memory=2**31,
-                     kv_cache_dtype=args.kv_cache_dtype, kv_cache_bits=args.kv_cache_bits,
-                     kv_cache_smoothing=args.kv_cache_smoothing, max_model_len=max(args.lengths) + 64,
+                     kv_cache_dtype=args.kv_cache_dtype, **_kv_codes(args), max_model_len=max(args.lengths) + 64,
                      max_num_batched_tokens=args.max_num_batched_tokens).create_llm(progress=True)
     trials = run_passkey(llm, args.lengths, args.depths, args.seed, progress=True)
     print(f"model         {llm.checkpoint.path}")
@@ -172,6 +183,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
     if args.save_result:
         document = {"model": str(llm.checkpoint.path), "kv_cache_dtype": llm.cache_info().kv_cache_dtype,
                     "kv_cache_bits": args.kv_cache_bits, "kv_cache_smoothed": llm.engine.kv_cache.smoothed,
+                    "kv_cache_recent_blocks": llm.engine.kv_cache.recent_blocks,
                     "trials": [{**asdict(t), "found": t.found} for t in trials], "hardware": describe()}
         Path(args.save_result).write_text(json.dumps(document, indent=2) + "\n")
 

@@ -14,10 +14,12 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from tokenmill.cache import kv_cache
 from tokenmill.cache.kv_cache import COMPRESSED, ROTATED, TURBOQUANT, KVCache, bytes_per_block, resolve_kv_dtype
 from tokenmill.cache.kv_cache_manager import KVCacheManager
+from tokenmill.cache.recent_rows import RecentRows
 from tokenmill.cache.turboquant import DEFAULT_BITS, TurboQuant
-from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.config import DEFAULT_RECENT_BLOCKS, CacheConfig, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.kv_events import KVEventsConfig, ZmqEventPublisher
@@ -30,6 +32,7 @@ from tokenmill.engine.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.engine.stats import SchedulerStats, SpecCounters
 from tokenmill.engine.stop_strings import StopStrings
 from tokenmill.engine.structured_output import GrammarCompiler
+from tokenmill.kernels import native
 from tokenmill.model.batch import BatchChunk, StepBatch
 from tokenmill.model.decode_graphs import DecodeGraphs
 from tokenmill.model.kv_smoothing import key_smoothing
@@ -73,6 +76,8 @@ class LLMEngine:
         block_bytes = bytes_per_block(model.config, block_size, kv_dtype, turbo)
         on_cuda = gpu is not None and gpu.type == "cuda"
         num_blocks = self.cache_config.budget_bytes(torch.cuda.mem_get_info(gpu)[0] if on_cuda else None) // block_bytes
+        recent_blocks = self._recent_blocks(kv_dtype, dtype, gpu)
+        twin_cost = -(-kv_cache.recent_twin_bytes(model.config, block_size) // block_bytes)  # pool blocks a twin holds
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.cache_config.kv_cache_memory} holds no KV block of "
                              f"{block_bytes} bytes")
@@ -80,10 +85,13 @@ class LLMEngine:
         smoothing = None
         if self._smooths_keys(kv_dtype, gpu):
             smoothing = key_smoothing(model, tokenizer, offsets)
+        num_twins = num_blocks // twin_cost + 1 if recent_blocks else 0
         self.kv_cache = KVCache(model.config, num_blocks, block_size, kv_dtype, offsets, turbo, gpu,
-                                padding_block=gpu is not None, smoothing=smoothing)
+                                padding_block=gpu is not None, smoothing=smoothing, recent_blocks=recent_blocks,
+                                recent_twins=num_twins)
+        recent = RecentRows(self.kv_cache.recent_of, num_twins, recent_blocks, twin_cost) if recent_blocks else None
         self.kv_manager = KVCacheManager(num_blocks, block_size, self.cache_config.enable_prefix_caching,
-                                         self.kv_cache.layout.windows)
+                                         self.kv_cache.layout.windows, recent)
         self._fit_max_model_len()
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, model.config.vocab_size,
                                               model.config.hidden_size)
@@ -112,6 +120,18 @@ class LLMEngine:
         if asked and gpu is not None:
             raise ValueError("kv_cache_smoothing is not supported on the GPU path yet: leave it unset or False")
         return kv_dtype in ROTATED and gpu is None and asked is not False
+
+    def _recent_blocks(self, kv_dtype: torch.dtype, dtype: torch.dtype, gpu: torch.device | None) -> int:
+        """CacheConfig.kv_cache_recent_blocks resolved: DEFAULT_RECENT_BLOCKS for rotated caches where the native
+        kernels, which alone read the twins, run the attention (float32 activations on the CPU path)."""
+        asked = self.cache_config.kv_cache_recent_blocks
+        possible = gpu is None and dtype == torch.float32 and native.available()
+        if asked and not possible:
+            raise ValueError("kv_cache_recent_blocks needs the native CPU kernels on float32 activations (not the GPU "
+                             "path, another dtype or TOKENMILL_NATIVE_KERNELS=0): leave it unset or 0")
+        if asked is None:
+            return DEFAULT_RECENT_BLOCKS if kv_dtype in ROTATED and possible else 0
+        return asked
 
     def _fit_max_model_len(self) -> None:
         """A request never outgrows the whole cache, so running alone it always finishes (no preemption loop).

@@ -105,8 +105,9 @@ SIGNATURES = {  # argument types of every exported kernel (see csrc/ for what ea
     "tm_rms_norm": [_p, _i64, _p, _f, _i, _i, _p],
     "tm_act_and_mul": [_p, _i, _i, _i, _p],
     "tm_rotary": [_p, _i64, _p, _i64, _p, _p, _p, _i, _i, _i, _i],
-    "tm_write_kv": [_p, _p, _i64, _p, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _i],
-    "tm_paged_decode_attention": [_p, _i64, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _i, _i, _p],
+    "tm_write_kv": [_p, _p, _i64, _p, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _p, _p, _i, _i],
+    "tm_paged_decode_attention": [_p, _i64, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _i, _i,
+                                  _p, _p, _p, _i, _p],
     "tm_decode_layers": [_p, _i, _p, _p, _i, _p, _p],
 }
 

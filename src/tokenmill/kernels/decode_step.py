@@ -31,7 +31,8 @@ class Linear(ctypes.Structure):
 class DecodeLayer(ctypes.Structure):
     _fields_ = [("input_norm", _p), ("post_attention_norm", _p), ("qkv", Linear), ("o", Linear), ("gate_up", Linear),
                 ("down", Linear), ("k_cache", _p), ("v_cache", _p), ("k_scale", _p), ("v_scale", _p), ("signs", _p),
-                ("k_offset", _p), ("codes", _p), ("cos", _p), ("sin", _p), ("group", _i), ("window", _i),
+                ("k_offset", _p), ("codes", _p), ("recent_k", _p), ("recent_v", _p),
+                ("cos", _p), ("sin", _p), ("group", _i), ("window", _i),
                 ("q_norm", _p), ("k_norm", _p), ("attn_out_norm", _p), ("mlp_out_norm", _p)]
 
 
@@ -41,7 +42,8 @@ class KVGroup(ctypes.Structure):
 
 class Dims(ctypes.Structure):
     _fields_ = [("hidden", _i), ("heads", _i), ("kv_heads", _i), ("head_dim", _i), ("intermediate", _i),
-                ("block_size", _i), ("eps", _f), ("scale", _f), ("kv_type", _i), ("gelu", _i)]
+                ("block_size", _i), ("eps", _f), ("scale", _f), ("kv_type", _i), ("recent_of", _p),
+                ("recent_blocks", _i), ("gelu", _i)]
 
 
 def decode_layers(layers: ctypes.Array, groups: ctypes.Array, dims: Dims, positions: torch.Tensor,

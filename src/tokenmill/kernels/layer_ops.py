@@ -5,6 +5,8 @@ by pointer: each function states the layout it needs (rows may be strided views 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from tokenmill.kernels.native import library, ptr
@@ -51,20 +53,20 @@ def kv_type(cache: torch.Tensor) -> int:
 def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
              signs: torch.Tensor | None = None, k_offset: torch.Tensor | None = None,
-             codes: torch.Tensor | None = None) -> None:
+             codes: torch.Tensor | None = None, recent: RecentRowsRef | None = None) -> None:
     """k, v: float32 [T, KV, D] with the same token stride; caches [blocks, block_size, KV, D] contiguous:
     float32, float16 (rounded to nearest), int8, int4 or turboquant (with their scales, signs, key offset and
-    codes, cache/kv_cache.py)."""
+    codes, cache/kv_cache.py; `recent`: its recent rows, written to their blocks' twins too)."""
     t, kv, d = k.shape
     library().tm_write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), slot_mapping.data_ptr(), t, kv, d,
                           k_cache.data_ptr(), v_cache.data_ptr(), ptr(k_scale), ptr(v_scale), ptr(signs),
-                          ptr(k_offset), ptr(codes), kv_type(k_cache))
+                          ptr(k_offset), ptr(codes), kv_type(k_cache), *_recent_args(recent), k_cache.shape[1])
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, signs: torch.Tensor | None = None,
-                           codes: torch.Tensor | None = None) -> torch.Tensor:
+                           codes: torch.Tensor | None = None, recent: RecentRowsRef | None = None) -> torch.Tensor:
     """q: float32 [B, H, D] (token rows strided); caches as write_kv takes them; block_tables int64
     [B, max_blocks]; seq_lens int64 [B] -> float32 [B, H, D]."""
     b, h, d = q.shape
@@ -74,5 +76,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                         ptr(k_scale), ptr(v_scale), ptr(signs), ptr(codes),
                                         block_tables.data_ptr(),
                                         block_tables.shape[1], seq_lens.data_ptr(), b, h, kv, d, block_size, scale,
-                                        window, kv_type(k_cache), out.data_ptr())
+                                        window, kv_type(k_cache), *_recent_args(recent), out.data_ptr())
     return out
+
+
+class RecentRowsRef(NamedTuple):
+    """A compressed cache's recent rows as the kernels read them (csrc/paged_attention.h KVCacheRef): one layer's
+    float16 twins [twins, block_size, KV, D] of K and V, each block's twin (int32 [blocks], -1 none) and how many
+    blocks up to a query's own it reads from them."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    twin_of: torch.Tensor
+    blocks: int
+
+
+def _recent_args(recent: RecentRowsRef | None) -> tuple:
+    if recent is None:
+        return None, None, None, 0
+    return recent.k.data_ptr(), recent.v.data_ptr(), recent.twin_of.data_ptr(), recent.blocks

@@ -40,6 +40,7 @@ class FusedDecoder:
         attn = model.layers[0].self_attn
         self.dims = decode_step.Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
                                      kv.block_size, c.rms_norm_eps, attn.scale, layer_ops.kv_type(kv.k),
+                                     native.ptr(kv.recent_of), kv.recent_blocks,
                                      int(c.hidden_act == "gelu_pytorch_tanh"))
 
     @classmethod
@@ -63,7 +64,8 @@ class FusedDecoder:
             window = c.layer_window(i) or 0
             layers.append(decode_step.DecodeLayer(
                 layer.input_layernorm.weight.data_ptr(), _pre_mlp_norm(layer).weight.data_ptr(), *linears,
-                *(native.ptr(t) for t in cache[:7]), rotary.cos.data_ptr(), rotary.sin.data_ptr(),
+                *(native.ptr(t) for t in cache[:7]), native.ptr(cache.recent_k), native.ptr(cache.recent_v),
+                rotary.cos.data_ptr(), rotary.sin.data_ptr(),
                 kv.layout.group_of[i], window, *_gemma_norms(layer)))
         return cls(model, kv, layers, int(max_rows)) if max_rows > 0 else None
 

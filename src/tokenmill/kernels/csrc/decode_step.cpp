@@ -39,6 +39,8 @@ struct Layer {
   const float* signs;  // int4, turboquant: the layer's rotation vectors [3][KV][D] (tm::KVCacheRef); else null
   const float* k_offset;  // compressed: [KV, D] taken off each key before it is quantized (tm::KVCacheRef); or null
   const tm::RowCodes* codes;  // turboquant: the keys' and values' codes; else null
+  void* recent_k;  // compressed caches' recent rows (tm::KVCacheRef): float16 twins of this layer, or null
+  void* recent_v;
   const float* cos;  // [positions, D] this layer's RoPE tables
   const float* sin;
   int group;   // its KV group (cache/kv_layout.py): which block tables it reads
@@ -62,6 +64,8 @@ struct Dims {
   int hidden, heads, kv_heads, head_dim, intermediate, block_size;
   float eps, scale;
   int kv_type;  // tm::KVType
+  const int32_t* recent_of;  // each block's twin of recent rows, -1 none (tm::KVCacheRef); null: no recent rows
+  int recent_blocks;
   int gelu;  // the MLP's gate activation: 0 SiLU (SwiGLU), 1 tanh-approximated GELU (GeGLU)
 };
 
@@ -137,7 +141,8 @@ void tm_decode_layers(const Layer* layers, int num_layers, const Group* groups, 
   for (int l = 0; l < num_layers; ++l) {
     const Layer& ly = layers[l];
     const Group& grp = groups[ly.group];
-    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, ly.signs, ly.k_offset, ly.codes, d.kv_type};
+    const tm::KVCacheRef cache{ly.k_cache, ly.v_cache, ly.k_scale, ly.v_scale, ly.signs, ly.k_offset, ly.codes,
+                               d.kv_type, ly.recent_k, ly.recent_v, d.recent_of, d.recent_blocks, d.block_size};
 #pragma omp for schedule(static)
     for (int m = 0; m < M; ++m) tm::rms_norm_row(x + static_cast<int64_t>(m) * H, ly.input_norm, d.eps, H, h + static_cast<int64_t>(m) * H);
     tm::quantize_rows(h, H, M, H, qa);

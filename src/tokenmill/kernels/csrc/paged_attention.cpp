@@ -258,6 +258,59 @@ inline void softmax_row(float* s, int n, int padded) {
   for (; i < padded; ++i) s[i] = 0.0f;
 }
 
+// A pass's attention when the cache keeps recent rows (KVCacheRef::recent_of): query j, seeing keys [start,
+// lens[j]), reads keys from first[j] on from the float16 twins and older ones from the codes. Scores: the codes'
+// over [start, hi), the twins' over [lo, pass_end) (lo, hi: the least and greatest first[j]), each query taking
+// its own; one softmax; values: the codes' sum with the twins' keys' weights zeroed, plus the twins' sum with
+// the codes' keys' weights zeroed (exact zeros: a query's result does not depend on the pass it shares).
+template <typename CK, typename CV, int NQ>
+void recent_pass(const PagedKV& kv, const int64_t* table, int start, int pass_end, const int* lens, int kvh,
+                 const float* const* qs, float scale, float* const* scores, float* const* outs) {
+  const int bs = kv.block_size, D = kv.D;
+  int first[NQ], lo = pass_end, hi = start;
+  for (int j = 0; j < NQ; ++j) {
+    first[j] = std::max(start, (lens[j] - 1) / bs / kv.cache.recent_blocks * kv.cache.recent_blocks * bs);
+    lo = std::min(lo, first[j]);
+  }
+  // the trailing run of blocks with twins, back to lo's block
+  thread_local std::vector<int64_t> twins;
+  twins.resize(kv.max_blocks);
+  int twinned = (pass_end - 1) / bs + 1;
+  while (twinned > lo / bs && kv.cache.recent_of[table[twinned - 1]] >= 0) {
+    --twinned;
+    twins[twinned] = kv.cache.recent_of[table[twinned]];
+  }
+  lo = pass_end;
+  for (int j = 0; j < NQ; ++j) {
+    first[j] = std::min(lens[j], std::max(first[j], twinned * bs));
+    lo = std::min(lo, first[j]);
+    hi = std::max(hi, first[j]);
+  }
+  PagedKV recent = kv;
+  recent.cache = KVCacheRef{kv.cache.recent_k, kv.cache.recent_v, nullptr, nullptr, nullptr, nullptr, nullptr, kKVFloat16};
+  const int n = pass_end - lo;
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(NQ) * (2 * n + D));
+  float *twin_scores[NQ], *twin_probs[NQ], *twin_outs[NQ];
+  for (int j = 0; j < NQ; ++j) {
+    twin_scores[j] = buf.data() + static_cast<size_t>(j) * n;
+    twin_probs[j] = buf.data() + static_cast<size_t>(NQ + j) * n;
+    twin_outs[j] = buf.data() + static_cast<size_t>(2 * NQ) * n + static_cast<size_t>(j) * D;
+  }
+  score_pass<CK, CV, NQ>(kv, table, start, hi, kvh, qs, scale, scores, true);
+  score_pass<F16Cache, F16Cache, NQ>(recent, twins.data(), lo, pass_end, kvh, qs, scale, twin_scores, false);
+  for (int j = 0; j < NQ; ++j) {
+    for (int t = first[j]; t < lens[j]; ++t) scores[j][t - start] = twin_scores[j][t - lo];
+    softmax_row(scores[j], lens[j] - start, pass_end - start);
+    for (int t = lo; t < pass_end; ++t) twin_probs[j][t - lo] = t >= first[j] ? scores[j][t - start] : 0.0f;
+    for (int t = first[j]; t < hi; ++t) scores[j][t - start] = 0.0f;
+  }
+  value_pass<CV, NQ>(kv, table, start, hi, kvh, scores, outs);
+  value_pass<F16Cache, NQ>(recent, twins.data(), lo, pass_end, kvh, twin_probs, twin_outs);
+  for (int j = 0; j < NQ; ++j)
+    for (int d = 0; d < D; ++d) outs[j][d] += twin_outs[j][d];
+}
+
 // CK reads the keys, CV the values.
 template <typename CK, typename CV = CK>
 void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const float* q, int64_t q_stride, float scale,
@@ -287,6 +340,12 @@ void attention_task(const PagedKV& kv, int b, int rows, int kvh, int G, const fl
     }
     // keys up to the pass's last row: a prefill chunk's early rows skip the rest of the chunk
     const int pass_end = static_cast<int>(kv.seq_lens[b + (j0 + NQ - 1) / G]);
+    if (kv.cache.recent_of && kv.window == 0) {
+      int lens[NQ];
+      for (int j = 0; j < NQ; ++j) lens[j] = static_cast<int>(kv.seq_lens[b + (j0 + j) / G]);
+      recent_pass<CK, CV, NQ>(kv, table, start, pass_end, lens, kvh, queries, scale, scores, outs);
+      return;
+    }
     score_pass<CK, CV, NQ>(kv, table, start, pass_end, kvh, queries, scale, scores, j0 == 0);
     for (int j = 0; j < NQ; ++j)
       softmax_row(scores[j], static_cast<int>(kv.seq_lens[b + (j0 + j) / G]) - start, pass_end - start);
@@ -468,11 +527,19 @@ void write_kv_row(const float* k, const float* v, int64_t slot, int KV, int D, c
         if (c == 0 && cache.k_offset)
           for (int i = 0; i < D; ++i) row[i] -= cache.k_offset[h * D + i];
         const int64_t head = slot * KV + h;
+        if (cache.type != kKVInt8) rotate(row.data(), cache.rotation(c == 0 ? kRotateKeys : kRotateValues, h, KV, D), D);
+        const int32_t twin = cache.recent_of ? cache.recent_of[slot / cache.block_size] : -1;
+        if (twin >= 0) {  // the row as the codes approximate it, also as float16 in its block's twin
+          uint16_t* o = static_cast<uint16_t*>(c == 0 ? cache.recent_k : cache.recent_v) +
+                        ((static_cast<int64_t>(twin) * cache.block_size + slot % cache.block_size) * KV + h) * D;
+          for (int i = 0; i < D; i += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(row.data() + i), _MM_FROUND_TO_NEAREST_INT));
+        }
         if (cache.type == kKVInt8) {
           quantize_head(row.data(), D, static_cast<int8_t*>(caches[c]) + head * D, static_cast<float*>(scales[c]) + head);
           continue;
         }
-        rotate(row.data(), cache.rotation(c == 0 ? kRotateKeys : kRotateValues, h, KV, D), D);
         if (cache.type == kKVTurboQuant) {
           const RowCodes& codes = cache.codes[c];
           quantize_head_tq(row.data(), codes, static_cast<uint8_t*>(caches[c]) + head * codes.row_bytes,
@@ -497,14 +564,17 @@ extern "C" {
 // q: [B, H, D] rows `q_stride` floats apart per token; caches: [blocks, block_size, KV, D];
 // block_tables: [B, max_blocks] int64; seq_lens: [B] int64 tokens to attend (incl. the new one);
 // window > 0 limits attention to the last `window` tokens; kv_type: tm::KVType (with its scales and signs as
-// tm::KVCacheRef holds them; else null). out: [B, H, D] contiguous.
+// tm::KVCacheRef holds them; else null), recent_*: its recent rows (tm::KVCacheRef; null, 0: none).
+// out: [B, H, D] contiguous.
 void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache, void* k_scale,
                                void* v_scale, const float* signs, const tm::RowCodes* codes,
                                const int64_t* block_tables, int max_blocks, const int64_t* seq_lens,
                                int B, int H, int KV, int D, int block_size, float scale, int window, int kv_type,
+                               void* recent_k, void* recent_v, const int32_t* recent_of, int recent_blocks,
                                float* out) {
-  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, nullptr, codes, kv_type}, block_tables, max_blocks, seq_lens, KV, D,
-                       block_size, window};
+  const tm::PagedKV kv{{k_cache, v_cache, k_scale, v_scale, signs, nullptr, codes, kv_type, recent_k, recent_v,
+                        recent_of, recent_blocks, block_size},
+                       block_tables, max_blocks, seq_lens, KV, D, block_size, window};
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
   for (int b = 0; b < B; ++b)
     for (int kvh = 0; kvh < KV; ++kvh)
@@ -513,11 +583,13 @@ void tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, 
 }
 
 // Store k and v rows ([T, KV * D] floats, `stride` apart) into cache slots: cache[slot_mapping[t], :], in the
-// cache's kv_type (as tm_paged_decode_attention takes it).
+// cache's kv_type (as tm_paged_decode_attention takes it; recent rows also into their blocks' twins).
 void tm_write_kv(const float* k, const float* v, int64_t stride, const int64_t* slot_mapping, int T, int KV, int D,
                  void* k_cache, void* v_cache, void* k_scale, void* v_scale, const float* signs,
-                 const float* k_offset, const tm::RowCodes* codes, int kv_type) {
-  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, k_offset, codes, kv_type};
+                 const float* k_offset, const tm::RowCodes* codes, int kv_type, void* recent_k, void* recent_v,
+                 const int32_t* recent_of, int recent_blocks, int block_size) {
+  const tm::KVCacheRef cache{k_cache, v_cache, k_scale, v_scale, signs, k_offset, codes, kv_type, recent_k, recent_v,
+                             recent_of, recent_blocks, block_size};
   for (int t = 0; t < T; ++t) tm::write_kv_row(k + t * stride, v + t * stride, slot_mapping[t], KV, D, cache);
 }
 

@@ -41,6 +41,20 @@ struct KVCacheRef {  // one layer's K and V
                           // stays); null: none
   const RowCodes* codes;  // turboquant: [2] the keys' and the values' codes; else null
   int type;  // KVType
+  // Recent rows (CacheConfig.kv_cache_recent_blocks, KIVI's full-precision residual): a compressed cache may keep
+  // the rows of blocks near a sequence's end also as float16, as the codes approximate them (rotated, keys minus
+  // the offset), in recent_k / recent_v [twins, block_size, KV, D] at twin recent_of[block] (-1: none). A query at
+  // position p reads the blocks of its aligned group of recent_blocks blocks, up to its own (blocks
+  // p / block_size / recent_blocks * recent_blocks .. p / block_size), from there (as far back as every block up to
+  // its own has a twin) and older keys from the codes: a function of the key's and the query's positions only, so
+  // a verify or prefill row reads what a plain decode row at its position would, and a prefix hit that ends on a
+  // group's boundary leaves no shared block in a window. Layers with a sliding window read only the codes (their
+  // tables start at the window, not at position 0).
+  void* recent_k = nullptr;
+  void* recent_v = nullptr;
+  const int32_t* recent_of = nullptr;
+  int recent_blocks = 0;
+  int block_size = 0;  // the write's slot -> block, for recent_of
 
   // The vector that turns part `part` of KV head `head`'s rows.
   const float* rotation(int part, int head, int KV, int D) const {

@@ -63,9 +63,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     if meta.rows is not None:
         return _gpu_attention(q, k, v, cache, meta, scale)
     use_native = native.enabled_for(q) and k.stride(0) == v.stride(0) and cache.k.dtype in layer_ops.CACHE_DTYPES
+    recent = _recent(cache)
+    if recent is not None and not use_native:
+        raise ValueError("recent rows (kv_cache_recent_blocks) are written and read by the native kernels on "
+                         "float32 activations only")
     if meta.slot_mapping is not None:
         if use_native:
-            layer_ops.write_kv(k, v, meta.slot_mapping, *cache[:7])
+            layer_ops.write_kv(k, v, meta.slot_mapping, *cache[:7], recent=recent)
         else:
             _store(k, cache.side(True), meta.slot_mapping)
             _store(v, cache.side(False), meta.slot_mapping)
@@ -74,7 +78,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     if nd and use_native:
         out[:nd] = layer_ops.paged_decode_attention(q[:nd], cache.k, cache.v, meta.decode_block_tables,
                                                     meta.decode_seq_lens, scale, meta.window or 0, cache.k_scale,
-                                                    cache.v_scale, cache.signs, cache.codes)
+                                                    cache.v_scale, cache.signs, cache.codes, recent)
     elif nd:
         out[:nd] = _decode(q[:nd], cache, meta, scale)
     for span in meta.prefills:
@@ -101,6 +105,12 @@ def _gpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Lay
     out = gpu_paged_attention(rotate(q.float(), queries).to(q.dtype), cache.k, cache.v, meta.rows.tables,
                               meta.rows.lens, scale, meta.window or 0, cache.k_scale, cache.v_scale)
     return unrotate(out.float(), values).to(out.dtype)
+
+
+def _recent(cache: LayerKV) -> layer_ops.RecentRowsRef | None:
+    if not cache.recent_blocks:
+        return None
+    return layer_ops.RecentRowsRef(cache.recent_k, cache.recent_v, cache.recent_of, cache.recent_blocks)
 
 
 def _store(x: torch.Tensor, side: CacheSide, slots: torch.Tensor) -> None:
@@ -138,28 +148,95 @@ def _decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: flo
     return out.reshape(b, heads, dim)
 
 
+def _as_recent(x: torch.Tensor, side: CacheSide) -> torch.Tensor:
+    """x as a twin of recent rows gives it back: in the cache's space (keys minus the offset, rotated), rounded to
+    float16, turned back (as _as_stored, whose codes it stands in for)."""
+    x = x.float() if side.offset is None else x.float() - side.offset
+    if side.signs is None:
+        return x.half().float()
+    return unrotate(rotate(x, side.signs).half().float(), side.signs)
+
+
+def _read_recent(rows: torch.Tensor, side: CacheSide, twins: torch.Tensor) -> torch.Tensor:
+    """Twin blocks `twins` of one layer's recent rows ([twins, block_size, KV, D] float16) as
+    [len(twins) * block_size, KV, D] float32, turned back."""
+    x = rows.index_select(0, twins.clamp(min=0)).flatten(0, 1).float()
+    return x if side.signs is None else unrotate(x, side.signs)
+
+
+def _recent_mask(query_pos: torch.Tensor, has_twin: torch.Tensor, block_size: int, recent_blocks: int,
+                 num_keys: int) -> torch.Tensor:
+    """[queries, keys] True where a query reads the key from its block's twin (csrc/paged_attention.h KVCacheRef):
+    the key's block is in the query's aligned group of recent_blocks blocks, up to its own, and it and every block
+    after it up to the query's own has a twin. Positions count from position 0."""
+    own = query_pos[:, None] // block_size
+    blocks = torch.arange(len(has_twin))[None, :]
+    window = (blocks <= own) & (blocks >= own // recent_blocks * recent_blocks)
+    last_missing = torch.where(window & ~has_twin[None, :], blocks, -1).amax(-1, keepdim=True)
+    return (window & (blocks > last_missing)).repeat_interleave(block_size, 1)[:, :num_keys]
+
+
+def _attend_recent(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, twin_keys: torch.Tensor,
+                   twin_values: torch.Tensor, recent: torch.Tensor, visible: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Attention of q [T, H, D] over keys and values [N, KV, D], each query reading the twins' rows where
+    recent [T, N] and the codes' elsewhere, over the keys visible [T, N] to it."""
+    group = q.shape[1] // keys.shape[1]
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.float().repeat_interleave(group, 1)
+
+    query = q.float()
+    scores = torch.where(recent, torch.einsum("thd,nhd->htn", query, heads(twin_keys)),
+                         torch.einsum("thd,nhd->htn", query, heads(keys))) * scale
+    weights = scores.masked_fill(~visible, -torch.inf).softmax(-1)
+    out = (torch.einsum("htn,nhd->thd", weights * recent, heads(twin_values))
+           + torch.einsum("htn,nhd->thd", weights * ~recent, heads(values)))
+    return out.to(q.dtype)
+
+
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV, span: PrefillSpan,
              window: int | None, scale: float) -> torch.Tensor:
     t = span.num_tokens
     cached = span.context_len - t
+    key_side, value_side = cache.side(True), cache.side(False)
+    recent_rows = cache.recent_blocks and window is None  # sliding-window layers read only codes (KVCacheRef)
     if cached == 0:  # nothing before this chunk: attend within it, to its keys as the cache holds them (as decoding
         # and the fused step read them: a prompt gives the same result whether it was cached or not)
-        keys, key_start = _as_stored(k, cache.side(True)), 0
-        values = _as_stored(v, cache.side(False))
+        keys, key_start = _as_stored(k, key_side), 0
+        values = _as_stored(v, value_side)
+        if recent_rows:  # the chunk's twins hold what it writes
+            twin_keys, twin_values = _as_recent(k, key_side), _as_recent(v, value_side)
+            has_twin = torch.ones(-(-t // cache.k.shape[1]), dtype=torch.bool)
     else:
         num_keys = span.context_len - span.key_start
-        keys = _read(cache.side(True), span.block_table, q.dtype)[:num_keys]
-        values = _read(cache.side(False), span.block_table, q.dtype)[:num_keys]
+        keys = _read(key_side, span.block_table, q.dtype)[:num_keys]
+        values = _read(value_side, span.block_table, q.dtype)[:num_keys]
         key_start = span.key_start
+        if recent_rows:
+            twins = cache.recent_of[span.block_table].long()
+            twin_keys = _read_recent(cache.recent_k, key_side, twins)[:num_keys]
+            twin_values = _read_recent(cache.recent_v, value_side, twins)[:num_keys]
+            has_twin = twins >= 0
+    if recent_rows:
+        recent = _recent_mask(torch.arange(cached, span.context_len), has_twin, cache.k.shape[1],
+                              cache.recent_blocks, len(keys))
+        visible = _visible(cached, span.context_len, key_start, window, q.device)
+        return _attend_recent(q, keys, values, twin_keys, twin_values, recent, visible, scale)
     if cached == 0 and (window is None or t <= window):
         mask, causal = None, True
     else:
-        query_pos = torch.arange(cached, span.context_len, device=q.device)[:, None]
-        key_pos = torch.arange(key_start, span.context_len, device=q.device)[None, :]
-        mask = key_pos <= query_pos
-        if window is not None:
-            mask &= key_pos > query_pos - window
-        causal = False
+        mask, causal = _visible(cached, span.context_len, key_start, window, q.device), False
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
                                          attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
+
+
+def _visible(cached: int, context_len: int, key_start: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[queries, keys] True where query position cached.. sees key position key_start.. (causal, in the window)."""
+    query_pos = torch.arange(cached, context_len, device=device)[:, None]
+    key_pos = torch.arange(key_start, context_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return mask
