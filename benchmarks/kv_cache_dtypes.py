@@ -7,7 +7,9 @@ For each cache type: bytes per token, blocks per GiB and the 2k-token requests t
 engine's own block size); then, for B sequences of L-token prompts (each its own corpus window, prefix caching
 off, so every sequence reads its own keys), the decode tok/s of the steps after every prompt is in the cache
 (the tokens those steps make over their time, prefill not timed; llama-batched-bench's S_TG). The cache types take
-turns at each (B, L). Types: float16, int8, int4, and tqB for turboquant at B bits. llama.cpp:
+turns at each (B, L). Types: float16, int8, int4, and tqB for turboquant at B bits, each optionally +rN for N
+recent blocks (kv_cache_recent_blocks; without it, the engine's default); a request's capacity counts the twins it
+holds at most between steps (N of them, each the pool blocks its bytes take). llama.cpp:
 `llama-batched-bench -npp L -ntg 64 -npl B -fa on -ctk T -ctv T` with T = f16, q8_0, q4_0 on the same GGUF (it has
 no turboquant).
 """
@@ -30,6 +32,14 @@ from tokenmill.model.loader.catalog import resolve_model
 
 LLAMA_TYPES = {"float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 NEW_TOKENS = 64
+
+
+def cache_settings(name: str) -> dict:
+    """The LLM settings of a --types name: float16, int8, int4 or tqB, optionally +rN."""
+    base, _, recent = name.partition("+r")
+    turbo = base.startswith("tq")
+    settings = {"kv_cache_dtype": "turboquant" if turbo else base, "kv_cache_bits": float(base[2:]) if turbo else None}
+    return settings | ({"kv_cache_recent_blocks": int(recent)} if recent else {})
 
 
 def decode_tok_s(llm: LLM, batch: int, length: int, corpus: list[int]) -> float:
@@ -77,8 +87,7 @@ def main() -> None:
     cases = [tuple(map(int, re.fullmatch(r"(\d+)x(\d+)", c).groups())) for c in args.cases]
     most = max(b * (length + NEW_TOKENS + 16) for b, length in cases)
     types = args.types
-    llms = {d: LLM(args.model, kv_cache_dtype="turboquant" if d.startswith("tq") else d,
-                   kv_cache_bits=float(d[2:]) if d.startswith("tq") else None, enable_prefix_caching=False,
+    llms = {d: LLM(args.model, **cache_settings(d), enable_prefix_caching=False,
                    max_num_seqs=max(b for b, _ in cases), max_num_batched_tokens=2048,
                    max_model_len=max(length for _, length in cases) + 2 * NEW_TOKENS,
                    kv_cache_memory=2**30 + most * 2**16) for d in types}
@@ -88,7 +97,8 @@ def main() -> None:
     for name, llm in llms.items():
         info = llm.cache_info()
         per_token = info.bytes_per_block / info.block_size
-        blocks_2k = -(-2048 // info.block_size)
+        twins = llm.engine.kv_manager.recent
+        blocks_2k = -(-2048 // info.block_size) + (twins.recent_blocks * twins.cost if twins else 0)
         lines.append(f"| {name} | {per_token:.0f} | {2**30 // info.bytes_per_block} | "
                      f"{4 * 2**30 // info.bytes_per_block // blocks_2k} |")
     lines += ["", "| sequences | context | engine | " + " | ".join(f"{d} decode tok/s" for d in types)
@@ -99,9 +109,14 @@ def main() -> None:
         ours = {d: decode_tok_s(llm, batch, length, corpus) for d, llm in llms.items()}
         rows = [("tokenmill", ours)]
         if not args.no_peers and PEERS.exists():
-            rows.append(("llama.cpp", {d: llama_decode(gguf, batch, length, LLAMA_TYPES[d],
-                                                       args.out / f"llama_{batch}x{length}_{d}.jsonl")
-                                       for d in types if d in LLAMA_TYPES}))
+            peer_types: dict[str, str] = {}  # our column -> llama.cpp's type, each type once
+            for d in types:
+                t = LLAMA_TYPES.get(d.partition("+")[0])
+                if t and t not in peer_types.values():
+                    peer_types[d] = t
+            rows.append(("llama.cpp", {d: llama_decode(gguf, batch, length, t,
+                                                       args.out / f"llama_{batch}x{length}_{t}.jsonl")
+                                       for d, t in peer_types.items()}))
         for engine, speeds in rows:
             lines.append(f"| {batch} | {length} | {engine} | "
                          + " | ".join(f"{speeds[d]:.1f}" if d in speeds else "-" for d in types) + " | "

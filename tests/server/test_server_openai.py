@@ -311,6 +311,7 @@ def test_cache_config_info(server):
     (name, value), = ((k, v) for k, v in server.metrics().items() if k.startswith("tokenmill:cache_config_info"))
     assert value == 1 and 'block_size="16"' in name and 'kv_cache_dtype="float32"' in name
     assert 'kv_cache_bits=""' in name  # turboquant's only
+    assert 'kv_cache_recent_blocks="0"' in name  # compressed caches' only
     labels = dict(part.split("=") for part in name[name.index("{") + 1:-1].split(","))
     assert int(labels["num_blocks"].strip('"')) * int(labels["bytes_per_block"].strip('"')) <= 512 * 2**20
 
