@@ -7,9 +7,10 @@ For each cache type: bytes per token, blocks per GiB and the 2k-token requests t
 engine's own block size); then, for B sequences of L-token prompts (each its own corpus window, prefix caching
 off, so every sequence reads its own keys), the decode tok/s of the steps after every prompt is in the cache
 (the tokens those steps make over their time, prefill not timed; llama-batched-bench's S_TG). The cache types take
-turns at each (B, L). Types: float16, int8, int4, and tqB for turboquant at B bits, each optionally +rN for N
-recent blocks (kv_cache_recent_blocks; without it, the engine's default); a request's capacity counts the twins it
-holds at most between steps (N of them, each the pool blocks its bytes take). llama.cpp:
+turns at each (B, L), --repeats rounds (median). Types: float16, int8, int4, and tqB for turboquant at B bits,
+each optionally +rN for N recent blocks (kv_cache_recent_blocks; without it, the engine's default); a request's
+capacity counts the twins it holds at most between steps (N of them, each the pool blocks its bytes take).
+llama.cpp:
 `llama-batched-bench -npp L -ntg 64 -npl B -fa on -ctk T -ctv T` with T = f16, q8_0, q4_0 on the same GGUF (it has
 no turboquant).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +82,8 @@ def main() -> None:
                         help="BxL: B sequences of L-token prompts")
     parser.add_argument("--types", nargs="+", default=["float16", "int8", "int4", "tq3.5"],
                         help="cache types (float16 first); tqB: turboquant at B bits")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds in which the cache types take turns at each case; the median is reported")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_cache_dtypes"))
     args = parser.parse_args()
@@ -106,7 +110,10 @@ def main() -> None:
               "|---:|---:|---|" + "---:|" * (2 * len(types) - 1)]
     gguf = resolve_model(args.model)
     for batch, length in cases:
-        ours = {d: decode_tok_s(llm, batch, length, corpus) for d, llm in llms.items()}
+        rounds = [{d: decode_tok_s(llm, batch, length, corpus) for d, llm in llms.items()}
+                  for _ in range(args.repeats)]
+        print(f"{batch}x{length} rounds: {rounds}", flush=True)
+        ours = {d: statistics.median(r[d] for r in rounds) for d in types}
         rows = [("tokenmill", ours)]
         if not args.no_peers and PEERS.exists():
             peer_types: dict[str, str] = {}  # our column -> llama.cpp's type, each type once
