@@ -1,6 +1,6 @@
 """Recent rows of the compressed KV caches (CacheConfig.kv_cache_recent_blocks, cache/recent_rows.py): the blocks
-near a sequence's end keep a float16 twin of their rows, and each query reads its own block and the n - 1 before
-it from there. The native write fills the twins; the native attention equals a reference that reads those blocks
+near a sequence's end keep a float16 twin of their rows, and each query reads its aligned group of n blocks, up to
+its own, from there. The native write fills the twins; the native attention equals a reference that reads those blocks
 from the twins and the rest from the codes; the manager pays for twins with pool blocks and gives them all back;
 results do not depend on how rows share a step (verify runs, prefill chunks, prefix hits); and the twins bring
 a compressed cache closer to the float16 one."""

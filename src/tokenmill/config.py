@@ -128,8 +128,8 @@ class CacheConfig:
     kv_cache_bits: float | None = None  # turboquant only: one of KV_CACHE_BITS, default 3.5
     kv_cache_smoothing: bool | None = None  # int4, turboquant: keys smoothed (model/kv_smoothing.py); None: where
     # it can be (the CPU path in one process), True: or fail, False: never
-    kv_cache_recent_blocks: int | None = None  # compressed caches: each query's own block and the n - 1 before it
-    # read from float16 twins (cache/recent_rows.py); None: DEFAULT_RECENT_BLOCKS for int4 and turboquant where
+    kv_cache_recent_blocks: int | None = None  # compressed caches: each query's aligned group of n blocks, up to
+    # its own, read from float16 twins (cache/recent_rows.py); None: DEFAULT_RECENT_BLOCKS for int4 and turboquant where
     # it can be (the CPU path in one process), else 0; 0: none
 
     def __post_init__(self) -> None:

@@ -68,7 +68,7 @@ class EngineArgs:
     queries by calibrated per-channel factors before the rotation (scores unchanged, less quantization error in
     them; model/kv_smoothing.py); None: on for those caches on the CPU path in one process, True: on (an error
     where it cannot be), False: off. kv_cache_recent_blocks: compressed caches keep the rows of each sequence's
-    newest blocks also in float16, and each query reads its own block and the n - 1 before it from there (KIVI's
+    newest blocks also in float16, and each query reads its aligned group of n blocks up to its own from there (KIVI's
     full-precision window; cache/recent_rows.py); None: 2 for int4 and turboquant on the CPU path in one process,
     else 0.
     speculative_config: as vLLM's, a dict (or its JSON text), e.g.
@@ -155,9 +155,9 @@ class EngineArgs:
                             "before the rotation (scores unchanged, less quantization error; SmoothAttention); "
                             "default: on for those caches on the CPU path without tensor parallelism")
         p.add_argument("--kv-cache-recent-blocks", type=int, default=None, metavar="N",
-                       help="int8, int4, turboquant: each query reads its own block and the N - 1 before it from "
-                            "float16 twins kept for them (KIVI's full-precision recent window); default: 2 for int4 "
-                            "and turboquant on the CPU path without tensor parallelism, else 0")
+                       help="int8, int4, turboquant: each query reads its aligned group of N blocks, up to its "
+                            "own, from float16 twins kept for them (KIVI's full-precision recent window); default: "
+                            "2 for int4 and turboquant on the CPU path without tensor parallelism, else 0")
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--max-model-len", type=int, default=None)

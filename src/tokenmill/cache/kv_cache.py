@@ -18,8 +18,9 @@ while channels where keys are large and queries small stop setting the codes' ra
 (`rotation`: queries turned by H diag(signs * s), keys by H diag(signs / s), values by H diag(signs)).
 Compressed caches may also keep recent rows (CacheConfig.kv_cache_recent_blocks, as KIVI keeps its newest tokens
 in full precision): the blocks near each sequence's end have a float16 twin holding their rows as the codes
-approximate them (rotated, keys minus the offset), and a query reads its own block and the recent_blocks - 1
-before it from there (cache/recent_rows.py assigns the twins; csrc/paged_attention.h KVCacheRef).
+approximate them (rotated, keys minus the offset), and a query reads the blocks of its aligned group of
+recent_blocks blocks, up to its own, from there (cache/recent_rows.py assigns the twins; csrc/paged_attention.h
+KVCacheRef).
 All three store keys minus the layer's key offset (LlamaModel.key_offsets: the constant part of its keys, e.g. Qwen2's
 k bias, hundreds in its first layers): every key loses the same vector, so each query's scores move by one
 constant and the softmax is unchanged, while the codes no longer spend their range on it."""
@@ -266,7 +267,7 @@ class KVCache:
         memory mapped lazily; the GPU path's caches hold float or int8 elements); padding_block: one block more,
         id num_blocks, that no request gets: padding rows of fixed-size steps write and read it
         (model/decode_graphs.py); recent_blocks, recent_twins: a compressed cache's recent rows (module docstring),
-        read from the last `recent_blocks` blocks up to each query's own, in `recent_twins` float16 twin blocks."""
+        each query reading its aligned group of `recent_blocks` blocks from `recent_twins` float16 twin blocks."""
         check_head_dim(dtype, model.head_dim)
         on_cpu = device is None or device.type == "cpu"
         if not on_cpu and dtype == TURBOQUANT:
@@ -284,9 +285,10 @@ class KVCache:
             raise ValueError(f"key smoothing given for a {dtype_name(dtype)} cache (only int4 and turboquant rotate)")
         self.num_blocks, self.block_size, self.dtype, self.turbo = num_blocks, block_size, dtype, turbo
         self.smoothed = smoothing is not None  # keys smoothed (model/kv_smoothing.py)
+        self.recent_blocks = recent_blocks if recent_twins else 0
         self.info = CacheInfo(num_blocks, block_size, dtype_name(dtype),
                               bytes_per_block(model, block_size, dtype, turbo), turbo and turbo.bits,
-                              recent_blocks if recent_twins else 0)
+                              self.recent_blocks)
         self.layout = KVLayout.from_config(model)
         self.padding_block = num_blocks if padding_block else None
         rows = (self.layout.slots, num_blocks + padding_block, block_size, model.num_kv_heads)
@@ -309,7 +311,6 @@ class KVCache:
             self.codes = turbo.table()
         if dtype in COMPRESSED and key_offsets is not None:
             self.k_offsets = key_offsets.float().contiguous().to(device)
-        self.recent_blocks = recent_blocks if recent_twins else 0
         self.recent_k = self.recent_v = self.recent_of = None
         if self.recent_blocks:
             twin_rows = (self.layout.slots, recent_twins, block_size, model.num_kv_heads, model.head_dim)

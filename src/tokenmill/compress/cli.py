@@ -53,8 +53,8 @@ def _add_kv_code_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-smoothing", action=argparse.BooleanOptionalAction, default=None,
                    help="int4, turboquant: keys smoothed by calibrated per-channel factors (default: on)")
     p.add_argument("--kv-cache-recent-blocks", type=int, default=None, metavar="N",
-                   help="compressed caches: each query's own block and the N - 1 before it read from float16 "
-                        "twins (default: 2 for int4 and turboquant)")
+                   help="compressed caches: each query's aligned group of N blocks, up to its own, read from "
+                        "float16 twins (default: 2 for int4 and turboquant)")
 
 
 def _kv_codes(args: argparse.Namespace) -> dict:
